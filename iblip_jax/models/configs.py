@@ -1,0 +1,156 @@
+"""Model configs: frozen dataclasses (hashable, so Linen modules can hold them).
+
+Field names follow transformers' InstructBlip{Vision,QFormer}Config and T5Config, so that `from_hf` / `to_hf`
+are plain renames and a reader can look a field up in either code base. `dtype` is the compute dtype and
+`param_dtype` the storage dtype of a tower; both are strings ("float32", "bfloat16") to stay hashable and
+printable in configs.
+"""
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """EVA-CLIP ViT (InstructBlipVisionModel)."""
+  hidden_size: int = 1408
+  intermediate_size: int = 6144
+  num_hidden_layers: int = 39
+  num_attention_heads: int = 16
+  image_size: int = 224
+  patch_size: int = 14
+  num_channels: int = 3
+  layer_norm_eps: float = 1e-6
+  hidden_act: str = "gelu"
+  qkv_bias: bool = True
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class QFormerConfig:
+  """BERT-style Q-Former (InstructBlipQFormerModel)."""
+  vocab_size: int = 30523
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  layer_norm_eps: float = 1e-12
+  pad_token_id: int = 0
+  cross_attention_frequency: int = 2
+  encoder_hidden_size: int = 1408  # = vision hidden_size; InstructBlipConfig enforces it
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """T5 v1.1 / FlanT5 (T5ForConditionalGeneration, gated-gelu)."""
+  vocab_size: int = 32128
+  d_model: int = 2048
+  d_kv: int = 64
+  d_ff: int = 5120
+  num_layers: int = 24
+  num_decoder_layers: int = 24
+  num_heads: int = 32
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  dense_act_fn: str = "gelu"  # InstructBLIP uses exact GELU (LAVIS and the HF conversion force it)
+  is_gated_act: bool = True
+  # tie_word_embeddings: the head is `shared` (no lm_head parameter). scale_decoder_outputs: multiply the decoder
+  # output by d_model**-0.5 before the head (transformers does this for tied heads).
+  tie_word_embeddings: bool = False
+  scale_decoder_outputs: bool = False
+  pad_token_id: int = 0
+  eos_token_id: int = 1
+  bos_token_id: int = 1
+  decoder_start_token_id: int = 0
+  remat: bool = False  # rematerialise each block in the backward pass (training through the frozen LLM)
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructBlipConfig:
+  vision: VisionConfig = VisionConfig()
+  qformer: QFormerConfig = QFormerConfig()
+  text: T5Config = T5Config()
+  num_query_tokens: int = 32
+  # False = BLIP-2 behaviour: the Q-Former sees only its queries (the paper's "w/o instruction-aware" ablation).
+  instruction_aware: bool = True
+  image_token_index: int | None = None  # only carried through for newer transformers configs
+
+  def replace(self, **kw) -> "InstructBlipConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def dtype_of(name: str) -> Any:
+  return jnp.dtype(name)
+
+
+# --- construction from plain dicts (ml_collections configs, JSON) ---------------------------------------------
+
+
+def _build(cls, d: dict[str, Any], where: str):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+  return cls(**d)
+
+
+def from_dict(d: dict[str, Any]) -> InstructBlipConfig:
+  """Builds the model config from a nested dict (e.g. `config.model.to_dict()` of an ml_collections config)."""
+  d = dict(d)
+  vision = _build(VisionConfig, dict(d.pop("vision", {})), "model.vision")
+  qformer = dict(d.pop("qformer", {}))
+  qformer.setdefault("encoder_hidden_size", vision.hidden_size)
+  qformer = _build(QFormerConfig, qformer, "model.qformer")
+  text = _build(T5Config, dict(d.pop("text", {})), "model.text")
+  cfg = _build(InstructBlipConfig, {**d, "vision": vision, "qformer": qformer, "text": text}, "model")
+  validate(cfg)
+  return cfg
+
+
+def to_dict(cfg: InstructBlipConfig) -> dict[str, Any]:
+  return dataclasses.asdict(cfg)
+
+
+def validate(cfg: InstructBlipConfig) -> None:
+  """Catches inconsistent sizes before anything is built; each message names the field."""
+  v, q = cfg.vision, cfg.qformer
+  problems = []
+  if v.hidden_size % v.num_attention_heads:
+    problems.append(f"model.vision.hidden_size={v.hidden_size} is not divisible by "
+                    f"num_attention_heads={v.num_attention_heads}")
+  if v.image_size % v.patch_size:
+    problems.append(f"model.vision.image_size={v.image_size} is not divisible by patch_size={v.patch_size}")
+  if q.hidden_size % q.num_attention_heads:
+    problems.append(f"model.qformer.hidden_size={q.hidden_size} is not divisible by "
+                    f"num_attention_heads={q.num_attention_heads}")
+  if q.encoder_hidden_size != v.hidden_size:
+    problems.append(f"model.qformer.encoder_hidden_size={q.encoder_hidden_size} must equal "
+                    f"model.vision.hidden_size={v.hidden_size}")
+  if q.cross_attention_frequency < 1:
+    problems.append(f"model.qformer.cross_attention_frequency={q.cross_attention_frequency} must be >= 1")
+  if cfg.num_query_tokens < 1:
+    problems.append(f"model.num_query_tokens={cfg.num_query_tokens} must be >= 1")
+  if cfg.text.dense_act_fn not in ACTIVATIONS:
+    problems.append(f"model.text.dense_act_fn={cfg.text.dense_act_fn!r}; expected one of {sorted(ACTIVATIONS)}")
+  for name, tower in (("vision", v), ("qformer", q), ("text", cfg.text)):
+    for field in ("dtype", "param_dtype"):
+      if getattr(tower, field) not in ("float32", "bfloat16", "float16"):
+        problems.append(f"model.{name}.{field}={getattr(tower, field)!r}; expected float32, bfloat16 or float16")
+  if problems:
+    raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+
+
+# transformers' ACT2FN names used by these checkpoints. "gelu" is exact (erf), "gelu_new" the tanh approximation.
+ACTIVATIONS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"}

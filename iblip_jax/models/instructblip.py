@@ -1,0 +1,72 @@
+"""InstructBLIP: image -> ViT -> ln_vision -> Q-Former(instruction) -> projection -> LLM.
+
+Parameter tree (top level), split by what instruction tuning trains:
+  frozen:    vision, language_model
+  trainable: ln_vision, query_tokens, qformer, language_projection
+
+The Q projected visual tokens go in front of the prompt's token embeddings (LAVIS order; HF's image placeholder
+tokens at the front are the same thing), and the encoder attention mask is extended with ones.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from iblip_jax.models import layers
+from iblip_jax.models.configs import InstructBlipConfig, dtype_of
+from iblip_jax.models.qformer import QFormer
+from iblip_jax.models.t5 import T5
+from iblip_jax.models.vit import VisionTransformer
+
+
+class InstructBlip(nn.Module):
+  config: InstructBlipConfig
+
+  def setup(self):
+    cfg = self.config
+    q = cfg.qformer
+    self.vision = VisionTransformer(cfg.vision)
+    # LAVIS's ln_vision (HF: vision_model.post_layernorm). Trainable, so it lives with the Q-Former side and
+    # shares its dtypes.
+    self.ln_vision = layers.layer_norm(cfg.vision.layer_norm_eps, dtype=dtype_of(q.dtype),
+                                       param_dtype=dtype_of(q.param_dtype))
+    self.query_tokens = self.param(
+        "query_tokens", nn.with_logical_partitioning(layers.default_kernel_init, (None, None, "embed")),
+        (1, cfg.num_query_tokens, q.hidden_size), dtype_of(q.param_dtype))
+    self.qformer = QFormer(q)
+    self.language_projection = layers.dense(cfg.text.d_model, ("embed", "llm_embed"), dtype=dtype_of(q.dtype),
+                                            param_dtype=dtype_of(q.param_dtype))
+    self.language_model = T5(cfg.text)
+
+  def image_features(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None,
+                     deterministic: bool = True):
+    """Returns {"image_embeds": (B, N, Dv) after ln_vision, "query_output": (B, Q, Dq),
+    "language_inputs": (B, Q, D_llm)}. pixel_values: (B, H, W, 3), normalised."""
+    image_embeds = self.ln_vision(self.vision(pixel_values))
+    queries = jnp.broadcast_to(self.query_tokens, (pixel_values.shape[0],) + self.query_tokens.shape[1:])
+    if not self.config.instruction_aware:
+      qformer_input_ids = qformer_attention_mask = None
+    elif qformer_input_ids is None:
+      raise ValueError("the instruction-aware Q-Former needs qformer_input_ids "
+                       "(or build the model with instruction_aware=False)")
+    query_output = self.qformer(queries, image_embeds, qformer_input_ids, qformer_attention_mask, deterministic)
+    return {"image_embeds": image_embeds, "query_output": query_output,
+            "language_inputs": self.language_projection(query_output)}
+
+  def encode(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
+             deterministic: bool = True):
+    """Runs everything up to the T5 encoder. Returns (encoded (B, Q + L, D), encoder mask (B, Q + L))."""
+    visual = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask,
+                                 deterministic)["language_inputs"]
+    text_dtype = dtype_of(self.config.text.dtype)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    embeds = jnp.concatenate([visual.astype(text_dtype), self.language_model.embed(input_ids)], axis=1)
+    mask = jnp.concatenate([jnp.ones(visual.shape[:2], attention_mask.dtype), attention_mask], axis=1)
+    return self.language_model.encode(embeds, mask, deterministic), mask
+
+  def __call__(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
+               decoder_input_ids, decoder_attention_mask=None, deterministic: bool = True) -> jax.Array:
+    """Teacher-forced forward pass -> LM logits (B, T, V)."""
+    encoded, mask = self.encode(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
+                                attention_mask, deterministic)
+    return self.language_model.decode(decoder_input_ids, encoded, mask, decoder_attention_mask, deterministic)
