@@ -61,7 +61,7 @@ class InstructBlip(nn.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     embeds = jnp.concatenate([visual.astype(text_dtype), self.language_model.embed(input_ids)], axis=1)
-    mask = jnp.concatenate([jnp.ones(visual.shape[:2], attention_mask.dtype), attention_mask], axis=1)
+    mask = jnp.concatenate([jnp.ones(visual.shape[:2], bool), attention_mask.astype(bool)], axis=1)
     return self.language_model.encode(embeds, mask, deterministic), mask
 
   def __call__(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,

@@ -105,8 +105,8 @@ class QFormer(nn.Module):
       text = (embed(cfg.vocab_size, name="word_embeddings")(input_ids)
               + embed(cfg.max_position_embeddings, name="position_embeddings")(jnp.arange(length))[None])
       x = jnp.concatenate([x, text], axis=1)  # (B, Q + L, D)
-      self_mask = layers.padding_mask(jnp.concatenate([jnp.ones((b, num_queries), attention_mask.dtype),
-                                                       attention_mask], axis=1))
+      self_mask = layers.padding_mask(jnp.concatenate([jnp.ones((b, num_queries), bool),
+                                                       attention_mask.astype(bool)], axis=1))
     x = layers.layer_norm(cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="embed_ln")(x)
     x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
     image_embeds = image_embeds.astype(dtype)

@@ -1,0 +1,74 @@
+"""Independent oracle: transformers' PyTorch InstructBlipForConditionalGeneration on tiny random configs.
+
+transformers' default init hides bugs (vision weights ~1e-10, zero query tokens, unit LayerNorms), so every
+parameter is re-randomised; the k third of the fused qkv bias stays zero as in every real checkpoint.
+"""
+import numpy as np
+import torch
+from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+NUM_QUERY = 10
+IMAGE_TOKEN = 98
+
+
+def tiny_hf_config(*, tie: bool = True, cross_attention_frequency: int = 2, num_decoder_layers: int = 2,
+                   dense_act_fn: str = "gelu", image_size: int = 30) -> InstructBlipConfig:
+  vision = dict(image_size=image_size, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=37, initializer_range=0.02)
+  qformer = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+                 cross_attention_frequency=cross_attention_frequency)
+  text = dict(model_type="t5", vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+              num_decoder_layers=num_decoder_layers, num_heads=4, relative_attention_num_buckets=8,
+              relative_attention_max_distance=20, feed_forward_proj="gated-gelu", dense_act_fn=dense_act_fn,
+              tie_word_embeddings=tie, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+  return InstructBlipConfig(vision_config=vision, qformer_config=qformer, text_config=text,
+                            num_query_tokens=NUM_QUERY, image_token_index=IMAGE_TOKEN)
+
+
+def tiny_hf_model(seed: int = 0, *, untie_head: bool = False, **config_kw) -> InstructBlipForConditionalGeneration:
+  """A re-randomised tiny model in eval mode with eager attention (fp32)."""
+  torch.manual_seed(seed)
+  model = InstructBlipForConditionalGeneration(tiny_hf_config(**config_kw)).eval()
+  model.set_attn_implementation("eager")
+  if untie_head:  # a separate head, as in the released FlanT5 checkpoints
+    lm = model.language_model
+    lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.shared.weight))
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("qkv.bias"):
+        p.normal_(0, 0.1)
+        p[p.shape[0] // 3: 2 * p.shape[0] // 3] = 0
+      elif ("norm" in name.lower()) and name.endswith("weight"):
+        p.copy_(1 + 0.1 * torch.randn_like(p))
+      else:
+        p.normal_(0, 0.1)
+  return model
+
+
+def tiny_batch(seed: int = 0, batch: int = 3, image_size: int = 30) -> dict[str, np.ndarray]:
+  """Uneven instruction, prompt and target lengths (right padding, as the tokenizers produce)."""
+  rng = np.random.default_rng(seed)
+  def mask(lengths, width):
+    return (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+  lengths = {"q": [7, 4, 2], "p": [3, 6, 5], "d": [5, 5, 3]}
+  out = dict(
+      pixel_values=rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32),
+      qformer_input_ids=rng.integers(1, 99, (batch, 7)), qformer_attention_mask=mask(lengths["q"][:batch], 7),
+      input_ids=rng.integers(2, 98, (batch, 6)), attention_mask=mask(lengths["p"][:batch], 6),
+      decoder_input_ids=rng.integers(2, 98, (batch, 5)), decoder_attention_mask=mask(lengths["d"][:batch], 5))
+  for k in ("qformer_input_ids", "input_ids", "decoder_input_ids"):  # pad id 0 where masked
+    out[k] = out[k] * out[k.replace("input_ids", "attention_mask")]
+  return out
+
+
+def hf_forward(model, batch: dict[str, np.ndarray], **kw):
+  """transformers' forward on our batch layout: NCHW pixels and Q image placeholder tokens before the prompt."""
+  t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+  b = t["input_ids"].shape[0]
+  with torch.no_grad():
+    return model(
+        pixel_values=t["pixel_values"].permute(0, 3, 1, 2),
+        qformer_input_ids=t["qformer_input_ids"], qformer_attention_mask=t["qformer_attention_mask"],
+        input_ids=torch.cat([torch.full((b, NUM_QUERY), IMAGE_TOKEN), t["input_ids"]], 1),
+        attention_mask=torch.cat([torch.ones(b, NUM_QUERY, dtype=torch.long), t["attention_mask"]], 1),
+        decoder_input_ids=t["decoder_input_ids"], decoder_attention_mask=t["decoder_attention_mask"], **kw)
