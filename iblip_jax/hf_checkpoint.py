@@ -283,6 +283,7 @@ def load_params(params_shape, reader: SafetensorsReader, *, instruction_aware: b
     core_shape = leaf.shape[1:] if stacked else leaf.shape
     expected = m.to_hf(np.empty(core_shape, dtype=np.uint8)).shape  # the layout the HF tensor must have
     lacking = [n for n in names if n not in present]
+    used.update(n for n in names if n in present)  # so that a partly missing stack is not also "unexpected"
     if lacking:
       missing += lacking
       continue
@@ -292,7 +293,6 @@ def load_params(params_shape, reader: SafetensorsReader, *, instruction_aware: b
       continue
     tensors = [m.to_ours(reader.get(n)).astype(leaf.dtype) for n in names]
     out[path] = np.stack(tensors) if stacked else tensors[0]
-    used.update(names)
   unexpected = sorted(k for k in present - used if not _IGNORED.fullmatch(k)
                       and not (not instruction_aware and _QFORMER_TEXT.match(k)))
   problems = []
