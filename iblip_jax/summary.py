@@ -1,0 +1,34 @@
+"""`--config.mode=summary`: parameter counts per tower, from shapes only (jax.eval_shape; nothing is allocated)."""
+import math
+
+import jax
+
+from iblip_jax.models import configs as model_configs
+from iblip_jax.models.instructblip import InstructBlip
+from iblip_jax.pretrained import params_shape
+from iblip_jax.trainable import trainable_mask
+
+
+def count_params(config) -> list[tuple[str, int, int]]:
+  """[(top-level module, parameters, trainable parameters)] for an ml_collections config."""
+  model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
+  shapes = params_shape(model)
+  mask = trainable_mask(shapes, config.trainable)
+  rows = []
+  for name in shapes:
+    sizes = [math.prod(x.shape) for x in jax.tree.leaves(shapes[name])]
+    flags = jax.tree.leaves(mask[name])
+    rows.append((name, sum(sizes), sum(s for s, t in zip(sizes, flags) if t)))
+  return rows
+
+
+def run(config, workdir: str | None = None) -> None:
+  del workdir
+  rows = count_params(config)
+  width = max(len(r[0]) for r in rows)
+  print(f"{'module':<{width}}  {'parameters':>15}  {'trainable':>15}")
+  for name, n, t in rows:
+    print(f"{name:<{width}}  {n:>15,}  {t:>15,}")
+  total, trainable = sum(r[1] for r in rows), sum(r[2] for r in rows)
+  print(f"{'total':<{width}}  {total:>15,}  {trainable:>15,}")
+  print(f"total_params={total} trainable_params={trainable}")
