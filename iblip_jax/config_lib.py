@@ -13,10 +13,36 @@ QFORMER_BASE = dict(vocab_size=30523, hidden_size=768, num_hidden_layers=12, num
                     intermediate_size=3072, cross_attention_frequency=2, encoder_hidden_size=1408)
 
 
+# Logical axis -> mesh axes (MaxText/t5x style). Weights: FSDP over their embedding dimension, tensor parallelism
+# over heads and MLP. Activations (act_*) split the batch over data x fsdp.
+SHARDING_RULES = (
+    ("act_batch", ("data", "fsdp")), ("act_length", None), ("act_embed", None), ("act_vocab", "tensor"),
+    ("embed", "fsdp"), ("vision_embed", "fsdp"), ("llm_embed", "tensor"),
+    ("mlp", "tensor"), ("heads_joined", "tensor"), ("qkv", "tensor"), ("vocab", "tensor"),
+    ("heads", None), ("relpos_buckets", None), ("layers", None),
+)
+
+
+def optim() -> ml_collections.ConfigDict:
+  """The paper's / LAVIS's optimizer: AdamW, warmup 1e-8 -> 1e-5 over 1,000 steps, cosine to 0."""
+  return ml_collections.ConfigDict(dict(
+      lr=1e-5, warmup_lr=1e-8, warmup_steps=1000, min_lr=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
+      grad_clip_norm=0.0, grad_accum_steps=1))
+
+
 def base(model: dict) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.mode = "summary"
   config.model = ml_collections.ConfigDict(model)
   config.model_init = ""   # local Hugging Face InstructBLIP directory with the pretrained weights
   config.trainable = list(TRAINABLE)
+  config.seed = 0
+  config.total_steps = 10_000
+  config.batch_size = 192          # global batch, split over data x fsdp
+  config.dropout = True            # LAVIS trains with the Q-Former's and (frozen) T5's dropout active
+  config.optim = optim()
+  # data/fsdp/tensor within a slice (-1 = the rest); dcn_* across slices of a multi-slice pod.
+  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+  config.sharding_rules = [list(r) for r in SHARDING_RULES]
+  config.max_replicated_mb = 64.0  # a larger replicated tensor is a sharding mistake: fail before compiling
   return config

@@ -39,6 +39,9 @@ _MODULE_MAP: list[tuple[str, str]] = [
     (r"vision/layers/(layer_norm1|layer_norm2)", r"vision_model.encoder.layers.{i}.\1"),
     (r"vision/layers/(qkv|projection)", r"vision_model.encoder.layers.{i}.self_attn.\1"),
     (r"vision/layers/(fc1|fc2)", r"vision_model.encoder.layers.{i}.mlp.\1"),
+    (r"vision/layers_(\d+)/(layer_norm1|layer_norm2)", r"vision_model.encoder.layers.\1.\2"),
+    (r"vision/layers_(\d+)/(qkv|projection)", r"vision_model.encoder.layers.\1.self_attn.\2"),
+    (r"vision/layers_(\d+)/(fc1|fc2)", r"vision_model.encoder.layers.\1.mlp.\2"),
     (r"ln_vision", "vision_model.post_layernorm"),
     (r"", ""),  # raw top-level query_tokens
     (r"language_projection", "language_projection"),

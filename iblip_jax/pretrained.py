@@ -41,11 +41,14 @@ def _with_dtype(cfg: InstructBlipConfig, dtype) -> InstructBlipConfig:
                      text=dataclasses.replace(cfg.text, dtype=name, param_dtype=name))
 
 
-def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = True, text_remat: bool = False):
+def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = True, text_remat: bool = False,
+                    scan_vision: bool = True):
   """Loads a local Hugging Face InstructBLIP directory (config.json + safetensors). Returns (model, params).
 
   `dtype` is the storage and compute dtype of the frozen ViT and LLM (bfloat16 on TPU); the Q-Former side is always
   float32. `instruction_aware=False` builds the BLIP-2-style Q-Former (the paper's ablation) from the same weights.
+  `text_remat` rematerialises T5 blocks in the backward pass; `scan_vision=False` unrolls the ViT blocks so that
+  single blocks can be trained (their paths become vision/layers_<i>/...).
   """
   if not os.path.isdir(path):
     raise hf_checkpoint.CheckpointError(f"{path}: not a directory (expected a local Hugging Face InstructBLIP "
@@ -56,7 +59,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = T
   tied = "language_model.lm_head.weight" not in reader.keys()
   cfg = hf_checkpoint.config_from_hf(hf_config, tied_head=tied)
   cfg = _with_dtype(cfg, dtype).replace(instruction_aware=instruction_aware)
-  cfg = cfg.replace(text=dataclasses.replace(cfg.text, remat=text_remat))
+  cfg = cfg.replace(text=dataclasses.replace(cfg.text, remat=text_remat),
+                    vision=dataclasses.replace(cfg.vision, scan_layers=scan_vision))
   model = InstructBlip(cfg)
   params = hf_checkpoint.load_params(params_shape(model), reader, instruction_aware=instruction_aware)
   logging.info("loaded %s (%d tensors)", path, len(reader.keys()))

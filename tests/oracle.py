@@ -63,7 +63,7 @@ def tiny_batch(seed: int = 0, batch: int = 3, image_size: int = 30) -> dict[str,
 
 def hf_forward(model, batch: dict[str, np.ndarray], **kw):
   """transformers' forward on our batch layout: NCHW pixels and Q image placeholder tokens before the prompt."""
-  t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+  t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items() if v is not None}
   b = t["input_ids"].shape[0]
   with torch.no_grad():
     return model(
@@ -71,4 +71,4 @@ def hf_forward(model, batch: dict[str, np.ndarray], **kw):
         qformer_input_ids=t["qformer_input_ids"], qformer_attention_mask=t["qformer_attention_mask"],
         input_ids=torch.cat([torch.full((b, NUM_QUERY), IMAGE_TOKEN), t["input_ids"]], 1),
         attention_mask=torch.cat([torch.ones(b, NUM_QUERY, dtype=torch.long), t["attention_mask"]], 1),
-        decoder_input_ids=t["decoder_input_ids"], decoder_attention_mask=t["decoder_attention_mask"], **kw)
+        decoder_input_ids=t.get("decoder_input_ids"), decoder_attention_mask=t["decoder_attention_mask"], **kw)

@@ -24,6 +24,7 @@ class VisionConfig:
   layer_norm_eps: float = 1e-6
   hidden_act: str = "gelu"
   qkv_bias: bool = True
+  scan_layers: bool = True  # False: unrolled blocks with their own parameter paths (slower to compile)
   dtype: str = "float32"
   param_dtype: str = "float32"
 

@@ -20,6 +20,9 @@ from iblip_jax.models.vit import VisionTransformer
 
 class InstructBlip(nn.Module):
   config: InstructBlipConfig
+  # Training with a frozen ViT sets this: no gradient flows into the vision tower (XLA would drop that backward
+  # anyway when the ViT is not differentiated; this makes it explicit and cheap to check).
+  stop_vision_gradient: bool = False
 
   def setup(self):
     cfg = self.config
@@ -41,7 +44,10 @@ class InstructBlip(nn.Module):
                      deterministic: bool = True):
     """Returns {"image_embeds": (B, N, Dv) after ln_vision, "query_output": (B, Q, Dq),
     "language_inputs": (B, Q, D_llm)}. pixel_values: (B, H, W, 3), normalised."""
-    image_embeds = self.ln_vision(self.vision(pixel_values))
+    vision_out = self.vision(pixel_values)
+    if self.stop_vision_gradient:
+      vision_out = jax.lax.stop_gradient(vision_out)
+    image_embeds = self.ln_vision(vision_out)
     queries = jnp.broadcast_to(self.query_tokens, (pixel_values.shape[0],) + self.query_tokens.shape[1:])
     if not self.config.instruction_aware:
       qformer_input_ids = qformer_attention_mask = None

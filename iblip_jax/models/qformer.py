@@ -111,7 +111,7 @@ class QFormer(nn.Module):
     x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
     image_embeds = image_embeds.astype(dtype)
     for i in range(cfg.num_hidden_layers):
-      x = layers.constrain(x, ("batch", "length", "embed"))
+      x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
       x = QFormerLayer(cfg, has_cross_attention=i % cfg.cross_attention_frequency == 0, has_text=has_text,
                        name=f"layer_{i}")(x, num_queries, self_mask, image_embeds, deterministic)
     return x[:, :num_queries]

@@ -100,7 +100,7 @@ class T5Block(nn.Module):
     norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype))
     drop = nn.Dropout(cfg.dropout_rate)
     det = self.deterministic
-    x = layers.constrain(x, ("batch", "length", "embed"))
+    x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
     y = norm(name="self_attn_norm")(x)
     x = x + drop(T5Attention(cfg, name="self_attn")(y, y, bias, mask, det), deterministic=det)
     if self.decoder:  # cross-attention has no position bias, only the encoder's padding mask
@@ -186,7 +186,7 @@ class T5(nn.Module):
       logits = self.shared.attend(x)
     else:
       logits = self.lm_head(x)
-    return layers.constrain(logits, ("batch", "length", "vocab"))
+    return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
   def __call__(self, inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask=None,
                deterministic: bool = True):

@@ -87,7 +87,7 @@ class VisionBlock(nn.Module):
     d, h = cfg.hidden_size, cfg.num_attention_heads
     ln = functools.partial(layers.layer_norm, cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype)
     dense = functools.partial(layers.dense, dtype=dtype, param_dtype=pdtype)
-    x = layers.constrain(x, ("batch", "length", "embed"))
+    x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
 
     y = ln(name="layer_norm1")(x)
     # Fused projection: output features are laid out [which (q, k, v)][head][head_dim], as in HF's reshape.
@@ -111,6 +111,10 @@ class VisionTransformer(nn.Module):
   def __call__(self, pixel_values):
     cfg = self.config
     x = VisionEmbeddings(cfg, name="embeddings")(pixel_values)
+    if not cfg.scan_layers:  # one parameter subtree per block (layers_0, ...), e.g. to train only the last ones
+      for i in range(cfg.num_hidden_layers):
+        x, _ = VisionBlock(cfg, name=f"layers_{i}")(x, None)
+      return x
     blocks = nn.scan(
         VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
         length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})

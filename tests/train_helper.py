@@ -1,0 +1,65 @@
+"""A few training steps of the tiny config on a given mesh: shared by the mesh tests and the multi-process worker."""
+import importlib.util
+import os
+
+import jax
+import numpy as np
+
+from iblip_jax import optim, sharding
+from iblip_jax import train_step as ts
+from iblip_jax.models import configs as model_configs
+from iblip_jax.models.instructblip import InstructBlip
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def load_config(name: str = "tiny"):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def train_config():
+  config = load_config("tiny")
+  # large enough that params visibly move in 3 steps
+  config.optim.lr, config.optim.warmup_lr, config.optim.warmup_steps = 1e-2, 1e-2, 1
+  return config
+
+
+def make_batch(batch: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  def mask(width):
+    lengths = rng.integers(1, width + 1, batch)
+    return (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+  qmask, pmask, dmask = mask(7), mask(6), mask(5)
+  labels = rng.integers(2, 98, (batch, 5)).astype(np.int32)
+  return dict(pixel_values=rng.standard_normal((batch, 30, 30, 3)).astype(np.float32),
+              qformer_input_ids=rng.integers(1, 99, (batch, 7)).astype(np.int32) * qmask,
+              qformer_attention_mask=qmask,
+              input_ids=rng.integers(2, 98, (batch, 6)).astype(np.int32) * pmask, attention_mask=pmask,
+              labels=np.where(dmask == 1, labels, -100).astype(np.int32), decoder_attention_mask=dmask)
+
+
+def run_steps(mesh_sizes, num_steps: int = 3, config=None, devices=None, local_rows=None):
+  """Returns (losses, trainable, frozen_before, frozen_after, shardings) after `num_steps` steps."""
+  config = config or train_config()
+  model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
+  tx = optim.make(config.optim, config.total_steps)
+  rules = [tuple(r) for r in config.sharding_rules]
+  mesh = sharding.make_mesh(dict(zip(sharding.AXES, mesh_sizes)), devices)
+  sh = ts.state_shardings(model, tx, config.trainable, mesh, rules, max_replicated_bytes=1 << 20)
+  trainable, frozen = ts.init_random(model, config.trainable, sh, jax.random.key(config.seed))
+  frozen_before = jax.tree.map(np.asarray, frozen) if jax.process_count() == 1 else None
+  opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
+  step = ts.jit_train_step(ts.make_train_step(model, tx, vision_frozen="vision" not in trainable, dropout=False), sh)
+  batch = make_batch()
+  if local_rows is not None:
+    batch = {k: v[local_rows] for k, v in batch.items()}
+  losses = []
+  with sharding.context(mesh, rules):
+    global_batch = sharding.global_batch(batch, mesh)
+    for i in range(num_steps):
+      trainable, opt_state, metrics = step(trainable, opt_state, frozen, global_batch, jax.random.key(i))
+      losses.append(float(metrics["loss"]))
+  return losses, trainable, frozen_before, frozen, sh, opt_state
