@@ -8,7 +8,8 @@
 from iblip_jax.hf_checkpoint import CheckpointError
 from iblip_jax.models.configs import InstructBlipConfig, QFormerConfig, T5Config, VisionConfig
 from iblip_jax.models.instructblip import InstructBlip
+from iblip_jax.decoding import generate
 from iblip_jax.pretrained import from_pretrained, params_shape, save_pretrained
 
-__all__ = ["CheckpointError", "InstructBlip", "InstructBlipConfig", "QFormerConfig", "T5Config", "VisionConfig",
+__all__ = ["CheckpointError", "generate", "InstructBlip", "InstructBlipConfig", "QFormerConfig", "T5Config", "VisionConfig",
            "from_pretrained", "params_shape", "save_pretrained"]

@@ -52,22 +52,35 @@ class RMSNorm(nn.Module):
 
 
 class T5Attention(nn.Module):
-  """Multi-head attention without biases or 1/sqrt(K) scaling."""
+  """Multi-head attention without biases or 1/sqrt(K) scaling.
+
+  `kv` projects keys/values on their own, so decoding can project the encoder output once and cache it.
+  """
   config: T5Config
 
-  @nn.compact
-  def __call__(self, x, kv, bias, mask, deterministic: bool):
+  def setup(self):
     cfg = self.config
-    dense = functools.partial(layers.dense, use_bias=False, dtype=dtype_of(cfg.dtype),
-                              param_dtype=dtype_of(cfg.param_dtype))
-    h, k = cfg.num_heads, cfg.d_kv
-    q = dense(h * k, ("embed", "heads_joined"), name="q")(x).reshape(*x.shape[:2], h, k)    # (B, T, H, K)
-    kk = dense(h * k, ("embed", "heads_joined"), name="k")(kv).reshape(*kv.shape[:2], h, k)  # (B, S, H, K)
-    v = dense(h * k, ("embed", "heads_joined"), name="v")(kv).reshape(*kv.shape[:2], h, k)
+    dense = functools.partial(layers.dense, cfg.num_heads * cfg.d_kv, ("embed", "heads_joined"), use_bias=False,
+                              dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+    self.q, self.k, self.v = dense(), dense(), dense()
+    self.o = layers.dense(cfg.d_model, ("heads_joined", "embed"), use_bias=False, dtype=dtype_of(cfg.dtype),
+                          param_dtype=dtype_of(cfg.param_dtype))
+
+  def _heads(self, x):  # (B, L, H*K) -> (B, L, H, K)
+    return x.reshape(*x.shape[:2], self.config.num_heads, self.config.d_kv)
+
+  def kv(self, kv):
+    return self._heads(self.k(kv)), self._heads(self.v(kv))
+
+  def __call__(self, x, kv, bias, mask, deterministic: bool, cached_kv=None):
+    """x (B, T, D) attends to kv (B, S, D), or to `cached_kv` = (keys, values) (B, S, H, K) when given."""
+    cfg = self.config
+    q = self._heads(self.q(x))                                         # (B, T, H, K)
+    k, v = self.kv(kv) if cached_kv is None else cached_kv             # (B, S, H, K)
     rng = None if deterministic or cfg.dropout_rate == 0 else self.make_rng("dropout")
-    y = layers.dot_product_attention(q, kk, v, bias=bias, mask=mask, dropout_rate=cfg.dropout_rate,
+    y = layers.dot_product_attention(q, k, v, bias=bias, mask=mask, dropout_rate=cfg.dropout_rate,
                                      deterministic=deterministic, dropout_rng=rng)
-    return dense(cfg.d_model, ("heads_joined", "embed"), name="o")(y.reshape(*y.shape[:2], h * k))
+    return self.o(y.reshape(*y.shape[:2], cfg.num_heads * cfg.d_kv))
 
 
 class T5FeedForward(nn.Module):
@@ -89,26 +102,45 @@ class T5FeedForward(nn.Module):
 
 
 class T5Block(nn.Module):
-  """Pre-norm residual sublayers: self-attention, [cross-attention,] feed-forward."""
+  """Pre-norm residual sublayers: self-attention, [cross-attention,] feed-forward.
+
+  Three uses, all with the same parameters: teacher-forced (`cache` None), one decoding step (`cache` holds this
+  layer's keys/values, updated at `index`), and `cross_kv_only` (project the encoder output for the cache).
+  """
   config: T5Config
   decoder: bool
   deterministic: bool
+  cross_kv_only: bool = False
 
   @nn.compact
-  def __call__(self, x, bias, mask, encoded, encoded_mask):
+  def __call__(self, x, bias, mask, encoded, encoded_mask, cache, index):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype))
     drop = nn.Dropout(cfg.dropout_rate)
     det = self.deterministic
+    self_attn = T5Attention(cfg, name="self_attn")
+    cross_attn = T5Attention(cfg, name="cross_attn") if self.decoder else None
+    if self.cross_kv_only:
+      k, v = cross_attn.kv(encoded)
+      return x, {"cross_k": k, "cross_v": v}
+
     x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
     y = norm(name="self_attn_norm")(x)
-    x = x + drop(T5Attention(cfg, name="self_attn")(y, y, bias, mask, det), deterministic=det)
+    if cache is None:
+      x = x + drop(self_attn(y, y, bias, mask, det), deterministic=det)
+    else:  # write this step's key/value at `index`, attend over the whole (masked) cache
+      k, v = self_attn.kv(y)
+      cache = dict(cache, self_k=jax.lax.dynamic_update_slice_in_dim(cache["self_k"], k, index, axis=1),
+                   self_v=jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v, index, axis=1))
+      x = x + drop(self_attn(y, None, bias, mask, det, cached_kv=(cache["self_k"], cache["self_v"])),
+                   deterministic=det)
     if self.decoder:  # cross-attention has no position bias, only the encoder's padding mask
       y = norm(name="cross_attn_norm")(x)
-      x = x + drop(T5Attention(cfg, name="cross_attn")(y, encoded, None, encoded_mask, det), deterministic=det)
+      cached = None if cache is None else (cache["cross_k"], cache["cross_v"])
+      x = x + drop(cross_attn(y, encoded, None, encoded_mask, det, cached_kv=cached), deterministic=det)
     y = norm(name="mlp_norm")(x)
     x = x + drop(T5FeedForward(cfg, name="mlp")(y, det), deterministic=det)
-    return x, None
+    return x, cache
 
 
 class T5Stack(nn.Module):
@@ -116,12 +148,10 @@ class T5Stack(nn.Module):
   config: T5Config
   decoder: bool
 
-  @nn.compact
-  def __call__(self, x, mask, encoded=None, encoded_mask=None, deterministic: bool = True):
+  def _bias(self, query_positions, key_length):
+    """(1, H, Tq, Tk) relative position bias, from this stack's bucket table (HF: block 0's)."""
     cfg = self.config
-    length = x.shape[1]
-    # (L, L) relative positions key - query -> buckets -> (1, H, L, L) bias shared by every block.
-    rel = jnp.arange(length)[None, :] - jnp.arange(length)[:, None]
+    rel = jnp.arange(key_length)[None, :] - query_positions[:, None]   # key - query
     buckets = relative_position_bucket(rel, bidirectional=not self.decoder,
                                        num_buckets=cfg.relative_attention_num_buckets,
                                        max_distance=cfg.relative_attention_max_distance)
@@ -130,20 +160,44 @@ class T5Stack(nn.Module):
                      embedding_init=nn.with_logical_partitioning(layers.default_kernel_init,
                                                                  ("relpos_buckets", "heads")),
                      name="relative_attention_bias")
-    bias = jnp.transpose(table(buckets), (2, 0, 1))[None]  # (1, H, L, L)
-    if self.decoder:
-      mask = jnp.logical_and(mask, jnp.tril(jnp.ones((length, length), bool))[None, None])
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return jnp.transpose(table(buckets), (2, 0, 1))[None]
+
+  def _blocks(self, deterministic: bool, cross_kv_only: bool = False):
+    cfg = self.config
     block = T5Block
     if cfg.remat:
       block = nn.remat(block, prevent_cse=False)
-    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                     in_axes=(nn.broadcast,) * 4,
-                     length=cfg.num_decoder_layers if self.decoder else cfg.num_layers,
-                     metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = blocks(cfg, self.decoder, deterministic, name="layers")(x, bias, mask, encoded, encoded_mask)
-    x = RMSNorm(cfg.layer_norm_epsilon, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name="final_norm")(x)
-    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
+                      length=cfg.num_decoder_layers if self.decoder else cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(cfg, self.decoder, deterministic, cross_kv_only, name="layers")
+
+  def _final_norm(self, x):
+    cfg = self.config
+    return RMSNorm(cfg.layer_norm_epsilon, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name="final_norm")(x)
+
+  @nn.compact
+  def __call__(self, x, mask, encoded=None, encoded_mask=None, deterministic: bool = True, cache=None,
+               index=None, cross_kv_only: bool = False):
+    """Teacher-forced: x (B, L, D), mask (B, 1, 1, L) -> (B, L, D).
+    One decoding step (cache given): x (B, 1, D) at position `index` -> ((B, 1, D), updated cache).
+    cross_kv_only: encoded (B, S, D) -> {"cross_k", "cross_v"} (layers, B, S, H, K)."""
+    if cross_kv_only:
+      return self._blocks(True, cross_kv_only=True)(None, None, None, encoded, None, None, None)[1]
+    if cache is None:
+      length = x.shape[1]
+      bias = self._bias(jnp.arange(length), length)
+      if self.decoder:
+        mask = jnp.logical_and(mask, jnp.tril(jnp.ones((length, length), bool))[None, None])
+    else:
+      max_length = cache["self_k"].shape[2]
+      bias = self._bias(jnp.reshape(index, (1,)), max_length)                 # (1, H, 1, T)
+      mask = (jnp.arange(max_length) <= index)[None, None, None, :]           # keys written so far
+    x = nn.Dropout(self.config.dropout_rate)(x, deterministic=deterministic)
+    x, cache = self._blocks(deterministic)(x, bias, mask, encoded, encoded_mask, cache, index)
+    x = nn.Dropout(self.config.dropout_rate)(self._final_norm(x), deterministic=deterministic)
+    return x if cache is None else (x, cache)
 
 
 class T5(nn.Module):
@@ -177,6 +231,21 @@ class T5(nn.Module):
     x = self.decoder(self.embed(decoder_input_ids), layers.padding_mask(decoder_attention_mask), encoded,
                      layers.padding_mask(attention_mask), deterministic=deterministic)
     return self.logits(x)
+
+  def init_cache(self, encoded, max_length: int) -> dict:
+    """Decoding cache: empty self-attention keys/values for `max_length` steps and the encoder's projected
+    cross-attention keys/values, each (layers, B, T or S, H, K)."""
+    cfg = self.config
+    cross = self.decoder(None, None, encoded, cross_kv_only=True)
+    shape = (cfg.num_decoder_layers, encoded.shape[0], max_length, cfg.num_heads, cfg.d_kv)
+    zeros = jnp.zeros(shape, cross["cross_k"].dtype)
+    return {"self_k": zeros, "self_v": zeros, **cross}
+
+  def decode_step(self, token, index, cache, attention_mask):
+    """token (B,) at decoder position `index` -> (logits (B, V) f32, updated cache)."""
+    x, cache = self.decoder(self.embed(token[:, None]), None, None, layers.padding_mask(attention_mask),
+                            cache=cache, index=index)
+    return self.logits(x)[:, 0].astype(jnp.float32), cache
 
   def logits(self, x):
     cfg = self.config
