@@ -10,6 +10,7 @@ from iblip_jax.models.configs import InstructBlipConfig, QFormerConfig, T5Config
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.decoding import generate
 from iblip_jax.pretrained import from_pretrained, params_shape, save_pretrained
+from iblip_jax.ranking import rank
 
-__all__ = ["CheckpointError", "generate", "InstructBlip", "InstructBlipConfig", "QFormerConfig", "T5Config", "VisionConfig",
+__all__ = ["CheckpointError", "generate", "rank", "InstructBlip", "InstructBlipConfig", "QFormerConfig", "T5Config", "VisionConfig",
            "from_pretrained", "params_shape", "save_pretrained"]

@@ -99,3 +99,56 @@ def test_cached_decoding_equals_full_forward(models):
     logits, cache = model.apply({"params": params}, jnp.asarray(dec[:, t]), t, cache, mask,
                                 method=lambda m, *a: m.language_model.decode_step(*a))
     np.testing.assert_allclose(logits, full[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_ranking_equals_a_forward_pass_per_candidate(models):
+  _, model, params = models
+  inputs = _inputs()
+  # three candidates of different lengths (EOS = 1 at the end, -100 padding), different per sample
+  rng = np.random.default_rng(0)
+  cands = np.full((3, 3, 4), -100, np.int32)
+  for i in range(3):
+    for j, n in enumerate((2, 4, 3)):
+      cands[i, j, :n] = np.append(rng.integers(2, 98, n - 1), 1)
+  for normalize in (False, True):
+    scores, order = iblip_jax.rank(model, params, **inputs, candidate_labels=cands, normalize=normalize)
+    for i in range(3):
+      for j in range(3):
+        labels = cands[i, j][cands[i, j] != -100]
+        dec = np.concatenate([[0], labels[:-1]])[None]
+        one = {k: v[i:i + 1] for k, v in inputs.items()}
+        logits = model.apply({"params": params}, **one, decoder_input_ids=dec)[0]
+        logp = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(labels)), labels]
+        want = float(logp.sum() / (len(labels) if normalize else 1))
+        assert float(scores[i, j]) == pytest.approx(want, rel=1e-5, abs=1e-5)
+      np.testing.assert_array_equal(order[i], np.argsort(-np.asarray(scores[i]), kind="stable"))
+
+
+def test_video_frames_are_encoded_independently_and_concatenated(models):
+  _, model, params = models
+  b = oracle.tiny_batch(seed=4)
+  frames = np.stack([b["pixel_values"], b["pixel_values"][::-1], b["pixel_values"] * 0.5, -b["pixel_values"]], 1)
+  video = model.apply({"params": params}, frames, b["qformer_input_ids"], b["qformer_attention_mask"],
+                      method="visual_tokens")
+  per_frame = [model.apply({"params": params}, frames[:, j], b["qformer_input_ids"], b["qformer_attention_mask"],
+                           method="visual_tokens") for j in range(4)]
+  assert video.shape == (3, 4 * oracle.NUM_QUERY, 32)
+  np.testing.assert_allclose(video, np.concatenate(per_frame, axis=1), atol=1e-5)
+  tokens = iblip_jax.generate(model, params, pixel_values=frames, **{k: v for k, v in _inputs().items()
+                                                                   if k != "pixel_values"},
+                              num_beams=2, max_new_tokens=4)
+  assert tokens.shape == (3, 4)
+
+
+def test_generation_on_a_sharded_mesh_matches_one_device(models):
+  from iblip_jax import config_lib, sharding
+  _, model, params = models
+  batch = {k: np.concatenate([v, v[:1]]) for k, v in _inputs().items()}  # 4 rows over data x fsdp = 4
+  want = iblip_jax.generate(model, params, **batch, num_beams=3, max_new_tokens=6)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  rules = list(config_lib.SHARDING_RULES)
+  sh = sharding.logical_shardings(iblip_jax.params_shape(model, boxed=True), mesh, rules)
+  sharded = jax.device_put(params, sh)
+  with sharding.context(mesh, rules):
+    got = iblip_jax.generate(model, sharded, **sharding.global_batch(batch, mesh), num_beams=3, max_new_tokens=6)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

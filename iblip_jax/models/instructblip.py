@@ -58,11 +58,24 @@ class InstructBlip(nn.Module):
     return {"image_embeds": image_embeds, "query_output": query_output,
             "language_inputs": self.language_projection(query_output)}
 
+  def visual_tokens(self, pixel_values, qformer_input_ids, qformer_attention_mask, deterministic: bool = True):
+    """(B, H, W, 3) image -> (B, Q, D_llm); (B, T, H, W, 3) video -> (B, T*Q, D_llm): every frame goes through the
+    ViT and the Q-Former with the same instruction, and the frames' tokens are concatenated (paper: T = 4)."""
+    if pixel_values.ndim == 4:
+      return self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask,
+                                 deterministic)["language_inputs"]
+    b, t = pixel_values.shape[:2]
+    per_frame = lambda x: None if x is None else jnp.repeat(x, t, axis=0)  # rows b*t + j = frame j of item b
+    tokens = self.image_features(pixel_values.reshape((b * t,) + pixel_values.shape[2:]),
+                                 per_frame(qformer_input_ids), per_frame(qformer_attention_mask),
+                                 deterministic)["language_inputs"]
+    return tokens.reshape(b, t * tokens.shape[1], tokens.shape[2])
+
   def encode(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
              deterministic: bool = True):
-    """Runs everything up to the T5 encoder. Returns (encoded (B, Q + L, D), encoder mask (B, Q + L))."""
-    visual = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask,
-                                 deterministic)["language_inputs"]
+    """Runs everything up to the T5 encoder. Returns (encoded (B, V + L, D), encoder mask (B, V + L)) where V is
+    the number of visual tokens (Q, or T*Q for video)."""
+    visual = self.visual_tokens(pixel_values, qformer_input_ids, qformer_attention_mask, deterministic)
     text_dtype = dtype_of(self.config.text.dtype)
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
