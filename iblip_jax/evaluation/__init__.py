@@ -1,0 +1,1 @@
+"""Zero-shot evaluation: metrics, task definitions, the evaluator."""
