@@ -1,0 +1,96 @@
+"""Tokenisation for the Q-Former (BERT) and the LLM (T5), with LAVIS's truncation rules and bucketed padding.
+
+- Q-Former instruction and LLM prompt: truncated on the left (the end of an instruction is what matters), 128 tokens.
+- LLM targets: truncated on the right, 256 tokens; padding positions of labels are -100.
+- Padding goes to the smallest bucket length that fits, so jit sees a few shapes rather than one per batch.
+Tokenizers load from local files: a Hugging Face InstructBLIP directory has the LLM tokenizer at its top level
+and the Q-Former's in `qformer_tokenizer/`.
+"""
+import copy
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from transformers import AutoTokenizer
+
+IGNORE = -100
+BUCKETS = (8, 16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizers:
+  qformer: Any                 # truncation on the left
+  llm: Any                     # truncation on the left (prompts)
+  llm_targets: Any             # the same vocabulary, truncation on the right
+  max_input_len: int = 128
+  max_output_len: int = 256
+  buckets: tuple[int, ...] = BUCKETS
+
+
+def load_tokenizers(path: str, *, qformer_path: str | None = None, max_input_len: int = 128,
+                    max_output_len: int = 256, buckets: Sequence[int] = BUCKETS) -> Tokenizers:
+  qformer_path = qformer_path or os.path.join(path, "qformer_tokenizer")
+  for p in (path, qformer_path):
+    if not os.path.isdir(p):
+      raise FileNotFoundError(f"{p}: no tokenizer directory (a Hugging Face InstructBLIP directory has the LLM "
+                              "tokenizer at its top level and the Q-Former's in qformer_tokenizer/)")
+  qformer = AutoTokenizer.from_pretrained(qformer_path, truncation_side="left")
+  llm = AutoTokenizer.from_pretrained(path, truncation_side="left")
+  targets = copy.deepcopy(llm)
+  targets.truncation_side = "right"
+  return Tokenizers(qformer, llm, targets, max_input_len, max_output_len, tuple(sorted(buckets)))
+
+
+def bucket(length: int, buckets: Sequence[int]) -> int:
+  """Smallest bucket >= length; beyond the largest, the next multiple of it."""
+  for b in buckets:
+    if length <= b:
+      return b
+  return -(-length // buckets[-1]) * buckets[-1]
+
+
+def _pad(rows: list[list[int]], pad: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.full((len(rows), length), pad, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  return ids, mask
+
+
+def _ids(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+  return tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+
+
+def encode_prompts(tok: Tokenizers, texts: Sequence[str], qformer_texts: Sequence[str] | None = None) -> dict:
+  """The instruction goes to both the Q-Former and the LLM (LAVIS); `qformer_texts` may differ (e.g. without
+  OCR tokens). Returns qformer_input_ids/attention_mask and input_ids/attention_mask, int32, bucket-padded."""
+  q_rows = _ids(tok.qformer, texts if qformer_texts is None else qformer_texts, tok.max_input_len)
+  l_rows = _ids(tok.llm, texts, tok.max_input_len)
+  q_ids, q_mask = _pad(q_rows, tok.qformer.pad_token_id, bucket(max(map(len, q_rows)), tok.buckets))
+  l_ids, l_mask = _pad(l_rows, tok.llm.pad_token_id, bucket(max(map(len, l_rows)), tok.buckets))
+  return dict(qformer_input_ids=q_ids, qformer_attention_mask=q_mask, input_ids=l_ids, attention_mask=l_mask)
+
+
+def encode_targets(tok: Tokenizers, texts: Sequence[str]) -> dict:
+  """labels (B, T) with -100 on padding, decoder_attention_mask (B, T)."""
+  rows = _ids(tok.llm_targets, texts, tok.max_output_len)
+  ids, mask = _pad(rows, tok.llm.pad_token_id, bucket(max(map(len, rows)), tok.buckets))
+  return dict(labels=np.where(mask == 1, ids, IGNORE).astype(np.int32), decoder_attention_mask=mask)
+
+
+def encode_candidates(tok: Tokenizers, candidates: Sequence[Sequence[str]]) -> np.ndarray:
+  """Per-sample candidate answers -> (B, C, N) labels (EOS appended by the tokenizer), -100 padded; samples with
+  fewer candidates are padded with empty (all -100) candidates, which callers must ignore."""
+  c = max(len(x) for x in candidates)
+  rows = [_ids(tok.llm_targets, list(x), tok.max_output_len) for x in candidates]
+  n = bucket(max(len(r) for rs in rows for r in rs), tok.buckets)
+  out = np.full((len(candidates), c, n), IGNORE, np.int32)
+  for i, rs in enumerate(rows):
+    for j, r in enumerate(rs):
+      out[i, j, :len(r)] = r
+  return out
+
+
+def decode(tok: Tokenizers, tokens) -> list[str]:
+  return [t.strip() for t in tok.llm.batch_decode(np.asarray(tokens), skip_special_tokens=True)]
