@@ -1,0 +1,78 @@
+"""The evaluator end to end on the tiny model: predictions equal direct generate/rank calls, files are written,
+metrics are the metric functions of those predictions."""
+import json
+
+import numpy as np
+import pytest
+
+import iblip_jax
+import oracle
+from iblip_jax.data import preprocess, tokenize, word_tokenizers
+from iblip_jax.evaluation import evaluator, metrics, tasks
+
+WORDS = ("question short answer what color is the cat dog yes no red blue true false hateful image with written "
+         "on it this a description options").split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  path = tmp_path_factory.mktemp("eval")
+  oracle.tiny_hf_model().save_pretrained(path / "hf")
+  model, params = iblip_jax.from_pretrained(str(path / "hf"))
+  word_tokenizers.build(WORDS, str(path / "hf"))
+  tok = tokenize.load_tokenizers(str(path / "hf"))
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(5)]
+  return model, params, tok, images
+
+
+def test_generation_task(setup, tmp_path):
+  model, params, tok, images = setup
+  task = tasks.Task("toy_vqa", tasks.QA_PROMPT, inference="generate", metric="vqa", num_beams=2, max_new_tokens=3)
+  records = [{"id": i, "image": im, "question": "what color is the cat", "answers": ["red"] * 10}
+             for i, im in enumerate(images)]
+  result = evaluator.evaluate(task, records, model, params, tok, out_dir=str(tmp_path), batch_size=2,
+                              progress=False)
+  lines = [json.loads(l) for l in open(tmp_path / "toy_vqa_predictions.jsonl")]
+  assert [l["id"] for l in lines] == list(range(5))
+  # the same predictions from a direct call
+  inputs = tokenize.encode_prompts(tok, ["Question: what color is the cat Short answer:"] * 2)
+  pixels = np.stack([preprocess.preprocess_image(im, 30) for im in images[:2]])
+  direct = tokenize.decode(tok, iblip_jax.generate(model, params, pixel_values=pixels, **inputs, num_beams=2,
+                                                   max_new_tokens=3, min_new_tokens=0, length_penalty=-1.0,
+                                                   repetition_penalty=1.5))
+  assert [l["prediction"] for l in lines[:2]] == direct
+  want = 100 * np.mean([metrics.vqa_accuracy(l["prediction"], ["red"] * 10) for l in lines])
+  assert result == {"vqa": pytest.approx(want)}
+  assert json.load(open(tmp_path / "toy_vqa_metrics.json"))["num_examples"] == 5
+
+
+def test_ranking_tasks(setup, tmp_path):
+  model, params, tok, images = setup
+  hm = tasks.get("hateful_memes")
+  records = [{"id": i, "image": im, "text": "a cat", "label": i % 2} for i, im in enumerate(images)]
+  result = evaluator.evaluate(hm, records, model, params, tok, out_dir=str(tmp_path), batch_size=4, progress=False)
+  lines = [json.loads(l) for l in open(tmp_path / "hateful_memes_predictions.jsonl")]
+  prob_yes = [np.exp(l["scores"][1]) / np.exp(l["scores"]).sum() for l in lines]
+  assert result["AUC"] == pytest.approx(100 * metrics.roc_auc([r["label"] for r in records], prob_yes))
+  # per-record candidate lists of different sizes: padding candidates never win
+  mc = tasks.Task("toy_mc", "Question: {question} Options: {options}. Short answer:", inference="rank",
+                  metric="accuracy")
+  records = [{"id": i, "image": im, "question": "what color", "candidates": ["red", "blue", "dog"][: 2 + i % 2],
+              "answer_index": 0} for i, im in enumerate(images)]
+  evaluator.evaluate(mc, records, model, params, tok, out_dir=str(tmp_path), batch_size=5, progress=False)
+  lines = [json.loads(l) for l in open(tmp_path / "toy_mc_predictions.jsonl")]
+  for r, l in zip(records, lines):
+    assert len(l["scores"]) == len(r["candidates"]) and l["prediction"] == int(np.argmax(l["scores"]))
+
+
+def test_prompt_rendering_and_errors():
+  assert tasks.render_prompt(tasks.get("iconqa"), {"question": "q?", "candidates": ["x", "y"]}) == \
+      "Question: q? Options: (a) x (b) y. Short answer:"
+  assert tasks.render_prompt(tasks.get("textvqa"), {"question": "q?", "ocr_tokens": ["stop", "sign"]}) == \
+      "OCR tokens: stop, sign. Question: q? Short answer:"
+  with pytest.raises(ValueError, match="no field 'question'"):
+    tasks.render_prompt(tasks.get("gqa"), {"id": 3})
+  with pytest.raises(ValueError, match="unknown evaluation task"):
+    tasks.get("imagenet")
+  assert sum(t.held_out for t in tasks.TASKS.values()) == 13
