@@ -25,6 +25,7 @@ class VisionConfig:
   hidden_act: str = "gelu"
   qkv_bias: bool = True
   scan_layers: bool = True  # False: unrolled blocks with their own parameter paths (slower to compile)
+  scan_unroll: int = 1      # blocks per scan iteration in the compiled loop (same parameters either way)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -74,6 +75,7 @@ class T5Config:
   bos_token_id: int = 1
   decoder_start_token_id: int = 0
   remat: bool = False  # rematerialise each block in the backward pass (training through the frozen LLM)
+  scan_unroll: int = 1  # blocks per scan iteration in the compiled loop (same parameters either way)
   dtype: str = "float32"
   param_dtype: str = "float32"
 

@@ -170,7 +170,7 @@ class T5Stack(nn.Module):
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
                       length=cfg.num_decoder_layers if self.decoder else cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+                      unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, self.decoder, deterministic, cross_kv_only, name="layers")
 
   def _final_norm(self, x):

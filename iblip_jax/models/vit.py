@@ -117,6 +117,6 @@ class VisionTransformer(nn.Module):
       return x
     blocks = nn.scan(
         VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-        length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        length=cfg.num_hidden_layers, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = blocks(cfg, name="layers")(x, None)
     return x
