@@ -1,0 +1,136 @@
+"""The training input pipeline (grain): records -> images and texts -> bucketed, tokenised batches.
+
+Bad input never stops training: an example whose image is missing, unreadable or truncated, or whose text is
+empty or not valid UTF-8, is skipped and counted by reason (`SkipCounter`, reported in the logs and metrics);
+odd images (grayscale, RGBA, CMYK, palette, 16-bit, EXIF-rotated) are converted (see preprocess.to_rgb).
+Image decoding runs in worker processes (grain mp_prefetch); skipping, batching and tokenisation run in the
+main process, so the counts are exact and batches always have the same size.
+"""
+import collections
+import dataclasses
+import math
+import os
+from typing import Callable, Sequence
+
+import grain
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from iblip_jax.data import preprocess, tokenize
+
+SKIP = "_skip"
+
+
+def random_resized_crop(image: Image.Image, rng: np.random.Generator, scale=(0.5, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> Image.Image:
+  """torchvision's RandomResizedCrop box choice: area fraction in `scale`, log-uniform aspect ratio in `ratio`,
+  10 tries, then the largest centred crop within `ratio`."""
+  w, h = image.size
+  for _ in range(10):
+    area = w * h * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    cw, ch = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+      return image.crop((x, y, x + cw, y + ch))
+  in_ratio = w / h
+  cw, ch = (w, int(round(w / ratio[0]))) if in_ratio < ratio[0] else \
+      ((int(round(h * ratio[1])), h) if in_ratio > ratio[1] else (w, h))
+  x, y = (w - cw) // 2, (h - ch) // 2
+  return image.crop((x, y, x + cw, y + ch))
+
+
+def _text(value) -> str | None:
+  if isinstance(value, bytes):
+    try:
+      value = value.decode("utf-8")
+    except UnicodeDecodeError:
+      return None
+  if not isinstance(value, str):
+    return None
+  value = value.strip()
+  return value or None
+
+
+def _open(path_or_image) -> Image.Image:
+  if isinstance(path_or_image, (Image.Image, np.ndarray)):
+    return path_or_image if isinstance(path_or_image, Image.Image) else Image.fromarray(path_or_image)
+  image = Image.open(path_or_image)
+  image.load()  # decode now: a truncated file fails here, inside the worker, not later
+  return image
+
+
+def load_example(record: dict, rng: np.random.Generator, *, image_size: int, train: bool,
+                 render: Callable[[dict, np.random.Generator], tuple[str, str]]) -> dict:
+  """record -> {"pixel_values", "text_input", "text_output"} or {SKIP: reason}."""
+  try:
+    text_input, text_output = render(record, rng)
+  except (KeyError, ValueError, IndexError) as e:
+    return {SKIP: f"bad_record:{type(e).__name__}"}
+  text_input, text_output = _text(text_input), _text(text_output)
+  if text_input is None or text_output is None:
+    return {SKIP: "empty_or_invalid_text"}
+  source = record.get("image")
+  if isinstance(source, str) and not os.path.exists(source):
+    return {SKIP: "missing_image"}
+  try:
+    image = preprocess.to_rgb(_open(source))
+  except (OSError, ValueError, SyntaxError) as e:  # PIL reports truncated/corrupt files as OSError/SyntaxError
+    return {SKIP: "unreadable_image"}
+  if train:
+    image = random_resized_crop(image, rng)
+  return {"pixel_values": preprocess.preprocess_image(image, image_size), "text_input": text_input,
+          "text_output": text_output}
+
+
+def record_texts(record: dict, rng: np.random.Generator) -> tuple[str, str]:
+  """The default renderer: records that already carry text_input/text_output (generic JSONL, LLaVA)."""
+  del rng
+  return record["text_input"], record["text_output"]
+
+
+class SkipCounter:
+  """grain filter predicate that keeps good examples and counts skipped ones by reason (main process)."""
+
+  def __init__(self):
+    self.counts = collections.Counter()
+
+  def __call__(self, example: dict) -> bool:
+    if SKIP in example:
+      self.counts[example[SKIP]] += 1
+      return False
+    return True
+
+
+def collate(tok: tokenize.Tokenizers) -> Callable[[Sequence[dict]], dict]:
+  def fn(examples: Sequence[dict]) -> dict:
+    texts_in = [e["text_input"] for e in examples]
+    return dict(pixel_values=np.stack([e["pixel_values"] for e in examples]),
+                **tokenize.encode_prompts(tok, texts_in),
+                **tokenize.encode_targets(tok, [e["text_output"] for e in examples]))
+  return fn
+
+
+@dataclasses.dataclass
+class Pipeline:
+  dataset: grain.IterDataset
+  skipped: SkipCounter
+
+
+def build(examples: grain.MapDataset, tok: tokenize.Tokenizers, *, batch_size: int, image_size: int, seed: int,
+          train: bool = True, render=record_texts, workers: int = 0, process_index: int = 0,
+          process_count: int = 1) -> Pipeline:
+  """examples: a (possibly mixed, infinite) MapDataset of records. Each process reads its own slice and yields
+  batches of `batch_size` (per process) with pixel_values, Q-Former/LLM inputs, labels, decoder mask."""
+  ds = examples[process_index::process_count] if process_count > 1 else examples
+  ds = ds.random_map(lambda r, rng: load_example(r, rng, image_size=image_size, train=train, render=render),
+                     seed=seed)
+  it = ds.to_iter_dataset()
+  if workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller may not have parsed any
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  counter = SkipCounter()
+  it = it.filter(counter).batch(batch_size, drop_remainder=True, batch_fn=collate(tok))
+  return Pipeline(it, counter)
