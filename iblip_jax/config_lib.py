@@ -45,4 +45,22 @@ def base(model: dict) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
   config.sharding_rules = [list(r) for r in SHARDING_RULES]
   config.max_replicated_mb = 64.0  # a larger replicated tensor is a sharding mistake: fail before compiling
+
+  config.tokenizer = ""            # defaults to model_init (its top level + qformer_tokenizer/)
+  config.reinit_trainable = False  # True: the Q-Former side starts from scratch instead of model_init's weights
+  # Training data: {name: {"format": a reader name (see iblip_jax.data.readers), "path": ..., "weight": 1.0}}
+  config.data = ml_collections.ConfigDict(dict(datasets={}, balanced=True, workers=0))
+  # Evaluations: {name: {"task": an iblip_jax.evaluation.tasks name, "format": ..., "path": ...}}
+  config.evals = ml_collections.ConfigDict()
+  config.eval_every = 1000
+  config.eval_at_start = False
+  config.eval_batch_size = 8
+  config.eval_max_examples = 0     # 0 = all
+  config.log_every = 50
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.export_dir = ""
+  config.predict = ml_collections.ConfigDict(dict(
+      images="", prompt="A short image description:", output="", batch_size=8, num_beams=5, max_new_tokens=30,
+      min_new_tokens=1, length_penalty=1.0, repetition_penalty=1.5))
   return config

@@ -1,0 +1,127 @@
+"""What the modes share: checking the config before anything compiles, loading the model and tokenizers, reading
+records, rendering instructions, running the configured evaluations."""
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iblip_jax import pretrained, sharding
+from iblip_jax.data import tokenize
+from iblip_jax.evaluation import evaluator, tasks
+from iblip_jax.models import configs as model_configs
+from iblip_jax.models.instructblip import InstructBlip
+
+MODES = ("train", "eval", "predict", "export", "summary")
+
+
+def _readers():
+  from iblip_jax.data import readers  # imported late: the readers module is large and only some modes need it
+  return readers.READERS
+
+
+def validate(config, workdir: str | None, mode: str) -> None:
+  """Every problem found, in one error, before any compilation or data loading."""
+  problems = []
+  if mode in ("train", "eval", "export") and not workdir:
+    problems.append(f"--workdir is required for mode {mode}")
+  if config.model_init:
+    if not os.path.isfile(os.path.join(config.model_init, "config.json")):
+      problems.append(f"config.model_init={config.model_init!r}: no Hugging Face checkpoint there (config.json)")
+  else:
+    try:
+      model_configs.from_dict(config.model.to_dict())
+    except ValueError as e:
+      problems.append(str(e))
+  tokenizer = config.get("tokenizer") or config.model_init
+  if mode in ("train", "eval", "predict") and (not tokenizer or not os.path.isdir(tokenizer)):
+    problems.append(f"config.tokenizer={tokenizer!r}: not a directory with the LLM tokenizer (and "
+                    "qformer_tokenizer/); it defaults to config.model_init")
+  if mode == "train":
+    if config.total_steps <= 0:
+      problems.append(f"config.total_steps={config.total_steps} must be positive")
+    if not config.data.datasets:
+      problems.append("config.data.datasets is empty: nothing to train on")
+    n_batch = config.mesh.get("data", 1) * config.mesh.get("fsdp", 1)
+    if config.batch_size % jax.process_count():
+      problems.append(f"config.batch_size={config.batch_size} is not divisible by the {jax.process_count()} "
+                      "processes")
+    if -1 not in (config.mesh.get("data", 1), config.mesh.get("fsdp", 1)) and config.batch_size % n_batch:
+      problems.append(f"config.batch_size={config.batch_size} is not divisible by data x fsdp = {n_batch}")
+    for name, spec in config.data.datasets.items():
+      problems += _check_source(spec, f"config.data.datasets.{name}")
+    for key in ("checkpoint_every", "log_every", "eval_every"):
+      if config[key] <= 0:
+        problems.append(f"config.{key}={config[key]} must be positive")
+  if mode in ("train", "eval"):
+    for name, spec in config.evals.items():
+      if spec.task not in tasks.TASKS:
+        problems.append(f"config.evals.{name}.task={spec.task!r} is not a known task "
+                        f"({', '.join(sorted(tasks.TASKS))})")
+      problems += _check_source(spec, f"config.evals.{name}")
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_source(spec, where: str) -> list[str]:
+  out = []
+  readers = _readers()
+  if spec.format not in readers:
+    out.append(f"{where}.format={spec.format!r} is not a known dataset format ({', '.join(sorted(readers))})")
+  if not os.path.exists(spec.path):
+    out.append(f"{where}.path={spec.path!r} does not exist")
+  return out
+
+
+def read_records(spec, where: str) -> list[dict]:
+  records = list(_readers()[spec.format](spec.path))
+  if not records:
+    raise ValueError(f"{where}: {spec.path} has no records")
+  return records
+
+
+def renderer(config):
+  """(record, rng) -> (text_input, text_output): records that carry their texts keep them; the others get one of
+  their dataset's instruction templates."""
+  from iblip_jax.data import templates
+
+  def render(record, rng):
+    if "text_input" in record and "text_output" in record:
+      return record["text_input"], record["text_output"]
+    return templates.render(record["dataset"], record, rng)
+  return render
+
+
+def load_model(config) -> tuple[InstructBlip, dict]:
+  """From config.model_init (a Hugging Face directory) with config.model's precision and switches, or, without
+  one, freshly initialised from config.model's sizes (for smoke tests)."""
+  m = config.model
+  if config.model_init:
+    model, params = pretrained.from_pretrained(
+        config.model_init, dtype=jnp.dtype(m.vision.get("dtype", "float32")),
+        instruction_aware=m.get("instruction_aware", True), text_remat=m.text.get("remat", False),
+        scan_vision=m.vision.get("scan_layers", True))
+    return model, jax.tree.map(np.asarray, params)
+  model = InstructBlip(model_configs.from_dict(m.to_dict()))
+  params = jax.jit(pretrained.init_fn(model))(jax.random.key(config.seed))
+  import flax.linen as nn
+  return model, jax.tree.map(np.asarray, nn.meta.unbox(params))
+
+
+def load_tokenizers(config) -> tokenize.Tokenizers:
+  return tokenize.load_tokenizers(config.get("tokenizer") or config.model_init)
+
+
+def run_evals(config, model, params, tok, out_dir: str, mesh=None, rules=None) -> dict:
+  """Every configured evaluation: {"<name>/<metric>": value}."""
+  del mesh, rules  # evaluation runs data-parallel through jit's default placement
+  out = {}
+  for name, spec in config.evals.items():
+    records = read_records(spec, f"config.evals.{name}")
+    if config.eval_max_examples:
+      records = records[:config.eval_max_examples]
+    result = evaluator.evaluate(tasks.get(spec.task), records, model, params, tok, out_dir=out_dir,
+                                batch_size=config.eval_batch_size, progress=jax.process_index() == 0)
+    out.update({f"{name}/{k}": v for k, v in result.items()})
+  return out

@@ -1,0 +1,135 @@
+"""`--config.mode=train`: instruction tuning of the trainable tree, with periodic evaluation and checkpoints.
+
+Sections: set-up (config check, model, tokenizers, mesh) -> state (pretrained frozen tree, trainable tree from
+the checkpoint or fresh, or the latest training checkpoint) -> data -> loop (progress, metrics, guards, saves,
+evaluations). Re-running the same command on the same workdir resumes from its latest checkpoint.
+"""
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from iblip_jax import checkpoints, distributed, optim, sharding
+from iblip_jax import train_step as ts
+from iblip_jax.data import mixture, pipeline, tokenize
+from iblip_jax.run import common
+from iblip_jax.run import logger as logger_lib
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def _data(config, tok, model, seed_offset: int = 0):
+  datasets = {name: mixture.source(common.read_records(spec, f"data.datasets.{name}"))
+              for name, spec in config.data.datasets.items()}
+  sizes = {name: len(ds) for name, ds in datasets.items()}
+  multipliers = {name: spec.get("weight", 1.0) for name, spec in config.data.datasets.items()}
+  probs = mixture.weights(sizes, multipliers, balanced=config.data.balanced)
+  mixed = mixture.mix(datasets, probs, seed=config.seed + seed_offset)
+  local_batch = config.batch_size // jax.process_count()
+  return pipeline.build(mixed, tok, batch_size=local_batch, image_size=model.config.vision.image_size,
+                        seed=config.seed, train=True, render=common.renderer(config), workers=config.data.workers,
+                        process_index=jax.process_index(), process_count=jax.process_count()), probs
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  common.validate(config, workdir, mode="train")
+  distributed.maybe_initialize()
+  os.makedirs(workdir, exist_ok=True)
+  model, params = common.load_model(config)
+  tok = common.load_tokenizers(config)
+
+  # --- mesh, shardings, state -------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  rules = [tuple(r) for r in config.sharding_rules]
+  tx = optim.make(config.optim, config.total_steps)
+  sh = ts.state_shardings(model, tx, config.trainable, mesh, rules,
+                          max_replicated_bytes=int(config.max_replicated_mb * 2**20))
+  trainable_host, frozen_host = ts.split(params, config.trainable)
+  frozen = ts.place(frozen_host, sh.frozen)
+  if config.reinit_trainable:  # start the Q-Former side from scratch (fresh init), keep the frozen towers
+    trainable = ts.init_random(model, config.trainable, sh, jax.random.key(config.seed))[0]
+  else:
+    trainable = ts.place(trainable_host, sh.trainable)
+  del params, trainable_host, frozen_host
+  opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
+
+  pipe, probs = _data(config, tok, model)
+  data_it = iter(pipe.dataset)
+  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+  start, restored = checkpoints.restore_latest(mngr, {"trainable": trainable, "opt_state": opt_state},
+                                               {"trainable": sh.trainable, "opt_state": sh.opt_state}, data_it)
+  if restored is not None:
+    trainable, opt_state = restored["trainable"], restored["opt_state"]
+    print(f"resumed from {mngr.directory} at step {start}", flush=True)
+  log = logger_lib.Logger(workdir, config, resumed_at=start)
+  log.text(f"mixture: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in sorted(probs.items())))
+
+  step_fn = ts.jit_train_step(ts.make_train_step(model, tx, vision_frozen="vision" not in trainable,
+                                                 dropout=config.dropout), sh)
+  schedule = optim.learning_rate(config.optim, config.total_steps)
+  stop = {"signal": None}
+  previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+
+  def evaluate_now(step):
+    results = common.run_evals(config, model, ts.merge(trainable, frozen), tok,
+                               os.path.join(workdir, "eval", f"step_{step}"), mesh=mesh, rules=rules)
+    log.metrics(step, {f"eval/{k}": v for k, v in results.items()})
+    log.plot()
+    return results
+
+  # --- loop -----------------------------------------------------------------------------------------------
+  last = {}
+  if start == 0 and config.eval_at_start and config.evals:
+    last.update(evaluate_now(0))
+  bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  t0, done_in_window = time.perf_counter(), 0
+  step = start
+  try:
+    with sharding.context(mesh, rules):
+      while step < config.total_steps:
+        batch = sharding.global_batch(next(data_it), mesh)
+        rng = jax.random.fold_in(jax.random.key(config.seed), step)
+        trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng)
+        step += 1
+        done_in_window += 1
+        is_save = step % config.checkpoint_every == 0 or step == config.total_steps
+        if step % config.log_every == 0 or is_save or stop["signal"] is not None:
+          loss = float(metrics["loss"])
+          if not math.isfinite(loss):  # never save this state: the last good checkpoint stays the latest
+            raise NonFiniteLoss(f"loss is {loss} at step {step}; training stopped. The last good checkpoint in "
+                                f"{mngr.directory} (step {mngr.latest_step()}) is intact. Lower "
+                                "config.optim.lr, set config.optim.grad_clip_norm, or check the data.")
+          rate = done_in_window / (time.perf_counter() - t0)
+          t0, done_in_window = time.perf_counter(), 0
+          values = {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
+                    "steps_per_sec": rate, **{f"skipped/{k}": v for k, v in pipe.skipped.counts.items()}}
+          log.metrics(step, values)
+          bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
+        bar.update(1)
+        if is_save or stop["signal"] is not None:
+          checkpoints.save(mngr, step, {"trainable": trainable, "opt_state": opt_state}, data_it, force=True)
+        if stop["signal"] is not None:
+          mngr.wait_until_finished()
+          log.text(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, rerun to continue")
+          return last
+        if config.evals and step % config.eval_every == 0 and step != config.total_steps:
+          last.update(evaluate_now(step))
+          t0 = time.perf_counter()
+  finally:
+    bar.close()
+    mngr.wait_until_finished()
+    signal.signal(signal.SIGTERM, previous)
+  if config.evals:
+    last.update(evaluate_now(step))
+  log.plot()
+  log.close()
+  return last
