@@ -19,8 +19,10 @@ def build(words, out_dir: str) -> None:
   words = sorted({w.lower() for w in words} - set(QFORMER_SPECIALS) - set(LLM_SPECIALS))
   os.makedirs(os.path.join(out_dir, "qformer_tokenizer"), exist_ok=True)
   vocab_file = os.path.join(out_dir, "qformer_tokenizer", "vocab.txt")
+  # one line per token: a duplicate line would shift every later id past the vocabulary size
+  lines = list(dict.fromkeys(QFORMER_SPECIALS + words + list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'\":;-()")))
   with open(vocab_file, "w") as f:
-    f.write("\n".join(QFORMER_SPECIALS + words + list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'\":;-")) + "\n")
+    f.write("\n".join(lines) + "\n")
   BertTokenizerFast(vocab_file, do_lower_case=True, bos_token="[DEC]").save_pretrained(
       os.path.join(out_dir, "qformer_tokenizer"))
 

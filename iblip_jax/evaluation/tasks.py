@@ -68,6 +68,11 @@ TASKS = {t.name: t for t in [
     Task("aokvqa_mc", "Question: {question} Options: {options}. Short answer:", inference="rank",
          metric="accuracy", held_out=False),
     Task("ocrvqa", QA_PROMPT, metric="exact_match", held_out=False, **_qa),
+    # --- generic tasks for users' own data (and the demo) ---
+    Task("vqa", QA_PROMPT, metric="vqa", held_out=False, **_qa),
+    Task("multiple_choice", "Question: {question} Options: {options}. Short answer:", inference="rank",
+         metric="accuracy", held_out=False),
+    Task("caption", CAPTION_PROMPT, held_out=False, **_caption),
 ]}
 
 

@@ -109,8 +109,16 @@ def load_model(config) -> tuple[InstructBlip, dict]:
   return model, jax.tree.map(np.asarray, nn.meta.unbox(params))
 
 
-def load_tokenizers(config) -> tokenize.Tokenizers:
-  return tokenize.load_tokenizers(config.get("tokenizer") or config.model_init)
+def load_tokenizers(config, model: InstructBlip) -> tokenize.Tokenizers:
+  """The tokenizers, checked against the model: an id past an embedding table would silently read NaN."""
+  path = config.get("tokenizer") or config.model_init
+  tok = tokenize.load_tokenizers(path)
+  for name, size, vocab in (("Q-Former", len(tok.qformer), model.config.qformer.vocab_size),
+                            ("LLM", len(tok.llm), model.config.text.vocab_size)):
+    if size > vocab:
+      raise ValueError(f"the {name} tokenizer in {path} has {size} tokens but the model's vocabulary has {vocab}: "
+                       "tokenizer and checkpoint do not belong together")
+  return tok
 
 
 def run_evals(config, model, params, tok, out_dir: str, mesh=None, rules=None) -> dict:

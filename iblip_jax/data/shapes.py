@@ -1,0 +1,126 @@
+"""A procedurally generated image dataset for the embedded demo: one coloured shape on a coloured background.
+
+  python -m iblip_jax.data.shapes OUT_DIR [--train 2000] [--val 200] [--seed 0]
+
+Held-in tasks (instruction tuning): captioning, VQA about colours, question generation. Held-out task (zero-shot):
+multiple choice about the shape, scored by candidate ranking; no training example asks about the shape, although
+captions mention it. Everything is deterministic for a seed. Files: images/*.png, and JSONL files in the generic
+format ({"image": relative path, "text_input", "text_output"}) or with evaluation fields.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
+          "purple": (150, 60, 190), "white": (245, 245, 245), "black": (20, 20, 20), "orange": (245, 140, 30)}
+IMAGE_SIZE = 32
+
+CAPTION_PROMPTS = ("A short image caption:", "Briefly describe the image.", "Write a short description of the image.")
+COLOR_QUESTIONS = {"shape": "What color is the shape?", "background": "What is the color of the background?"}
+QA_PROMPT = "Question: {} Short answer:"
+QGEN_PROMPT = "Given the image, generate a question whose answer is: {}. Question:"
+SHAPE_QUESTION = "What shape is in the image?"
+MC_PROMPT = "Question: {question} Options: {options}. Short answer:"
+
+
+def draw(shape: str, color: str, background: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
+  image = Image.new("RGB", (size, size), COLORS[background])
+  d = ImageDraw.Draw(image)
+  r = rng.uniform(0.22, 0.38) * size
+  cx, cy = rng.uniform(r, size - r, 2)
+  if shape == "circle":
+    d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLORS[color])
+  elif shape == "square":
+    d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=COLORS[color])
+  else:
+    d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+  noise = rng.normal(0, 6, (size, size, 3))
+  return Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
+
+
+def _scene(rng):
+  shape = SHAPES[rng.integers(len(SHAPES))]
+  color, background = rng.choice(list(COLORS), 2, replace=False)
+  return shape, str(color), str(background)
+
+
+def caption(shape, color, background) -> str:
+  return f"a {color} {shape} on a {background} background"
+
+
+def generate(out_dir: str, *, train: int = 2000, val: int = 200, seed: int = 0) -> dict[str, str]:
+  """Writes the dataset; returns {file role: path}."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+  files = {name: os.path.join(out_dir, f"{name}.jsonl") for name in
+           ("caption", "vqa", "qgen", "pretrain", "val_vqa", "val_shape_mc")}
+  rows = {name: [] for name in files}
+
+  def add_image(split, i, scene):
+    path = f"images/{split}_{i:05d}.png"
+    draw(*scene, rng).save(os.path.join(out_dir, path))
+    return path
+
+  for i in range(train):
+    scene = _scene(rng)
+    shape, color, background = scene
+    image = add_image("train", i, scene)
+    cap = caption(*scene)
+    rows["caption"].append({"image": image, "text_input": str(rng.choice(CAPTION_PROMPTS)), "text_output": cap})
+    which = str(rng.choice(list(COLOR_QUESTIONS)))
+    answer = color if which == "shape" else background
+    rows["vqa"].append({"image": image, "text_input": QA_PROMPT.format(COLOR_QUESTIONS[which]),
+                        "text_output": answer})
+    rows["qgen"].append({"image": image, "text_input": QGEN_PROMPT.format(answer),
+                         "text_output": COLOR_QUESTIONS[which]})
+    # what the frozen "pretrained" towers saw before the demo (tools/make_demo_assets.py): all of the above and
+    # questions about the shape, like an LLM that already knows the words
+    for row in (rows["caption"][-1], rows["vqa"][-1]):
+      rows["pretrain"].append(row)
+    rows["pretrain"].append({"image": image, "text_input": QA_PROMPT.format(SHAPE_QUESTION), "text_output": shape})
+  for i in range(val):
+    scene = _scene(rng)
+    shape, color, background = scene
+    image = add_image("val", i, scene)
+    which = str(rng.choice(list(COLOR_QUESTIONS)))
+    rows["val_vqa"].append({"id": i, "image": image, "question": COLOR_QUESTIONS[which],
+                            "answers": [color if which == "shape" else background] * 10})
+    order = [str(s) for s in rng.permutation(SHAPES)]
+    rows["val_shape_mc"].append({"id": i, "image": image, "question": SHAPE_QUESTION, "candidates": order,
+                                 "answer_index": order.index(shape)})
+  for name, path in files.items():
+    with open(path, "w") as f:
+      for row in rows[name]:
+        f.write(json.dumps(row) + "\n")
+  return files
+
+
+def vocabulary() -> list[str]:
+  """Every word the demo's texts use (for the demo's word-level tokenizers)."""
+  texts = list(CAPTION_PROMPTS) + list(COLOR_QUESTIONS.values()) + [QA_PROMPT, QGEN_PROMPT, SHAPE_QUESTION,
+                                                                     MC_PROMPT, "a on background"]
+  words = set(SHAPES) | set(COLORS) | {"(", ")", ":", ".", "?", ",", "a", "b", "c", "d"}
+  for t in texts:
+    for w in t.replace("{}", " ").replace("{question}", " ").replace("{options}", " ").split():
+      words.add(w.strip(".:?,").lower())
+  return sorted(w for w in words if w)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("out_dir")
+  parser.add_argument("--train", type=int, default=2000)
+  parser.add_argument("--val", type=int, default=200)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  files = generate(args.out_dir, train=args.train, val=args.val, seed=args.seed)
+  print(f"wrote {args.train} training and {args.val} validation images to {args.out_dir}: "
+        + ", ".join(os.path.basename(p) for p in files.values()))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,161 @@
+"""Instruction templates of the paper (InstructBLIP Table 7) as data, and rendering a record into (input, target).
+
+The wording is verbatim from ../shared/reference/lavis_instructblip.md section 3.6 (the paper's appendix, cross-checked
+against public reimplementations); tests/data/test_templates.py compares these lists with that document. The paper
+writes every template after a leading `<Image>`; here the visual tokens are not part of the text (the model
+prepends the query outputs), so the templates start at the instruction.
+
+The zero-shot evaluation prompts are not here: they live in iblip_jax/evaluation/tasks.py (TASKS).
+
+Rendering (`render`) follows LAVIS / X-InstructBLIP's instruction datasets: a template drawn at random per sample;
+captioning targets are one of the image's captions, VQA targets one of the annotators' answers (duplicates kept, so
+the draw is frequency-weighted), question generation inverts VQA (the answer goes into the template, the question is
+the target), LLaVA-Instruct-150K is used as is. All randomness comes from the `rng` argument, in a fixed order
+(template first, then target), so the same seed gives the same text. Texts are returned as written in the source;
+lower-casing or BLIP's `pre_caption` cleaning, if wanted, belongs to the input pipeline.
+"""
+from typing import Sequence
+
+import numpy as np
+
+# Image captioning (13). "Short"/"briefly" are already part of the paper's wording.
+CAPTION_TEMPLATES = (
+    "A short image caption:",
+    "A short image description:",
+    "A photo of",
+    "An image that shows",
+    "Write a short description for the image.",
+    "Write a description for the photo.",
+    "Provide a description of what is presented in the photo.",
+    "Briefly describe the content of the image.",
+    "Can you briefly explain what you see in the image?",
+    "Could you use a few words to describe what you perceive in the photo?",
+    "Please provide a short depiction of the picture.",
+    "Using language, provide a short account of the image.",
+    "Use a few words to illustrate what is happening in the picture.",
+)
+
+# Visual question answering (10); also used for OKVQA, A-OKVQA (direct answers) and OCR-VQA.
+VQA_TEMPLATES = (
+    "{Question}",
+    "Question: {Question}",
+    "{Question} A short answer to the question is",
+    "Q: {Question} A:",
+    "Question: {Question} Short answer:",
+    "Given the image, answer the following question with no more than three words. {Question}",
+    "Based on the image, respond to this question with a short answer: {Question}. Answer:",
+    "Use the provided image to answer the question: {Question} Provide your answer as short as possible:",
+    'What is the answer to the following question? "{Question}"',
+    'The question "{Question}" can be answered using the image. A short answer is',
+)
+
+# Visual question generation (6): the answer is given, the question is the target.
+# Uncertain (reference doc, 3.6): the exact " Question:" suffixes; MiniGPT-v2 reuses this list without them. Kept as
+# the document writes them, including the paper's "generate an question".
+VQG_TEMPLATES = (
+    "Given the image, generate a question whose answer is: {Answer}. Question:",
+    "Based on the image, provide a question with the answer: {Answer}. Question:",
+    'Given the visual representation, create a question for which the answer is "{Answer}".',
+    "From the image provided, craft a question that leads to the reply: {Answer}. Question:",
+    "Considering the picture, come up with a question where the answer is: {Answer}.",
+    "Taking the image into account, generate an question that has the answer: {Answer}. Question:",
+)
+
+TASK_TEMPLATES = {"caption": CAPTION_TEMPLATES, "vqa": VQA_TEMPLATES, "vqg": VQG_TEMPLATES}
+
+# The 13 held-in datasets (reference doc 3.5 / paper Fig. 2) and the task whose templates each uses; None = used as
+# is (no template). Question generation counts as three datasets (from VQAv2, OKVQA, A-OKVQA) and
+# LLaVA-Instruct-150K as three (its visual conversation, complex reasoning and detailed description parts).
+HELD_IN_TASKS = {
+    "coco_caption": "caption",
+    "web_capfilt": "caption",
+    "textcaps": "caption",
+    "vqav2": "vqa",
+    "vqg": "vqg",               # question generation from VQAv2
+    "okvqa_qg": "vqg",
+    "aokvqa_qg": "vqg",
+    "okvqa": "vqa",
+    "aokvqa": "vqa",
+    "ocrvqa": "vqa",
+    "llava_conversation": None,
+    "llava_complex_reasoning": None,
+    "llava_detail": None,
+}
+HELD_IN = tuple(HELD_IN_TASKS)
+
+# Everything `render` accepts: the held-in datasets, LLaVA-Instruct-150K read as one file (all three parts), a user's
+# own JSONL data (records carry text_input/text_output already), and TextVQA, which the paper holds out but which a
+# user may fine-tune on with the VQA templates and its OCR tokens.
+DATASET_TASKS = {**HELD_IN_TASKS, "llava_instruct": None, "jsonl": None, "textvqa": "vqa"}
+
+# Scene-text datasets: their OCR tokens (when a record has "ocr_tokens") go into the instruction.
+OCR_DATASETS = frozenset({"textcaps", "ocrvqa", "textvqa"})
+# LAVIS fills a prompt's OCR slot with ", ".join(ocr_tokens[:30]) (generate() L307-309, predict_answers()
+# L431-436). Uncertain (reference doc, section 8): how OCR tokens were written into the *training* instructions and
+# whether OCR-VQA had any (its released annotations carry none). We prefix the instruction with the wording of the
+# TextVQA zero-shot prompt ("OCR tokens: {}. Question: ..." in evaluation/tasks.py), so training and evaluation
+# present OCR the same way.
+MAX_OCR_TOKENS = 30
+OCR_PREFIX = "OCR tokens: {}. "
+
+
+def templates_for(dataset: str) -> tuple[str, ...]:
+  """The templates `dataset` draws from; () for datasets used as is."""
+  task = _task(dataset)
+  return TASK_TEMPLATES[task] if task else ()
+
+
+def inject_ocr(instruction: str, ocr_tokens: Sequence[str], max_tokens: int = MAX_OCR_TOKENS) -> str:
+  """Prefix the instruction with the first `max_tokens` OCR tokens; unchanged when there are none."""
+  tokens = [str(t) for t in ocr_tokens[:max_tokens]]
+  return OCR_PREFIX.format(", ".join(tokens)) + instruction if tokens else instruction
+
+
+def render(dataset: str, record: dict, rng: np.random.Generator) -> tuple[str, str]:
+  """(text_input, text_output) for one training sample of `dataset`; draws come from `rng`, template first."""
+  task = _task(dataset)
+  if task is None:
+    return _field(dataset, record, "text_input"), _field(dataset, record, "text_output")
+  template = _choose(rng, TASK_TEMPLATES[task])
+  if task == "caption":
+    text_input, text_output = template, _choose(rng, _nonempty(dataset, record, "captions"))
+  elif task == "vqa":
+    text_input = template.replace("{Question}", _field(dataset, record, "question").strip())
+    text_output = _answer(dataset, record, rng)
+  else:  # vqg: the answer is the input, the question the target
+    text_input = template.replace("{Answer}", _answer(dataset, record, rng).strip())
+    text_output = _field(dataset, record, "question")
+  if dataset in OCR_DATASETS and record.get("ocr_tokens"):
+    text_input = inject_ocr(text_input, record["ocr_tokens"])
+  return text_input, text_output
+
+
+def _task(dataset: str):
+  if dataset not in DATASET_TASKS:
+    raise ValueError(f"no instruction templates for dataset {dataset!r}; known: {', '.join(sorted(DATASET_TASKS))}")
+  return DATASET_TASKS[dataset]
+
+
+def _choose(rng: np.random.Generator, options: Sequence[str]) -> str:
+  # An index rather than rng.choice: a plain str back, and one draw per call whatever the options are.
+  return options[int(rng.integers(len(options)))]
+
+
+def _answer(dataset: str, record: dict, rng: np.random.Generator) -> str:
+  """One of the annotators' answers (frequency-weighted, as LAVIS's random.choice(answers)), else "answer"."""
+  if record.get("answers"):
+    return _choose(rng, list(record["answers"]))
+  return _field(dataset, record, "answer")
+
+
+def _field(dataset: str, record: dict, key: str):
+  if key not in record:
+    raise ValueError(f"{dataset} record {record.get('id', '?')!r} has no {key!r} field, which rendering needs")
+  return record[key]
+
+
+def _nonempty(dataset: str, record: dict, key: str) -> list:
+  values = list(_field(dataset, record, key))
+  if not values:
+    raise ValueError(f"{dataset} record {record.get('id', '?')!r} has an empty {key!r} list")
+  return values
