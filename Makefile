@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test install clean
+.PHONY: test demo install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
+
+# The main job on the embedded demo: procedural data generated here, tiny pretrained towers from demo_assets/.
+demo: $(STAMP)
+	$(PY) -m iblip_jax.data.shapes runs/demo/data
+	$(PY) -m iblip_jax.main --config configs/demo.py --workdir runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

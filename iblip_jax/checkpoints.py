@@ -7,10 +7,12 @@ used instead: nothing already trained is lost beyond the interval between two sa
 """
 import logging
 import os
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def manager(workdir: str, *, keep: int = 3) -> ocp.CheckpointManager:
@@ -31,6 +33,18 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+  """Renames an unreadable checkpoint out of the manager's way (so the step can be saved again) without deleting
+  anything someone may want to inspect."""
+  src = os.path.join(str(mngr.directory), str(step))
+  dst = os.path.join(str(mngr.directory), f"unreadable_step_{step}_{int(time.time())}")
+  if jax.process_index() == 0 and os.path.exists(src):
+    os.rename(src, dst)
+  multihost_utils.sync_global_devices("iblip_jax_move_aside")
+  mngr.reload()
+  return dst
+
+
 def restore_latest(mngr: ocp.CheckpointManager, target_state: dict, target_shardings: dict, data_iterator=None):
   """Restores the newest readable checkpoint into the target shardings. Returns (step, state) or (0, None).
 
@@ -44,10 +58,11 @@ def restore_latest(mngr: ocp.CheckpointManager, target_state: dict, target_shard
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous checkpoint
-      logging.warning("checkpoint at step %d in %s cannot be restored (%s: %s); falling back to an earlier one",
-                      step, mngr.directory, type(e).__name__, str(e).splitlines()[0][:300])
-      print(f"WARNING: checkpoint step {step} is unreadable ({type(e).__name__}); trying the previous one",
-            flush=True)
+      aside = _move_aside(mngr, step)
+      message = (f"checkpoint step {step} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                 f"moved to {aside} and trying the previous one")
+      logging.warning(message)
+      print(f"WARNING: {message}", flush=True)
       continue
     return step, restored["state"]
   return 0, None

@@ -54,6 +54,7 @@ def base(model: dict) -> ml_collections.ConfigDict:
   config.evals = ml_collections.ConfigDict()
   config.eval_every = 1000
   config.eval_at_start = False
+  config.eval_at_end = True
   config.eval_batch_size = 8
   config.eval_max_examples = 0     # 0 = all
   config.log_every = 50

@@ -10,6 +10,7 @@ it with `iblip_jax.save_pretrained` together with word-level tokenizers, so that
 Its output is committed (a few MB); rerun this script only to change the demo's model.
 """
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -18,8 +19,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 from iblip_jax import config_lib, optim, pretrained, sharding  # noqa: E402
 from iblip_jax import train_step as ts  # noqa: E402
 from iblip_jax.data import mixture, pipeline, shapes, tokenize, word_tokenizers  # noqa: E402
@@ -29,16 +32,15 @@ from iblip_jax.models.instructblip import InstructBlip  # noqa: E402
 
 
 def demo_model_config(qformer_vocab: int, llm_vocab: int) -> dict:
-  """The demo's sizes: ~0.5M parameters, 32 px images."""
-  return dict(
-      vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  image_size=shapes.IMAGE_SIZE, patch_size=4),
-      qformer=dict(vocab_size=qformer_vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=128, cross_attention_frequency=1, max_position_embeddings=64),
-      text=dict(vocab_size=llm_vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                num_heads=4, relative_attention_num_buckets=16, relative_attention_max_distance=32,
-                dense_act_fn="gelu", tie_word_embeddings=False),
-      num_query_tokens=8, instruction_aware=True)
+  """The demo's sizes, from configs/demo.py (one place); the vocabularies must be those of the tokenizers."""
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  model = module.MODEL
+  if (model["qformer"]["vocab_size"], model["text"]["vocab_size"]) != (qformer_vocab, llm_vocab):
+    raise SystemExit(f"configs/demo.py says vocabularies {model['qformer']['vocab_size']} / "
+                     f"{model['text']['vocab_size']}, the tokenizers have {qformer_vocab} / {llm_vocab}: update it")
+  return model
 
 
 def main():
@@ -58,6 +60,9 @@ def main():
   with tempfile.TemporaryDirectory() as data_dir:
     files = shapes.generate(data_dir, train=4000, val=0, seed=1000 + args.seed)  # not the demo's own images
     records = list(READERS["jsonl"](files["pretrain"]))
+    for r in records:  # decode each image once, not once per step
+      with Image.open(r["image"]) as im:
+        r["image"] = np.asarray(im.convert("RGB"))
     examples = mixture.mix({"pretrain": mixture.source(records)}, {"pretrain": 1.0}, seed=args.seed)
     data = iter(pipeline.build(examples, tok, batch_size=args.batch, image_size=shapes.IMAGE_SIZE,
                                seed=args.seed, train=False).dataset)

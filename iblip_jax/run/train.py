@@ -86,9 +86,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return results
 
   # --- loop -----------------------------------------------------------------------------------------------
-  last = {}
+  last, untrained = {}, {}
   if start == 0 and config.eval_at_start and config.evals:
-    last.update(evaluate_now(0))
+    untrained = evaluate_now(0)
+    last.update(untrained)
   bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   t0, done_in_window = time.perf_counter(), 0
@@ -128,8 +129,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     bar.close()
     mngr.wait_until_finished()
     signal.signal(signal.SIGTERM, previous)
-  if config.evals:
+  if config.evals and config.eval_at_end:
     last.update(evaluate_now(step))
+    log.text(results_table(last, untrained, config.get("baselines") or {}))
   log.plot()
   log.close()
   return last
+
+
+def results_table(final: dict, untrained: dict, chance: dict) -> str:
+  """Final metrics next to the baselines: chance (from the config) and the untrained model (step 0)."""
+  lines = [f"{'metric':<36} {'chance':>8} {'untrained':>10} {'trained':>8}"]
+  for key, value in sorted(final.items()):
+    c = chance.get(key.split("/")[0])
+    u = untrained.get(key)
+    lines.append(f"{key:<36} {'-' if c is None else f'{c:.1f}':>8} {'-' if u is None else f'{u:.1f}':>10} "
+                 f"{value:>8.1f}")
+  return "\n".join(lines)
