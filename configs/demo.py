@@ -5,7 +5,8 @@
 
 The frozen ViT and T5 come from demo_assets/instructblip-demo (tiny towers "pretrained" by
 tools/make_demo_assets.py, loaded through from_pretrained like the released weights). Held-in: captioning, colour
-VQA, question generation. Held-out, zero-shot: multiple choice about the shape, by candidate ranking.
+VQA, question generation. Held-out, zero-shot: multiple choice about the shape, by candidate ranking. The
+checkpoint's Q-Former was trained for captioning only (the "BLIP-2" stage), as InstructBLIP starts from BLIP-2.
 `--config.model.instruction_aware=False` runs the paper's ablation on the same data.
 """
 from iblip_jax import config_lib
@@ -17,9 +18,9 @@ DATA = "runs/demo/data"
 MODEL = dict(
     vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32,
                 patch_size=4),
-    qformer=dict(vocab_size=86, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    qformer=dict(vocab_size=87, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                  cross_attention_frequency=1, max_position_embeddings=64),
-    text=dict(vocab_size=46, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+    text=dict(vocab_size=47, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
               relative_attention_num_buckets=16, relative_attention_max_distance=32, dense_act_fn="gelu",
               tie_word_embeddings=False),
     num_query_tokens=8, instruction_aware=True)
@@ -29,20 +30,24 @@ def get_config():
   config = config_lib.base(MODEL)
   config.mode = "train"
   config.model_init = "demo_assets/instructblip-demo"
-  config.reinit_trainable = True   # the untrained Q-Former is the baseline; instruction tuning starts from it
-  config.total_steps = 600
+  # Instruction tuning starts from the Q-Former of the "BLIP-2" stage (captioning only), as in the paper; a
+  # randomly initialised one is evaluated too, as the untrained baseline.
+  config.eval_untrained_baseline = True
+  config.dropout = False           # at this toy scale dropout in the frozen T5 costs more than it regularises
+  config.total_steps = 1500
   config.batch_size = 32
   config.optim.lr, config.optim.warmup_lr, config.optim.warmup_steps = 1e-3, 1e-5, 50
   config.mesh.fsdp = -1
   config.max_replicated_mb = 1024.0
   jsonl = lambda name: dict(format="jsonl", path=f"{DATA}/{name}.jsonl")
-  config.data.datasets = dict(caption=jsonl("caption"), vqa=jsonl("vqa"), qgen=jsonl("qgen"))
+  config.data.datasets = dict(caption=jsonl("caption"), vqa=jsonl("vqa"), qgen=dict(weight=0.3, **jsonl("qgen")))
+  config.data.random_crop = False  # a crop of a 32-pixel image can cut the shape away
   config.evals = dict(held_in_vqa=dict(task="vqa", **jsonl("val_vqa")),
                       held_out_shape_mc=dict(task="multiple_choice", **jsonl("val_shape_mc")))
   config.eval_at_start = True      # the untrained Q-Former's numbers, printed as the baseline
-  config.eval_every = 200
+  config.eval_every = 500
   config.eval_batch_size = 50
   config.log_every = 20
-  config.checkpoint_every = 200
+  config.checkpoint_every = 500
   config.baselines = dict(held_in_vqa=100 / 8, held_out_shape_mc=100 / 3)  # chance: 8 colours, 3 shapes
   return config

@@ -49,12 +49,14 @@ def base(model: dict) -> ml_collections.ConfigDict:
   config.tokenizer = ""            # defaults to model_init (its top level + qformer_tokenizer/)
   config.reinit_trainable = False  # True: the Q-Former side starts from scratch instead of model_init's weights
   # Training data: {name: {"format": a reader name (see iblip_jax.data.readers), "path": ..., "weight": 1.0}}
-  config.data = ml_collections.ConfigDict(dict(datasets={}, balanced=True, workers=0))
+  # random_crop: RandomResizedCrop(0.5-1.0) in training, as LAVIS (no horizontal flip: it breaks left/right).
+  config.data = ml_collections.ConfigDict(dict(datasets={}, balanced=True, workers=0, random_crop=True))
   # Evaluations: {name: {"task": an iblip_jax.evaluation.tasks name, "format": ..., "path": ...}}
   config.evals = ml_collections.ConfigDict()
   config.eval_every = 1000
   config.eval_at_start = False
   config.eval_at_end = True
+  config.eval_untrained_baseline = False  # also evaluate a randomly initialised trainable side at the start
   config.eval_batch_size = 8
   config.eval_max_examples = 0     # 0 = all
   config.log_every = 50

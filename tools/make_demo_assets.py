@@ -11,6 +11,7 @@ Its output is committed (a few MB); rerun this script only to change the demo's 
 """
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -19,6 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import flax.linen as nn
 from PIL import Image
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -29,6 +32,7 @@ from iblip_jax.data import mixture, pipeline, shapes, tokenize, word_tokenizers 
 from iblip_jax.data.readers import READERS  # noqa: E402
 from iblip_jax.models import configs as model_configs  # noqa: E402
 from iblip_jax.models.instructblip import InstructBlip  # noqa: E402
+from iblip_jax.models.t5 import T5  # noqa: E402
 
 
 def demo_model_config(qformer_vocab: int, llm_vocab: int) -> dict:
@@ -43,10 +47,50 @@ def demo_model_config(qformer_vocab: int, llm_vocab: int) -> dict:
   return model
 
 
+def _optim():
+  c = config_lib.optim()
+  c.lr, c.warmup_lr, c.warmup_steps, c.weight_decay, c.grad_clip_norm = 2e-3, 1e-5, 200, 0.01, 1.0
+  return c
+
+
+def train_text(model, lm_params, tok, path: str, steps: int, batch: int, seed: int):
+  """Trains the T5 alone (no visual tokens) on text records; returns its parameters."""
+  rows = [json.loads(line) for line in open(path)]  # text only: no image field for the JSONL reader
+  tx = optim.make(_optim(), steps)
+  opt_state = tx.init(lm_params)
+
+  def loss(p, batch):
+    lm = T5(model.config.text)
+    text = model.config.text
+    logits = lm.apply({"params": p}, lm.apply({"params": p}, batch["input_ids"], method="embed"),
+                      batch["attention_mask"], ts.shift_right(batch["labels"], text.decoder_start_token_id,
+                                                              text.pad_token_id),
+                      batch["decoder_attention_mask"])
+    return ts.cross_entropy(logits, batch["labels"])[0]
+
+  @jax.jit
+  def step(p, o, batch):
+    value, grads = jax.value_and_grad(loss)(p, batch)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, value
+
+  rng = np.random.default_rng(seed)
+  t0 = time.time()
+  for i in range(steps):
+    picked = [rows[j] for j in rng.integers(0, len(rows), batch)]
+    b = {**tokenize.encode_prompts(tok, [r["text_input"] for r in picked]),
+         **tokenize.encode_targets(tok, [r["text_output"] for r in picked])}
+    lm_params, opt_state, value = step(lm_params, opt_state, {k: jnp.asarray(v) for k, v in b.items()})
+    if (i + 1) % 250 == 0:
+      print(f"stage A step {i + 1}/{steps}: loss {float(value):.4f} ({time.time() - t0:.0f} s)", flush=True)
+  return jax.tree.map(np.asarray, lm_params)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="demo_assets/instructblip-demo")
-  parser.add_argument("--steps", type=int, default=3000)
+  parser.add_argument("--steps", type=int, default=2000, help="stage B (image side) steps")
+  parser.add_argument("--steps_text", type=int, default=1500, help="stage A (text-only LLM) steps")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--seed", type=int, default=1)
   args = parser.parse_args()
@@ -57,34 +101,39 @@ def main():
   model = InstructBlip(model_configs.from_dict(demo_model_config(len(tok.qformer), len(tok.llm))))
   print(f"vocabularies: Q-Former {len(tok.qformer)}, LLM {len(tok.llm)}")
 
+  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), jax.devices()[:1])
+  rules = list(config_lib.SHARDING_RULES)
   with tempfile.TemporaryDirectory() as data_dir:
     files = shapes.generate(data_dir, train=4000, val=0, seed=1000 + args.seed)  # not the demo's own images
-    records = list(READERS["jsonl"](files["pretrain"]))
+    params = jax.tree.map(np.asarray, nn.meta.unbox(jax.jit(pretrained.init_fn(model))(jax.random.key(args.seed))))
+    # Stage A, the "LLM pretraining": T5 alone, on text (question answering and captions over written captions).
+    params["language_model"] = train_text(model, params["language_model"], tok, files["pretrain_text"],
+                                          args.steps_text, args.batch, args.seed)
+    # Stage B, "BLIP-2": ViT + Q-Former side learn to caption images, the language model frozen.
+    records = list(READERS["jsonl"](files["pretrain_caption"]))
     for r in records:  # decode each image once, not once per step
       with Image.open(r["image"]) as im:
         r["image"] = np.asarray(im.convert("RGB"))
-    examples = mixture.mix({"pretrain": mixture.source(records)}, {"pretrain": 1.0}, seed=args.seed)
+    examples = mixture.mix({"caption": mixture.source(records)}, {"caption": 1.0}, seed=args.seed)
     data = iter(pipeline.build(examples, tok, batch_size=args.batch, image_size=shapes.IMAGE_SIZE,
                                seed=args.seed, train=False).dataset)
-
-    everything = [r".*"]
-    c = config_lib.optim()
-    c.lr, c.warmup_lr, c.warmup_steps, c.weight_decay, c.grad_clip_norm = 2e-3, 1e-5, 200, 0.01, 1.0
-    tx = optim.make(c, args.steps)
-    mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), jax.devices()[:1])
-    rules = list(config_lib.SHARDING_RULES)
-    sh = ts.state_shardings(model, tx, everything, mesh, rules)
-    trainable, _ = ts.init_random(model, everything, sh, jax.random.key(args.seed))
+    image_side = [r"^vision/", r"^ln_vision/", r"^query_tokens$", r"^qformer/", r"^language_projection/"]
+    tx = optim.make(_optim(), args.steps)
+    sh = ts.state_shardings(model, tx, image_side, mesh, rules)
+    trainable, frozen = ts.split(params, image_side)
+    trainable, frozen = ts.place(trainable, sh.trainable), ts.place(frozen, sh.frozen)
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
     step = ts.jit_train_step(ts.make_train_step(model, tx, vision_frozen=False, dropout=False), sh)
     t0 = time.time()
     with sharding.context(mesh, rules):
       for i in range(args.steps):
         batch = sharding.global_batch(next(data), mesh)
-        trainable, opt_state, m = step(trainable, opt_state, {}, batch, jax.random.key(i))
-        if (i + 1) % 250 == 0 or i < 30 and os.environ.get("IBLIP_DEBUG"):
-          print(f"step {i + 1}/{args.steps}: loss {float(m['loss']):.4f} ({time.time() - t0:.0f} s)", flush=True)
-  pretrained.save_pretrained(model, jax.tree.map(np.asarray, trainable), args.out)
+        trainable, opt_state, m = step(trainable, opt_state, frozen, batch, jax.random.key(i))
+        if (i + 1) % 250 == 0:
+          print(f"stage B step {i + 1}/{args.steps}: loss {float(m['loss']):.4f} ({time.time() - t0:.0f} s)",
+                flush=True)
+    trainable = ts.merge(jax.tree.map(np.asarray, trainable), jax.tree.map(np.asarray, frozen))
+  pretrained.save_pretrained(model, trainable, args.out)
   size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)
              if os.path.isfile(os.path.join(args.out, f)))
   print(f"wrote {args.out} ({size / 2**20:.1f} MiB)")

@@ -24,6 +24,7 @@ COLOR_QUESTIONS = {"shape": "What color is the shape?", "background": "What is t
 QA_PROMPT = "Question: {} Short answer:"
 QGEN_PROMPT = "Given the image, generate a question whose answer is: {}. Question:"
 SHAPE_QUESTION = "What shape is in the image?"
+TEXT_PREFIX = "Text: {}. "
 MC_PROMPT = "Question: {question} Options: {options}. Short answer:"
 
 
@@ -57,7 +58,7 @@ def generate(out_dir: str, *, train: int = 2000, val: int = 200, seed: int = 0) 
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
   files = {name: os.path.join(out_dir, f"{name}.jsonl") for name in
-           ("caption", "vqa", "qgen", "pretrain", "val_vqa", "val_shape_mc")}
+           ("caption", "vqa", "qgen", "pretrain_text", "pretrain_caption", "val_vqa", "val_shape_mc")}
   rows = {name: [] for name in files}
 
   def add_image(split, i, scene):
@@ -77,11 +78,15 @@ def generate(out_dir: str, *, train: int = 2000, val: int = 200, seed: int = 0) 
                         "text_output": answer})
     rows["qgen"].append({"image": image, "text_input": QGEN_PROMPT.format(answer),
                          "text_output": COLOR_QUESTIONS[which]})
-    # what the frozen "pretrained" towers saw before the demo (tools/make_demo_assets.py): all of the above and
-    # questions about the shape, like an LLM that already knows the words
-    for row in (rows["caption"][-1], rows["vqa"][-1]):
-      rows["pretrain"].append(row)
-    rows["pretrain"].append({"image": image, "text_input": QA_PROMPT.format(SHAPE_QUESTION), "text_output": shape})
+    # What the "pretrained" towers saw before the demo (tools/make_demo_assets.py), in two stages as in the real
+    # recipe: the language model learns language and question answering from text alone (the caption written out
+    # where the visual tokens will later sit); then the image side learns to caption with that LLM frozen.
+    text = TEXT_PREFIX.format(cap)
+    for q, a in ((COLOR_QUESTIONS["shape"], color), (COLOR_QUESTIONS["background"], background),
+                 (SHAPE_QUESTION, shape)):
+      rows["pretrain_text"].append({"text_input": text + QA_PROMPT.format(q), "text_output": a})
+    rows["pretrain_text"].append({"text_input": text + CAPTION_PROMPTS[0], "text_output": cap})
+    rows["pretrain_caption"].append({"image": image, "text_input": CAPTION_PROMPTS[0], "text_output": cap})
   for i in range(val):
     scene = _scene(rng)
     shape, color, background = scene
@@ -102,7 +107,7 @@ def generate(out_dir: str, *, train: int = 2000, val: int = 200, seed: int = 0) 
 def vocabulary() -> list[str]:
   """Every word the demo's texts use (for the demo's word-level tokenizers)."""
   texts = list(CAPTION_PROMPTS) + list(COLOR_QUESTIONS.values()) + [QA_PROMPT, QGEN_PROMPT, SHAPE_QUESTION,
-                                                                     MC_PROMPT, "a on background"]
+                                                                     MC_PROMPT, "a on background", TEXT_PREFIX]
   words = set(SHAPES) | set(COLORS) | {"(", ")", ":", ".", "?", ",", "a", "b", "c", "d"}
   for t in texts:
     for w in t.replace("{}", " ").replace("{question}", " ").replace("{options}", " ").split():

@@ -35,7 +35,8 @@ def _data(config, tok, model, seed_offset: int = 0):
   mixed = mixture.mix(datasets, probs, seed=config.seed + seed_offset)
   local_batch = config.batch_size // jax.process_count()
   return pipeline.build(mixed, tok, batch_size=local_batch, image_size=model.config.vision.image_size,
-                        seed=config.seed, train=True, render=common.renderer(config), workers=config.data.workers,
+                        seed=config.seed, train=config.data.random_crop, render=common.renderer(config),
+                        workers=config.data.workers,
                         process_index=jax.process_index(), process_count=jax.process_count()), probs
 
 
@@ -86,10 +87,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return results
 
   # --- loop -----------------------------------------------------------------------------------------------
-  last, untrained = {}, {}
+  last, untrained, before = {}, {}, {}
   if start == 0 and config.eval_at_start and config.evals:
-    untrained = evaluate_now(0)
-    last.update(untrained)
+    if config.eval_untrained_baseline:  # a randomly initialised trainable side, as a stated baseline
+      fresh = ts.init_random(model, config.trainable, sh, jax.random.key(config.seed + 1))[0]
+      with sharding.context(mesh, rules):
+        untrained = common.run_evals(config, model, ts.merge(fresh, frozen), tok,
+                                     os.path.join(workdir, "eval", "untrained"))
+      log.text("untrained Q-Former side: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(untrained.items())))
+      del fresh
+    before = evaluate_now(0)
+    last.update(before)
   bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   t0, done_in_window = time.perf_counter(), 0
@@ -131,18 +139,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     signal.signal(signal.SIGTERM, previous)
   if config.evals and config.eval_at_end:
     last.update(evaluate_now(step))
-    log.text(results_table(last, untrained, config.get("baselines") or {}))
+    log.text(results_table(last, before, untrained, config.get("baselines") or {}))
   log.plot()
   log.close()
   return last
 
 
-def results_table(final: dict, untrained: dict, chance: dict) -> str:
-  """Final metrics next to the baselines: chance (from the config) and the untrained model (step 0)."""
-  lines = [f"{'metric':<36} {'chance':>8} {'untrained':>10} {'trained':>8}"]
+def results_table(final: dict, before: dict, untrained: dict, chance: dict) -> str:
+  """Final metrics next to the baselines: chance (from the config), a randomly initialised trainable side, and
+  the model before this training (step 0)."""
+  fmt = lambda v: "-" if v is None else f"{v:.1f}"
+  lines = [f"{'metric':<36} {'chance':>8} {'untrained':>10} {'step 0':>8} {'trained':>8}"]
   for key, value in sorted(final.items()):
-    c = chance.get(key.split("/")[0])
-    u = untrained.get(key)
-    lines.append(f"{key:<36} {'-' if c is None else f'{c:.1f}':>8} {'-' if u is None else f'{u:.1f}':>10} "
-                 f"{value:>8.1f}")
+    lines.append(f"{key:<36} {fmt(chance.get(key.split('/')[0])):>8} {fmt(untrained.get(key)):>10} "
+                 f"{fmt(before.get(key)):>8} {value:>8.1f}")
   return "\n".join(lines)
