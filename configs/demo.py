@@ -5,7 +5,8 @@
 
 The frozen ViT and T5 come from demo_assets/instructblip-demo (tiny towers "pretrained" by
 tools/make_demo_assets.py, loaded through from_pretrained like the released weights). Held-in: captioning, colour
-VQA, question generation. Held-out, zero-shot: multiple choice about the shape, by candidate ranking. The
+and shape VQA, question generation. Held-out, zero-shot: the multiple-choice format (options in the prompt, the
+answer chosen by candidate ranking), never seen in training. The
 checkpoint's Q-Former was trained for captioning only (the "BLIP-2" stage), as InstructBLIP starts from BLIP-2.
 `--config.model.instruction_aware=False` runs the paper's ablation on the same data.
 """

@@ -2,9 +2,9 @@
 
   python -m iblip_jax.data.shapes OUT_DIR [--train 2000] [--val 200] [--seed 0]
 
-Held-in tasks (instruction tuning): captioning, VQA about colours, question generation. Held-out task (zero-shot):
-multiple choice about the shape, scored by candidate ranking; no training example asks about the shape, although
-captions mention it. Everything is deterministic for a seed. Files: images/*.png, and JSONL files in the generic
+Held-in tasks (instruction tuning): captioning, VQA (colours and shape, short generated answers), question
+generation. Held-out task type (zero-shot): multiple choice, the options listed in the prompt and the answer chosen
+by candidate ranking; no training example has that format. Everything is deterministic for a seed. Files: images/*.png, and JSONL files in the generic
 format ({"image": relative path, "text_input", "text_output"}) or with evaluation fields.
 """
 import argparse
@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from iblip_jax.evaluation.tasks import options_text
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
@@ -72,12 +74,10 @@ def generate(out_dir: str, *, train: int = 2000, val: int = 200, seed: int = 0) 
     image = add_image("train", i, scene)
     cap = caption(*scene)
     rows["caption"].append({"image": image, "text_input": str(rng.choice(CAPTION_PROMPTS)), "text_output": cap})
-    which = str(rng.choice(list(COLOR_QUESTIONS)))
-    answer = color if which == "shape" else background
-    rows["vqa"].append({"image": image, "text_input": QA_PROMPT.format(COLOR_QUESTIONS[which]),
-                        "text_output": answer})
-    rows["qgen"].append({"image": image, "text_input": QGEN_PROMPT.format(answer),
-                         "text_output": COLOR_QUESTIONS[which]})
+    question, answer = [(COLOR_QUESTIONS["shape"], color), (COLOR_QUESTIONS["background"], background),
+                        (SHAPE_QUESTION, shape)][rng.integers(3)]
+    rows["vqa"].append({"image": image, "text_input": QA_PROMPT.format(question), "text_output": answer})
+    rows["qgen"].append({"image": image, "text_input": QGEN_PROMPT.format(answer), "text_output": question})
     # What the "pretrained" towers saw before the demo (tools/make_demo_assets.py), in two stages as in the real
     # recipe: the language model learns language and question answering from text alone (the caption written out
     # where the visual tokens will later sit); then the image side learns to caption with that LLM frozen.
@@ -86,6 +86,12 @@ def generate(out_dir: str, *, train: int = 2000, val: int = 200, seed: int = 0) 
                  (SHAPE_QUESTION, shape)):
       rows["pretrain_text"].append({"text_input": text + QA_PROMPT.format(q), "text_output": a})
     rows["pretrain_text"].append({"text_input": text + CAPTION_PROMPTS[0], "text_output": cap})
+    # like FlanT5, the language model has met multiple-choice questions in text; the multimodal demo never has
+    for q, a, pool in ((COLOR_QUESTIONS["shape"], color, list(COLORS)), (SHAPE_QUESTION, shape, list(SHAPES))):
+      options = [a] + [str(o) for o in rng.choice([o for o in pool if o != a], 2, replace=False)]
+      options = [options[k] for k in rng.permutation(3)]
+      rows["pretrain_text"].append({"text_input": text + MC_PROMPT.format(question=q, options=options_text(options)),
+                                    "text_output": a})
     rows["pretrain_caption"].append({"image": image, "text_input": CAPTION_PROMPTS[0], "text_output": cap})
   for i in range(val):
     scene = _scene(rng)

@@ -73,6 +73,8 @@ TASKS = {t.name: t for t in [
     Task("multiple_choice", "Question: {question} Options: {options}. Short answer:", inference="rank",
          metric="accuracy", held_out=False),
     Task("caption", CAPTION_PROMPT, held_out=False, **_caption),
+    # the question alone, answers ranked among candidates (as for MSVD-QA / MSRVTT-QA)
+    Task("qa_ranking", QA_PROMPT, inference="rank", metric="accuracy", held_out=False),
 ]}
 
 
