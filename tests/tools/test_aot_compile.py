@@ -1,0 +1,146 @@
+"""tools/aot_compile.py: topology parsing, and a real ahead-of-time TPU compile of the tiny config (libtpu, no TPU)."""
+import dataclasses
+import importlib.util
+import os
+
+import pytest
+
+import train_helper
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+def _load_tool():
+  spec = importlib.util.spec_from_file_location("aot_compile", os.path.join(ROOT, "tools", "aot_compile.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+aot = _load_tool()
+
+
+@pytest.mark.parametrize("text, libtpu_name, chips", [
+    ("v5e:4x4", "v5e:4x4", 16),
+    ("v5litepod-16", "v5e:4x4", 16),
+    ("v5litepod-32", "v5e:4x8", 32),
+    ("v4:2x2x4", "v4:2x2x4", 16),
+    ("v4-32", "v4:2x2x4", 16),          # v4-N counts TensorCores: 2 per chip
+    ("v5p-32", "v5:2x2x4", 16),         # libtpu spells v5p "v5"
+    ("v5p:2x4x4", "v5:2x4x4", 32),
+])
+def test_parse_topology(text, libtpu_name, chips):
+  topology = aot.parse_topology(text)
+  assert topology.libtpu_name == libtpu_name
+  assert topology.num_chips == chips
+
+
+@pytest.mark.parametrize("text, message", [
+    ("v9:2x2", "unknown TPU generation"),
+    ("v5e:2x2x2", "v5e grids have 2 dimensions"),
+    ("v4-6", "no default grid for 3 chips"),
+    ("v5e", "expected <chip>:<grid>"),
+])
+def test_parse_topology_errors(text, message):
+  with pytest.raises(ValueError, match=message):
+    aot.parse_topology(text)
+
+
+def test_parse_mesh():
+  assert aot.parse_mesh("data=2,fsdp=-1,tensor=1") == {"data": 2, "fsdp": -1, "tensor": 1}
+  with pytest.raises(ValueError, match="unknown axis 'model'"):
+    aot.parse_mesh("model=2")
+
+
+def test_fits_and_report_text():
+  report = aot.Report("train step", argument_bytes=3 << 30, output_bytes=1 << 30, alias_bytes=1 << 30,
+                      temp_bytes=10 << 30, code_bytes=0, compile_seconds=1.0, flops=197e12, cost_seconds=2.0,
+                      cost_note="test")
+  topology = aot.parse_topology("v5e:2x2")
+  assert report.total_bytes == 13 << 30          # the donated (aliased) output is not counted twice
+  assert aot.fits(report, topology)
+  text = aot.format_report(report, topology)
+  assert "total 13.000 GiB of 16 GiB HBM per v5e chip" in text and "fits" in text
+  assert "time at the published bf16 peak (197 TFLOP/s per chip): 1 s" in text
+  assert "XLA cost-model time: 2 s, i.e. 50% of peak" in text
+  small = dataclasses.replace(topology, chip=dataclasses.replace(topology.chip, hbm_bytes=12 << 30))
+  assert not aot.fits(report, small)
+  assert "DOES NOT FIT" in aot.format_report(report, small)
+
+
+@pytest.fixture(scope="module")
+def v5e_2x2():
+  """Compile-only devices of a v5e 2x2 slice, or a skip that says why libtpu cannot provide them here."""
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (pip install 'libtpu==0.0.42.*', the version jax[tpu]==0.10.2 pins); "
+                "it is the TPU compiler, no TPU is needed")
+  topology = aot.parse_topology("v5e:2x2")
+  try:
+    return topology, aot.topology_devices(topology)
+  except Exception as e:  # noqa: BLE001 (any failure here means: no AOT TPU compiles on this machine)
+    pytest.skip(f"libtpu cannot describe a v5e:2x2 topology here: {type(e).__name__}: {e}")
+
+
+SHAPES = aot.Shapes(instruction=7, prompt=6, target=5)
+
+
+def _tiny_config(layers: int = 3):
+  """The tiny config with an odd depth, so that a two-at-a-time scan leaves a remainder layer."""
+  config = train_helper.load_config("tiny")
+  config.model.vision.num_hidden_layers = layers
+  config.model.text.num_layers = config.model.text.num_decoder_layers = layers
+  return config
+
+
+@pytest.mark.parametrize("length, unroll, counted", [
+    (39, 1, 1), (39, 2, 3), (24, 2, 2), (24, 1, 1), (3, 2, 3), (2, 2, 2), (1, 1, 1), (1, 2, 1), (40, 40, 40)])
+def test_counted_layers(length, unroll, counted):
+  assert aot.counted_layers(length, unroll) == counted
+
+
+def test_extrapolate():
+  """Cost = outside + 39 ViT layers + 24 (encoder + decoder) layers, from the three counts XLA would report."""
+  cfg = aot.tpu_model_config(train_helper.load_config("instructblip_flant5xl"))
+  outside, vit, t5 = 1000.0, 10.0, 3.0
+  base = (outside + vit + t5, 1.0)
+  vision2 = (outside + 3 * vit + t5, 1.0)     # 39 = 19 trips of 2 + 1 remainder: 3 layers counted
+  text2 = (outside + vit + 2 * t5, 1.0)
+  flops, seconds = aot._extrapolate(cfg, base, vision2, text2)  # noqa: SLF001
+  assert flops == outside + 39 * vit + 24 * t5 and seconds == 1.0
+  assert aot._extrapolate(cfg, (None, None), vision2, text2) == (None, None)  # noqa: SLF001
+
+
+def test_compile_tiny_train_step(v5e_2x2):
+  topology, devices = v5e_2x2
+  config = _tiny_config()
+  compile_train = lambda flops: aot.compile_train(config, topology, batch=8, shapes=SHAPES, devices=devices,
+                                                  flops=flops)
+  report = compile_train("extrapolated")
+  assert report.argument_bytes > 0 and report.output_bytes > 0 and report.temp_bytes > 0
+  assert report.alias_bytes > 0                  # trainable params and optimizer state are donated
+  assert 0 < report.total_bytes < topology.chip.hbm_bytes and aot.fits(report, topology)
+  assert report.flops > 0 and report.cost_seconds > 0
+  # the extrapolated count is what a fully unrolled compile counts; the scanned program sees one layer per stack
+  unrolled, scanned = compile_train("unrolled"), compile_train("scanned")
+  assert report.flops == pytest.approx(unrolled.flops, rel=1e-3)
+  assert scanned.flops < 0.9 * unrolled.flops
+  assert (report.total_bytes, report.temp_bytes) == (scanned.total_bytes, scanned.temp_bytes)
+  assert "FLOPs:" in aot.format_report(report, topology)
+
+
+def test_compile_tiny_greedy_decode(v5e_2x2):
+  topology, devices = v5e_2x2
+  report = aot.compile_decode(_tiny_config(), topology, batch=4, new_tokens=3, shapes=SHAPES, devices=devices)
+  assert report.argument_bytes > 0 and report.output_bytes > 0 and report.temp_bytes > 0
+  assert report.flops > 0 and aot.fits(report, topology)
+  assert "greedy, 3 new tokens" in report.what and "prefill + one decoding step" in report.cost_note
+
+
+def test_tpu_model_config():
+  """bf16 frozen towers, f32 trainable side, T5 remat: what the compile measures is what TPU training runs."""
+  cfg = aot.tpu_model_config(train_helper.load_config("tiny"))
+  assert (cfg.vision.dtype, cfg.vision.param_dtype, cfg.text.dtype, cfg.text.param_dtype) == ("bfloat16",) * 4
+  assert cfg.qformer.param_dtype == "float32" and cfg.text.remat
+  unrolled = aot.fully_unrolled(cfg)
+  assert unrolled.vision.scan_unroll == cfg.vision.num_hidden_layers
+  assert unrolled.text.scan_unroll == cfg.text.num_layers
