@@ -13,7 +13,6 @@ import re
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -351,7 +350,3 @@ def save_hf(cfg: InstructBlipConfig, params, out_dir: str, *, max_shard_bytes: i
       json.dump(index, f, indent=2)
   with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
     json.dump(config_to_hf(cfg), f, indent=2)
-
-
-def cast_floating(tree, dtype) -> Any:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

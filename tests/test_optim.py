@@ -1,10 +1,8 @@
 """The optimizer: LAVIS's schedule and weight-decay groups, checked by hand."""
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from iblip_jax import config_lib, optim

@@ -1,5 +1,4 @@
 """Mesh construction and the sharding helpers."""
-import jax
 import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P

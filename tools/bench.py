@@ -20,7 +20,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 

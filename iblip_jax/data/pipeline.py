@@ -76,7 +76,7 @@ def load_example(record: dict, rng: np.random.Generator, *, image_size: int, tra
     return {SKIP: "missing_image"}
   try:
     image = preprocess.to_rgb(_open(source))
-  except (OSError, ValueError, SyntaxError) as e:  # PIL reports truncated/corrupt files as OSError/SyntaxError
+  except (OSError, ValueError, SyntaxError):  # PIL reports truncated/corrupt files as OSError/SyntaxError
     return {SKIP: "unreadable_image"}
   if train:
     image = random_resized_crop(image, rng)

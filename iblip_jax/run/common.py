@@ -1,13 +1,12 @@
 """What the modes share: checking the config before anything compiles, loading the model and tokenizers, reading
 records, rendering instructions, running the configured evaluations."""
-import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iblip_jax import pretrained, sharding
+from iblip_jax import pretrained
 from iblip_jax.data import tokenize
 from iblip_jax.evaluation import evaluator, tasks
 from iblip_jax.models import configs as model_configs
@@ -121,9 +120,8 @@ def load_tokenizers(config, model: InstructBlip) -> tokenize.Tokenizers:
   return tok
 
 
-def run_evals(config, model, params, tok, out_dir: str, mesh=None, rules=None) -> dict:
+def run_evals(config, model, params, tok, out_dir: str) -> dict:
   """Every configured evaluation: {"<name>/<metric>": value}."""
-  del mesh, rules  # evaluation runs data-parallel through jit's default placement
   out = {}
   for name, spec in config.evals.items():
     records = read_records(spec, f"config.evals.{name}")

@@ -4,7 +4,6 @@ import os
 
 import jax
 import numpy as np
-import optax
 
 from iblip_jax import checkpoints, optim
 from iblip_jax import train_step as ts

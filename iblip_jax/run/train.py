@@ -4,20 +4,17 @@ Sections: set-up (config check, model, tokenizers, mesh) -> state (pretrained fr
 the checkpoint or fresh, or the latest training checkpoint) -> data -> loop (progress, metrics, guards, saves,
 evaluations). Re-running the same command on the same workdir resumes from its latest checkpoint.
 """
-import json
 import math
 import os
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from iblip_jax import checkpoints, distributed, optim, sharding
 from iblip_jax import train_step as ts
-from iblip_jax.data import mixture, pipeline, tokenize
+from iblip_jax.data import mixture, pipeline
 from iblip_jax.run import common
 from iblip_jax.run import logger as logger_lib
 
@@ -71,7 +68,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     trainable, opt_state = restored["trainable"], restored["opt_state"]
     print(f"resumed from {mngr.directory} at step {start}", flush=True)
   log = logger_lib.Logger(workdir, config, resumed_at=start)
-  log.text(f"mixture: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in sorted(probs.items())))
+  log.text("mixture: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in sorted(probs.items())))
 
   step_fn = ts.jit_train_step(ts.make_train_step(model, tx, vision_frozen="vision" not in trainable,
                                                  dropout=config.dropout), sh)
@@ -81,7 +78,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   def evaluate_now(step):
     results = common.run_evals(config, model, ts.merge(trainable, frozen), tok,
-                               os.path.join(workdir, "eval", f"step_{step}"), mesh=mesh, rules=rules)
+                               os.path.join(workdir, "eval", f"step_{step}"))
     log.metrics(step, {f"eval/{k}": v for k, v in results.items()})
     log.plot()
     return results

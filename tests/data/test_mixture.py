@@ -2,7 +2,6 @@
 import collections
 import math
 
-import numpy as np
 import pytest
 
 from iblip_jax.data import mixture

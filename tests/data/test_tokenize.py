@@ -1,5 +1,4 @@
 """Tokenisation: LAVIS's truncation sides, bucketed padding, -100 labels; tokenizers loaded from local files."""
-import numpy as np
 import pytest
 
 from iblip_jax.data import tokenize, word_tokenizers

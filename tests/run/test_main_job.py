@@ -2,7 +2,6 @@
 mesh, corrupt-checkpoint fallback, non-finite guard, config errors, predict, export."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from transformers import InstructBlipForConditionalGeneration
 
 import oracle
