@@ -9,15 +9,16 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 WORKER="${WORKER:-0}"
-LINES="${LINES:-200}"
+# not $LINES: shells set that to the terminal height
+LOG_LINES="${LOG_LINES:-200}"
 while (($#)); do
   case "$1" in
     --worker | --worker=*) flag_value "$@"; WORKER="$VALUE"; shift "$SHIFT" ;;
-    --lines | --lines=*) flag_value "$@"; LINES="$VALUE"; shift "$SHIFT" ;;
+    --lines | --lines=*) flag_value "$@"; LOG_LINES="$VALUE"; shift "$SHIFT" ;;
     *) common_flag "$@" || die "unknown flag $1 (see the top of $0)"; shift "$SHIFT" ;;
   esac
 done
 
-[[ "$LINES" =~ ^[0-9]+$ ]] || die "--lines must be a number"
+[[ "$LOG_LINES" =~ ^[0-9]+$ ]] || die "--lines must be a number"
 # tail -F keeps following across a relaunch, which replaces the file.
-on_workers "$WORKER" "tail -n $LINES -F \$HOME/iblip_jax.log"
+on_workers "$WORKER" "tail -n $LOG_LINES -F \$HOME/iblip_jax.log"
