@@ -277,8 +277,9 @@ def _cost(compiled) -> tuple[float | None, float | None]:
   if isinstance(cost, (list, tuple)):  # older jax: one dict per executable
     cost = cost[0] if cost else None
   cost = cost or {}
-  get = lambda k: float(cost[k]) if k in cost else None
-  return get("flops"), get("optimal_seconds")
+  flops, seconds = (float(cost[k]) if k in cost else None for k in ("flops", "optimal_seconds"))
+  # XLA reports a negative optimal_seconds when its cost model has no estimate for some op of the program.
+  return flops, seconds if seconds is not None and seconds > 0 else None
 
 
 def _train_lowered(s: Setup, config, batch: int, shapes: Shapes):
@@ -321,7 +322,7 @@ def _extrapolate(cfg, base, vision2, text2):
   if cfg.text.num_decoder_layers != t:
     raise ValueError("--flops=extrapolated needs as many T5 decoder as encoder layers; use --flops=unrolled")
   def total(i):
-    if base[i] is None:
+    if any(c[i] is None for c in (base, vision2, text2)):
       return None
     out = base[i]
     for length, twin in ((v, vision2), (t, text2)):
@@ -352,8 +353,7 @@ def _compile_program(what: str, lower, cfg, flops: str) -> Report:
   else:
     twins = [_cost(_compile(lower(with_unroll(cfg, **kw)))) for kw in (dict(vision=2), dict(text=2))]
     report.flops, report.cost_seconds = _extrapolate(cfg, _cost(compiled), *twins)
-    report.cost_note = ("XLA cost analysis, scaled to all layers from compiles with 1 and 2 layers per scan trip "
-                        "(counts match an unrolled compile)")
+    report.cost_note = "XLA cost analysis, scaled to all layers from compiles with 1 and 2 layers per scan trip"
   return report
 
 
