@@ -21,8 +21,8 @@ while (($#)); do
 done
 
 # 1. Pack the working tree without local environments, caches, VCS data and local run directories.
-run tar -czf "$TARBALL" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=__pycache__ --exclude=.pytest_cache \
-  --exclude='*.egg-info' -C "$REPO_ROOT" .
+run tar -czf "$TARBALL" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=__pycache__ \
+  --exclude=.pytest_cache --exclude='*.egg-info' -C "$REPO_ROOT" .
 
 # 2. Copy it to every worker. scp names the TPU in its destination (TPU:path), not as an argument of its own.
 tpu_cmd scp
@@ -30,11 +30,12 @@ run "${TPU_CMD[@]:0:5}" "$TARBALL" "$TPU_NAME:iblip_jax-src.tar.gz" "${TPU_CMD[@
 
 # 3. Unpack and install on every worker at once. pip's --break-system-packages fallback is for images whose
 # system Python refuses user installs (PEP 668); uv then brings its own Python.
+pip_uv="python3 -m pip install --user --quiet --upgrade uv"
 steps=(
   "mkdir -p \$HOME/$REMOTE_DIR"
   "tar -xzf \$HOME/iblip_jax-src.tar.gz -C \$HOME/$REMOTE_DIR"
   "cd \$HOME/$REMOTE_DIR"
-  "(python3 -m pip install --user --quiet --upgrade uv || python3 -m pip install --user --quiet --upgrade --break-system-packages uv)"
+  "($pip_uv || $pip_uv --break-system-packages)"
   "\$HOME/.local/bin/uv venv --allow-existing --python $PYTHON_VERSION .venv"
   "\$HOME/.local/bin/uv pip install --python .venv/bin/python --quiet -e . 'jax[tpu]==$JAX_VERSION'"
   ".venv/bin/python -c 'import iblip_jax, jax; print(\"iblip_jax installed with jax\", jax.__version__)'"

@@ -64,7 +64,8 @@ start() {
   fi
   local command=(env "${env_vars[@]}" "$PROJECT_DIR/.venv/bin/python" -m iblip_jax.main "$@")
   if [[ "$DRY_RUN" != 0 ]]; then
-    echo "cd $(shell_quote "$PROJECT_DIR") && nohup $(shell_quote "${command[@]}") > $(shell_quote "$LOG") 2>&1 < /dev/null &"
+    echo "cd $(shell_quote "$PROJECT_DIR") && nohup $(shell_quote "${command[@]}")" \
+      "> $(shell_quote "$LOG") 2>&1 < /dev/null &"
     return
   fi
   if running; then
