@@ -5,9 +5,16 @@ empty or not valid UTF-8, is skipped and counted by reason (`SkipCounter`, repor
 odd images (grayscale, RGBA, CMYK, palette, 16-bit, EXIF-rotated) are converted (see preprocess.to_rgb).
 Image decoding runs in worker processes (grain mp_prefetch); skipping, batching and tokenisation run in the
 main process, so the counts are exact and batches always have the same size.
+
+Records come from any grain MapDataset: the readers' in-memory lists or a prepared tensorflow-datasets source
+(tfds_builder.data_source, images as encoded bytes). Two mixing modes (mixture.py): per example, the stream is
+records and batches are cut from it; per step (`per_step=True`, LAVIS's one dataset per step), the stream is
+global batches of records from one dataset each, every process takes its share of each, so every process trains
+on the same dataset at the same step.
 """
 import collections
 import dataclasses
+import io
 import math
 import os
 from typing import Callable, Sequence
@@ -56,6 +63,8 @@ def _text(value) -> str | None:
 def _open(path_or_image) -> Image.Image:
   if isinstance(path_or_image, (Image.Image, np.ndarray)):
     return path_or_image if isinstance(path_or_image, Image.Image) else Image.fromarray(path_or_image)
+  if isinstance(path_or_image, bytes):  # an encoded file from a prepared dataset
+    path_or_image = io.BytesIO(path_or_image)
   image = Image.open(path_or_image)
   image.load()  # decode now: a truncated file fails here, inside the worker, not later
   return image
@@ -102,6 +111,15 @@ class SkipCounter:
       return False
     return True
 
+  def fill(self, examples: Sequence[dict]) -> list[dict]:
+    """Per-step mode: a batch from one dataset with its skipped examples replaced by repeats of its good ones, so
+    that it keeps its size and its dataset ([] when none is good: that step's batch is dropped, and counted)."""
+    good = [e for e in examples if self(e)]
+    if not good:
+      self.counts["batch_without_good_examples"] += 1
+      return []
+    return [good[i % len(good)] for i in range(len(examples))]
+
 
 def collate(tok: tokenize.Tokenizers) -> Callable[[Sequence[dict]], dict]:
   def fn(examples: Sequence[dict]) -> dict:
@@ -118,19 +136,35 @@ class Pipeline:
   skipped: SkipCounter
 
 
+def _share(group: Sequence[dict], batch_size: int, process_index: int, process_count: int) -> Sequence[dict]:
+  if len(group) != batch_size * process_count:
+    raise ValueError(f"per-step mode: a mixture element has {len(group)} records, expected the global batch "
+                     f"{batch_size} x {process_count} processes (mixture.mix(batch_size=global batch))")
+  return group[process_index * batch_size:(process_index + 1) * batch_size]
+
+
 def build(examples: grain.MapDataset, tok: tokenize.Tokenizers, *, batch_size: int, image_size: int, seed: int,
           train: bool = True, render=record_texts, workers: int = 0, process_index: int = 0,
-          process_count: int = 1) -> Pipeline:
-  """examples: a (possibly mixed, infinite) MapDataset of records. Each process reads its own slice and yields
-  batches of `batch_size` (per process) with pixel_values, Q-Former/LLM inputs, labels, decoder mask."""
-  ds = examples[process_index::process_count] if process_count > 1 else examples
-  ds = ds.random_map(lambda r, rng: load_example(r, rng, image_size=image_size, train=train, render=render),
-                     seed=seed)
+          process_count: int = 1, per_step: bool = False) -> Pipeline:
+  """examples: a (possibly mixed, infinite) MapDataset of records, or with `per_step` of global batches (lists of
+  batch_size x process_count records, mixture.mix(..., batch_size=, batch_fn=list)). Each process reads its own
+  share and yields batches of `batch_size` (per process) with pixel_values, Q-Former/LLM inputs, labels, decoder
+  mask."""
+  load = lambda r, rng: load_example(r, rng, image_size=image_size, train=train, render=render)
+  if per_step:
+    ds = examples.map(lambda g: _share(g, batch_size, process_index, process_count))
+    ds = ds.random_map(lambda g, rng: [load(r, rng) for r in g], seed=seed)
+  else:
+    ds = examples[process_index::process_count] if process_count > 1 else examples
+    ds = ds.random_map(load, seed=seed)
   it = ds.to_iter_dataset()
   if workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller may not have parsed any
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   counter = SkipCounter()
-  it = it.filter(counter).batch(batch_size, drop_remainder=True, batch_fn=collate(tok))
+  if per_step:
+    it = it.map(counter.fill).filter(bool).map(collate(tok))
+  else:
+    it = it.filter(counter).batch(batch_size, drop_remainder=True, batch_fn=collate(tok))
   return Pipeline(it, counter)

@@ -1,5 +1,7 @@
 """The grain pipeline: bad input is skipped and counted or converted, never fatal; iterator state resumes exactly."""
+import collections
 import io
+import math
 
 import numpy as np
 import pytest
@@ -111,3 +113,89 @@ def test_worker_processes_give_the_same_batches(tmp_path, tok):
   for a, b in zip(one, many):
     np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
   assert sum(two.skipped.counts.values()) == 6
+
+
+# --- per-step mixing (LAVIS: every global batch from one dataset) -----------------------------------------------------
+
+STEP_ANSWERS = {"a": "red", "b": "blue", "c": "circle"}  # each dataset's one answer: a batch's labels name its dataset
+
+
+def _step_datasets(sizes, bad_every: int = 0):
+  rng = np.random.default_rng(3)
+  out = {}
+  for n, size in sizes.items():
+    recs = [{"image": rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), "text_input": f"what color {n}",
+             "text_output": STEP_ANSWERS[n]} for _ in range(size)]
+    if bad_every:
+      for r in recs[::bad_every]:
+        r["text_output"] = ""
+    out[n] = mixture.source(recs)
+  return out
+
+
+def _step_pipeline(tok, datasets, probs, *, batch_size=2, process_index=0, process_count=1, seed=4):
+  mixed = mixture.mix(datasets, probs, seed=seed, batch_size=batch_size * process_count, batch_fn=list)
+  return pipeline.build(mixed, tok, batch_size=batch_size, image_size=8, seed=seed, train=True, per_step=True,
+                        process_index=process_index, process_count=process_count)
+
+
+def _dataset_of(tok, batch) -> str:
+  answers = set(tokenize.decode(tok, np.where(batch["labels"] < 0, tok.llm.pad_token_id, batch["labels"])))
+  assert len(answers) == 1, f"a per-step batch mixes datasets: {answers}"
+  return {v: k for k, v in STEP_ANSWERS.items()}[answers.pop()]
+
+
+def test_per_step_batches_are_single_dataset_in_mixture_proportion(tok):
+  sizes = {"a": 40, "b": 160, "c": 9}
+  probs = mixture.weights(sizes)
+  it = iter(_step_pipeline(tok, _step_datasets(sizes), probs).dataset)
+  n = 1500
+  counts = collections.Counter(_dataset_of(tok, next(it)) for _ in range(n))
+  for name, p in probs.items():
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert counts[name] / n == pytest.approx(p, abs=4 * sigma)
+
+
+def test_per_step_resumes_from_iterator_state_with_the_same_batches(tok):
+  sizes = {"a": 7, "b": 12}
+  probs = mixture.weights(sizes)
+  make = lambda: _step_pipeline(tok, _step_datasets(sizes, bad_every=5), probs, batch_size=3).dataset
+  it = iter(make())
+  for _ in range(6):
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(8)]
+  resumed = iter(make())
+  resumed.set_state(state)
+  for w in want:
+    got = next(resumed)
+    assert got.keys() == w.keys()
+    for k in w:
+      np.testing.assert_array_equal(got[k], w[k])
+
+
+def test_per_step_processes_train_on_the_same_dataset_each_step(tok):
+  sizes = {"a": 10, "b": 30, "c": 5}
+  probs = mixture.weights(sizes)
+  datasets = _step_datasets(sizes)
+  whole = iter(_step_pipeline(tok, datasets, probs, batch_size=4).dataset)
+  parts = [iter(_step_pipeline(tok, datasets, probs, batch_size=2, process_index=p, process_count=2).dataset)
+           for p in range(2)]
+  for _ in range(30):
+    w, p0, p1 = next(whole), next(parts[0]), next(parts[1])
+    assert _dataset_of(tok, w) == _dataset_of(tok, p0) == _dataset_of(tok, p1)
+
+
+def test_per_step_skipped_examples_are_replaced_within_their_batch(tok):
+  sizes = {"a": 6, "b": 6}
+  datasets = _step_datasets(sizes, bad_every=2)  # half of each dataset has an empty answer
+  p = _step_pipeline(tok, datasets, mixture.weights(sizes), batch_size=4)
+  it = iter(p.dataset)
+  for _ in range(20):
+    batch = next(it)
+    assert batch["pixel_values"].shape[0] == 4
+    _dataset_of(tok, batch)
+  assert p.skipped.counts["empty_or_invalid_text"] >= 20 and "batch_without_good_examples" not in p.skipped.counts
+  wrong = mixture.mix(datasets, mixture.weights(sizes), seed=0, batch_size=4, batch_fn=list)  # not x 2 processes
+  with pytest.raises(ValueError, match="global batch"):
+    next(iter(pipeline.build(wrong, tok, batch_size=4, image_size=8, seed=0, per_step=True, process_count=2).dataset))
