@@ -17,7 +17,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from iblip_jax.models.configs import InstructBlipConfig, QFormerConfig, T5Config, VisionConfig, validate
+from iblip_jax.models.configs import (InstructBlipConfig, LlamaConfig, QFormerConfig, T5Config, VisionConfig,
+                                     validate)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -68,6 +69,11 @@ _MODULE_MAP: list[tuple[str, str]] = [
     (rf"{_T5}/encoder/layers/mlp/(wi_0|wi_1|wi|wo)", rf"{_T5}.encoder.block.{{i}}.layer.1.DenseReluDense.\1"),
     (rf"{_T5}/decoder/layers/mlp_norm", rf"{_T5}.decoder.block.{{i}}.layer.2.layer_norm"),
     (rf"{_T5}/decoder/layers/mlp/(wi_0|wi_1|wi|wo)", rf"{_T5}.decoder.block.{{i}}.layer.2.DenseReluDense.\1"),
+    # LLaMA: our module names are transformers' own, without its `model.` level
+    (rf"{_T5}/embed_tokens", f"{_T5}.model.embed_tokens"),
+    (rf"{_T5}/norm", f"{_T5}.model.norm"),
+    (rf"{_T5}/layers/(input_layernorm|post_attention_layernorm)", rf"{_T5}.model.layers.{{i}}.\1"),
+    (rf"{_T5}/layers/(self_attn|mlp)/(\w+)", rf"{_T5}.model.layers.{{i}}.\1.\2"),
 ]
 _LEAF_MAP = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -199,6 +205,11 @@ _HF_T5_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_la
                        layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
+_HF_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                          num_attention_heads=32, hidden_act="silu", rms_norm_eps=1e-6, attention_bias=False,
+                          mlp_bias=False, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
 def _pick(d: dict, defaults: dict) -> dict:
   return {k: d.get(k, v) if d.get(k) is not None else v for k, v in defaults.items()}
 
@@ -207,12 +218,16 @@ def config_from_hf(hf: dict, *, tied_head: bool) -> InstructBlipConfig:
   """InstructBlipConfig from a transformers config.json dict. `tied_head`: the checkpoint has no lm_head."""
   text = hf.get("text_config") or {}
   model_type = text.get("model_type", "opt")
-  if model_type != "t5":
-    raise CheckpointError(f"config.json: text_config.model_type={model_type!r}; this version of iblip_jax loads "
-                          "encoder-decoder (t5) language models only")
+  if model_type not in ("t5", "llama"):
+    raise CheckpointError(f"config.json: text_config.model_type={model_type!r}; iblip_jax loads t5 (FlanT5) and "
+                          "llama (Vicuna) language models")
   vision = VisionConfig(**_pick(hf.get("vision_config") or {}, _HF_VISION_DEFAULTS))
   qformer = QFormerConfig(**_pick(hf.get("qformer_config") or {}, _HF_QFORMER_DEFAULTS),
                           encoder_hidden_size=vision.hidden_size)
+  if model_type == "llama":
+    return _checked(InstructBlipConfig(vision=vision, qformer=qformer, text=_llama_from_hf(text),
+                                       num_query_tokens=hf.get("num_query_tokens", 32),
+                                       image_token_index=hf.get("image_token_index", hf.get("image_token_id"))))
   t5 = _pick(text, _HF_T5_DEFAULTS)
   ff = text.get("feed_forward_proj", "relu").split("-")
   # An explicit dense_act_fn wins (InstructBLIP's config.json says "gelu": exact GELU, as LAVIS runs FlanT5);
@@ -223,11 +238,39 @@ def config_from_hf(hf: dict, *, tied_head: bool) -> InstructBlipConfig:
                 dense_act_fn=act, is_gated_act=ff[0] == "gated", tie_word_embeddings=tied_head,
                 scale_decoder_outputs=bool(text.get("scale_decoder_outputs", tie_flag)),
                 bos_token_id=text.get("bos_token_id") if text.get("bos_token_id") is not None else 1)
-  cfg = InstructBlipConfig(vision=vision, qformer=qformer, text=t5,
-                           num_query_tokens=hf.get("num_query_tokens", 32),
-                           image_token_index=hf.get("image_token_index", hf.get("image_token_id")))
-  validate(cfg)
+  return _checked(InstructBlipConfig(vision=vision, qformer=qformer, text=t5,
+                                     num_query_tokens=hf.get("num_query_tokens", 32),
+                                     image_token_index=hf.get("image_token_index", hf.get("image_token_id"))))
+
+
+def _checked(cfg: InstructBlipConfig) -> InstructBlipConfig:
+  try:
+    validate(cfg)
+  except ValueError as e:
+    raise CheckpointError(f"config.json: {e}") from None
   return cfg
+
+
+def _llama_from_hf(text: dict) -> LlamaConfig:
+  """transformers 5 keeps rope settings in rope_parameters, 4.x in rope_theta / rope_scaling."""
+  rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  theta = rope.get("rope_theta", text.get("rope_theta", 10000.0))
+  fields = _pick(text, _HF_LLAMA_DEFAULTS)
+  pad = text.get("pad_token_id")
+  return LlamaConfig(**fields, num_key_value_heads=text.get("num_key_value_heads"), head_dim=text.get("head_dim"),
+                     rope_theta=float(theta), rope_type=rope_type, rope_factor=float(rope.get("factor", 1.0)),
+                     # no usable pad id (the Vicuna hub config has none or a wrong one): pad with EOS
+                     pad_token_id=pad if isinstance(pad, int) and pad >= 0 else fields["eos_token_id"])
+
+
+def _llama_to_hf(t: LlamaConfig) -> dict:
+  rope = {"rope_theta": t.rope_theta, "rope_type": t.rope_type}
+  if t.rope_type == "linear":
+    rope["factor"] = t.rope_factor
+  return dict({k: getattr(t, k) for k in _HF_LLAMA_DEFAULTS}, model_type="llama",
+              num_key_value_heads=t.kv_heads, head_dim=t.head_size, pad_token_id=t.pad_token_id,
+              rope_parameters=rope, rope_theta=t.rope_theta)
 
 
 def config_to_hf(cfg: InstructBlipConfig) -> dict:
@@ -235,15 +278,18 @@ def config_to_hf(cfg: InstructBlipConfig) -> dict:
   v, q, t = cfg.vision, cfg.qformer, cfg.text
   vision = {k: getattr(v, k) for k in _HF_VISION_DEFAULTS}
   qformer = {k: getattr(q, k) for k in _HF_QFORMER_DEFAULTS}
-  text = {k: getattr(t, k) for k in _HF_T5_DEFAULTS}
-  act = "gelu" if t.dense_act_fn in ("gelu_new", "gelu_pytorch_tanh") and t.is_gated_act else t.dense_act_fn
-  text.update(model_type="t5", num_decoder_layers=t.num_decoder_layers, bos_token_id=t.bos_token_id,
-              feed_forward_proj=("gated-" if t.is_gated_act else "") + act, dense_act_fn=t.dense_act_fn,
-              is_gated_act=t.is_gated_act, tie_word_embeddings=t.tie_word_embeddings,
-              scale_decoder_outputs=t.scale_decoder_outputs)
+  if cfg.decoder_only:
+    text = _llama_to_hf(t)
+  else:
+    text = {k: getattr(t, k) for k in _HF_T5_DEFAULTS}
+    act = "gelu" if t.dense_act_fn in ("gelu_new", "gelu_pytorch_tanh") and t.is_gated_act else t.dense_act_fn
+    text.update(model_type="t5", num_decoder_layers=t.num_decoder_layers, bos_token_id=t.bos_token_id,
+                feed_forward_proj=("gated-" if t.is_gated_act else "") + act, dense_act_fn=t.dense_act_fn,
+                is_gated_act=t.is_gated_act, tie_word_embeddings=t.tie_word_embeddings,
+                scale_decoder_outputs=t.scale_decoder_outputs)
   out = {
       "architectures": ["InstructBlipForConditionalGeneration"], "model_type": "instructblip",
-      "num_query_tokens": cfg.num_query_tokens, "use_decoder_only_language_model": False,
+      "num_query_tokens": cfg.num_query_tokens, "use_decoder_only_language_model": cfg.decoder_only,
       "vision_config": {"model_type": "instructblip_vision_model", **vision},
       "qformer_config": {"model_type": "instructblip_qformer", "encoder_hidden_size": q.encoder_hidden_size,
                          **qformer},

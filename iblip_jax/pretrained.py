@@ -18,7 +18,7 @@ def dummy_inputs(cfg: InstructBlipConfig, batch: int = 1) -> dict[str, jax.Array
   one = jnp.ones((batch, 1), jnp.int32)
   return dict(pixel_values=jnp.zeros((batch, size, size, cfg.vision.num_channels), jnp.float32),
               qformer_input_ids=one, qformer_attention_mask=one, input_ids=one, attention_mask=one,
-              decoder_input_ids=one)
+              decoder_input_ids=None if cfg.decoder_only else one)
 
 
 def init_fn(model: InstructBlip):

@@ -25,10 +25,21 @@ def tiny_hf_config(*, tie: bool = True, cross_attention_frequency: int = 2, num_
                             num_query_tokens=NUM_QUERY, image_token_index=IMAGE_TOKEN)
 
 
-def tiny_hf_model(seed: int = 0, *, untie_head: bool = False, **config_kw) -> InstructBlipForConditionalGeneration:
+def tiny_hf_llama_config(*, kv_heads: int = 2, rope: dict | None = None, image_size: int = 30) -> InstructBlipConfig:
+  """Decoder-only variant: LLaMA with grouped-query attention (4 query heads share 2 key/value heads)."""
+  cfg = tiny_hf_config(image_size=image_size)
+  text = dict(model_type="llama", vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=kv_heads, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+              rope_parameters=rope or {"rope_theta": 500.0, "rope_type": "default"})
+  return InstructBlipConfig(vision_config=cfg.vision_config.to_dict(), qformer_config=cfg.qformer_config.to_dict(),
+                            text_config=text, num_query_tokens=NUM_QUERY, image_token_index=IMAGE_TOKEN)
+
+
+def tiny_hf_model(seed: int = 0, *, untie_head: bool = False, llama: bool = False, **config_kw) -> InstructBlipForConditionalGeneration:
   """A re-randomised tiny model in eval mode with eager attention (fp32)."""
   torch.manual_seed(seed)
-  model = InstructBlipForConditionalGeneration(tiny_hf_config(**config_kw)).eval()
+  config = tiny_hf_llama_config(**config_kw) if llama else tiny_hf_config(**config_kw)
+  model = InstructBlipForConditionalGeneration(config).eval()
   model.set_attn_implementation("eager")
   if untie_head:  # a separate head, as in the released FlanT5 checkpoints
     lm = model.language_model
@@ -71,4 +82,4 @@ def hf_forward(model, batch: dict[str, np.ndarray], **kw):
         qformer_input_ids=t["qformer_input_ids"], qformer_attention_mask=t["qformer_attention_mask"],
         input_ids=torch.cat([torch.full((b, NUM_QUERY), IMAGE_TOKEN), t["input_ids"]], 1),
         attention_mask=torch.cat([torch.ones(b, NUM_QUERY, dtype=torch.long), t["attention_mask"]], 1),
-        decoder_input_ids=t.get("decoder_input_ids"), decoder_attention_mask=t["decoder_attention_mask"], **kw)
+        decoder_input_ids=t.get("decoder_input_ids"), decoder_attention_mask=t.get("decoder_attention_mask"), **kw)

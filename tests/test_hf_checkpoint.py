@@ -130,9 +130,9 @@ def test_missing_config_and_directory(tmp_path, hf_dir):
   assert "no config.json" in _error(d)
 
 
-def test_decoder_only_checkpoint_is_refused_clearly(tmp_path, hf_dir):
+def test_unsupported_language_model_is_refused_clearly(tmp_path, hf_dir):
   d = _copy(hf_dir, tmp_path / "d")
   config = json.loads((d / "config.json").read_text())
-  config["text_config"]["model_type"] = "llama"
+  config["text_config"]["model_type"] = "opt"
   (d / "config.json").write_text(json.dumps(config))
-  assert "text_config.model_type='llama'" in _error(d)
+  assert "text_config.model_type='opt'" in _error(d)

@@ -81,10 +81,49 @@ class T5Config:
 
 
 @dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """LLaMA / Vicuna (LlamaForCausalLM), the decoder-only LLM. Defaults: Vicuna-7B v1.1 as InstructBLIP uses it."""
+  vocab_size: int = 32001            # LLaMA's 32000 + LAVIS's [PAD]
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int | None = None  # None = num_attention_heads (no grouping)
+  head_dim: int | None = None             # None = hidden_size // num_attention_heads
+  hidden_act: str = "silu"
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_type: str = "default"         # "default" or "linear" (positions divided by rope_factor)
+  rope_factor: float = 1.0
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  tie_word_embeddings: bool = False
+  pad_token_id: int = 32000          # LAVIS's [PAD] (the hub config's 0 / -1 is wrong, transformers#25426)
+  bos_token_id: int = 2              # LAVIS prepends </s> as BOS
+  eos_token_id: int = 2
+  remat: bool = False
+  scan_unroll: int = 1
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @property
+  def d_model(self) -> int:  # the width the projection maps the queries to (same name as T5's)
+    return self.hidden_size
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_key_value_heads or self.num_attention_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
 class InstructBlipConfig:
   vision: VisionConfig = VisionConfig()
   qformer: QFormerConfig = QFormerConfig()
-  text: T5Config = T5Config()
+  text: T5Config | LlamaConfig = T5Config()
   num_query_tokens: int = 32
   # False = BLIP-2 behaviour: the Q-Former sees only its queries (the paper's "w/o instruction-aware" ablation).
   instruction_aware: bool = True
@@ -92,6 +131,10 @@ class InstructBlipConfig:
 
   def replace(self, **kw) -> "InstructBlipConfig":
     return dataclasses.replace(self, **kw)
+
+  @property
+  def decoder_only(self) -> bool:
+    return isinstance(self.text, LlamaConfig)
 
 
 def dtype_of(name: str) -> Any:
@@ -116,14 +159,20 @@ def from_dict(d: dict[str, Any]) -> InstructBlipConfig:
   qformer = dict(d.pop("qformer", {}))
   qformer.setdefault("encoder_hidden_size", vision.hidden_size)
   qformer = _build(QFormerConfig, qformer, "model.qformer")
-  text = _build(T5Config, dict(d.pop("text", {})), "model.text")
+  text = dict(d.pop("text", {}))
+  model_type = text.pop("model_type", "t5")
+  if model_type not in TEXT_MODELS:
+    raise ValueError(f"model.text.model_type={model_type!r}; expected one of {sorted(TEXT_MODELS)}")
+  text = _build(TEXT_MODELS[model_type], text, "model.text")
   cfg = _build(InstructBlipConfig, {**d, "vision": vision, "qformer": qformer, "text": text}, "model")
   validate(cfg)
   return cfg
 
 
 def to_dict(cfg: InstructBlipConfig) -> dict[str, Any]:
-  return dataclasses.asdict(cfg)
+  d = dataclasses.asdict(cfg)
+  d["text"]["model_type"] = "llama" if cfg.decoder_only else "t5"
+  return d
 
 
 def validate(cfg: InstructBlipConfig) -> None:
@@ -145,8 +194,7 @@ def validate(cfg: InstructBlipConfig) -> None:
     problems.append(f"model.qformer.cross_attention_frequency={q.cross_attention_frequency} must be >= 1")
   if cfg.num_query_tokens < 1:
     problems.append(f"model.num_query_tokens={cfg.num_query_tokens} must be >= 1")
-  if cfg.text.dense_act_fn not in ACTIVATIONS:
-    problems.append(f"model.text.dense_act_fn={cfg.text.dense_act_fn!r}; expected one of {sorted(ACTIVATIONS)}")
+  problems += _validate_llama(cfg.text) if cfg.decoder_only else _validate_t5(cfg.text)
   for name, tower in (("vision", v), ("qformer", q), ("text", cfg.text)):
     for field in ("dtype", "param_dtype"):
       if getattr(tower, field) not in ("float32", "bfloat16", "float16"):
@@ -157,3 +205,29 @@ def validate(cfg: InstructBlipConfig) -> None:
 
 # transformers' ACT2FN names used by these checkpoints. "gelu" is exact (erf), "gelu_new" the tanh approximation.
 ACTIVATIONS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"}
+
+
+def _validate_t5(t: T5Config) -> list[str]:
+  if t.dense_act_fn not in ACTIVATIONS:
+    return [f"model.text.dense_act_fn={t.dense_act_fn!r}; expected one of {sorted(ACTIVATIONS)}"]
+  return []
+
+
+def _validate_llama(t: LlamaConfig) -> list[str]:
+  problems = []
+  if t.hidden_act not in ACTIVATIONS:
+    problems.append(f"model.text.hidden_act={t.hidden_act!r}; expected one of {sorted(ACTIVATIONS)}")
+  if t.head_dim is None and t.hidden_size % t.num_attention_heads:
+    problems.append(f"model.text.hidden_size={t.hidden_size} is not divisible by "
+                    f"num_attention_heads={t.num_attention_heads} (or set head_dim)")
+  if t.num_attention_heads % t.kv_heads:
+    problems.append(f"model.text.num_attention_heads={t.num_attention_heads} is not a multiple of "
+                    f"num_key_value_heads={t.kv_heads}")
+  if t.head_size % 2:
+    problems.append(f"model.text head size {t.head_size} must be even for rotary embeddings")
+  if t.rope_type not in ("default", "linear"):
+    problems.append(f"model.text.rope_type={t.rope_type!r}; supported: 'default', 'linear'")
+  return problems
+
+
+TEXT_MODELS = {"t5": T5Config, "llama": LlamaConfig}

@@ -5,7 +5,9 @@ Parameter tree (top level), split by what instruction tuning trains:
   trainable: ln_vision, query_tokens, qformer, language_projection
 
 The Q projected visual tokens go in front of the prompt's token embeddings (LAVIS order; HF's image placeholder
-tokens at the front are the same thing), and the encoder attention mask is extended with ones.
+tokens at the front are the same thing), and the attention mask is extended with ones. With FlanT5 they enter the
+encoder; with LLaMA/Vicuna (decoder-only) the sequence is [visual tokens][prompt][target] and the model returns
+logits for all of it.
 """
 import flax.linen as nn
 import jax
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 
 from iblip_jax.models import layers
 from iblip_jax.models.configs import InstructBlipConfig, dtype_of
+from iblip_jax.models.llama import Llama
 from iblip_jax.models.qformer import QFormer
 from iblip_jax.models.t5 import T5
 from iblip_jax.models.vit import VisionTransformer
@@ -38,7 +41,7 @@ class InstructBlip(nn.Module):
     self.qformer = QFormer(q)
     self.language_projection = layers.dense(cfg.text.d_model, ("embed", "llm_embed"), dtype=dtype_of(q.dtype),
                                             param_dtype=dtype_of(q.param_dtype))
-    self.language_model = T5(cfg.text)
+    self.language_model = Llama(cfg.text) if cfg.decoder_only else T5(cfg.text)
 
   def image_features(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None,
                      deterministic: bool = True):
@@ -71,21 +74,36 @@ class InstructBlip(nn.Module):
                                  deterministic)["language_inputs"]
     return tokens.reshape(b, t * tokens.shape[1], tokens.shape[2])
 
-  def encode(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
-             deterministic: bool = True):
-    """Runs everything up to the T5 encoder. Returns (encoded (B, V + L, D), encoder mask (B, V + L)) where V is
-    the number of visual tokens (Q, or T*Q for video)."""
+  def llm_inputs(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
+                 deterministic: bool = True):
+    """[visual tokens][prompt embeddings] (B, V + L, D) and their mask (B, V + L), V = Q (or T*Q for video)."""
     visual = self.visual_tokens(pixel_values, qformer_input_ids, qformer_attention_mask, deterministic)
-    text_dtype = dtype_of(self.config.text.dtype)
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
-    embeds = jnp.concatenate([visual.astype(text_dtype), self.language_model.embed(input_ids)], axis=1)
-    mask = jnp.concatenate([jnp.ones(visual.shape[:2], bool), attention_mask.astype(bool)], axis=1)
-    return self.language_model.encode(embeds, mask, deterministic), mask
+    embeds = jnp.concatenate([visual.astype(dtype_of(self.config.text.dtype)),
+                              self.language_model.embed(input_ids)], axis=1)
+    mask = jnp.concatenate([jnp.ones(visual.shape[:2], jnp.int32), attention_mask.astype(jnp.int32)], axis=1)
+    return embeds, mask
+
+  def encode(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
+             deterministic: bool = True):
+    """FlanT5: runs everything up to the T5 encoder. Returns (encoded (B, V + L, D), encoder mask (B, V + L))."""
+    embeds, mask = self.llm_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
+                                   attention_mask, deterministic)
+    return self.language_model.encode(embeds, mask, deterministic), mask.astype(bool)
 
   def __call__(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
-               decoder_input_ids, decoder_attention_mask=None, deterministic: bool = True) -> jax.Array:
-    """Teacher-forced forward pass -> LM logits (B, T, V)."""
+               decoder_input_ids=None, decoder_attention_mask=None, deterministic: bool = True) -> jax.Array:
+    """Teacher-forced forward pass -> LM logits: FlanT5 (B, T, V) over the decoder inputs; decoder-only
+    (B, V + L, V) over [visual tokens][input_ids] (input_ids then hold prompt and target)."""
+    if self.config.decoder_only:
+      if decoder_input_ids is not None:
+        raise ValueError("a decoder-only LLM takes prompt and target together in input_ids; got decoder_input_ids")
+      embeds, mask = self.llm_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
+                                     attention_mask, deterministic)
+      return self.language_model(embeds, mask)
+    if decoder_input_ids is None:
+      raise ValueError("FlanT5 needs decoder_input_ids (the shifted targets)")
     encoded, mask = self.encode(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
                                 attention_mask, deterministic)
     return self.language_model.decode(decoder_input_ids, encoded, mask, decoder_attention_mask, deterministic)

@@ -1,0 +1,76 @@
+"""Decoder-only (LLaMA / Vicuna) generation against transformers' generate on left-padded batches, token for token."""
+import numpy as np
+import pytest
+import torch
+
+import iblip_jax
+import oracle
+from test_decoding import SETTINGS, _assert_same_tokens
+
+EOS, PAD = 2, 0
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  path = tmp_path_factory.mktemp("gen_llama") / "hf"
+  hf = oracle.tiny_hf_model(seed=5, llama=True)
+  # a sharper distribution with a likelier EOS, so that settings take different paths and some hypotheses end early
+  with torch.no_grad():
+    hf.language_model.lm_head.weight.mul_(8.0)
+    hf.language_model.lm_head.weight[EOS].mul_(4.0)
+  hf.save_pretrained(path)
+  model, params = iblip_jax.from_pretrained(str(path))
+  return hf, model, params
+
+
+def _left_padded_inputs():
+  """Prompts of 3, 6 and 5 tokens, padded on the left as transformers' processor pads for generation."""
+  b = oracle.tiny_batch(seed=5)
+  lengths = b["attention_mask"].sum(1)
+  width = b["input_ids"].shape[1]
+  mask = (np.arange(width)[None] >= (width - lengths)[:, None]).astype(np.int64)
+  ids = np.zeros_like(b["input_ids"])
+  for i, n in enumerate(lengths):
+    ids[i, width - n:] = b["input_ids"][i, :n]
+  return dict(pixel_values=b["pixel_values"], qformer_input_ids=b["qformer_input_ids"],
+              qformer_attention_mask=b["qformer_attention_mask"], input_ids=ids, attention_mask=mask)
+
+
+def _hf_generate(hf, batch, **kw):
+  t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+  b, width = t["input_ids"].shape
+  with torch.no_grad():
+    out = hf.generate(
+        pixel_values=t["pixel_values"].permute(0, 3, 1, 2), qformer_input_ids=t["qformer_input_ids"],
+        qformer_attention_mask=t["qformer_attention_mask"],
+        input_ids=torch.cat([torch.full((b, oracle.NUM_QUERY), oracle.IMAGE_TOKEN), t["input_ids"]], 1),
+        attention_mask=torch.cat([torch.ones(b, oracle.NUM_QUERY, dtype=torch.long), t["attention_mask"]], 1),
+        do_sample=False, pad_token_id=PAD, eos_token_id=EOS, **kw)
+  return out[:, oracle.NUM_QUERY + width:].numpy()  # transformers returns the prompt too
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_matches_transformers_generate(models, setting):
+  hf, model, params = models
+  batch = _left_padded_inputs()
+  max_new = 12
+  ours = iblip_jax.generate(model, params, **batch, max_new_tokens=max_new, **{"min_new_tokens": 0, **setting})
+  theirs = _hf_generate(hf, batch, max_new_tokens=max_new, **setting)
+  assert ours.shape == (3 * setting.get("num_return_sequences", 1), max_new)
+  _assert_same_tokens(ours, theirs, eos=EOS, pad=PAD)
+
+
+def test_padding_side_does_not_matter(models):
+  """Right-padded prompts (as the tokenizers produce) are left-aligned inside generate: same tokens."""
+  _, model, params = models
+  left = _left_padded_inputs()
+  right = dict(left, **{k: v for k, v in oracle.tiny_batch(seed=5).items() if k in ("input_ids", "attention_mask")})
+  for beams in (1, 3):
+    np.testing.assert_array_equal(iblip_jax.generate(model, params, **left, num_beams=beams, max_new_tokens=8),
+                                  iblip_jax.generate(model, params, **right, num_beams=beams, max_new_tokens=8))
+
+
+def test_some_generations_stop_early(models):
+  hf, _, _ = models
+  theirs = _hf_generate(hf, _left_padded_inputs(), max_new_tokens=12, num_beams=1)
+  assert (theirs == EOS).any(1).any() and not (theirs == EOS).any(1).all()
