@@ -48,9 +48,12 @@ def base(model: dict) -> ml_collections.ConfigDict:
 
   config.tokenizer = ""            # defaults to model_init (its top level + qformer_tokenizer/)
   config.reinit_trainable = False  # True: the Q-Former side starts from scratch instead of model_init's weights
-  # Training data: {name: {"format": a reader name (see iblip_jax.data.readers), "path": ..., "weight": 1.0}}
+  # Training data: {name: {"format": a reader name (see iblip_jax.data.readers), "path": ..., "weight": 1.0}}, or
+  # a prepared dataset (iblip_jax.data.tfds_builder): {"format", "tfds_data_dir", "split": "train", "weight"}.
   # random_crop: RandomResizedCrop(0.5-1.0) in training, as LAVIS (no horizontal flip: it breaks left/right).
-  config.data = ml_collections.ConfigDict(dict(datasets={}, balanced=True, workers=0, random_crop=True))
+  # mixing: "example" (every example drawn from the mixture) or "step" (every global batch from one dataset, LAVIS).
+  config.data = ml_collections.ConfigDict(dict(datasets={}, balanced=True, workers=0, random_crop=True,
+                                               mixing="example"))
   # Evaluations: {name: {"task": an iblip_jax.evaluation.tasks name, "format": ..., "path": ...}}
   config.evals = ml_collections.ConfigDict()
   config.eval_every = 1000

@@ -48,6 +48,9 @@ def validate(config, workdir: str | None, mode: str) -> None:
                       "processes")
     if -1 not in (config.mesh.get("data", 1), config.mesh.get("fsdp", 1)) and config.batch_size % n_batch:
       problems.append(f"config.batch_size={config.batch_size} is not divisible by data x fsdp = {n_batch}")
+    if config.data.get("mixing", "example") not in ("example", "step"):
+      problems.append(f"config.data.mixing={config.data.mixing!r} must be 'example' (every example drawn from the "
+                      "mixture) or 'step' (every global batch from one dataset, as LAVIS)")
     for name, spec in config.data.datasets.items():
       problems += _check_source(spec, f"config.data.datasets.{name}")
     for key in ("checkpoint_every", "log_every", "eval_every"):
@@ -68,12 +71,34 @@ def _check_source(spec, where: str) -> list[str]:
   readers = _readers()
   if spec.format not in readers:
     out.append(f"{where}.format={spec.format!r} is not a known dataset format ({', '.join(sorted(readers))})")
-  if not os.path.exists(spec.path):
+  if spec.get("tfds_data_dir"):  # prepared with iblip_jax.data.tfds_builder
+    from etils import epath
+    name = spec.get("tfds_name") or spec.format
+    if not (epath.Path(spec.tfds_data_dir) / name).exists():
+      out.append(f"{where}.tfds_data_dir={spec.tfds_data_dir!r}: no prepared dataset {name!r} there (python -m "
+                 f"iblip_jax.data.tfds_builder --dataset {spec.format} --source ... --data_dir {spec.tfds_data_dir})")
+  elif not os.path.exists(spec.path):
     out.append(f"{where}.path={spec.path!r} does not exist")
   return out
 
 
+def record_source(spec, where: str):
+  """A dataset entry's records as a grain MapDataset: a prepared tfds dataset (`tfds_data_dir`, random access,
+  images as bytes) or the reader's records in memory (`path`)."""
+  if spec.get("tfds_data_dir"):
+    from iblip_jax.data import tfds_builder
+    ds = tfds_builder.data_source(spec.tfds_data_dir, spec.get("tfds_name") or spec.format, spec.get("split", "train"))
+    if not len(ds):
+      raise ValueError(f"{where}: the prepared dataset in {spec.tfds_data_dir} has no records")
+    return ds
+  from iblip_jax.data import mixture
+  return mixture.source(read_records(spec, where))
+
+
 def read_records(spec, where: str) -> list[dict]:
+  if spec.get("tfds_data_dir"):  # images as PIL images, as the evaluator takes them
+    from iblip_jax.data import tfds_builder
+    return [tfds_builder.open_media(r) for r in record_source(spec, where)]
   records = list(_readers()[spec.format](spec.path))
   if not records:
     raise ValueError(f"{where}: {spec.path} has no records")

@@ -24,16 +24,18 @@ class NonFiniteLoss(RuntimeError):
 
 
 def _data(config, tok, model, seed_offset: int = 0):
-  datasets = {name: mixture.source(common.read_records(spec, f"data.datasets.{name}"))
+  datasets = {name: common.record_source(spec, f"data.datasets.{name}")
               for name, spec in config.data.datasets.items()}
   sizes = {name: len(ds) for name, ds in datasets.items()}
   multipliers = {name: spec.get("weight", 1.0) for name, spec in config.data.datasets.items()}
   probs = mixture.weights(sizes, multipliers, balanced=config.data.balanced)
-  mixed = mixture.mix(datasets, probs, seed=config.seed + seed_offset)
+  per_step = config.data.get("mixing", "example") == "step"  # LAVIS: each global batch from one dataset
+  mixed = mixture.mix(datasets, probs, seed=config.seed + seed_offset,
+                      **(dict(batch_size=config.batch_size, batch_fn=list) if per_step else {}))
   local_batch = config.batch_size // jax.process_count()
   return pipeline.build(mixed, tok, batch_size=local_batch, image_size=model.config.vision.image_size,
                         seed=config.seed, train=config.data.random_crop, render=common.renderer(config),
-                        workers=config.data.workers,
+                        workers=config.data.workers, per_step=per_step,
                         process_index=jax.process_index(), process_count=jax.process_count()), probs
 
 
