@@ -7,6 +7,7 @@ The parameters travel as two trees: `trainable` (differentiated, donated, optimi
 Batch (global arrays, leading dim sharded over data x fsdp):
   pixel_values (B, H, W, 3) f32, qformer_input_ids / qformer_attention_mask (B, Lq),
   input_ids / attention_mask (B, L), labels (B, T) with -100 = ignored, decoder_attention_mask (B, T).
+  Decoder-only LLMs: input_ids / attention_mask hold [prompt][target] and labels (B, L) the target positions.
 """
 import dataclasses
 import re
@@ -85,6 +86,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
 def loss_fn(model: InstructBlip, params: dict, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, dict]:
   text = model.config.text
   deterministic = rng is None
+  if model.config.decoder_only:
+    # input_ids = [prompt][target]; the logit before each token predicts it, and the visual tokens in front
+    # (V of them) shift everything by V.
+    logits = model.apply(
+        {"params": params}, batch["pixel_values"], batch["qformer_input_ids"], batch["qformer_attention_mask"],
+        batch["input_ids"], batch["attention_mask"], deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng})
+    v = logits.shape[1] - batch["input_ids"].shape[1]
+    loss, tokens = cross_entropy(logits[:, v - 1:-1], batch["labels"])
+    return loss, {"tokens": tokens}
   logits = model.apply(
       {"params": params}, batch["pixel_values"], batch["qformer_input_ids"], batch["qformer_attention_mask"],
       batch["input_ids"], batch["attention_mask"],

@@ -74,3 +74,31 @@ def test_some_generations_stop_early(models):
   hf, _, _ = models
   theirs = _hf_generate(hf, _left_padded_inputs(), max_new_tokens=12, num_beams=1)
   assert (theirs == EOS).any(1).any() and not (theirs == EOS).any(1).all()
+
+
+def test_ranking_equals_transformers_log_likelihoods(models):
+  """Each candidate's summed log-probability equals transformers' on the unpadded [image][prompt][candidate]."""
+  hf, model, params = models
+  batch = oracle.tiny_batch(seed=6)
+  inputs = {k: v for k, v in batch.items() if not k.startswith("decoder")}  # right-padded prompts
+  rng = np.random.default_rng(0)
+  cands = np.full((3, 3, 4), -100, np.int32)
+  for i in range(3):
+    for j, n in enumerate((1, 4, 3)):
+      cands[i, j, :n] = rng.integers(3, 98, n)
+  scores, order = iblip_jax.rank(model, params, **inputs, candidate_labels=cands)
+  for i in range(3):
+    prompt = inputs["input_ids"][i, :inputs["attention_mask"][i].sum()]
+    for j in range(3):
+      cand = cands[i, j][cands[i, j] != -100]
+      ids = np.concatenate([np.full(oracle.NUM_QUERY, oracle.IMAGE_TOKEN), prompt, cand])[None]
+      with torch.no_grad():
+        logits = hf(pixel_values=torch.from_numpy(inputs["pixel_values"][i:i + 1]).permute(0, 3, 1, 2),
+                    qformer_input_ids=torch.from_numpy(inputs["qformer_input_ids"][i:i + 1]),
+                    qformer_attention_mask=torch.from_numpy(inputs["qformer_attention_mask"][i:i + 1]),
+                    input_ids=torch.from_numpy(ids)).logits[0]
+      logp = torch.log_softmax(logits, -1).numpy()
+      start = ids.shape[1] - len(cand)
+      want = sum(logp[start + t - 1, tok] for t, tok in enumerate(cand))
+      assert float(scores[i, j]) == pytest.approx(float(want), rel=1e-5, abs=1e-4)
+    np.testing.assert_array_equal(order[i], np.argsort(-np.asarray(scores[i]), kind="stable"))

@@ -79,6 +79,22 @@ def test_loss_equals_transformers_loss(tmp_path):
   np.testing.assert_allclose(float(loss), want.item(), rtol=1e-5)
 
 
+def test_decoder_only_loss_equals_transformers_loss(tmp_path):
+  """[visual][prompt][target] with right padding; transformers gets full-length labels, -100 on the image tokens."""
+  hf = oracle.tiny_hf_model(llama=True)
+  hf.save_pretrained(tmp_path / "hf")
+  model, params = iblip_jax.from_pretrained(str(tmp_path / "hf"))
+  batch = {k: v for k, v in oracle.tiny_batch().items() if not k.startswith("decoder")}
+  prompt_len = np.array([2, 3, 1])  # the first tokens of each row are prompt, the rest up to the mask is target
+  real = batch["attention_mask"] == 1
+  labels = np.where(real & (np.arange(6)[None] >= prompt_len[:, None]), batch["input_ids"], -100)
+  loss, aux = ts.loss_fn(model, params, {**batch, "labels": labels}, None)
+  full = np.concatenate([np.full((3, oracle.NUM_QUERY), -100), labels], 1)
+  want = oracle.hf_forward(hf, batch, labels=torch.from_numpy(full)).loss
+  assert int(aux["tokens"]) == (labels != -100).sum() == 8
+  np.testing.assert_allclose(float(loss), want.item(), rtol=1e-5)
+
+
 def _step_flops(config, trainable_patterns) -> float:
   config.trainable = trainable_patterns
   model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
