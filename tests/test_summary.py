@@ -46,7 +46,26 @@ def test_flant5xxl_trainable_matches_the_paper_table():
   assert _totals("instructblip_flant5xxl")[1] == 188_837_376
 
 
+@pytest.mark.parametrize("name", ["instructblip_vicuna7b", "instructblip_vicuna13b"])
+def test_vicuna_counts_match_the_paper_table(name):
+  assert _totals(name) == {"instructblip_vicuna7b": (7_913_210_624, 188_837_376),
+                           "instructblip_vicuna13b": (14_191_448_832, 189_624_832)}[name]
+
+
 @pytest.mark.parametrize("name", ["instructblip_flant5xl", "instructblip_flant5xxl", "tiny"])
 def test_totals_match_transformers_model_definitions(name):
   config = load_config(name)
   assert _totals(name)[0] == _transformers_count(config)
+
+
+def test_vicuna7b_total_matches_transformers_model_definition():
+  config = load_config("instructblip_vicuna7b")
+  t = config.model.text
+  text = dict(model_type="llama", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+              intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+              num_attention_heads=t.num_attention_heads, tie_word_embeddings=False)
+  cfg = InstructBlipConfig(vision_config=dict(config.model.vision), qformer_config=dict(config.model.qformer),
+                           text_config=text, num_query_tokens=config.model.num_query_tokens)
+  with torch.device("meta"):
+    model = InstructBlipForConditionalGeneration(cfg)
+  assert _totals("instructblip_vicuna7b")[0] == sum(p.numel() for p in model.parameters())
