@@ -46,6 +46,22 @@ def test_mesh_matches_one_device(one_device, mesh):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=atol)
 
 
+def test_decoder_only_mesh_matches_one_device():
+  """Vicuna-style training (tiny LLaMA, grouped-query heads split over `tensor`) on a 2x2x2 mesh = one device."""
+  config = train_helper.train_config("tiny_vicuna")
+  want_losses, want, *_ = train_helper.run_steps((1, 1, 1), config=config, devices=jax.devices()[:1])
+  losses, trainable, frozen_before, frozen_after, sh, _ = train_helper.run_steps((2, 2, 2), config=config)
+  assert abs(want_losses[0] - want_losses[-1]) > 1e-4
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  atol = 1e-3 * config.optim.lr * len(losses)
+  for got, ref in zip(jax.tree.leaves(_host(trainable)), jax.tree.leaves(_host(want)), strict=True):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=atol)
+  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(_host(frozen_after)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  q_proj = sh.frozen["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].spec
+  assert "tensor" in tuple(q_proj)   # heads are tensor-parallel
+
+
 def test_frozen_weights_never_move_and_have_no_optimizer_state():
   _, trainable, before, after, _, opt_state = train_helper.run_steps((2, 2, 2))
   assert set(trainable) == {"ln_vision", "query_tokens", "qformer", "language_projection"}

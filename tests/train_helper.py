@@ -20,8 +20,8 @@ def load_config(name: str = "tiny"):
   return module.get_config()
 
 
-def train_config():
-  config = load_config("tiny")
+def train_config(name: str = "tiny"):
+  config = load_config(name)
   # large enough that params visibly move in 3 steps
   config.optim.lr, config.optim.warmup_lr, config.optim.warmup_steps = 1e-2, 1e-2, 1
   return config
@@ -41,6 +41,21 @@ def make_batch(batch: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
               labels=np.where(dmask == 1, labels, -100).astype(np.int32), decoder_attention_mask=dmask)
 
 
+def make_decoder_only_batch(batch: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+  """The same examples laid out for a decoder-only LLM: input_ids = [prompt][target], padding at the end."""
+  t5 = make_batch(batch, seed)
+  rows = [np.concatenate([p[m == 1], l[l != -100]]) for p, m, l in zip(t5["input_ids"], t5["attention_mask"],
+                                                                         t5["labels"])]
+  ids = np.zeros((batch, 11), np.int32)
+  labels = np.full((batch, 11), -100, np.int32)
+  for i, (row, n) in enumerate(zip(rows, t5["attention_mask"].sum(1))):
+    ids[i, :len(row)] = row
+    labels[i, n:len(row)] = row[n:]
+  mask = (np.arange(11)[None] < np.array([len(r) for r in rows])[:, None]).astype(np.int32)
+  return dict(pixel_values=t5["pixel_values"], qformer_input_ids=t5["qformer_input_ids"],
+              qformer_attention_mask=t5["qformer_attention_mask"], input_ids=ids, attention_mask=mask, labels=labels)
+
+
 def run_steps(mesh_sizes, num_steps: int = 3, config=None, devices=None, local_rows=None):
   """Returns (losses, trainable, frozen_before, frozen_after, shardings) after `num_steps` steps."""
   config = config or train_config()
@@ -53,7 +68,7 @@ def run_steps(mesh_sizes, num_steps: int = 3, config=None, devices=None, local_r
   frozen_before = jax.tree.map(np.asarray, frozen) if jax.process_count() == 1 else None
   opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
   step = ts.jit_train_step(ts.make_train_step(model, tx, vision_frozen="vision" not in trainable, dropout=False), sh)
-  batch = make_batch()
+  batch = make_decoder_only_batch() if model.config.decoder_only else make_batch()
   if local_rows is not None:
     batch = {k: v[local_rows] for k, v in batch.items()}
   losses = []
