@@ -123,10 +123,9 @@ class SkipCounter:
 
 def collate(tok: tokenize.Tokenizers) -> Callable[[Sequence[dict]], dict]:
   def fn(examples: Sequence[dict]) -> dict:
-    texts_in = [e["text_input"] for e in examples]
     return dict(pixel_values=np.stack([e["pixel_values"] for e in examples]),
-                **tokenize.encode_prompts(tok, texts_in),
-                **tokenize.encode_targets(tok, [e["text_output"] for e in examples]))
+                **tokenize.encode_training(tok, [e["text_input"] for e in examples],
+                                           [e["text_output"] for e in examples]))
   return fn
 
 

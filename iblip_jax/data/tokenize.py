@@ -1,7 +1,10 @@
-"""Tokenisation for the Q-Former (BERT) and the LLM (T5), with LAVIS's truncation rules and bucketed padding.
+"""Tokenisation for the Q-Former (BERT) and the LLM (T5 or Vicuna), with LAVIS's truncation rules and bucketed padding.
 
 - Q-Former instruction and LLM prompt: truncated on the left (the end of an instruction is what matters), 128 tokens.
 - LLM targets: truncated on the right, 256 tokens; padding positions of labels are -100.
+- Decoder-only LLMs (Vicuna) train on one sequence per example, [prompt][target </s>] with the padding moved to the
+  end (LAVIS's concat_text_input_output); labels are -100 on the prompt and the padding. Ranking candidates carry
+  neither BOS nor EOS (LAVIS).
 - Padding goes to the smallest bucket length that fits, so jit sees a few shapes rather than one per batch.
 Tokenizers load from local files: a Hugging Face InstructBLIP directory has the LLM tokenizer at its top level
 and the Q-Former's in `qformer_tokenizer/`.
@@ -26,10 +29,12 @@ class Tokenizers:
   max_input_len: int = 128
   max_output_len: int = 256
   buckets: tuple[int, ...] = BUCKETS
+  decoder_only: bool = False   # the LLM is decoder-only: prompt and target form one sequence
 
 
 def load_tokenizers(path: str, *, qformer_path: str | None = None, max_input_len: int = 128,
-                    max_output_len: int = 256, buckets: Sequence[int] = BUCKETS) -> Tokenizers:
+                    max_output_len: int = 256, buckets: Sequence[int] = BUCKETS,
+                    decoder_only: bool = False) -> Tokenizers:
   qformer_path = qformer_path or os.path.join(path, "qformer_tokenizer")
   for p in (path, qformer_path):
     if not os.path.isdir(p):
@@ -39,7 +44,7 @@ def load_tokenizers(path: str, *, qformer_path: str | None = None, max_input_len
   llm = AutoTokenizer.from_pretrained(path, truncation_side="left")
   targets = copy.deepcopy(llm)
   targets.truncation_side = "right"
-  return Tokenizers(qformer, llm, targets, max_input_len, max_output_len, tuple(sorted(buckets)))
+  return Tokenizers(qformer, llm, targets, max_input_len, max_output_len, tuple(sorted(buckets)), decoder_only)
 
 
 def bucket(length: int, buckets: Sequence[int]) -> int:
@@ -58,8 +63,16 @@ def _pad(rows: list[list[int]], pad: int, length: int) -> tuple[np.ndarray, np.n
   return ids, mask
 
 
-def _ids(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
-  return tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+def _ids(tokenizer, texts: Sequence[str], max_len: int, special: bool = True) -> list[list[int]]:
+  return tokenizer(list(texts), truncation=True, max_length=max_len, add_special_tokens=special)["input_ids"]
+
+
+def _target_ids(tok: Tokenizers, texts: Sequence[str]) -> list[list[int]]:
+  """T5: the tokenizer appends </s>. Decoder-only: no BOS, and EOS appended after truncation (LAVIS appends
+  "</s>" to the text, which truncation can cut off; the model must always see where an answer ends)."""
+  if not tok.decoder_only:
+    return _ids(tok.llm_targets, texts, tok.max_output_len)
+  return [r + [tok.llm.eos_token_id] for r in _ids(tok.llm_targets, texts, tok.max_output_len - 1, special=False)]
 
 
 def encode_prompts(tok: Tokenizers, texts: Sequence[str], qformer_texts: Sequence[str] | None = None) -> dict:
@@ -74,16 +87,34 @@ def encode_prompts(tok: Tokenizers, texts: Sequence[str], qformer_texts: Sequenc
 
 def encode_targets(tok: Tokenizers, texts: Sequence[str]) -> dict:
   """labels (B, T) with -100 on padding, decoder_attention_mask (B, T)."""
-  rows = _ids(tok.llm_targets, texts, tok.max_output_len)
+  rows = _target_ids(tok, texts)
   ids, mask = _pad(rows, tok.llm.pad_token_id, bucket(max(map(len, rows)), tok.buckets))
   return dict(labels=np.where(mask == 1, ids, IGNORE).astype(np.int32), decoder_attention_mask=mask)
 
 
+def encode_training(tok: Tokenizers, texts_in: Sequence[str], texts_out: Sequence[str],
+                    qformer_texts: Sequence[str] | None = None) -> dict:
+  """A training batch's token arrays. FlanT5: prompts and (labels, decoder_attention_mask) apart. Decoder-only:
+  input_ids / attention_mask hold [prompt][target] and labels (B, L) mark the target tokens."""
+  prompts = encode_prompts(tok, texts_in, qformer_texts)
+  if not tok.decoder_only:
+    return dict(prompts, **encode_targets(tok, texts_out))
+  prompt_rows, target_rows = _ids(tok.llm, texts_in, tok.max_input_len), _target_ids(tok, texts_out)
+  rows = [p + t for p, t in zip(prompt_rows, target_rows)]
+  ids, mask = _pad(rows, tok.llm.pad_token_id, bucket(max(map(len, rows)), tok.buckets))
+  labels = np.full_like(ids, IGNORE)
+  for i, (p, t) in enumerate(zip(prompt_rows, target_rows)):
+    labels[i, len(p):len(p) + len(t)] = t
+  return dict(qformer_input_ids=prompts["qformer_input_ids"], qformer_attention_mask=prompts["qformer_attention_mask"],
+              input_ids=ids, attention_mask=mask, labels=labels)
+
+
 def encode_candidates(tok: Tokenizers, candidates: Sequence[Sequence[str]]) -> np.ndarray:
-  """Per-sample candidate answers -> (B, C, N) labels (EOS appended by the tokenizer), -100 padded; samples with
+  """Per-sample candidate answers -> (B, C, N) labels (T5: EOS appended by the tokenizer; decoder-only: no special
+  tokens, as LAVIS ranks Vicuna candidates), -100 padded; samples with
   fewer candidates are padded with empty (all -100) candidates, which callers must ignore."""
   c = max(len(x) for x in candidates)
-  rows = [_ids(tok.llm_targets, list(x), tok.max_output_len) for x in candidates]
+  rows = [_ids(tok.llm_targets, list(x), tok.max_output_len, special=not tok.decoder_only) for x in candidates]
   n = bucket(max(len(r) for rs in rows for r in rs), tok.buckets)
   out = np.full((len(candidates), c, n), IGNORE, np.int32)
   for i, rs in enumerate(rows):

@@ -14,8 +14,11 @@ QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 LLM_SPECIALS = ["<pad>", "</s>", "<unk>"]
 
 
-def build(words, out_dir: str) -> None:
-  """Writes an LLM tokenizer to `out_dir` and a Q-Former tokenizer to `out_dir/qformer_tokenizer`."""
+def build(words, out_dir: str, *, decoder_only: bool = False) -> None:
+  """Writes an LLM tokenizer to `out_dir` and a Q-Former tokenizer to `out_dir/qformer_tokenizer`.
+
+  decoder_only: Vicuna's conventions as LAVIS sets them, </s> prepended as BOS and nothing appended (ids: pad 0,
+  </s> 2, unk 1), instead of T5's "text </s>" (pad 0, </s> 1, unk 2)."""
   words = sorted({w.lower() for w in words} - set(QFORMER_SPECIALS) - set(LLM_SPECIALS))
   os.makedirs(os.path.join(out_dir, "qformer_tokenizer"), exist_ok=True)
   vocab_file = os.path.join(out_dir, "qformer_tokenizer", "vocab.txt")
@@ -26,10 +29,14 @@ def build(words, out_dir: str) -> None:
   BertTokenizerFast(vocab_file, do_lower_case=True, bos_token="[DEC]").save_pretrained(
       os.path.join(out_dir, "qformer_tokenizer"))
 
-  vocab = {w: i for i, w in enumerate(LLM_SPECIALS + words)}
+  specials = ["<pad>", "<unk>", "</s>"] if decoder_only else LLM_SPECIALS
+  vocab = {w: i for i, w in enumerate(specials + words)}
+  eos = vocab["</s>"]
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.normalizer = normalizers.Lowercase()
   tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-  tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-  PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(
-      out_dir)
+  tok.post_processor = processors.TemplateProcessing(single="</s> $A" if decoder_only else "$A </s>",
+                                                     special_tokens=[("</s>", eos)])
+  extra = dict(bos_token="</s>") if decoder_only else {}
+  PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                          **extra).save_pretrained(out_dir)

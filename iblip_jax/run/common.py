@@ -136,7 +136,7 @@ def load_model(config) -> tuple[InstructBlip, dict]:
 def load_tokenizers(config, model: InstructBlip) -> tokenize.Tokenizers:
   """The tokenizers, checked against the model: an id past an embedding table would silently read NaN."""
   path = config.get("tokenizer") or config.model_init
-  tok = tokenize.load_tokenizers(path)
+  tok = tokenize.load_tokenizers(path, decoder_only=model.config.decoder_only)
   for name, size, vocab in (("Q-Former", len(tok.qformer), model.config.qformer.vocab_size),
                             ("LLM", len(tok.llm), model.config.text.vocab_size)):
     if size > vocab:

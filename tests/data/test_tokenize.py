@@ -46,3 +46,32 @@ def test_missing_tokenizer_directory_is_a_clear_error(tmp_path):
 
 def test_buckets():
   assert tokenize.bucket(3, (4, 8)) == 4 and tokenize.bucket(8, (4, 8)) == 8 and tokenize.bucket(9, (4, 8)) == 16
+
+
+@pytest.fixture(scope="module")
+def vicuna_tok(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tok_vicuna")
+  word_tokenizers.build(WORDS, str(path), decoder_only=True)
+  return tokenize.load_tokenizers(str(path), max_input_len=6, max_output_len=4, buckets=(4, 8), decoder_only=True)
+
+
+def test_decoder_only_training_sequence(vicuna_tok):
+  """LAVIS's concat_text_input_output: [</s> prompt][target </s>], padding at the end, loss on the target only."""
+  tok = vicuna_tok
+  out = tokenize.encode_training(tok, ["what is in the image", "a cat"], ["a cat", "the mat of the dog"])
+  words = lambda row: tok.llm.convert_ids_to_tokens([int(i) for i in row])
+  n = out["attention_mask"].sum(1).tolist()
+  assert out["input_ids"].shape == (2, 16) and n == [9, 7]   # 6 + 3 and 3 + 4 (the target truncated to 3 + EOS)
+  assert words(out["input_ids"][0][:9]) == ["</s>", "what", "is", "in", "the", "image", "a", "cat", "</s>"]
+  assert words(out["input_ids"][1][:7]) == ["</s>", "a", "cat", "the", "mat", "of", "</s>"]
+  assert (out["input_ids"][1][7:] == tok.llm.pad_token_id).all()
+  labels = out["labels"]
+  assert (labels[0][:6] == -100).all() and words(labels[0][6:9]) == ["a", "cat", "</s>"] and (labels[0][9:] == -100).all()
+  assert (labels[1][:3] == -100).all() and words(labels[1][3:7]) == ["the", "mat", "of", "</s>"]
+  assert out["qformer_input_ids"].shape[0] == 2 and "decoder_attention_mask" not in out
+
+
+def test_decoder_only_candidates_have_no_special_tokens(vicuna_tok):
+  cands = tokenize.encode_candidates(vicuna_tok, [["cat", "the dog"]])
+  assert vicuna_tok.llm.convert_ids_to_tokens(cands[0, 1][:2].tolist()) == ["the", "dog"]
+  assert (cands[0, 0][1:] == -100).all() and (cands[0, 1][2:] == -100).all()

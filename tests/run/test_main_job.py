@@ -140,3 +140,26 @@ def test_predict_folder_and_export_to_transformers(assets, tmp_path):
   trained = _final_trainable(tmp_path / "w", 2)
   np.testing.assert_array_equal(hf.query_tokens.detach().numpy(), np.asarray(trained["query_tokens"]))
   assert (tmp_path / "hf" / "qformer_tokenizer").is_dir()
+
+
+def test_decoder_only_llm_trains_evaluates_predicts_and_exports(assets, tmp_path):
+  """The same job with a tiny Vicuna-style checkpoint (LLaMA, grouped-query attention), on a 2-device mesh:
+  training, evaluation by generation and by ranking, predict, and export loaded back by transformers."""
+  ckpt = tmp_path / "vicuna"
+  oracle.tiny_hf_model(llama=True).save_pretrained(ckpt)
+  word_tokenizers.build(shapes.vocabulary(), str(ckpt), decoder_only=True)
+  flags = lambda **kw: _flags(assets, tmp_path / "w", model_init=str(ckpt), **{"mesh.fsdp": 2, **kw})
+  out = _run(flags(total_steps=2, eval_at_end=True, eval_max_examples=3), devices=2)
+  metrics = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl")]
+  evals = [m for m in metrics if "eval/held_in_vqa/vqa" in m]
+  assert len(evals) == 1 and "eval/held_out_shape_mc/accuracy" in evals[0], out.stdout[-2000:]
+  assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+  out = _run(flags(mode="predict", **{"predict.images": str(assets / "data" / "images" / "val_00000.png"),
+                                      "predict.output": str(tmp_path / "a.jsonl"), "predict.max_new_tokens": 3,
+                                      "predict.num_beams": 2}), devices=2)
+  assert len([json.loads(l) for l in open(tmp_path / "a.jsonl")]) == 1
+  _run(flags(mode="export", export_dir=str(tmp_path / "hf")), devices=2)
+  hf = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf")
+  assert hf.config.use_decoder_only_language_model and hf.config.text_config.model_type == "llama"
+  np.testing.assert_array_equal(hf.query_tokens.detach().numpy(),
+                                np.asarray(_final_trainable(tmp_path / "w", 2)["query_tokens"]))
