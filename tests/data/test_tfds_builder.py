@@ -39,6 +39,10 @@ def _coco(root) -> str:
   return str(root)
 
 
+def _by_id(records):  # a prepared dataset's order is tfds' (hashed), not the reader's
+  return sorted(records, key=lambda r: json.dumps(r["id"]))
+
+
 def _expected(records):
   """The reader's records as a prepared dataset gives them back: image files as their bytes; missing ones gone."""
   out = []
@@ -47,12 +51,12 @@ def _expected(records):
       out.append({**r, "image": open(r["image"], "rb").read()})
     elif r.get("frames"):
       out.append({**r, "frames": [open(p, "rb").read() for p in r["frames"]]})
-  return out
+  return _by_id(out)
 
 
 def _read_all(data_dir, name, split):
   ds = tfds_builder.data_source(data_dir, name, split)
-  return [ds[i] for i in range(len(ds))]
+  return _by_id(ds[i] for i in range(len(ds)))
 
 
 def test_coco_caption_round_trip_is_exact(tmp_path):
@@ -121,7 +125,8 @@ def test_pipeline_gives_the_same_batches_from_prepared_data_as_from_the_reader(t
   root = _coco(tmp_path / "coco")
   tfds_builder.prepare("coco_caption", root, str(tmp_path / "tfds"))
   prepared = tfds_builder.data_source(str(tmp_path / "tfds"), "coco_caption", "train")
-  in_memory = mixture.source(list(readers.read_coco_caption(root)))
+  by_id = {r["id"]: r for r in readers.read_coco_caption(root)}  # the reader's records (paths), in tfds' order
+  in_memory = mixture.source([by_id[prepared[i]["id"]] for i in range(len(prepared))] + [by_id[3]])
   build = lambda ds, workers=0: list(pipeline.build(ds, tok, batch_size=2, image_size=16, seed=0, train=True,
                                                     render=_render, workers=workers).dataset)
   want = build(in_memory)
@@ -168,7 +173,7 @@ def test_config_entries_read_prepared_data_and_bad_ones_are_named(tmp_path):
   tfds_builder.prepare("coco_caption", root, str(tmp_path / "tfds"))
   spec = ml_collections.ConfigDict(dict(format="coco_caption", tfds_data_dir=str(tmp_path / "tfds"), split="train"))
   ds = common.record_source(spec, "data.datasets.coco")
-  assert [ds[i] for i in range(len(ds))] == _expected(readers.read_coco_caption(root))
+  assert _by_id(ds[i] for i in range(len(ds))) == _expected(readers.read_coco_caption(root))
   evals = common.read_records(spec, "evals.coco")  # the evaluator takes images, not bytes
   assert [isinstance(r["image"], Image.Image) for r in evals] == [True, True]
   missing = ml_collections.ConfigDict(dict(format="coco_caption", tfds_data_dir=str(tmp_path / "tfds"),
