@@ -6,7 +6,7 @@
 Needs libtpu installed (it is the TPU compiler; no TPU hardware is touched). Nothing is allocated: parameters,
 optimizer state and batches are jax.ShapeDtypeStructs carrying their NamedShardings on a mesh of the topology's
 compile-only devices (MaxText's train_compile recipe). The step is the one training runs: frozen ViT and LLM in
-bfloat16, trainable tree and AdamW in float32, T5 blocks rematerialised.
+bfloat16, trainable tree and AdamW in float32, LLM blocks rematerialised.
 
 Reports per-chip memory from XLA's buffer assignment of the TPU compile (compiled.memory_analysis) against the
 chip's HBM; FLOPs per call, counted on the same program with its layer loops unrolled, before partitioning (see
@@ -170,8 +170,8 @@ class Shapes:
 
 
 def tpu_model_config(config, *, frozen_dtype: str = "bfloat16", remat: bool = True):
-  """The model config TPU training uses: frozen towers (ViT, T5) in `frozen_dtype`, the trainable side as configured
-  (float32), T5 blocks rematerialised."""
+  """The model config TPU training uses: frozen towers (ViT, LLM) in `frozen_dtype`, the trainable side as
+  configured (float32), LLM blocks rematerialised."""
   d = config.model.to_dict()
   d["vision"] = dict(d.get("vision", {}), dtype=frozen_dtype, param_dtype=frozen_dtype)
   d["text"] = dict(d.get("text", {}), dtype=frozen_dtype, param_dtype=frozen_dtype, remat=remat)
@@ -180,7 +180,8 @@ def tpu_model_config(config, *, frozen_dtype: str = "bfloat16", remat: bool = Tr
 
 def fully_unrolled(cfg):
   """The same model (parameters and maths) with no layer loops left, for counting FLOPs (see global_flops)."""
-  text_layers = max(cfg.text.num_layers, cfg.text.num_decoder_layers)
+  t = cfg.text
+  text_layers = t.num_hidden_layers if cfg.decoder_only else max(t.num_layers, t.num_decoder_layers)
   return cfg.replace(vision=dataclasses.replace(cfg.vision, scan_unroll=cfg.vision.num_hidden_layers),
                      text=dataclasses.replace(cfg.text, scan_unroll=text_layers))
 
@@ -191,14 +192,18 @@ def _abstract(shapes: Any, shardings: Any) -> Any:
 
 def batch_specs(cfg, batch: int, shapes: Shapes, batch_sharding: NamedSharding | None = None, *,
                 labels: bool = True) -> dict:
-  """The train (or, without labels, decode) batch as ShapeDtypeStructs, sharded when given a sharding."""
+  """The train (or, without labels, decode) batch as ShapeDtypeStructs, sharded when given a sharding. A
+  decoder-only LLM trains on [prompt][target] in one sequence."""
   v = cfg.vision
   ids = lambda n: jax.ShapeDtypeStruct((batch, n), jnp.int32, sharding=batch_sharding)
+  text = shapes.prompt + shapes.target if labels and cfg.decoder_only else shapes.prompt
   out = dict(pixel_values=jax.ShapeDtypeStruct((batch, v.image_size, v.image_size, v.num_channels), jnp.float32,
                                                sharding=batch_sharding),
              qformer_input_ids=ids(shapes.instruction), qformer_attention_mask=ids(shapes.instruction),
-             input_ids=ids(shapes.prompt), attention_mask=ids(shapes.prompt))
-  if labels:
+             input_ids=ids(text), attention_mask=ids(text))
+  if labels and cfg.decoder_only:
+    out.update(labels=ids(text))
+  elif labels:
     out.update(labels=ids(shapes.target), decoder_attention_mask=ids(shapes.target))
   return out
 
@@ -418,7 +423,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("new_tokens", 10, "Tokens to generate in the decode compile.")
   flags.DEFINE_integer("num_beams", 1, "1 = greedy; >1 compiles beam search.")
   flags.DEFINE_enum("frozen_dtype", "bfloat16", ["bfloat16", "float32"], "ViT and LLM dtype.")
-  flags.DEFINE_bool("remat", True, "Rematerialise T5 blocks in the backward pass.")
+  flags.DEFINE_bool("remat", True, "Rematerialise LLM blocks in the backward pass.")
   flags.DEFINE_bool("decode", True, "Also compile generation.")
   flags.mark_flag_as_required("config")
 
@@ -437,7 +442,7 @@ def main(argv):
   print(f"topology {topology} = {topology.num_chips} x {devices[0].device_kind}, "
         f"{topology.chip.hbm_bytes / GiB:.0f} GiB HBM per chip; mesh {dict(mesh.shape)}; lengths instruction "
         f"{shapes.instruction}, prompt {shapes.prompt}, target {shapes.target}; frozen towers {f.frozen_dtype}, "
-        f"T5 remat {f.remat}", flush=True)
+        f"LLM remat {f.remat}", flush=True)
   common = dict(mesh_sizes=mesh_sizes, shapes=shapes, frozen_dtype=f.frozen_dtype, devices=devices)
   jobs = [(f"global batch {batch} ({batch / topology.num_chips:g} per chip)",
            lambda: compile_train(config, topology, batch=batch, remat=f.remat, **common))]

@@ -140,3 +140,13 @@ def test_tpu_model_config():
   unrolled = aot.fully_unrolled(cfg)
   assert unrolled.vision.scan_unroll == cfg.vision.num_hidden_layers
   assert unrolled.text.scan_unroll == cfg.text.num_layers
+
+
+def test_compile_tiny_decoder_only_train_step_and_decode(v5e_2x2):
+  topology, devices = v5e_2x2
+  config = train_helper.load_config("tiny_vicuna")
+  train = aot.compile_train(config, topology, batch=8, shapes=SHAPES, devices=devices)
+  assert 0 < train.total_bytes < topology.chip.hbm_bytes and train.alias_bytes > 0
+  assert train.model_flops < train.flops   # remat recomputes part of the LLaMA forward
+  decode = aot.compile_decode(config, topology, batch=4, new_tokens=3, shapes=SHAPES, devices=devices)
+  assert decode.flops > 0 and aot.fits(decode, topology)
