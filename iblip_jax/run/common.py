@@ -1,5 +1,7 @@
 """What the modes share: checking the config before anything compiles, loading the model and tokenizers, reading
 records, rendering instructions, running the configured evaluations."""
+import dataclasses
+import logging
 import os
 
 import jax
@@ -133,8 +135,9 @@ def load_model(config) -> tuple[InstructBlip, dict]:
   return model, jax.tree.map(np.asarray, nn.meta.unbox(params))
 
 
-def load_tokenizers(config, model: InstructBlip) -> tokenize.Tokenizers:
-  """The tokenizers, checked against the model: an id past an embedding table would silently read NaN."""
+def load_tokenizers(config, model: InstructBlip) -> tuple[InstructBlip, tokenize.Tokenizers]:
+  """The tokenizers, checked against the model: an id past an embedding table would silently read NaN. Returns
+  the model with the tokenizer's EOS as the one generation stops at (see align_eos)."""
   path = config.get("tokenizer") or config.model_init
   tok = tokenize.load_tokenizers(path, decoder_only=model.config.decoder_only)
   for name, size, vocab in (("Q-Former", len(tok.qformer), model.config.qformer.vocab_size),
@@ -142,7 +145,18 @@ def load_tokenizers(config, model: InstructBlip) -> tokenize.Tokenizers:
     if size > vocab:
       raise ValueError(f"the {name} tokenizer in {path} has {size} tokens but the model's vocabulary has {vocab}: "
                        "tokenizer and checkpoint do not belong together")
-  return tok
+  return align_eos(model, tok.llm.eos_token_id, path), tok
+
+
+def align_eos(model: InstructBlip, eos: int | None, where: str) -> InstructBlip:
+  """Targets end with the tokenizer's EOS, so generation must stop there. The Vicuna checkpoints' text_config says
+  eos_token_id=1 while their tokenizer's </s> (which LAVIS trains and stops on) is 2: the tokenizer wins, loudly."""
+  text = model.config.text
+  if eos is None or eos == text.eos_token_id:
+    return model
+  logging.warning("%s: the tokenizer's EOS id is %d but the model config says %d; generation stops at %d",
+                  where, eos, text.eos_token_id, eos)
+  return model.clone(config=model.config.replace(text=dataclasses.replace(text, eos_token_id=eos)))
 
 
 def run_evals(config, model, params, tok, out_dir: str) -> dict:

@@ -9,7 +9,7 @@ from iblip_jax.run import common, restore
 def run(config, workdir: str) -> dict:
   common.validate(config, workdir, mode="eval")
   model, params, step = restore.params_with_latest_checkpoint(config, workdir)
-  tok = common.load_tokenizers(config, model)
+  model, tok = common.load_tokenizers(config, model)
   results = common.run_evals(config, model, params, tok, os.path.join(workdir, "eval", f"step_{step}"))
   print(json.dumps({"step": step, **results}, indent=2))
   return results

@@ -35,7 +35,7 @@ def run(config, workdir: str | None) -> list[dict]:
   p = config.predict
   paths = image_paths(p.images)
   model, params, _ = restore.params_with_latest_checkpoint(config, workdir)
-  tok = common.load_tokenizers(config, model)
+  model, tok = common.load_tokenizers(config, model)
   size = model.config.vision.image_size
   out = []
   for start in tqdm(range(0, len(paths), p.batch_size), desc="predict", disable=len(paths) <= p.batch_size):

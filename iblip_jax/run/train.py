@@ -44,7 +44,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   distributed.maybe_initialize()
   os.makedirs(workdir, exist_ok=True)
   model, params = common.load_model(config)
-  tok = common.load_tokenizers(config, model)
+  model, tok = common.load_tokenizers(config, model)
 
   # --- mesh, shardings, state -------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
