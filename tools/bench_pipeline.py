@@ -2,7 +2,7 @@
 
   python tools/bench_pipeline.py [--batch 32] [--workers 0,1,2] [--batches 12] [--steps 3] [--images 256]
 
-Generates `--images` JPEGs of 480x640 (a smooth random field plus grain, quality 90: ~100 KB, COCO-like) and a
+Generates `--images` JPEGs of 480x640 (a smooth random field plus grain, quality 90: ~75 KiB each) and a
 JSONL of VQA-style instruction/answer pairs in a temporary directory, then times the full training pipeline
 (iblip_jax.data.pipeline: decode, RandomResizedCrop, bicubic resize to 224, CLIP normalisation, tokenisation,
 bucketed batching) at each worker count, from the JSONL records (image files) and from the same records prepared as
