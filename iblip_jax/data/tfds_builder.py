@@ -8,7 +8,8 @@ that odd images (EXIF rotation, 16-bit PNG, CMYK) reach preprocess.to_rgb exactl
 
 Neither preparing nor reading needs TensorFlow (checked with tensorflow-datasets 4.9.10: a GeneratorBasedBuilder
 writes ArrayRecord with numpy only; tfds' AdhocBuilder does not, it tests its input against tf.data). Preparing
-imports `importlib_resources`, which tfds uses but declares only for Python < 3.9: the `prepare` extra has it.
+needs `importlib_resources` (tfds imports it to locate the code of a builder defined in a package, but declares it
+only for Python < 3.9): the `prepare` extra has it. Reading needs neither.
 
 The feature dict is inferred per dataset, because record fields differ (captions; question + answers; candidates
 + answer_index; ...), in a first pass over the annotations (no image is opened):
@@ -27,6 +28,7 @@ split="train", weight=1.0) (`tfds_name`, default the format, names the prepared 
 import argparse
 import collections
 import functools
+import importlib.util
 import inspect
 import io
 import json
@@ -262,8 +264,11 @@ def make_builder(dataset: str, source: str, data_dir: str, *, splits: Sequence[s
     raise ValueError(f"{dataset} at {source}: records must all carry 'image' or all 'frames', found {sorted(media)}")
   print(f"{dataset}: schema from the annotations in {time.perf_counter() - t0:.1f}s: "
         + ", ".join(f"{f}:{k}" for f, k in schema.items()), flush=True)
+  if importlib.util.find_spec("importlib_resources") is None:  # tfds needs it to locate a builder's code
+    raise ModuleNotFoundError("preparing needs importlib_resources, which tensorflow-datasets imports without "
+                              "declaring it: pip install 'iblip_jax[prepare]' (or importlib_resources)")
   cls = types.new_class(f"Prepared_{name or dataset}", (_Builder,), {"skip_registration": True},
-                        lambda ns: ns.update(name=name or dataset))
+                        lambda ns: ns.update(name=name or dataset, __module__=__name__))
   description = f"iblip_jax reader {dataset!r} over {os.path.abspath(source)}, splits {names}, args {reader_args}"
   return cls(read=lambda split: read(by_name[split]), splits=names, schema=schema, media=media.pop(),
              description=description, data_dir=data_dir, file_format="array_record")

@@ -229,3 +229,11 @@ def test_training_data_from_the_config_mixes_prepared_and_jsonl_datasets_per_ste
   config.data.mixing = "steps"
   with pytest.raises(ValueError, match="config.data.mixing='steps' must be"):
     common.validate(config, str(tmp_path / "work"), mode="train")
+
+
+def test_preparing_without_the_prepare_extra_says_what_to_install(tmp_path, monkeypatch):
+  import importlib.util
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "importlib_resources" else real(n, *a))
+  with pytest.raises(ModuleNotFoundError, match=r"iblip_jax\[prepare\]"):
+    tfds_builder.prepare("coco_caption", _coco(tmp_path / "coco"), str(tmp_path / "tfds"))
