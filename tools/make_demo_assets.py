@@ -1,13 +1,17 @@
 """Builds the embedded demo's "pretrained" InstructBLIP: tiny towers trained here, written in Hugging Face format.
 
-  python tools/make_demo_assets.py [--out demo_assets/instructblip-demo] [--steps 3000]
+  python tools/make_demo_assets.py [--out demo_assets/instructblip-demo] [--steps 2000] [--steps_text 1500]
 
-The real recipe starts from a pretrained EVA ViT and FlanT5. The demo needs the same situation at toy scale:
-frozen towers that already see shapes and colours and already know the words. This script trains every parameter
-of a tiny InstructBLIP on the procedural shapes data (captions, colour questions and shape questions), then saves
-it with `iblip_jax.save_pretrained` together with word-level tokenizers, so that the demo loads it through the same
-`from_pretrained` path as the released weights. The demo then trains a fresh Q-Former side only (configs/demo.py).
-Its output is committed (a few MB); rerun this script only to change the demo's model.
+The real recipe starts from a pretrained EVA ViT and FlanT5 and a BLIP-2 Q-Former. The demo needs the same
+situation at toy scale, built in two stages on procedural shapes data (not the demo's own images):
+  A. "LLM pretraining": the T5 alone learns captioning, question answering and multiple choice from text, each
+     record written as [caption tokens][prompt], the caption where the visual tokens will sit;
+  B. "BLIP-2": the ViT and Q-Former side learn to caption images with that T5 frozen, plus a term pulling the visual
+     tokens towards the caption's token embeddings, so that what the T5 learned from text carries over to images.
+It saves the result with `iblip_jax.save_pretrained` together with word-level tokenizers, so that the demo loads it
+through the same `from_pretrained` path as the released weights, then instruction-tunes the Q-Former side only
+(configs/demo.py). Its output is committed (about 2 MB); rerun this script only to change the demo's model (it took
+about 10 minutes on 2 CPU cores).
 """
 import argparse
 import importlib.util
@@ -53,8 +57,19 @@ def _optim():
   return c
 
 
+def _with_caption(tok, captions, prompts, slots: int) -> dict:
+  """[caption tokens][prompt tokens] as one encoder input: the caption sits exactly where the Q visual tokens will
+  (every demo caption is 7 words and EOS, i.e. `slots`; no padding between, because T5's positions are relative)."""
+  cap = np.asarray(tok.llm(list(captions))["input_ids"], np.int32)
+  if cap.shape[1] != slots:
+    raise ValueError(f"captions tokenize to {cap.shape[1]} tokens, the model has {slots} query tokens")
+  prompt = tokenize.encode_prompts(tok, prompts)
+  return dict(input_ids=np.concatenate([cap, prompt["input_ids"]], 1),
+              attention_mask=np.concatenate([np.ones_like(cap), prompt["attention_mask"]], 1))
+
+
 def train_text(model, lm_params, tok, path: str, steps: int, batch: int, seed: int):
-  """Trains the T5 alone (no visual tokens) on text records; returns its parameters."""
+  """Stage A: trains the T5 alone on text records, each written as [caption][prompt]; returns its parameters."""
   rows = [json.loads(line) for line in open(path)]  # text only: no image field for the JSONL reader
   tx = optim.make(_optim(), steps)
   opt_state = tx.init(lm_params)
@@ -78,12 +93,33 @@ def train_text(model, lm_params, tok, path: str, steps: int, batch: int, seed: i
   t0 = time.time()
   for i in range(steps):
     picked = [rows[j] for j in rng.integers(0, len(rows), batch)]
-    b = {**tokenize.encode_prompts(tok, [r["text_input"] for r in picked]),
+    b = {**_with_caption(tok, [r["caption"] for r in picked], [r["text_input"] for r in picked],
+                         model.config.num_query_tokens),
          **tokenize.encode_targets(tok, [r["text_output"] for r in picked])}
     lm_params, opt_state, value = step(lm_params, opt_state, {k: jnp.asarray(v) for k, v in b.items()})
     if (i + 1) % 250 == 0:
       print(f"stage A step {i + 1}/{steps}: loss {float(value):.4f} ({time.time() - t0:.0f} s)", flush=True)
   return jax.tree.map(np.asarray, lm_params)
+
+
+def caption_step(model, tx, sh, match_weight: float):
+  """Stage B's step: the captioning loss (BLIP-2's generative objective) plus the squared distance between the
+  visual tokens and the caption's token embeddings, slot by slot (the caption and its EOS fill the Q slots).
+  The second term puts the image where stage A put the caption, so that what the LLM learned from text carries
+  over to images; that is what lets the demo show zero-shot transfer to a format never trained with images."""
+  def step(trainable, opt_state, frozen, batch, rng):
+    def objective(t):
+      params = ts.merge(t, frozen)
+      lm_loss, _ = ts.loss_fn(model, params, batch, None)
+      visual = model.apply({"params": params}, batch["pixel_values"], batch["qformer_input_ids"],
+                           batch["qformer_attention_mask"], method="visual_tokens")
+      target = model.apply({"params": params}, jnp.where(batch["labels"] < 0, 0, batch["labels"]),
+                           method=lambda m, ids: m.language_model.embed(ids))[:, :visual.shape[1]]
+      return lm_loss + match_weight * jnp.mean(jnp.square(visual - target)), lm_loss
+    (_, lm_loss), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, {"loss": lm_loss}
+  return ts.jit_train_step(step, sh)
 
 
 def main():
@@ -92,6 +128,8 @@ def main():
   parser.add_argument("--steps", type=int, default=2000, help="stage B (image side) steps")
   parser.add_argument("--steps_text", type=int, default=1500, help="stage A (text-only LLM) steps")
   parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--match_weight", type=float, default=1.0,
+                      help="stage B: weight of the visual-token-to-caption-embedding distance")
   parser.add_argument("--seed", type=int, default=1)
   args = parser.parse_args()
 
@@ -109,7 +147,8 @@ def main():
     # Stage A, the "LLM pretraining": T5 alone, on text (question answering and captions over written captions).
     params["language_model"] = train_text(model, params["language_model"], tok, files["pretrain_text"],
                                           args.steps_text, args.batch, args.seed)
-    # Stage B, "BLIP-2": ViT + Q-Former side learn to caption images, the language model frozen.
+    # Stage B, "BLIP-2": ViT + Q-Former side learn to caption images (and to sit where stage A's captions sat),
+    # the language model frozen.
     records = list(READERS["jsonl"](files["pretrain_caption"]))
     for r in records:  # decode each image once, not once per step
       with Image.open(r["image"]) as im:
@@ -123,7 +162,7 @@ def main():
     trainable, frozen = ts.split(params, image_side)
     trainable, frozen = ts.place(trainable, sh.trainable), ts.place(frozen, sh.frozen)
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
-    step = ts.jit_train_step(ts.make_train_step(model, tx, vision_frozen=False, dropout=False), sh)
+    step = caption_step(model, tx, sh, args.match_weight)
     t0 = time.time()
     with sharding.context(mesh, rules):
       for i in range(args.steps):

@@ -4,7 +4,7 @@
 
 Held-in tasks (instruction tuning): captioning, VQA (colours and shape, short generated answers), question
 generation. Held-out task type (zero-shot): multiple choice, the options listed in the prompt and the answer chosen
-by candidate ranking; no training example has that format. Everything is deterministic for a seed. Files: images/*.png, and JSONL files in the generic
+by candidate ranking; no image-text training example has that format (the language model met it in text only). Everything is deterministic for a seed. Files: images/*.png, and JSONL files in the generic
 format ({"image": relative path, "text_input", "text_output"}) or with evaluation fields.
 """
 import argparse
@@ -26,7 +26,6 @@ COLOR_QUESTIONS = {"shape": "What color is the shape?", "background": "What is t
 QA_PROMPT = "Question: {} Short answer:"
 QGEN_PROMPT = "Given the image, generate a question whose answer is: {}. Question:"
 SHAPE_QUESTION = "What shape is in the image?"
-TEXT_PREFIX = "Text: {}. "
 MC_PROMPT = "Question: {question} Options: {options}. Short answer:"
 
 
@@ -51,6 +50,19 @@ def _scene(rng):
   return shape, str(color), str(background)
 
 
+def _questions(scene) -> list[tuple[str, str, list[str]]]:
+  """(question, answer, the answer's category) for each thing a scene can be asked about."""
+  shape, color, background = scene
+  return [(COLOR_QUESTIONS["shape"], color, list(COLORS)), (COLOR_QUESTIONS["background"], background, list(COLORS)),
+          (SHAPE_QUESTION, shape, list(SHAPES))]
+
+
+def _options(answer: str, pool: list[str], rng: np.random.Generator) -> list[str]:
+  """The answer and two other members of its category, in random order."""
+  options = [answer] + [str(o) for o in rng.choice([o for o in pool if o != answer], 2, replace=False)]
+  return [options[k] for k in rng.permutation(3)]
+
+
 def caption(shape, color, background) -> str:
   return f"a {color} {shape} on a {background} background"
 
@@ -60,7 +72,7 @@ def generate(out_dir: str, *, train: int = 2000, val: int = 200, seed: int = 0) 
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
   files = {name: os.path.join(out_dir, f"{name}.jsonl") for name in
-           ("caption", "vqa", "qgen", "pretrain_text", "pretrain_caption", "val_vqa", "val_shape_mc")}
+           ("caption", "vqa", "qgen", "pretrain_text", "pretrain_caption", "val_vqa", "val_mc")}
   rows = {name: [] for name in files}
 
   def add_image(split, i, scene):
@@ -79,19 +91,16 @@ def generate(out_dir: str, *, train: int = 2000, val: int = 200, seed: int = 0) 
     rows["vqa"].append({"image": image, "text_input": QA_PROMPT.format(question), "text_output": answer})
     rows["qgen"].append({"image": image, "text_input": QGEN_PROMPT.format(answer), "text_output": question})
     # What the "pretrained" towers saw before the demo (tools/make_demo_assets.py), in two stages as in the real
-    # recipe: the language model learns language and question answering from text alone (the caption written out
-    # where the visual tokens will later sit); then the image side learns to caption with that LLM frozen.
-    text = TEXT_PREFIX.format(cap)
-    for q, a in ((COLOR_QUESTIONS["shape"], color), (COLOR_QUESTIONS["background"], background),
-                 (SHAPE_QUESTION, shape)):
-      rows["pretrain_text"].append({"text_input": text + QA_PROMPT.format(q), "text_output": a})
-    rows["pretrain_text"].append({"text_input": text + CAPTION_PROMPTS[0], "text_output": cap})
-    # like FlanT5, the language model has met multiple-choice questions in text; the multimodal demo never has
-    for q, a, pool in ((COLOR_QUESTIONS["shape"], color, list(COLORS)), (SHAPE_QUESTION, shape, list(SHAPES))):
-      options = [a] + [str(o) for o in rng.choice([o for o in pool if o != a], 2, replace=False)]
-      options = [options[k] for k in rng.permutation(3)]
-      rows["pretrain_text"].append({"text_input": text + MC_PROMPT.format(question=q, options=options_text(options)),
-                                    "text_output": a})
+    # recipe: the language model learns language and question answering from text alone, the caption written out
+    # where the visual tokens will later sit ("caption" goes in front of "text_input"); then the image side learns
+    # to caption with that LLM frozen.
+    for q, a, pool in _questions(scene):
+      rows["pretrain_text"].append({"caption": cap, "text_input": QA_PROMPT.format(q), "text_output": a})
+      # like FlanT5, the language model has met multiple-choice questions in text; the multimodal demo never has
+      options = _options(a, pool, rng)
+      rows["pretrain_text"].append({"caption": cap, "text_input": MC_PROMPT.format(question=q, options=options_text(
+          options)), "text_output": a})
+    rows["pretrain_text"].append({"caption": cap, "text_input": CAPTION_PROMPTS[0], "text_output": cap})
     rows["pretrain_caption"].append({"image": image, "text_input": CAPTION_PROMPTS[0], "text_output": cap})
   for i in range(val):
     scene = _scene(rng)
@@ -100,9 +109,10 @@ def generate(out_dir: str, *, train: int = 2000, val: int = 200, seed: int = 0) 
     which = str(rng.choice(list(COLOR_QUESTIONS)))
     rows["val_vqa"].append({"id": i, "image": image, "question": COLOR_QUESTIONS[which],
                             "answers": [color if which == "shape" else background] * 10})
-    order = [str(s) for s in rng.permutation(SHAPES)]
-    rows["val_shape_mc"].append({"id": i, "image": image, "question": SHAPE_QUESTION, "candidates": order,
-                                 "answer_index": order.index(shape)})
+    question, answer, pool = _questions(scene)[rng.integers(3)]
+    options = _options(answer, pool, rng)
+    rows["val_mc"].append({"id": i, "image": image, "question": question, "candidates": options,
+                           "answer_index": options.index(answer)})
   for name, path in files.items():
     with open(path, "w") as f:
       for row in rows[name]:
@@ -113,7 +123,7 @@ def generate(out_dir: str, *, train: int = 2000, val: int = 200, seed: int = 0) 
 def vocabulary() -> list[str]:
   """Every word the demo's texts use (for the demo's word-level tokenizers)."""
   texts = list(CAPTION_PROMPTS) + list(COLOR_QUESTIONS.values()) + [QA_PROMPT, QGEN_PROMPT, SHAPE_QUESTION,
-                                                                     MC_PROMPT, "a on background", TEXT_PREFIX]
+                                                                     MC_PROMPT, "a on background"]
   words = set(SHAPES) | set(COLORS) | {"(", ")", ":", ".", "?", ",", "a", "b", "c", "d"}
   for t in texts:
     for w in t.replace("{}", " ").replace("{question}", " ").replace("{options}", " ").split():

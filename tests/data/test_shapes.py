@@ -18,8 +18,20 @@ def test_deterministic_and_readable(tmp_path):
       (tmp_path / "b" / "images" / "train_00000.png").read_bytes()
   records = list(readers.read_jsonl(a["caption"]))
   assert len(records) == 6 and records[0]["image"].startswith(str(tmp_path / "a"))
-  mc = list(readers.read_jsonl(a["val_shape_mc"]))
-  assert sorted(mc[0]["candidates"]) == sorted(shapes.SHAPES) and mc[0]["answer_index"] in (0, 1, 2)
+  for row in readers.read_jsonl(a["val_mc"]):
+    pool = shapes.SHAPES if row["question"] == shapes.SHAPE_QUESTION else tuple(shapes.COLORS)
+    assert len(set(row["candidates"])) == 3 and set(row["candidates"]) <= set(pool)
+    assert row["answer_index"] in (0, 1, 2)
+
+
+def test_text_stage_puts_the_caption_where_the_visual_tokens_go(tmp_path):
+  """Stage A's records carry the caption apart (it goes in front of the prompt, as the visual tokens do), and
+  every caption is exactly 7 words, which with EOS fills the demo's 8 query slots."""
+  files = shapes.generate(str(tmp_path), train=20, val=0, seed=2)
+  rows = _lines(files["pretrain_text"])
+  assert len(rows) == 20 * 7   # 3 questions, 3 multiple-choice versions, 1 caption per image
+  for row in rows:
+    assert len(row["caption"].split()) == 7 and row["caption"] not in row["text_input"]
 
 
 def test_held_out_format_never_appears_in_instruction_tuning(tmp_path):
@@ -34,6 +46,6 @@ def test_vocabulary_covers_every_text(tmp_path):
   vocab = set(shapes.vocabulary())
   for name, path in files.items():
     for row in _lines(path):
-      for key in ("text_input", "text_output", "question"):
+      for key in ("text_input", "text_output", "question", "caption"):
         for word in re.findall(r"\w+|[^\w\s]", row.get(key, "")):  # as the tokenizer splits punctuation
           assert word.lower() in vocab, (name, word)

@@ -34,7 +34,7 @@ def _flags(assets, workdir, **overrides):
       "data.datasets.caption.path": str(data / "caption.jsonl"), "data.datasets.vqa.path": str(data / "vqa.jsonl"),
       "data.datasets.qgen.path": str(data / "qgen.jsonl"),
       "evals.held_in_vqa.path": str(data / "val_vqa.jsonl"),
-      "evals.held_out_shape_mc.path": str(data / "val_shape_mc.jsonl"), "mesh.data": 1, "mesh.fsdp": 1,
+      "evals.held_out_mc.path": str(data / "val_mc.jsonl"), "mesh.data": 1, "mesh.fsdp": 1,
       "mesh.tensor": 1, "optim.lr": 1e-3, "optim.warmup_steps": 1, "dropout": True, **overrides}
   return ["--config", os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(workdir)] + [
       f"--config.{k}={v}" for k, v in settings.items()]
@@ -152,7 +152,7 @@ def test_decoder_only_llm_trains_evaluates_predicts_and_exports(assets, tmp_path
   out = _run(flags(total_steps=2, eval_at_end=True, eval_max_examples=3), devices=2)
   metrics = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl")]
   evals = [m for m in metrics if "eval/held_in_vqa/vqa" in m]
-  assert len(evals) == 1 and "eval/held_out_shape_mc/accuracy" in evals[0], out.stdout[-2000:]
+  assert len(evals) == 1 and "eval/held_out_mc/accuracy" in evals[0], out.stdout[-2000:]
   assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
   out = _run(flags(mode="predict", **{"predict.images": str(assets / "data" / "images" / "val_00000.png"),
                                       "predict.output": str(tmp_path / "a.jsonl"), "predict.max_new_tokens": 3,
