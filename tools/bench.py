@@ -1,11 +1,12 @@
 """Side-by-side benchmark: iblip_jax against transformers' PyTorch InstructBLIP, same weights, same process.
 
-  python tools/bench.py [--repeats 5] [--only train,greedy,beam5,rank]
+  python tools/bench.py [--repeats 5] [--only train,greedy,beam5,rank] [--gpu]
 
 Base-size config (ViT-B/16 224 px, BERT-base Q-Former, 32 queries, T5 512-d 8+8 layers 6 heads d_ff 1024, vocab
 32128), batch 8, instruction 24 tokens, prompt 24, target 8. Prints median step times, the ratio
 transformers / iblip_jax, compile times apart, peak RSS, and the train step's model-FLOPs utilisation against this
-machine's f32 matmul peak measured in the same run.
+machine's f32 matmul peak measured in the same run. `--gpu` runs both frameworks on the GPU (JAX's default
+device and torch's "cuda"), both in full f32 (no TF32 in either), for the same comparison on an accelerator.
 """
 import argparse
 import copy
@@ -29,6 +30,13 @@ from iblip_jax import config_lib, optim  # noqa: E402
 from iblip_jax import train_step as ts  # noqa: E402
 
 BATCH, INSTR, PROMPT, TARGET, NEW_TOKENS, CANDIDATES = 8, 24, 24, 8, 10, 4
+TORCH_DEVICE = "cpu"   # "cuda" with --gpu
+
+
+def sync():
+  """Waits for torch's queued GPU work, so that a timing covers it (a no-op on CPU)."""
+  if TORCH_DEVICE == "cuda":
+    torch.cuda.synchronize()
 
 
 def hf_model(seed: int = 0) -> InstructBlipForConditionalGeneration:
@@ -55,7 +63,7 @@ def hf_model(seed: int = 0) -> InstructBlipForConditionalGeneration:
         p[p.shape[0] // 3: 2 * p.shape[0] // 3] = 0
       else:
         p.normal_(0, 0.02)
-  return model
+  return model.to(TORCH_DEVICE)
 
 
 def inputs(seed: int = 0) -> dict[str, np.ndarray]:
@@ -73,10 +81,11 @@ def inputs(seed: int = 0) -> dict[str, np.ndarray]:
 def hf_inputs(x: dict) -> dict:
   t = {k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v) for k, v in x.items()}
   image_tokens = torch.full((BATCH, 32), 32100)
-  return dict(pixel_values=t["pixel_values"].permute(0, 3, 1, 2).contiguous(),
-              qformer_input_ids=t["qformer_input_ids"], qformer_attention_mask=t["qformer_attention_mask"],
-              input_ids=torch.cat([image_tokens, t["input_ids"]], 1),
-              attention_mask=torch.cat([torch.ones(BATCH, 32, dtype=torch.long), t["attention_mask"]], 1))
+  out = dict(pixel_values=t["pixel_values"].permute(0, 3, 1, 2).contiguous(),
+             qformer_input_ids=t["qformer_input_ids"], qformer_attention_mask=t["qformer_attention_mask"],
+             input_ids=torch.cat([image_tokens, t["input_ids"]], 1),
+             attention_mask=torch.cat([torch.ones(BATCH, 32, dtype=torch.long), t["attention_mask"]], 1))
+  return {k: v.to(TORCH_DEVICE) for k, v in out.items()}
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -93,7 +102,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-  """Measured f32 matmul FLOP/s of this machine (XLA's CPU dot), the MFU denominator."""
+  """Measured f32 matmul FLOP/s of JAX's default device (XLA's dot), the MFU denominator."""
   a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
@@ -134,13 +143,14 @@ def bench_train(hf, model, params, x, repeats):
       trainables.append(p)
   opt = torch.optim.AdamW(trainables, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
   t = hf_inputs(x)
-  labels = torch.from_numpy(x["labels"].astype(np.int64))
+  labels = torch.from_numpy(x["labels"].astype(np.int64)).to(TORCH_DEVICE)
 
   def theirs():
     opt.zero_grad(set_to_none=True)
     loss = hf(**t, labels=labels, decoder_attention_mask=torch.ones_like(labels)).loss
     loss.backward()
     opt.step()
+    sync()
 
   hf_first, hf_median = timed(theirs, repeats)
   return dict(ours=median, ours_first=first, theirs=hf_median, flops=flops)
@@ -160,7 +170,7 @@ def bench_generate(hf, model, params, x, repeats, num_beams):
 
   def theirs():
     with torch.no_grad():
-      out["theirs"] = hf.generate(**t, do_sample=False, **settings).numpy()[:, 1:]
+      out["theirs"] = hf.generate(**t, do_sample=False, **settings).cpu().numpy()[:, 1:]
 
   _, hf_median = timed(theirs, repeats)
   same = np.mean([_same_tokens(a, b) for a, b in zip(out["ours"], out["theirs"])])
@@ -183,7 +193,7 @@ def bench_rank(hf, model, params, x, repeats):
 
   first, median = timed(ours, repeats)
   t = hf_inputs(x)
-  labels = torch.from_numpy(x["candidates"].astype(np.int64)).reshape(BATCH * CANDIDATES, -1)
+  labels = torch.from_numpy(x["candidates"].astype(np.int64)).reshape(BATCH * CANDIDATES, -1).to(TORCH_DEVICE)
 
   def theirs():  # LAVIS's recipe in transformers: encoder once, decoder over the repeated encoder states
     with torch.no_grad():
@@ -195,6 +205,7 @@ def bench_rank(hf, model, params, x, repeats):
                                  attention_mask=t["attention_mask"].repeat_interleave(CANDIDATES, 0),
                                  labels=labels).logits
       torch.log_softmax(logits, -1).gather(-1, labels[..., None]).sum((1, 2))
+    sync()
 
   _, hf_median = timed(theirs, repeats)
   return dict(ours=median, ours_first=first, theirs=hf_median)
@@ -204,16 +215,24 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--only", default="train,greedy,beam5,rank")
+  parser.add_argument("--gpu", action="store_true", help="both frameworks on the GPU, full f32")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
-  print(f"machine: {os.cpu_count()} CPUs; jax {jax.__version__} ({jax.devices()[0].platform}), torch "
-        f"{torch.__version__}, transformers {__import__('transformers').__version__}")
+  if args.gpu:
+    global TORCH_DEVICE
+    TORCH_DEVICE = "cuda"
+    if jax.devices()[0].platform != "gpu":
+      raise SystemExit(f"--gpu: JAX's default device is {jax.devices()[0].platform}, not a GPU")
+    jax.config.update("jax_default_matmul_precision", "highest")          # no TF32 in XLA's f32 dots
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  print(f"machine: {os.cpu_count()} CPUs; jax {jax.__version__} ({jax.devices()[0].device_kind}), torch "
+        f"{torch.__version__} ({TORCH_DEVICE}), transformers {__import__('transformers').__version__}")
   hf = hf_model()
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
     model, params = iblip_jax.from_pretrained(d)
   x = inputs()
-  peak = matmul_peak()
+  peak = matmul_peak(8192 if args.gpu else 2048)
   print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
   print(f"{'workload':<10} {'iblip_jax s':>12} {'transformers s':>15} {'ratio':>7} {'compile+1st s':>14}  notes")
   for what in args.only.split(","):
@@ -221,6 +240,8 @@ def main():
       r = bench_train(hf, model, params, x, args.repeats)
       mfu = r["flops"] / r["ours"] / peak
       notes = f"{r['flops'] / 1e9:.1f} GFLOP/step, MFU {100 * mfu:.0f}% of measured peak"
+      if args.gpu:  # XLA's GPU cost analysis counted 43.7 GFLOP for this 653 GFLOP step (H200, jax 0.11.2)
+        notes = "MFU not computed: XLA's GPU cost analysis undercounts this step's FLOPs"
     elif what in ("greedy", "beam5"):
       r = bench_generate(hf, model, params, x, args.repeats, 1 if what == "greedy" else 5)
       notes = f"{NEW_TOKENS} new tokens; rows equal to transformers' tokens: {100 * r['same_tokens']:.0f}%"
