@@ -154,8 +154,9 @@ def test_remat_gives_the_same_loss_and_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_bfloat16_frozen_towers_train_float32_side():
-  config = train_helper.train_config()
+@pytest.mark.parametrize("name", ["tiny", "tiny_vicuna"])
+def test_bfloat16_frozen_towers_train_float32_side(name):
+  config = train_helper.train_config(name)
   for tower in ("vision", "text"):
     config.model[tower].dtype = config.model[tower].param_dtype = "bfloat16"
   losses, trainable, _, frozen, *_ = train_helper.run_steps((2, 2, 2), config=config)
