@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iblip_jax.models import llama
 from iblip_jax.models.instructblip import InstructBlip
 
 NEG = -1.0e9  # transformers' "impossible" score in beam search
@@ -73,7 +74,7 @@ def _prefill_decoder_only(model: InstructBlip, params, inputs: dict, num_beams: 
                              inputs["qformer_attention_mask"], ids, prompt_mask, method="llm_inputs")
   b, p = mask.shape
   size = p - 1 + max_new_tokens                                   # cache slots: prompt, then one per step
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  positions = llama.positions(mask)
   key_mask = jnp.concatenate([mask[:, :p - 1].astype(bool), jnp.zeros((b, max_new_tokens), bool)], axis=1)
   causal = jnp.arange(size)[None, :] <= jnp.arange(p - 1)[:, None]                 # (P-1, T)
   cache = model.apply({"params": params}, b, size, method=lambda m, *a: m.language_model.init_cache(*a))

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from iblip_jax.decoding import left_align
+from iblip_jax.models import llama
 from iblip_jax.models.instructblip import InstructBlip
-from iblip_jax.train_step import IGNORE, shift_right
+from iblip_jax.train_step import IGNORE, shift_right, token_log_probs
 
 
 def _candidate_logits_decoder_only(model, params, inputs, labels, c):
@@ -28,8 +29,7 @@ def _candidate_logits_decoder_only(model, params, inputs, labels, c):
     cand = m.language_model.embed(jnp.where(valid, labels, model.config.text.pad_token_id))
     full = jnp.concatenate([jnp.repeat(embeds, c, axis=0), cand], axis=1)
     full_mask = jnp.concatenate([jnp.repeat(mask, c, axis=0), valid.astype(mask.dtype)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(full_mask, axis=1) - 1, 0)
-    return m.language_model(full, full_mask, positions)
+    return m.language_model(full, full_mask, llama.positions(full_mask))
   return model.apply({"params": params}, method=run)[:, p - 1:p + n - 1]
 
 
@@ -53,13 +53,9 @@ def _scores(model, params, inputs, candidate_labels, normalize):
 
 def _total(logits, labels, normalize):
   """Sum (or mean) of the candidate tokens' log-probabilities, (B*C,)."""
-  valid = labels != IGNORE
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  token_logp = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-  total = jnp.where(valid, token_logp, 0.0).sum(-1)
-  if normalize:
-    total = total / jnp.maximum(valid.sum(-1), 1)
-  return total
+  token_logp, valid = token_log_probs(logits, labels)
+  total = token_logp.sum(-1)
+  return total / jnp.maximum(valid.sum(-1), 1) if normalize else total
 
 
 def rank(model: InstructBlip, params, *, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,

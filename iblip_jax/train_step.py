@@ -74,34 +74,37 @@ def shift_right(labels: jax.Array, start_id: int, pad_id: int) -> jax.Array:
   return jnp.where(shifted == IGNORE, pad_id, shifted)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Token-mean cross-entropy over labels != -100 (transformers' CrossEntropyLoss). Returns (loss, tokens)."""
+def token_log_probs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(log-probability of each label under `logits` (f32, 0 where ignored), valid mask), both shaped like labels."""
   valid = labels != IGNORE
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+  token_logp = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+  return jnp.where(valid, token_logp, 0.0), valid
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Token-mean cross-entropy over labels != -100 (transformers' CrossEntropyLoss). Returns (loss, tokens)."""
+  token_logp, valid = token_log_probs(logits, labels)
   tokens = valid.sum()
-  return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(tokens, 1), tokens
+  return -token_logp.sum() / jnp.maximum(tokens, 1), tokens
 
 
 def loss_fn(model: InstructBlip, params: dict, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, dict]:
   text = model.config.text
   deterministic = rng is None
-  if model.config.decoder_only:
-    # input_ids = [prompt][target]; the logit before each token predicts it, and the visual tokens in front
-    # (V of them) shift everything by V.
-    logits = model.apply(
-        {"params": params}, batch["pixel_values"], batch["qformer_input_ids"], batch["qformer_attention_mask"],
-        batch["input_ids"], batch["attention_mask"], deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": rng})
-    v = logits.shape[1] - batch["input_ids"].shape[1]
-    loss, tokens = cross_entropy(logits[:, v - 1:-1], batch["labels"])
-    return loss, {"tokens": tokens}
+  if model.config.decoder_only:  # input_ids = [prompt][target]: no separate decoder inputs
+    decoder = {}
+  else:
+    decoder = dict(decoder_input_ids=shift_right(batch["labels"], text.decoder_start_token_id, text.pad_token_id),
+                   decoder_attention_mask=batch.get("decoder_attention_mask"))
   logits = model.apply(
       {"params": params}, batch["pixel_values"], batch["qformer_input_ids"], batch["qformer_attention_mask"],
-      batch["input_ids"], batch["attention_mask"],
-      decoder_input_ids=shift_right(batch["labels"], text.decoder_start_token_id, text.pad_token_id),
-      decoder_attention_mask=batch.get("decoder_attention_mask"), deterministic=deterministic,
+      batch["input_ids"], batch["attention_mask"], **decoder, deterministic=deterministic,
       rngs=None if deterministic else {"dropout": rng})
+  if model.config.decoder_only:
+    # the logit before each token predicts it, and the V visual tokens in front shift everything by V
+    v = logits.shape[1] - batch["input_ids"].shape[1]
+    logits = logits[:, v - 1:-1]
   loss, tokens = cross_entropy(logits, batch["labels"])
   return loss, {"tokens": tokens}
 

@@ -72,14 +72,23 @@ def tiny_batch(seed: int = 0, batch: int = 3, image_size: int = 30) -> dict[str,
   return out
 
 
-def hf_forward(model, batch: dict[str, np.ndarray], **kw):
-  """transformers' forward on our batch layout: NCHW pixels and Q image placeholder tokens before the prompt."""
+def hf_inputs(batch: dict[str, np.ndarray]) -> dict:
+  """Our batch in transformers' layout: NCHW pixels and Q image placeholder tokens before the prompt."""
   t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items() if v is not None}
   b = t["input_ids"].shape[0]
+  return dict(t, pixel_values=t["pixel_values"].permute(0, 3, 1, 2),
+              input_ids=torch.cat([torch.full((b, NUM_QUERY), IMAGE_TOKEN), t["input_ids"]], 1),
+              attention_mask=torch.cat([torch.ones(b, NUM_QUERY, dtype=torch.long), t["attention_mask"]], 1))
+
+
+def hf_forward(model, batch: dict[str, np.ndarray], **kw):
+  """transformers' forward on our batch layout."""
   with torch.no_grad():
-    return model(
-        pixel_values=t["pixel_values"].permute(0, 3, 1, 2),
-        qformer_input_ids=t["qformer_input_ids"], qformer_attention_mask=t["qformer_attention_mask"],
-        input_ids=torch.cat([torch.full((b, NUM_QUERY), IMAGE_TOKEN), t["input_ids"]], 1),
-        attention_mask=torch.cat([torch.ones(b, NUM_QUERY, dtype=torch.long), t["attention_mask"]], 1),
-        decoder_input_ids=t.get("decoder_input_ids"), decoder_attention_mask=t.get("decoder_attention_mask"), **kw)
+    return model(**hf_inputs(batch), **kw)
+
+
+def hf_generate(model, batch: dict[str, np.ndarray], **kw) -> np.ndarray:
+  """transformers' greedy/beam generate on our batch layout: its whole output (T5: the start token first;
+  decoder-only: image tokens and prompt first)."""
+  with torch.no_grad():
+    return model.generate(**hf_inputs(batch), do_sample=False, **kw).numpy()

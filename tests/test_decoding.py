@@ -24,16 +24,7 @@ def models(tmp_path_factory):
 
 
 def _hf_generate(hf, batch, **kw):
-  t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
-  b = t["input_ids"].shape[0]
-  with torch.no_grad():
-    out = hf.generate(
-        pixel_values=t["pixel_values"].permute(0, 3, 1, 2), qformer_input_ids=t["qformer_input_ids"],
-        qformer_attention_mask=t["qformer_attention_mask"],
-        input_ids=torch.cat([torch.full((b, oracle.NUM_QUERY), oracle.IMAGE_TOKEN), t["input_ids"]], 1),
-        attention_mask=torch.cat([torch.ones(b, oracle.NUM_QUERY, dtype=torch.long), t["attention_mask"]], 1),
-        do_sample=False, **kw)
-  return out[:, 1:].numpy()  # drop the decoder start token
+  return oracle.hf_generate(hf, batch, **kw)[:, 1:]  # drop the decoder start token
 
 
 def _assert_same_tokens(ours, theirs, eos=1, pad=0):

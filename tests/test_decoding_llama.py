@@ -37,16 +37,8 @@ def _left_padded_inputs():
 
 
 def _hf_generate(hf, batch, **kw):
-  t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
-  b, width = t["input_ids"].shape
-  with torch.no_grad():
-    out = hf.generate(
-        pixel_values=t["pixel_values"].permute(0, 3, 1, 2), qformer_input_ids=t["qformer_input_ids"],
-        qformer_attention_mask=t["qformer_attention_mask"],
-        input_ids=torch.cat([torch.full((b, oracle.NUM_QUERY), oracle.IMAGE_TOKEN), t["input_ids"]], 1),
-        attention_mask=torch.cat([torch.ones(b, oracle.NUM_QUERY, dtype=torch.long), t["attention_mask"]], 1),
-        do_sample=False, pad_token_id=PAD, eos_token_id=EOS, **kw)
-  return out[:, oracle.NUM_QUERY + width:].numpy()  # transformers returns the prompt too
+  prompt = oracle.NUM_QUERY + batch["input_ids"].shape[1]
+  return oracle.hf_generate(hf, batch, pad_token_id=PAD, eos_token_id=EOS, **kw)[:, prompt:]  # it returns the prompt too
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))

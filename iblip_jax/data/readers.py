@@ -406,6 +406,18 @@ def read_vsr(root: str, split: str = "test", variant: str = "zeroshot", image_di
                   caption=_field(item, "caption", path, where, str), label=int(label), answer_index=int(label))
 
 
+def _listed_problems(root: str, key: str) -> Iterator[tuple[str, dict, str]]:
+  """(pid, problem, problems.json path) for each pid listed under `key` in {root}/pid_splits.json, the layout
+  IconQA and ScienceQA share (both from github.com/lupantech)."""
+  problems_path, splits_path = os.path.join(root, "problems.json"), os.path.join(root, "pid_splits.json")
+  problems = _expect(load_json(problems_path), dict, problems_path, "top level")
+  for pid in _field(load_json(splits_path), key, splits_path, "top level", list):
+    pid = str(pid)
+    if pid not in problems:
+      raise ValueError(f"{problems_path}: no problem {pid!r} (listed under {key!r} in {splits_path})")
+    yield pid, problems[pid], problems_path
+
+
 def read_iconqa(root: str, split: str = "test", task: str = "choose_txt",
                 image_dir: str | None = None) -> Iterator[dict]:
   """IconQA (github.com/lupantech/IconQA, iconqa_data/ of iconqa_data.zip): {root}/problems.json ({pid: {"question",
@@ -415,16 +427,9 @@ def read_iconqa(root: str, split: str = "test", task: str = "choose_txt",
   image choices and is not supported."""
   if task not in ("choose_txt", "fill_in_blank"):
     raise ValueError(f"IconQA task {task!r} is not supported; use 'choose_txt' or 'fill_in_blank'")
-  problems_path, splits_path = os.path.join(root, "problems.json"), os.path.join(root, "pid_splits.json")
-  problems = _expect(load_json(problems_path), dict, problems_path, "top level")
-  key = f"{task}_{split}"
-  pids = _field(load_json(splits_path), key, splits_path, "top level", list)
   image_dir = image_dir or os.path.join(root, "iconqa")
-  for pid in pids:
-    pid = str(pid)
-    if pid not in problems:
-      raise ValueError(f"{problems_path}: no problem {pid!r} (listed under {key!r} in {splits_path})")
-    p, where = problems[pid], f"record {pid!r}"
+  for pid, p, problems_path in _listed_problems(root, f"{task}_{split}"):
+    where = f"record {pid!r}"
     answer = _field(p, "answer", problems_path, where)
     fields = dict(image=_path(image_dir, split, task, pid, "image.png"),
                   question=_field(p, "question", problems_path, where, str))
@@ -442,15 +447,9 @@ def read_scienceqa(root: str, split: str = "test", image_dir: str | None = None,
   "choices", "answer" (index), "hint", "image": "image.png" | null, "split", ...}}) and pid_splits.json ({"train":
   [...], "val", "test", ...}); images at {image_dir}/{split}/{pid}/{image}, image_dir defaulting to {root}/images.
   image_only keeps the IMG subset the paper evaluates. "context" is the hint (the author's template, LAVIS #326)."""
-  problems_path, splits_path = os.path.join(root, "problems.json"), os.path.join(root, "pid_splits.json")
-  problems = _expect(load_json(problems_path), dict, problems_path, "top level")
-  pids = _field(load_json(splits_path), split, splits_path, "top level", list)
   image_dir = image_dir or os.path.join(root, "images")
-  for pid in pids:
-    pid = str(pid)
-    if pid not in problems:
-      raise ValueError(f"{problems_path}: no problem {pid!r} (listed under {split!r} in {splits_path})")
-    p, where = problems[pid], f"record {pid!r}"
+  for pid, p, problems_path in _listed_problems(root, split):
+    where = f"record {pid!r}"
     image = p.get("image")
     if image_only and not image:
       continue

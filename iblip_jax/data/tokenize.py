@@ -78,11 +78,16 @@ def _target_ids(tok: Tokenizers, texts: Sequence[str]) -> list[list[int]]:
 def encode_prompts(tok: Tokenizers, texts: Sequence[str], qformer_texts: Sequence[str] | None = None) -> dict:
   """The instruction goes to both the Q-Former and the LLM (LAVIS); `qformer_texts` may differ (e.g. without
   OCR tokens). Returns qformer_input_ids/attention_mask and input_ids/attention_mask, int32, bucket-padded."""
-  q_rows = _ids(tok.qformer, texts if qformer_texts is None else qformer_texts, tok.max_input_len)
   l_rows = _ids(tok.llm, texts, tok.max_input_len)
-  q_ids, q_mask = _pad(q_rows, tok.qformer.pad_token_id, bucket(max(map(len, q_rows)), tok.buckets))
   l_ids, l_mask = _pad(l_rows, tok.llm.pad_token_id, bucket(max(map(len, l_rows)), tok.buckets))
-  return dict(qformer_input_ids=q_ids, qformer_attention_mask=q_mask, input_ids=l_ids, attention_mask=l_mask)
+  return dict(_encode_qformer(tok, texts if qformer_texts is None else qformer_texts), input_ids=l_ids,
+              attention_mask=l_mask)
+
+
+def _encode_qformer(tok: Tokenizers, texts: Sequence[str]) -> dict:
+  rows = _ids(tok.qformer, texts, tok.max_input_len)
+  ids, mask = _pad(rows, tok.qformer.pad_token_id, bucket(max(map(len, rows)), tok.buckets))
+  return dict(qformer_input_ids=ids, qformer_attention_mask=mask)
 
 
 def encode_targets(tok: Tokenizers, texts: Sequence[str]) -> dict:
@@ -96,17 +101,16 @@ def encode_training(tok: Tokenizers, texts_in: Sequence[str], texts_out: Sequenc
                     qformer_texts: Sequence[str] | None = None) -> dict:
   """A training batch's token arrays. FlanT5: prompts and (labels, decoder_attention_mask) apart. Decoder-only:
   input_ids / attention_mask hold [prompt][target] and labels (B, L) mark the target tokens."""
-  prompts = encode_prompts(tok, texts_in, qformer_texts)
   if not tok.decoder_only:
-    return dict(prompts, **encode_targets(tok, texts_out))
+    return dict(encode_prompts(tok, texts_in, qformer_texts), **encode_targets(tok, texts_out))
   prompt_rows, target_rows = _ids(tok.llm, texts_in, tok.max_input_len), _target_ids(tok, texts_out)
   rows = [p + t for p, t in zip(prompt_rows, target_rows)]
   ids, mask = _pad(rows, tok.llm.pad_token_id, bucket(max(map(len, rows)), tok.buckets))
   labels = np.full_like(ids, IGNORE)
   for i, (p, t) in enumerate(zip(prompt_rows, target_rows)):
     labels[i, len(p):len(p) + len(t)] = t
-  return dict(qformer_input_ids=prompts["qformer_input_ids"], qformer_attention_mask=prompts["qformer_attention_mask"],
-              input_ids=ids, attention_mask=mask, labels=labels)
+  return dict(_encode_qformer(tok, texts_in if qformer_texts is None else qformer_texts), input_ids=ids,
+              attention_mask=mask, labels=labels)
 
 
 def encode_candidates(tok: Tokenizers, candidates: Sequence[Sequence[str]]) -> np.ndarray:

@@ -28,15 +28,27 @@ def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
   return inv_freq / cfg.rope_factor if cfg.rope_type == "linear" else inv_freq
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """x (B, S, H, K) rotated by its positions (B, S): x cos + rotate_half(x) sin, angles in f32, product in x's
-  dtype (transformers casts cos/sin to the activations' dtype)."""
-  angles = positions[..., None].astype(jnp.float32) * inv_freq             # (B, S, K/2)
+def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin), each (B, S, 1, K), for positions (B, S): angles in f32, cast to the activations' dtype as
+  transformers does; computed once per forward and shared by every layer."""
+  angles = positions[..., None].astype(jnp.float32) * rope_inv_freq(cfg)  # (B, S, K/2)
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]       # (B, S, 1, K)
-  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  dtype = dtype_of(cfg.dtype)
+  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """x (B, S, H, K) rotated by its positions' (cos, sin): x cos + rotate_half(x) sin (half-split, not pairs)."""
+  cos, sin = rope
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   return x * cos + rotated * sin
+
+
+def positions(mask: jax.Array) -> jax.Array:
+  """Positions of a padded (B, S) 0/1 mask, cumsum(mask) - 1 (transformers' generate): padding anywhere does not
+  shift the real tokens' positions (padding itself gets 0; it is masked out)."""
+  return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
 
 
 class RMSNorm(nn.Module):
@@ -57,15 +69,14 @@ class LlamaAttention(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache, index):
+  def __call__(self, x, rope, mask, cache, index):
     cfg = self.config
     h, g, k = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
     dense = functools.partial(layers.dense, use_bias=cfg.attention_bias, dtype=dtype_of(cfg.dtype),
                               param_dtype=dtype_of(cfg.param_dtype))
     b, s = x.shape[:2]
-    inv_freq = rope_inv_freq(cfg)
-    q = apply_rope(dense(h * k, ("embed", "heads_joined"), name="q_proj")(x).reshape(b, s, h, k), positions, inv_freq)
-    key = apply_rope(dense(g * k, ("embed", "kv_joined"), name="k_proj")(x).reshape(b, s, g, k), positions, inv_freq)
+    q = apply_rope(dense(h * k, ("embed", "heads_joined"), name="q_proj")(x).reshape(b, s, h, k), rope)
+    key = apply_rope(dense(g * k, ("embed", "kv_joined"), name="k_proj")(x).reshape(b, s, g, k), rope)
     value = dense(g * k, ("embed", "kv_joined"), name="v_proj")(x).reshape(b, s, g, k)
     if cache is not None:  # write this chunk at `index`, attend over the whole cache
       cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), index, axis=1),
@@ -94,11 +105,11 @@ class LlamaBlock(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache, index):
+  def __call__(self, x, rope, mask, cache, index):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype_of(cfg.param_dtype))
     x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
-    y, cache = LlamaAttention(cfg, name="self_attn")(norm(name="input_layernorm")(x), positions, mask, cache, index)
+    y, cache = LlamaAttention(cfg, name="self_attn")(norm(name="input_layernorm")(x), rope, mask, cache, index)
     x = x + y
     x = x + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
     return x, cache
@@ -142,7 +153,8 @@ class Llama(nn.Module):
     b, s = attention_mask.shape
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
-    x, _ = self.layers(inputs_embeds, position_ids, causal_mask(attention_mask), None, None)
+    x, _ = self.layers(inputs_embeds, rope_tables(self.config, position_ids), causal_mask(attention_mask), None,
+                       None)
     return self.logits(self.norm(x))
 
   def init_cache(self, batch: int, max_length: int) -> dict:
@@ -155,5 +167,5 @@ class Llama(nn.Module):
   def extend(self, inputs_embeds, position_ids, mask, cache, index):
     """Runs (B, S, D) new embeddings at cache slots [index, index + S) with key mask `mask` (B, 1, S, T) over the
     whole cache -> (logits of the last new position (B, V) f32, updated cache)."""
-    x, cache = self.layers(inputs_embeds, position_ids, mask, cache, index)
+    x, cache = self.layers(inputs_embeds, rope_tables(self.config, position_ids), mask, cache, index)
     return self.logits(self.norm(x[:, -1:]))[:, 0].astype(jnp.float32), cache
