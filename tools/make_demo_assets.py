@@ -107,12 +107,21 @@ def caption_step(model, tx, sh, match_weight: float):
   visual tokens and the caption's token embeddings, slot by slot (the caption and its EOS fill the Q slots).
   The second term puts the image where stage A put the caption, so that what the LLM learned from text carries
   over to images; that is what lets the demo show zero-shot transfer to a format never trained with images."""
+  is_projection = lambda module, method: module.name == "language_projection" and method == "__call__"
+
   def step(trainable, opt_state, frozen, batch, rng):
     def objective(t):
       params = ts.merge(t, frozen)
-      lm_loss, _ = ts.loss_fn(model, params, batch, None)
-      visual = model.apply({"params": params}, batch["pixel_values"], batch["qformer_input_ids"],
-                           batch["qformer_attention_mask"], method="visual_tokens")
+      text = model.config.text
+      # one forward pass; the visual tokens (the projection's output) are captured on the way
+      logits, state = model.apply(
+          {"params": params}, batch["pixel_values"], batch["qformer_input_ids"], batch["qformer_attention_mask"],
+          batch["input_ids"], batch["attention_mask"],
+          decoder_input_ids=ts.shift_right(batch["labels"], text.decoder_start_token_id, text.pad_token_id),
+          decoder_attention_mask=batch["decoder_attention_mask"], capture_intermediates=is_projection,
+          mutable=["intermediates"])
+      lm_loss = ts.cross_entropy(logits, batch["labels"])[0]
+      visual = state["intermediates"]["language_projection"]["__call__"][0]
       target = model.apply({"params": params}, jnp.where(batch["labels"] < 0, 0, batch["labels"]),
                            method=lambda m, ids: m.language_model.embed(ids))[:, :visual.shape[1]]
       return lm_loss + match_weight * jnp.mean(jnp.square(visual - target)), lm_loss
