@@ -1,7 +1,8 @@
 """The training input pipeline (grain): records -> images and texts -> bucketed, tokenised batches.
 
-Bad input never stops training: an example whose image is missing, unreadable or truncated, or whose text is
-empty or not valid UTF-8, is skipped and counted by reason (`SkipCounter`, reported in the logs and metrics);
+Bad input never stops training: an example whose image is missing, unreadable, truncated or too large to decode
+(whatever PIL raises), or whose text is empty or not valid UTF-8 (including lone surrogates), is skipped and
+counted by reason (`SkipCounter`, reported in the logs and metrics, `SkipCounter.summary()` for people);
 odd images (grayscale, RGBA, CMYK, palette, 16-bit, EXIF-rotated) are converted (see preprocess.to_rgb).
 Image decoding runs in worker processes (grain mp_prefetch); skipping, batching and tokenisation run in the
 main process, so the counts are exact and batches always have the same size.
@@ -17,6 +18,7 @@ import dataclasses
 import io
 import math
 import os
+import warnings
 from typing import Callable, Sequence
 
 import grain
@@ -49,12 +51,15 @@ def random_resized_crop(image: Image.Image, rng: np.random.Generator, scale=(0.5
 
 
 def _text(value) -> str | None:
-  if isinstance(value, bytes):
-    try:
+  """The stripped text, or None when it is empty, not text, or not valid UTF-8 either way: undecodable bytes, or a
+  str holding a lone surrogate (json.loads turns "\\ud800" into one, and the tokenizers cannot encode it)."""
+  try:
+    if isinstance(value, bytes):
       value = value.decode("utf-8")
-    except UnicodeDecodeError:
+    if not isinstance(value, str):
       return None
-  if not isinstance(value, str):
+    value.encode("utf-8")
+  except UnicodeError:
     return None
   value = value.strip()
   return value or None
@@ -65,8 +70,13 @@ def _open(path_or_image) -> Image.Image:
     return path_or_image if isinstance(path_or_image, Image.Image) else Image.fromarray(path_or_image)
   if isinstance(path_or_image, bytes):  # an encoded file from a prepared dataset
     path_or_image = io.BytesIO(path_or_image)
-  image = Image.open(path_or_image)
-  image.load()  # decode now: a truncated file fails here, inside the worker, not later
+  # PIL warns about images between MAX_IMAGE_PIXELS and twice that (89M-179M pixels) and raises beyond. Below the
+  # limit the image is usable, so the warning is silenced: under `-W error` it would turn a good image into a skip.
+  # (catch_warnings is not thread-safe before Python 3.14; a race can at worst leave this one filter in place.)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    image = Image.open(path_or_image)
+    image.load()  # decode now: a truncated file fails here, inside the worker, not later
   return image
 
 
@@ -85,7 +95,9 @@ def load_example(record: dict, rng: np.random.Generator, *, image_size: int, tra
     return {SKIP: "missing_image"}
   try:
     image = preprocess.to_rgb(_open(source))
-  except (OSError, ValueError, SyntaxError):  # PIL reports truncated/corrupt files as OSError/SyntaxError
+  except Exception:  # noqa: BLE001
+    # Whatever decoding raises is this one file's problem, never the run's: OSError/SyntaxError (truncated, corrupt),
+    # DecompressionBombError (over 179M pixels, not an OSError), ValueError, MemoryError, a plugin's own errors.
     return {SKIP: "unreadable_image"}
   if train:
     image = random_resized_crop(image, rng)
@@ -119,6 +131,19 @@ class SkipCounter:
       self.counts["batch_without_good_examples"] += 1
       return []
     return [good[i % len(good)] for i in range(len(examples))]
+
+  @property
+  def total(self) -> int:
+    """Skips of every reason together (a dropped per-step batch counts once, its examples under their reasons)."""
+    return sum(self.counts.values())
+
+  def summary(self) -> str:
+    """The counts for a console line or an end-of-run report, most frequent reason first (ties by name, so the
+    text is stable): "3 skipped: 2 unreadable_image, 1 empty_or_invalid_text", or "none skipped"."""
+    if not self.total:
+      return "none skipped"
+    reasons = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return f"{self.total} skipped: " + ", ".join(f"{n} {reason}" for reason, n in reasons if n)
 
 
 def collate(tok: tokenize.Tokenizers) -> Callable[[Sequence[dict]], dict]:

@@ -2,12 +2,15 @@
 import collections
 import io
 import math
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from iblip_jax.data import mixture, pipeline, tokenize, word_tokenizers
+from iblip_jax.data import mixture, pipeline, readers, tokenize, word_tokenizers
 
 WORDS = "a red blue circle square what color is it caption".split()
 
@@ -64,6 +67,79 @@ def test_bad_input_is_skipped_and_counted_odd_images_are_converted(tmp_path, tok
   assert b["pixel_values"].shape == (8, 30, 30, 3) and np.isfinite(b["pixel_values"]).all()
   assert b["input_ids"].shape[1] <= 8 and b["attention_mask"].sum(1).max() == 8  # the long one was truncated
   assert dict(p.skipped.counts) == {"missing_image": 1, "unreadable_image": 2, "empty_or_invalid_text": 3}
+
+
+def _bilevel_png(path, width: int, height: int) -> str:
+  """A valid all-black 1-bit PNG written by hand: a few KB on disk whatever its pixel count."""
+  chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+  header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, grayscale, no interlace
+  rows = zlib.compress((b"\0" + bytes((width + 7) // 8)) * height, 9)  # filter byte 0 + packed pixels per row
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+  return str(path)
+
+
+def _load(image):
+  record = {"image": image, "text_input": "what color is it", "text_output": "red"}
+  return pipeline.load_example(record, np.random.default_rng(0), image_size=8, train=False,
+                               render=pipeline.record_texts)
+
+
+def test_decompression_bomb_is_an_unreadable_image(tmp_path):
+  """200 megapixels (over PIL's 179M limit): PIL raises DecompressionBombError, which is no OSError."""
+  bomb = _bilevel_png(tmp_path / "bomb.png", 20000, 10000)
+  assert (tmp_path / "bomb.png").stat().st_size < 100_000
+  with pytest.raises(Image.DecompressionBombError):
+    Image.open(bomb)
+  assert _load(bomb) == {pipeline.SKIP: "unreadable_image"}
+  assert _load((tmp_path / "bomb.png").read_bytes()) == {pipeline.SKIP: "unreadable_image"}  # as encoded bytes
+
+
+def test_decompression_bomb_warning_does_not_skip_a_usable_image(tmp_path, monkeypatch):
+  """Between MAX_IMAGE_PIXELS and twice that PIL only warns: the image is used even when warnings are errors. The
+  limit is lowered (PIL reads it at each open) so that a 40 x 40 image is in that range, instead of decoding 90M
+  pixels."""
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+  path = _bilevel_png(tmp_path / "big.png", 40, 40)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    with pytest.raises(Image.DecompressionBombWarning):
+      Image.open(path)
+    out = _load(path)
+  black = (0 - pipeline.preprocess.CLIP_MEAN) / pipeline.preprocess.CLIP_STD
+  assert out["pixel_values"].shape == (8, 8, 3) and np.allclose(out["pixel_values"], black, atol=1e-6)
+
+
+def test_lone_surrogate_text_is_skipped(tmp_path, tok):
+  """json.loads turns the escape \\ud800 into a lone surrogate, which UTF-8 cannot encode (the tokenizer raised
+  TypeError): that example is skipped, the rest of the file trains."""
+  rgb = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+  _png(tmp_path / "good.png", rgb)
+  bad = {"image": "good.png", "text_input": "what color \ud800", "text_output": "red"}
+  assert pipeline.load_example(bad | {"image": str(tmp_path / "good.png")}, np.random.default_rng(0), image_size=8,
+                               train=False, render=pipeline.record_texts) == {pipeline.SKIP: "empty_or_invalid_text"}
+  lines = [f'{{"image": "good.png", "text_input": "what color is it", "text_output": "{a}"}}'
+           for a in ("red", "blue", "red")]
+  lines.insert(1, '{"image": "good.png", "text_input": "what color \\ud800", "text_output": "red"}')
+  (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+  records = list(readers.read_jsonl(str(tmp_path / "train.jsonl")))
+  assert records[1]["text_input"] == "what color \ud800"  # the reader hands it on; the pipeline decides
+  p = pipeline.build(mixture.source(records), tok, batch_size=3, image_size=8, seed=0, train=False)
+  batches = list(p.dataset)
+  assert len(batches) == 1 and batches[0]["pixel_values"].shape == (3, 8, 8, 3)
+  assert tokenize.decode(tok, np.where(batches[0]["labels"] < 0, 0, batches[0]["labels"])) == ["red", "blue", "red"]
+  assert dict(p.skipped.counts) == {"empty_or_invalid_text": 1} and p.skipped.total == 1
+  assert p.skipped.summary() == "1 skipped: 1 empty_or_invalid_text"
+
+
+def test_skip_summary_for_people():
+  counter = pipeline.SkipCounter()
+  assert counter.total == 0 and counter.summary() == "none skipped"
+  examples = [{pipeline.SKIP: "unreadable_image"}, {"pixel_values": 0}, {pipeline.SKIP: "empty_or_invalid_text"},
+              {pipeline.SKIP: "unreadable_image"}, {pipeline.SKIP: "missing_image"}]
+  assert [counter(e) for e in examples] == [False, True, False, False, False]
+  assert counter.total == 4
+  # most frequent first, ties in name order
+  assert counter.summary() == "4 skipped: 2 unreadable_image, 1 empty_or_invalid_text, 1 missing_image"
 
 
 def test_training_crops_are_random_but_reproducible(tmp_path, tok):
