@@ -1,6 +1,7 @@
 """Tokenisation for the Q-Former (BERT) and the LLM (T5 or Vicuna), with LAVIS's truncation rules and bucketed padding.
 
 - Q-Former instruction and LLM prompt: truncated on the left (the end of an instruction is what matters), 128 tokens.
+  The Q-Former's text is further held to `qformer_max_len` (its max_position_embeddings), padding included.
 - LLM targets: truncated on the right, 256 tokens; padding positions of labels are -100.
 - Decoder-only LLMs (Vicuna) train on one sequence per example, [prompt][target </s>] with the padding moved to the
   end (LAVIS's concat_text_input_output); labels are -100 on the prompt and the padding. Ranking candidates carry
@@ -30,11 +31,14 @@ class Tokenizers:
   max_output_len: int = 256
   buckets: tuple[int, ...] = BUCKETS
   decoder_only: bool = False   # the LLM is decoder-only: prompt and target form one sequence
+  qformer_max_len: int | None = None  # the Q-Former's max_position_embeddings: a cap on its tokens, padding included
 
 
 def load_tokenizers(path: str, *, qformer_path: str | None = None, max_input_len: int = 128,
                     max_output_len: int = 256, buckets: Sequence[int] = BUCKETS,
-                    decoder_only: bool = False) -> Tokenizers:
+                    decoder_only: bool = False, qformer_max_len: int | None = None) -> Tokenizers:
+  """`qformer_max_len`: the Q-Former's max_position_embeddings (None: no cap beyond max_input_len); longer
+  instructions would make the Q-Former raise."""
   qformer_path = qformer_path or os.path.join(path, "qformer_tokenizer")
   for p in (path, qformer_path):
     if not os.path.isdir(p):
@@ -44,7 +48,8 @@ def load_tokenizers(path: str, *, qformer_path: str | None = None, max_input_len
   llm = AutoTokenizer.from_pretrained(path, truncation_side="left")
   targets = copy.deepcopy(llm)
   targets.truncation_side = "right"
-  return Tokenizers(qformer, llm, targets, max_input_len, max_output_len, tuple(sorted(buckets)), decoder_only)
+  return Tokenizers(qformer, llm, targets, max_input_len, max_output_len, tuple(sorted(buckets)), decoder_only,
+                    qformer_max_len)
 
 
 def bucket(length: int, buckets: Sequence[int]) -> int:
@@ -85,8 +90,11 @@ def encode_prompts(tok: Tokenizers, texts: Sequence[str], qformer_texts: Sequenc
 
 
 def _encode_qformer(tok: Tokenizers, texts: Sequence[str]) -> dict:
-  rows = _ids(tok.qformer, texts, tok.max_input_len)
-  ids, mask = _pad(rows, tok.qformer.pad_token_id, bucket(max(map(len, rows)), tok.buckets))
+  cap = tok.qformer_max_len
+  rows = _ids(tok.qformer, texts, tok.max_input_len if cap is None else min(tok.max_input_len, cap))
+  length = bucket(max(map(len, rows)), tok.buckets)
+  # the bucket is capped too: padding past the Q-Former's positions fails as surely as text does
+  ids, mask = _pad(rows, tok.qformer.pad_token_id, length if cap is None else min(length, cap))
   return dict(qformer_input_ids=ids, qformer_attention_mask=mask)
 
 

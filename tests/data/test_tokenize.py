@@ -75,3 +75,23 @@ def test_decoder_only_candidates_have_no_special_tokens(vicuna_tok):
   cands = tokenize.encode_candidates(vicuna_tok, [["cat", "the dog"]])
   assert vicuna_tok.llm.convert_ids_to_tokens(cands[0, 1][:2].tolist()) == ["the", "dog"]
   assert (cands[0, 0][1:] == -100).all() and (cands[0, 1][2:] == -100).all()
+
+
+def test_qformer_text_is_held_to_its_position_embeddings(tmp_path):
+  """An instruction longer than the Q-Former's positions (demo: 64) keeps its end and is never padded past them,
+  while the LLM prompt keeps max_input_len (128) tokens."""
+  word_tokenizers.build(WORDS, str(tmp_path))
+  words = [WORDS[(7 * i) % len(WORDS)] for i in range(300)]  # an irregular sequence: the kept window is checkable
+  texts = [" ".join(words), "what is in the image"]
+  capped = tokenize.load_tokenizers(str(tmp_path), qformer_max_len=64)
+  out = tokenize.encode_training(capped, texts, ["a cat", "the dog"])
+  assert out["qformer_input_ids"].shape == (2, 64) and out["input_ids"].shape == (2, 128)
+  row = capped.qformer.convert_ids_to_tokens(out["qformer_input_ids"][0].tolist())
+  assert row == ["[CLS]"] + words[-62:] + ["[SEP]"]  # the last 62 words between the special tokens
+  assert out["qformer_attention_mask"].sum(1).tolist() == [64, 7]
+  # a cap that is not a bucket bounds the padding too (bucket 64 for 63 tokens would exceed 40)
+  assert tokenize.encode_prompts(tokenize.load_tokenizers(str(tmp_path), qformer_max_len=40),
+                                 texts)["qformer_input_ids"].shape == (2, 40)
+  # without a cap the Q-Former text is truncated at max_input_len, as before
+  plain = tokenize.encode_prompts(tokenize.load_tokenizers(str(tmp_path)), texts)
+  assert plain["qformer_input_ids"].shape == (2, 128) and plain["qformer_attention_mask"][0].all()
