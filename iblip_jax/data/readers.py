@@ -9,8 +9,10 @@ plain dict records:
   "text_input" + "text_output" (LLaVA, user JSONL). Fields a dataset lacks are omitted (e.g. answers of test
   splits).
 Images are not opened: a record whose image is missing is still yielded (the input pipeline skips and counts it).
-A malformed annotation file (bad JSON, a missing key, a wrong type) raises ValueError naming the file and the line
-or record. Each reader's docstring names the files it expects and the public layout it follows.
+A malformed annotation file (bad JSON, bytes that are not UTF-8, a missing key, a wrong type) raises ValueError naming
+the file and the line or record. Stopping is deliberate, unlike the input pipeline's skip-and-count for bad examples:
+readers run before training starts, so nothing is lost, and a broken annotation file is better fixed than silently
+thinned. Each reader's docstring names the files it expects and the public layout it follows.
 
 Video datasets: the project decodes no video, so MSVD-QA, MSRVTT-QA and iVQA expect frames extracted beforehand,
 one directory of image files per video under `frames_dir` (named as documented per reader); "frames" lists them in
@@ -35,22 +37,35 @@ FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Helpers: loading with errors that name the file and the record.
 
 
+def _decode(data: bytes, path: str, first_line: int = 1) -> str:
+  """UTF-8 text, or a ValueError naming the file, the line, the byte's column and its offset in `data`."""
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line_start = data.rfind(b"\n", 0, e.start) + 1
+    lineno = first_line + data.count(b"\n", 0, e.start)
+    raise ValueError(f"{path}: line {lineno}, byte {e.start - line_start + 1} of the line: not UTF-8 (byte "
+                     f"0x{data[e.start]:02x}: {e.reason}); re-save the file as UTF-8") from None
+
+
 def load_json(path: str):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: annotation file not found")
-  with open(path, encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON ({e.msg})") from None
+  with open(path, "rb") as f:
+    text = _decode(f.read(), path)
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON ({e.msg})") from None
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-  """(line number, object) for each non-blank line."""
+  """(line number, object) for each non-blank line; lines end at "\n" (JSON Lines)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: annotation file not found")
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  with open(path, "rb") as f:  # bytes, decoded line by line, so that a bad byte is reported with its line
+    for lineno, raw in enumerate(f, 1):
+      line = _decode(raw, path, lineno)
       if not line.strip():
         continue
       try:

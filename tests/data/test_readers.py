@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -471,6 +472,24 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
   (tmp_path / "dev_seen.jsonl").write_text(json.dumps(good) + "\n\n" + '{"id": 2, "img": \n')
   with pytest.raises(ValueError, match=r"dev_seen\.jsonl: line 3: malformed JSON"):
     list(readers.read_hateful_memes(str(tmp_path)))
+
+
+def test_invalid_utf8_names_file_line_and_byte(tmp_path):
+  """A Latin-1 byte (é = 0xe9) in a UTF-8 annotation file: a ValueError naming the file, the line and the byte's
+  position in it (counted by hand below), like malformed JSON, instead of the codec's bare 'position 1056'."""
+  good = {"id": 1, "img": "img/1.png", "label": 0, "text": "t"}
+  path = tmp_path / "dev_seen.jsonl"
+  path.write_bytes(json.dumps(good).encode() + b"\n\n" + b'{"id": 2, "text": "caf\xe9"}\n')
+  records = readers.read_hateful_memes(str(tmp_path))
+  assert next(records)["id"] == 1  # the lines before it are read as usual
+  with pytest.raises(ValueError, match=re.escape(f"{path}: line 3, byte 23 of the line: not UTF-8 (byte 0xe9")):
+    next(records)
+  path = tmp_path / "dataset_coco.json"
+  path.write_bytes(b'{"images": [\n  {"caption": "caf\xe9"}\n]}')
+  with pytest.raises(ValueError, match=re.escape(f"{path}: line 2, byte 19 of the line: not UTF-8 (byte 0xe9")):
+    list(readers.read_coco_caption(str(tmp_path)))
+  (tmp_path / "ok.json").write_bytes('{"caption": "café"}'.encode())  # real UTF-8 (two bytes) still reads
+  assert readers.load_json(str(tmp_path / "ok.json")) == {"caption": "café"}
 
 
 def test_missing_key_names_file_and_record(tmp_path):
