@@ -10,13 +10,13 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from etils import epath
 
+from iblip_jax import safetensors_io
 from iblip_jax.models.configs import (InstructBlipConfig, LlamaConfig, QFormerConfig, T5Config, VisionConfig,
                                      validate)
 
@@ -87,8 +87,22 @@ _QFORMER_TEXT = re.compile(r"qformer\.(embeddings\.(word|position)_embeddings\.|
 @dataclasses.dataclass(frozen=True)
 class _Leaf:
   hf_name: str                        # may contain "{i}"
-  to_ours: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray], np.ndarray]
+  perm: tuple[int, ...] | None        # ours = hf.transpose(perm) (None: the same layout)
+
+  def to_ours(self, w: np.ndarray) -> np.ndarray:
+    return w if self.perm is None else w.transpose(self.perm)
+
+  def to_hf(self, w: np.ndarray) -> np.ndarray:
+    return w if self.perm is None else w.transpose(np.argsort(self.perm))
+
+  def hf_region(self, region: tuple[slice, ...]) -> tuple[slice, ...]:
+    """The HF tensor's region holding our `region` (our axis j is HF axis perm[j])."""
+    if self.perm is None:
+      return region
+    out = [None] * len(region)
+    for j, a in enumerate(self.perm):
+      out[a] = region[j]
+    return tuple(out)
 
 
 def _leaf_mapping(path: tuple[str, ...], ndim: int) -> _Leaf:
@@ -105,11 +119,11 @@ def _leaf_mapping(path: tuple[str, ...], ndim: int) -> _Leaf:
   else:  # raw parameters keep their name
     hf_name = f"{hf_module}.{leaf}" if hf_module else leaf
   core_ndim = ndim - stacked
-  if leaf == "kernel" and core_ndim == 4:      # conv: torch (O, I, kh, kw) <-> flax (kh, kw, I, O)
-    return _Leaf(hf_name, lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
-  if leaf == "kernel":                         # linear: torch (out, in) <-> flax (in, out)
-    return _Leaf(hf_name, lambda w: w.T, lambda w: w.T)
-  return _Leaf(hf_name, lambda w: w, lambda w: w)
+  if leaf == "kernel" and core_ndim == 4:      # conv: torch (O, I, kh, kw) -> flax (kh, kw, I, O)
+    return _Leaf(hf_name, (2, 3, 1, 0))
+  if leaf == "kernel":                         # linear: torch (out, in) -> flax (in, out)
+    return _Leaf(hf_name, (1, 0))
+  return _Leaf(hf_name, None)
 
 
 def _flat(tree) -> dict[tuple[str, ...], Any]:
@@ -126,35 +140,20 @@ def _unflat(flat: dict[tuple[str, ...], Any]) -> dict:
   return tree
 
 
-def hf_names(params_shape) -> dict[str, tuple[str, ...]]:
-  """Every HF state-dict name the params tree covers -> our parameter path."""
-  out = {}
-  for path, leaf in _flat(params_shape).items():
-    m = _leaf_mapping(path, len(leaf.shape))
-    if "{i}" in m.hf_name:
-      out.update({m.hf_name.format(i=i): path for i in range(leaf.shape[0])})
-    else:
-      out[m.hf_name] = path
-  return out
-
-
 # --- reading safetensors --------------------------------------------------------------------------------------
 
 
 class SafetensorsReader:
-  """Lazy, name-addressed access to one safetensors file or a sharded set (index.json)."""
+  """Name-addressed, region-addressed reads over one safetensors file or a sharded set (index.json).
+
+  `bytes_read` counts the tensor bytes read so far (tools/bench_load.py and the tests check it)."""
 
   def __init__(self, directory: str):
     self.directory = directory
     index_path = os.path.join(directory, INDEX_NAME)
     single = os.path.join(directory, WEIGHTS_NAME)
     if os.path.exists(index_path):
-      try:
-        with open(index_path) as f:
-          weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({e})") from None
-      files = sorted(set(weight_map.values()))
+      files = _index_files(index_path)
     elif os.path.exists(single):
       files = [WEIGHTS_NAME]
     else:
@@ -165,30 +164,61 @@ class SafetensorsReader:
             "because unpickling can run arbitrary code. Convert once with transformers: "
             "InstructBlipForConditionalGeneration.from_pretrained(dir).save_pretrained(dir)")
       raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
-    self._handles, self._where = {}, {}
+    self._files: dict[str, safetensors_io.File] = {}
+    self._where: dict[str, str] = {}
+    self.bytes_read = 0
     for name in files:
       path = os.path.join(directory, name)
       if not os.path.exists(path):
         raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
       try:
-        handle = safe_open(path, framework="numpy")
-        for key in handle.keys():
-          self._where[key] = name
-      except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); is it truncated or corrupt?") from None
-      self._handles[name] = handle
+        handle = safetensors_io.File(path)
+      except (safetensors_io.FormatError, OSError) as e:
+        raise CheckpointError(f"not a readable safetensors file: {e}; is it truncated or corrupt?") from None
+      for key in handle.tensors:
+        if key in self._where:
+          raise CheckpointError(f"{path}: tensor {key!r} is also in {self._where[key]}")
+        self._where[key] = name
+      self._files[name] = handle
 
   def keys(self) -> list[str]:
     return list(self._where)
 
   def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+    return self._files[self._where[key]].tensors[key].shape
 
-  def get(self, key: str) -> np.ndarray:
+  def nbytes(self, key: str) -> int:
+    info = self._files[self._where[key]].tensors[key]
+    return info.end - info.begin
+
+  def get(self, key: str, region: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The tensor `key` (or its region: one slice with explicit bounds per dimension), in its stored dtype."""
     try:
-      return self._handles[self._where[key]].get_tensor(key)
-    except SafetensorError as e:
+      array, n = self._files[self._where[key]].read(key, region)
+    except (safetensors_io.FormatError, OSError) as e:
       raise CheckpointError(f"{os.path.join(self.directory, self._where[key])}: cannot read {key!r} ({e})") from None
+    self.bytes_read += n
+    return array
+
+  def close(self) -> None:
+    for handle in self._files.values():
+      handle.close()
+
+
+def _index_files(index_path: str) -> list[str]:
+  try:
+    with open(index_path) as f:
+      index = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise CheckpointError(f"{index_path}: expected an object with a 'weight_map' object of tensor name -> file "
+                          f"name, got {type(weight_map if isinstance(index, dict) else index).__name__}")
+  bad = sorted({v for v in weight_map.values() if os.path.basename(v) != v})
+  if bad:
+    raise CheckpointError(f"{index_path}: weight_map names files outside the directory: {bad[:3]}")
+  return sorted(set(weight_map.values()))
 
 
 # --- config.json ----------------------------------------------------------------------------------------------
@@ -314,33 +344,24 @@ def read_config(directory: str) -> dict:
 # --- params <-> tensors ---------------------------------------------------------------------------------------
 
 
-def load_params(params_shape, reader: SafetensorsReader, *, instruction_aware: bool = True) -> dict:
-  """Fills a params shape tree (from jax.eval_shape) with numpy arrays read through `reader`.
+def _names(m: _Leaf, shape: tuple[int, ...]) -> list[str]:
+  return [m.hf_name.format(i=i) for i in range(shape[0])] if "{i}" in m.hf_name else [m.hf_name]
 
-  Every tensor's shape is checked against the tree before it is read; all missing and unexpected keys are
-  reported together.
-  """
-  flat_shape = _flat(params_shape)
+
+def check_params(params_shape, reader: SafetensorsReader, *, instruction_aware: bool = True) -> None:
+  """Every parameter's tensors exist with the layout its shape implies, and nothing unknown is left over; all
+  missing, unexpected and mis-shaped keys are reported together, before anything is read."""
   present = set(reader.keys())
   missing, bad_shapes, used = [], [], set()
-  out = {}
-  for path, leaf in flat_shape.items():
+  for path, leaf in _flat(params_shape).items():
     m = _leaf_mapping(path, len(leaf.shape))
-    stacked = "{i}" in m.hf_name
-    names = [m.hf_name.format(i=i) for i in range(leaf.shape[0])] if stacked else [m.hf_name]
-    core_shape = leaf.shape[1:] if stacked else leaf.shape
+    names = _names(m, leaf.shape)
+    core_shape = leaf.shape[1:] if "{i}" in m.hf_name else leaf.shape
     expected = m.to_hf(np.empty(core_shape, dtype=np.uint8)).shape  # the layout the HF tensor must have
-    lacking = [n for n in names if n not in present]
+    missing += [n for n in names if n not in present]
     used.update(n for n in names if n in present)  # so that a partly missing stack is not also "unexpected"
-    if lacking:
-      missing += lacking
-      continue
-    wrong = [(n, reader.shape(n)) for n in names if reader.shape(n) != expected]
-    if wrong:
-      bad_shapes += [f"{n}: {s}, expected {expected} (for {'/'.join(path)})" for n, s in wrong]
-      continue
-    tensors = [m.to_ours(reader.get(n)).astype(leaf.dtype) for n in names]
-    out[path] = np.stack(tensors) if stacked else tensors[0]
+    bad_shapes += [f"{n}: {reader.shape(n)}, expected {expected} (for {'/'.join(path)})"
+                   for n in names if n in present and reader.shape(n) != expected]
   unexpected = sorted(k for k in present - used if not _IGNORED.fullmatch(k)
                       and not (not instruction_aware and _QFORMER_TEXT.match(k)))
   problems = []
@@ -352,47 +373,113 @@ def load_params(params_shape, reader: SafetensorsReader, *, instruction_aware: b
     problems.append("shape mismatches with config.json:\n    " + "\n    ".join(bad_shapes))
   if problems:
     raise CheckpointError(f"{reader.directory}: checkpoint does not match its config:\n  " + "\n  ".join(problems))
-  return _unflat(out)
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+  return tuple(slice(*s.indices(d)[:2]) for s, d in zip(index, shape))
+
+
+def _load_leaf(reader: SafetensorsReader, path: tuple[str, ...], leaf, sharding) -> jax.Array:
+  """One parameter as a global array in `sharding`: this process reads the smallest box that covers its devices'
+  slices (each HF tensor's bytes once), converts it to our layout and dtype, and hands each device its slice."""
+  m = _leaf_mapping(path, len(leaf.shape))
+  names = _names(m, leaf.shape)
+  stacked = "{i}" in m.hf_name
+  slices = [_bounds(idx, leaf.shape) for idx in sharding.addressable_devices_indices_map(leaf.shape).values()]
+  box = tuple(slice(min(s[d].start for s in slices), max(s[d].stop for s in slices)) for d in range(len(leaf.shape)))
+  host = np.empty(tuple(s.stop - s.start for s in box), leaf.dtype)
+  if stacked:  # one HF tensor per layer; the layer axis comes first in ours
+    for j, i in enumerate(range(box[0].start, box[0].stop)):
+      host[j] = m.to_ours(reader.get(names[i], m.hf_region(box[1:])))
+  else:
+    host[...] = m.to_ours(reader.get(names[0], m.hf_region(box) if box else None))
+
+  def local(index):
+    index = _bounds(index, leaf.shape)
+    return host[tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(index, box))]
+  return jax.make_array_from_callback(leaf.shape, sharding, local)
+
+
+def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, instruction_aware: bool = True) -> dict:
+  """Fills a params shape tree (from jax.eval_shape) with global arrays read through `reader`.
+
+  `shardings` (a matching tree of jax.sharding.Sharding) places every parameter straight into its devices: a
+  process reads only what its devices hold and nothing passes through one device whole. Without it, everything
+  goes to this process's first device. Tensors are cast to the tree's dtypes as they are read (the frozen towers
+  to bfloat16 on TPU, say); everything is checked (check_params) before the first byte is read.
+  """
+  check_params(params_shape, reader, instruction_aware=instruction_aware)
+  flat_shape = _flat(params_shape)
+  if shardings is None:
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    flat_sh = {path: one for path in flat_shape}
+  else:
+    flat_sh = _flat(shardings)
+  return _unflat({path: _load_leaf(reader, path, leaf, flat_sh[path]) for path, leaf in flat_shape.items()})
+
+
+def _host_value(x) -> np.ndarray:
+  """A parameter as one host array on every process (a collective for arrays spread over several processes)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def params_to_hf(params) -> dict[str, np.ndarray]:
   """Our params (plain or boxed arrays) -> HF state dict (numpy, contiguous)."""
   out = {}
   for path, value in _flat(params).items():
-    value = np.asarray(jax.device_get(value))
-    m = _leaf_mapping(path, value.ndim)
-    if "{i}" in m.hf_name:
-      for i in range(value.shape[0]):
-        out[m.hf_name.format(i=i)] = np.ascontiguousarray(m.to_hf(value[i]))
-    else:
-      out[m.hf_name] = np.ascontiguousarray(m.to_hf(value))
+    out.update(_hf_tensors(path, _host_value(value)))
   return out
 
 
-def save_hf(cfg: InstructBlipConfig, params, out_dir: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
-  """Writes config.json and model.safetensors (sharded with an index above max_shard_bytes)."""
-  os.makedirs(out_dir, exist_ok=True)
-  state = params_to_hf(params)
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for key in sorted(state):
-    nbytes = state[key].nbytes
-    if shards[-1] and size + nbytes > max_shard_bytes:
-      shards.append({})
+def _hf_tensors(path: tuple[str, ...], value: np.ndarray) -> dict[str, np.ndarray]:
+  m = _leaf_mapping(path, value.ndim)
+  if "{i}" in m.hf_name:
+    return {m.hf_name.format(i=i): np.ascontiguousarray(m.to_hf(value[i])) for i in range(value.shape[0])}
+  return {m.hf_name: np.ascontiguousarray(m.to_hf(value))}
+
+
+def save_hf(cfg: InstructBlipConfig, params, out_dir: str, *, max_shard_bytes: int = 4 * 2**30) -> None:
+  """Writes config.json and model.safetensors (sharded with an index above max_shard_bytes) to `out_dir`, a local
+  path or gs://. Parameters may be global arrays spread over several processes: every process must call this
+  (each parameter is gathered in turn); process 0 writes, holding at most one shard in host memory."""
+  from jax.experimental import multihost_utils
+  flat = _flat(params)
+  writer = jax.process_index() == 0
+  # The plan from shapes alone: which shard each parameter's tensors go to (a stack stays in one shard).
+  plan, size = [[]], 0
+  for path, value in flat.items():
+    nbytes = int(np.prod(value.shape)) * np.dtype(value.dtype).itemsize
+    if plan[-1] and size + nbytes > max_shard_bytes:
+      plan.append([])
       size = 0
-    shards[-1][key] = state[key]
+    plan[-1].append(path)
     size += nbytes
+  out = epath.Path(out_dir)
+  if writer:
+    out.mkdir(parents=True, exist_ok=True)
+  names = [WEIGHTS_NAME] if len(plan) == 1 else [f"model-{n:05d}-of-{len(plan):05d}.safetensors"
+                                                 for n in range(1, len(plan) + 1)]
   meta = {"format": "pt"}  # transformers refuses safetensors files without this tag
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(out_dir, WEIGHTS_NAME), metadata=meta)
-  else:
-    weight_map = {}
-    for n, shard in enumerate(shards, 1):
-      name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, os.path.join(out_dir, name), metadata=meta)
+  weight_map, total = {}, 0
+  for name, paths in zip(names, plan):
+    shard = {}
+    for path in paths:
+      value = _host_value(flat[path])
+      if writer:
+        shard.update(_hf_tensors(path, value))
+      del value
+    if writer:
+      safetensors_io.write(out / name, sorted(shard.items()), metadata=meta)
       weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(a.nbytes for a in state.values())}, "weight_map": weight_map}
-    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
-      json.dump(index, f, indent=2)
-  with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
-    json.dump(config_to_hf(cfg), f, indent=2)
+      total += sum(a.nbytes for a in shard.values())
+    del shard
+  if writer:
+    if len(names) > 1:
+      index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+      (out / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    (out / CONFIG_NAME).write_text(json.dumps(config_to_hf(cfg), indent=2))
+  if jax.process_count() > 1:  # the directory is complete when any process returns
+    multihost_utils.sync_global_devices("iblip_jax_save_hf")

@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iblip_jax import hf_checkpoint
+from iblip_jax import hf_checkpoint, sharding
+from iblip_jax.models import configs as model_configs
 from iblip_jax.models.configs import InstructBlipConfig
 from iblip_jax.models.instructblip import InstructBlip
 
@@ -41,15 +42,12 @@ def _with_dtype(cfg: InstructBlipConfig, dtype) -> InstructBlipConfig:
                      text=dataclasses.replace(cfg.text, dtype=name, param_dtype=name))
 
 
-def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = True, text_remat: bool = False,
-                    scan_vision: bool = True):
-  """Loads a local Hugging Face InstructBLIP directory (config.json + safetensors). Returns (model, params).
-
-  `dtype` is the storage and compute dtype of the frozen ViT and LLM (bfloat16 on TPU); the Q-Former side is always
-  float32. `instruction_aware=False` builds the BLIP-2-style Q-Former (the paper's ablation) from the same weights.
-  `text_remat` rematerialises T5 blocks in the backward pass; `scan_vision=False` unrolls the ViT blocks so that
-  single blocks can be trained (their paths become vision/layers_<i>/...).
-  """
+def load_config(path: str, dtype=jnp.float32, *, instruction_aware: bool = True,
+                overrides: dict | None = None) -> InstructBlipConfig:
+  """The model config of a local Hugging Face InstructBLIP directory: its config.json is the source of truth for
+  the architecture; `dtype` and `instruction_aware` are applied, then `overrides` (a nested dict like
+  `config.model.to_dict()`). An override that contradicts the weights' shapes raises a CheckpointError naming
+  the field and both values."""
   if not os.path.isdir(path):
     raise hf_checkpoint.CheckpointError(f"{path}: not a directory (expected a local Hugging Face InstructBLIP "
                                         "checkpoint directory; nothing is downloaded)")
@@ -57,14 +55,44 @@ def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = T
   reader = hf_checkpoint.SafetensorsReader(path)
   # A checkpoint without lm_head has a head tied to the shared embedding (transformers 5 writes tied heads so).
   tied = "language_model.lm_head.weight" not in reader.keys()
+  reader.close()
   cfg = hf_checkpoint.config_from_hf(hf_config, tied_head=tied)
   cfg = _with_dtype(cfg, dtype).replace(instruction_aware=instruction_aware)
-  cfg = cfg.replace(text=dataclasses.replace(cfg.text, remat=text_remat),
-                    vision=dataclasses.replace(cfg.vision, scan_layers=scan_vision))
-  model = InstructBlip(cfg)
-  params = hf_checkpoint.load_params(params_shape(model), reader, instruction_aware=instruction_aware)
-  logging.info("loaded %s (%d tensors)", path, len(reader.keys()))
-  return model, jax.tree.map(jnp.asarray, params)
+  if overrides:
+    try:
+      cfg = model_configs.with_overrides(cfg, overrides, os.path.join(path, hf_checkpoint.CONFIG_NAME))
+    except ValueError as e:
+      raise hf_checkpoint.CheckpointError(str(e)) from None
+  return cfg
+
+
+def load_params(path: str, model: InstructBlip, *, shardings=None) -> dict:
+  """The weights of a local Hugging Face directory for `model`, as global arrays in `shardings` (a tree like the
+  params; default: this process's first device). Each process reads each tensor's part its devices hold, once."""
+  reader = hf_checkpoint.SafetensorsReader(path)
+  try:
+    params = hf_checkpoint.load_params(params_shape(model), reader, shardings=shardings,
+                                       instruction_aware=model.config.instruction_aware)
+  finally:
+    reader.close()
+  logging.info("loaded %s (%d tensors, %.2f GB read)", path, len(reader.keys()), reader.bytes_read / 1e9)
+  return params
+
+
+def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = True, overrides: dict | None = None,
+                    shardings=None, mesh=None, rules=None):
+  """Loads a local Hugging Face InstructBLIP directory (config.json + safetensors). Returns (model, params).
+
+  `dtype` is the storage and compute dtype of the frozen ViT and LLM (bfloat16 on TPU); the Q-Former side is always
+  float32. `instruction_aware=False` builds the BLIP-2-style Q-Former (the paper's ablation) from the same weights.
+  `overrides` are further settings (`{"text": {"remat": True}, "vision": {"scan_layers": False}}`, ...; see
+  load_config). Parameters go straight into `shardings`, or into the logical shardings of `mesh` under `rules`
+  (see iblip_jax.sharding), or onto one device.
+  """
+  model = InstructBlip(load_config(path, dtype, instruction_aware=instruction_aware, overrides=overrides))
+  if shardings is None and mesh is not None:
+    shardings = sharding.logical_shardings(params_shape(model, boxed=True), mesh, rules or ())
+  return model, load_params(path, model, shardings=shardings)
 
 
 def save_pretrained(model: InstructBlip, params, out_dir: str) -> None:

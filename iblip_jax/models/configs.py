@@ -152,10 +152,18 @@ def _build(cls, d: dict[str, Any], where: str):
   return cls(**d)
 
 
+def _frozen_tower(d: dict[str, Any]) -> dict[str, Any]:
+  """A frozen tower (ViT, LLM) stores its weights in its compute dtype unless told otherwise: there is no master
+  copy to keep in float32, and bfloat16 storage halves the memory. (Training such a tower: set param_dtype.)"""
+  if "dtype" in d and "param_dtype" not in d:
+    d = dict(d, param_dtype=d["dtype"])
+  return d
+
+
 def from_dict(d: dict[str, Any]) -> InstructBlipConfig:
   """Builds the model config from a nested dict (e.g. `config.model.to_dict()` of an ml_collections config)."""
   d = dict(d)
-  vision = _build(VisionConfig, dict(d.pop("vision", {})), "model.vision")
+  vision = _build(VisionConfig, _frozen_tower(dict(d.pop("vision", {}))), "model.vision")
   qformer = dict(d.pop("qformer", {}))
   qformer.setdefault("encoder_hidden_size", vision.hidden_size)
   qformer = _build(QFormerConfig, qformer, "model.qformer")
@@ -163,16 +171,64 @@ def from_dict(d: dict[str, Any]) -> InstructBlipConfig:
   model_type = text.pop("model_type", "t5")
   if model_type not in TEXT_MODELS:
     raise ValueError(f"model.text.model_type={model_type!r}; expected one of {sorted(TEXT_MODELS)}")
-  text = _build(TEXT_MODELS[model_type], text, "model.text")
+  text = _build(TEXT_MODELS[model_type], _frozen_tower(text), "model.text")
   cfg = _build(InstructBlipConfig, {**d, "vision": vision, "qformer": qformer, "text": text}, "model")
   validate(cfg)
   return cfg
 
 
-def to_dict(cfg: InstructBlipConfig) -> dict[str, Any]:
-  d = dataclasses.asdict(cfg)
-  d["text"]["model_type"] = "llama" if cfg.decoder_only else "t5"
-  return d
+# The fields that fix the weights' shapes. A config may restate them over a checkpoint but not change them;
+# every other field (dtypes, remat, scan settings, token ids, the instruction-aware switch, ...) is a setting that
+# the config applies on top of the checkpoint's config.json.
+SHAPE_FIELDS = {
+    VisionConfig: {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                   "patch_size", "num_channels", "qkv_bias"},
+    QFormerConfig: {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "cross_attention_frequency", "encoder_hidden_size"},
+    T5Config: {"vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+               "relative_attention_num_buckets", "is_gated_act", "tie_word_embeddings"},
+    LlamaConfig: {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "attention_bias", "mlp_bias", "tie_word_embeddings"},
+    InstructBlipConfig: {"num_query_tokens"},
+}
+
+
+def with_overrides(cfg: InstructBlipConfig, overrides: dict[str, Any], source: str) -> InstructBlipConfig:
+  """`cfg` (from a checkpoint's config.json, `source`) with the settings of `overrides` (a nested dict such as
+  `config.model.to_dict()`) applied. Raises ValueError listing every override that contradicts the weights or
+  names no field."""
+  problems = []
+
+  def merge(obj, d: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in d.items():
+      have = getattr(obj, key, None)
+      if key not in names:
+        problems.append(f"{where}.{key}: no such field (fields: {', '.join(sorted(names))})")
+      elif key in SHAPE_FIELDS[type(obj)] and value != have:
+        problems.append(f"{where}.{key}={value!r} but {source} says {have!r}: the config describes another model "
+                        "than the weights")
+      elif not dataclasses.is_dataclass(have):
+        changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+  d = dict(overrides)
+  vision = merge(cfg.vision, _frozen_tower(dict(d.pop("vision", {}) or {})), "model.vision")
+  qformer = merge(cfg.qformer, dict(d.pop("qformer", {}) or {}), "model.qformer")
+  text = dict(d.pop("text", {}) or {})
+  model_type = text.pop("model_type", None)
+  have_type = "llama" if cfg.decoder_only else "t5"
+  if model_type is not None and model_type != have_type:
+    problems.append(f"model.text.model_type={model_type!r} but {source} holds a {have_type} language model")
+    text = {}
+  text = merge(cfg.text, _frozen_tower(text), "model.text")
+  top = merge(cfg, d, "model")
+  if problems:
+    raise ValueError("config.model contradicts the checkpoint:\n  " + "\n  ".join(problems))
+  out = dataclasses.replace(top, vision=vision, qformer=qformer, text=text)
+  validate(out)
+  return out
 
 
 def validate(cfg: InstructBlipConfig) -> None:

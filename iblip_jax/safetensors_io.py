@@ -1,0 +1,143 @@
+"""The safetensors file format, read by region and written as a stream, local or remote (etils.epath).
+
+A file is an 8-byte little-endian header length N, N bytes of JSON ({name: {"dtype", "shape", "data_offsets":
+[begin, end]}, "__metadata__": {...}}) and the tensors' bytes, row-major, offsets relative to the end of the header.
+
+Why not `safe_open`: loading a real-size checkpoint into a device mesh must read each process's part of each tensor
+once, into one buffer, without mapping the files into memory (mapped pages count as resident memory while they are
+mapped, so an 8 GB checkpoint read through mmap shows as 8 GB more), and must count what it read (the tests and
+tools/bench_load.py check that every byte is read once). Reads are plain positioned reads into numpy buffers.
+
+Only tensors are ever read: nothing in the format can run code (unlike pickle).
+"""
+import json
+import math
+import os
+import struct
+from typing import Iterable, Sequence
+
+import ml_dtypes
+import numpy as np
+from etils import epath
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64,
+          "BOOL": np.bool_}
+NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+CHUNK_BYTES = 64 * 2**20   # column slices of row-major tensors are read in whole rows, this many bytes at a time
+MAX_HEADER = 100 * 2**20   # the format's own limit on the JSON header
+
+
+class FormatError(ValueError):
+  """A file that is not valid safetensors; the message names the file."""
+
+
+class TensorInfo:
+  __slots__ = ("dtype", "shape", "begin", "end")
+
+  def __init__(self, dtype, shape, begin, end):
+    self.dtype, self.shape, self.begin, self.end = dtype, shape, begin, end
+
+
+class File:
+  """One safetensors file: its header parsed on open, tensors read on demand with positioned reads."""
+
+  def __init__(self, path: str):
+    self.path = str(path)
+    self._f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open for the reader's lifetime
+    size = os.fstat(self._f.fileno()).st_size
+    head = os.pread(self._f.fileno(), 8, 0)
+    if len(head) < 8:
+      raise FormatError(f"{self.path}: {size} bytes, too short for a safetensors header; is it truncated?")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+      raise FormatError(f"{self.path}: header length {n} does not fit a {size}-byte file; is it truncated or not "
+                        "a safetensors file?")
+    try:
+      header = json.loads(os.pread(self._f.fileno(), n, 8))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise FormatError(f"{self.path}: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+      raise FormatError(f"{self.path}: the header is not a JSON object")
+    self.metadata = header.pop("__metadata__", None) or {}
+    self.data_start = 8 + n
+    self.tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+      self.tensors[name] = self._info(name, entry, size - self.data_start)
+
+  def _info(self, name: str, entry, data_size: int) -> TensorInfo:
+    try:
+      dtype = np.dtype(DTYPES[entry["dtype"]])
+      shape = tuple(int(d) for d in entry["shape"])
+      begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise FormatError(f"{self.path}: tensor {name!r} has a malformed header entry {entry!r} ({e!r})") from None
+    if any(d < 0 for d in shape) or end - begin != math.prod(shape) * dtype.itemsize:
+      raise FormatError(f"{self.path}: tensor {name!r}: shape {shape} of {entry['dtype']} does not match its "
+                        f"{end - begin} bytes")
+    if not 0 <= begin <= end <= data_size:
+      raise FormatError(f"{self.path}: tensor {name!r} lies beyond the end of the file ({end} > {data_size} bytes "
+                        "of data); is it truncated?")
+    return TensorInfo(dtype, shape, begin, end)
+
+  def _read_into(self, buffer: np.ndarray, offset: int) -> int:
+    view = memoryview(buffer.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+      n = os.preadv(self._f.fileno(), [view[done:]], self.data_start + offset + done)
+      if n <= 0:
+        raise FormatError(f"{self.path}: unexpected end of file at byte {self.data_start + offset + done}")
+      done += n
+    return done
+
+  def read(self, name: str, region: Sequence[slice] | None = None) -> tuple[np.ndarray, int]:
+    """The tensor, or its `region` (one slice with explicit start/stop per dimension), and the bytes read.
+
+    A region that spans whole rows is one read; otherwise whole rows are read in chunks and the columns kept (a
+    column slice of a row-major tensor is not contiguous on disk)."""
+    info = self.tensors[name]
+    if region is None or not info.shape:
+      out = np.empty(info.shape, info.dtype)
+      return out, self._read_into(out, info.begin)
+    region = tuple(region)
+    rows = region[0]
+    row_shape = info.shape[1:]
+    row_bytes = math.prod(row_shape) * info.dtype.itemsize
+    out_shape = tuple(s.stop - s.start for s in region)
+    out = np.empty(out_shape, info.dtype)
+    if all(s.start == 0 and s.stop == d for s, d in zip(region[1:], row_shape)):
+      return out, self._read_into(out, info.begin + rows.start * row_bytes)
+    per_chunk = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    chunk = np.empty((min(per_chunk, out_shape[0]),) + row_shape, info.dtype)
+    read = 0
+    for r in range(rows.start, rows.stop, per_chunk):
+      n = min(per_chunk, rows.stop - r)
+      read += self._read_into(chunk[:n], info.begin + r * row_bytes)
+      out[r - rows.start:r - rows.start + n] = chunk[:n][(slice(None),) + region[1:]]
+    return out, read
+
+  def close(self) -> None:
+    self._f.close()
+
+
+def write(path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> int:
+  """Streams (name, array) pairs into one safetensors file at `path` (local or gs://, via etils.epath); the arrays
+  are iterated twice (header, then data), so pass a list. Returns the bytes written."""
+  tensors = list(tensors)
+  header, offset = {}, 0
+  for name, array in tensors:
+    dtype = np.dtype(array.dtype)
+    if dtype not in NAMES:
+      raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+    header[name] = {"dtype": NAMES[dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+    offset += array.nbytes
+  if metadata:
+    header["__metadata__"] = dict(metadata)
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)   # the format aligns the data to 8 bytes with trailing spaces
+  with epath.Path(path).open("wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    for _, array in tensors:
+      f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+  return 8 + len(blob) + offset
