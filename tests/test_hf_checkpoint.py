@@ -1,6 +1,7 @@
 """Loading and exporting the Hugging Face format: round trips through transformers, and clear errors."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -136,3 +137,100 @@ def test_unsupported_language_model_is_refused_clearly(tmp_path, hf_dir):
   config["text_config"]["model_type"] = "opt"
   (d / "config.json").write_text(json.dumps(config))
   assert "text_config.model_type='opt'" in _error(d)
+
+
+# --- config.json: wrong types and ranges, null, unknown fields -------------------------------------------------------
+
+
+def _set(config: dict, dotted: str, value) -> dict:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  return config
+
+
+def _with_config(src, dst, edit) -> str:
+  d = _copy(src, dst)
+  (d / "config.json").write_text(json.dumps(edit(json.loads((d / "config.json").read_text()))))
+  return d
+
+
+@pytest.fixture(scope="module")
+def hf_llama_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("ckpt_llama") / "hf"
+  oracle.tiny_hf_model(llama=True).save_pretrained(path)
+  return path
+
+
+BAD_FIELDS = [  # (dotted field, value): each would otherwise be a TypeError, a silent default or a shape error
+    ("vision_config.hidden_size", "64"),
+    ("num_query_tokens", None),  # transformers declares it int: null has no meaning there
+    ("text_config.num_layers", 2.5),
+    ("qformer_config.num_attention_heads", 0),
+    ("vision_config.num_attention_heads", -4),
+    ("text_config.d_kv", -8),
+    ("vision_config", []),  # a list where an object belongs (was silently replaced by the 1408-wide defaults)
+    ("qformer_config.cross_attention_frequency", True),  # JSON true is a Python int, never a count
+    ("text_config.tie_word_embeddings", "false"),  # a non-empty string is truthy
+    ("qformer_config.layer_norm_eps", 0),
+    ("text_config.dropout_rate", 1.5),
+    ("qformer_config.hidden_act", ["gelu"]),
+    ("text_config.feed_forward_proj", "gated-gelu-extra"),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_FIELDS)
+def test_bad_config_field_names_the_file_and_the_field(tmp_path, hf_dir, field, value):
+  d = _with_config(hf_dir, tmp_path / "d", lambda c: _set(c, field, value))
+  msg = _error(d)
+  assert str(d / "config.json") in msg and f"{field} = {json.dumps(value)}" in msg
+  # a dict handed to config_from_hf directly is checked the same way
+  with pytest.raises(hf_checkpoint.CheckpointError, match=re.escape(f"x/config.json: invalid config:\n  {field} = ")):
+    hf_checkpoint.config_from_hf(json.loads((d / "config.json").read_text()), tied_head=False, source="x/config.json")
+
+
+@pytest.mark.parametrize("field,value", [("text_config.num_key_value_heads", "2"), ("text_config.rope_parameters", []),
+                                         ("text_config.rope_parameters.rope_theta", -1.0),
+                                         ("text_config.bos_token_id", False)])
+def test_bad_llama_config_field_names_the_file_and_the_field(tmp_path, hf_llama_dir, field, value):
+  d = _with_config(hf_llama_dir, tmp_path / "d", lambda c: _set(c, field, value))
+  msg = _error(d)
+  assert str(d / "config.json") in msg and f"{field} = {json.dumps(value)}" in msg
+
+
+def test_config_that_is_not_an_object_or_not_utf8(tmp_path, hf_dir):
+  d = _copy(hf_dir, tmp_path / "d")
+  (d / "config.json").write_text("[]")
+  msg = _error(d)
+  assert str(d / "config.json") in msg and "top level is list" in msg
+  (d / "config.json").write_bytes(b'{"model_type": "instructbl\xefp"}')
+  assert f"{d / 'config.json'}: not UTF-8" in _error(d)
+
+
+def test_null_is_accepted_where_transformers_gives_it_a_meaning(hf_dir):
+  config = json.loads((hf_dir / "config.json").read_text())
+  for field in ("text_config.num_decoder_layers", "text_config.bos_token_id", "image_token_index"):
+    _set(config, field, None)
+  cfg = hf_checkpoint.config_from_hf(config, tied_head=False)
+  assert cfg.text.num_decoder_layers == config["text_config"]["num_layers"] == 2  # T5Config: None = num_layers
+  assert cfg.image_token_index is None and cfg.text.bos_token_id == 1
+  cfg = hf_checkpoint.config_from_hf(dict(config, vision_config=None), tied_head=False)
+  assert cfg.vision.hidden_size == 1408  # a null sub-config takes transformers' defaults, as transformers does
+
+
+def test_unknown_fields_are_reported_but_not_transformers_own(tmp_path, hf_dir, hf_llama_dir, caplog):
+  caplog.set_level("WARNING")
+  for d in (hf_dir, hf_llama_dir):  # config.json as transformers writes it (T5 and LLaMA)
+    hf_checkpoint.read_config(str(d))
+  cfg = hf_checkpoint.config_from_hf(hf_checkpoint.read_config(str(hf_dir)), tied_head=False)
+  out = tmp_path / "ours"
+  out.mkdir()
+  (out / "config.json").write_text(json.dumps(hf_checkpoint.config_to_hf(cfg)))  # as save_hf writes it
+  hf_checkpoint.read_config(str(out))
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]
+  d = _with_config(hf_dir, tmp_path / "d", lambda c: _set(_set(c, "vision_config.patch_sise", 2), "flavour", "x"))
+  hf_checkpoint.read_config(str(d))
+  [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+  assert str(d / "config.json") in record.getMessage() and "flavour, vision_config.patch_sise" in record.getMessage()
