@@ -29,7 +29,9 @@ MODEL = dict(
 
 
 def get_config():
-  config = config_lib.base(MODEL)
+  # The architecture comes from the checkpoint's config.json (MODEL above is what built it); the config adds the
+  # switches only.
+  config = config_lib.base(dict(instruction_aware=True))
   config.mode = "train"
   config.model_init = "demo_assets/instructblip-demo"
   # Instruction tuning starts from the Q-Former of the "BLIP-2" stage (captioning only), as in the paper; a

@@ -12,13 +12,19 @@ import time
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+
+def directory(workdir: str) -> epath.Path:
+  """workdir/checkpoints; a local workdir is made absolute (orbax wants it so), a gs:// one is left as it is."""
+  root = str(workdir) if "://" in str(workdir) else os.path.abspath(workdir)
+  return epath.Path(root) / "checkpoints"
 
 
 def manager(workdir: str, *, keep: int = 3) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               item_names=("state", "data"), options=options)
+  return ocp.CheckpointManager(directory(workdir), item_names=("state", "data"), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iterator=None, *, force: bool = False) -> None:
@@ -36,10 +42,10 @@ def _abstract(tree, shardings):
 def _move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
   """Renames an unreadable checkpoint out of the manager's way (so the step can be saved again) without deleting
   anything someone may want to inspect."""
-  src = os.path.join(str(mngr.directory), str(step))
-  dst = os.path.join(str(mngr.directory), f"unreadable_step_{step}_{int(time.time())}")
-  if jax.process_index() == 0 and os.path.exists(src):
-    os.rename(src, dst)
+  src = epath.Path(mngr.directory) / str(step)
+  dst = epath.Path(mngr.directory) / f"unreadable_step_{step}_{int(time.time())}"
+  if jax.process_index() == 0 and src.exists():
+    src.rename(dst)
   multihost_utils.sync_global_devices("iblip_jax_move_aside")
   mngr.reload()
   return dst

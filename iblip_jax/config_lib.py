@@ -31,8 +31,17 @@ def optim() -> ml_collections.ConfigDict:
 
 
 def base(model: dict) -> ml_collections.ConfigDict:
+  """`model`: the model's sizes and switches (models/configs.py field names). With config.model_init, the
+  checkpoint's config.json decides the architecture and config.model adds settings on top; sizes stated here must
+  then agree with the checkpoint (a contradiction is an error, not a silent choice)."""
   config = ml_collections.ConfigDict()
   config.mode = "summary"
+  model = dict(model)
+  # Precision and remat of the frozen towers are settings every config has, so that the command line can set them
+  # (--config.model.vision.dtype=bfloat16 --config.model.text.dtype=bfloat16 --config.model.text.remat=True, the
+  # TPU setup). A frozen tower stores its weights in its compute dtype.
+  model["vision"] = {"dtype": "float32", **model.get("vision", {})}
+  model["text"] = {"dtype": "float32", "remat": False, **model.get("text", {})}
   config.model = ml_collections.ConfigDict(model)
   config.model_init = ""   # local Hugging Face InstructBLIP directory with the pretrained weights
   config.trainable = list(TRAINABLE)

@@ -1,12 +1,18 @@
-"""Multi-process start-up: `jax.distributed.initialize()` when the environment asks for it.
+"""Multi-process start-up and the few host-level exchanges the main job needs.
 
-Cloud TPU pods (more than one worker in TPU_WORKER_HOSTNAMES) need no arguments; elsewhere (GPU clusters, CPU
-tests) set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. Everything downstream keys on
-jax.process_index() / jax.process_count().
+`maybe_initialize()` must run before anything else touches JAX's backends (`python -m iblip_jax.main` calls it
+first, in every mode): `jax.distributed.initialize` refuses to start once a backend exists. One code path serves
+- Cloud TPU pods: more than one worker in TPU_WORKER_HOSTNAMES, no arguments (jax reads the metadata server);
+- any cluster, and the pod scripts (tools/tpu/worker.sh): JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID;
+- a single process: nothing to do.
+Everything downstream keys on jax.process_index() / jax.process_count().
 """
+import json
 import os
 
 import jax
+import numpy as np
 
 
 def maybe_initialize() -> bool:
@@ -20,6 +26,8 @@ def maybe_initialize() -> bool:
     except (KeyError, ValueError):
       raise ValueError("JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers "
                        f"too (got {os.environ.get('JAX_NUM_PROCESSES')!r}, {os.environ.get('JAX_PROCESS_ID')!r})")
+    if not 0 <= pid < num:
+      raise ValueError(f"JAX_PROCESS_ID={pid} must be in [0, JAX_NUM_PROCESSES={num})")
     if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
@@ -28,3 +36,28 @@ def maybe_initialize() -> bool:
     jax.distributed.initialize()
     return True
   return False
+
+
+def is_primary() -> bool:
+  """Process 0: the one that writes logs, metrics, plots, evaluation files and exports."""
+  return jax.process_index() == 0
+
+
+def broadcast_json(value=None):
+  """Process 0's JSON-able `value`, on every process (metrics computed once, then shared so that every process
+  takes the same decisions)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_primary() else np.zeros(0, np.uint8)
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(blob.size)))
+  padded = np.zeros(n, np.uint8)
+  padded[:blob.size] = blob
+  return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes().decode())
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches this point (a no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -19,6 +19,9 @@ def _modes():
 
 def main(argv):
   del argv
+  # Before anything else touches JAX: on a pod, jax.distributed.initialize refuses to start once a backend exists.
+  from iblip_jax import distributed
+  distributed.maybe_initialize()
   config = _CONFIG.value
   modes = _modes()
   if config.mode not in modes:

@@ -3,15 +3,16 @@ import math
 
 import jax
 
-from iblip_jax.models import configs as model_configs
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.pretrained import params_shape
 from iblip_jax.trainable import trainable_mask
 
 
 def count_params(config) -> list[tuple[str, int, int]]:
-  """[(top-level module, parameters, trainable parameters)] for an ml_collections config."""
-  model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
+  """[(top-level module, parameters, trainable parameters)] for an ml_collections config (the checkpoint's
+  architecture when config.model_init is set)."""
+  from iblip_jax.run import common
+  model = InstructBlip(common.model_config(config))
   shapes = params_shape(model)
   mask = trainable_mask(shapes, config.trainable)
   rows = []

@@ -1,17 +1,27 @@
-"""Runs an evaluation task over records: batches, generation or ranking, predictions JSONL, metrics JSON.
+"""Runs an evaluation task over records on a device mesh: batches, generation or ranking, predictions JSONL,
+metrics JSON.
 
 A record is a dict with an "id", an "image" (path, PIL image or array) or "frames" (video), the fields its task's
 prompt names (question, ocr_tokens, ...), and what its metric needs: "answers" (list) for vqa/ivqa, "answer" for
 exact_match, "captions" for cider, "candidates" + "answer_index" for ranking tasks ("label" 0/1 for auc).
+
+On several processes every process holds the whole record list (prompts are rendered and checked everywhere, so a
+bad record stops all of them alike) but loads only the images of the rows its devices hold; the last batch is
+padded with repeats of the last record, which are dropped after the gather. Process 0 computes the metrics once,
+writes the files and shares the metrics with the others. A record whose image cannot be read is reported and left
+out of the metrics, never fatal.
 """
 import json
-import os
+import logging
 from typing import Iterable, Sequence
 
+import jax
 import numpy as np
+from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
+from iblip_jax import distributed, sharding
 from iblip_jax.data import preprocess, tokenize
 from iblip_jax.decoding import generate
 from iblip_jax.evaluation import metrics
@@ -37,20 +47,81 @@ def _candidates(task: Task, record: dict) -> Sequence[str]:
   return list(cands)
 
 
-def predict_batch(task: Task, records: list[dict], model, params, tok: tokenize.Tokenizers, size: int) -> list[dict]:
-  """Predictions for one batch: {"prediction": text} or {"prediction": index, "scores": [...]}."""
-  pixels = np.stack([_pixels(task, r, size) for r in records])
-  inputs = dict(pixel_values=pixels, **tokenize.encode_prompts(tok, [render_prompt(task, r) for r in records]))
-  if task.inference == "generate":
-    tokens = generate(model, params, **inputs, num_beams=task.num_beams, max_new_tokens=task.max_new_tokens,
-                      min_new_tokens=task.min_new_tokens, length_penalty=task.length_penalty,
-                      repetition_penalty=task.repetition_penalty)
-    return [{"prediction": text} for text in tokenize.decode(tok, tokens)]
-  cands = tokenize.encode_candidates(tok, [_candidates(task, r) for r in records])
-  scores, _ = rank(model, params, **inputs, candidate_labels=cands)
-  scores = np.where((cands != tokenize.IGNORE).any(-1), np.asarray(scores), -np.inf)  # padded candidates never win
-  return [{"prediction": int(np.argmax(s)), "scores": [float(x) for x in s[:len(_candidates(task, r))]]}
-          for s, r in zip(scores, records)]
+def _load(task: Task, record: dict, size: int) -> tuple[np.ndarray | None, str | None]:
+  """(pixels, None), or (None, why) for an image or video that cannot be read."""
+  try:
+    return _pixels(task, record, size), None
+  except Exception as e:  # noqa: BLE001 - any decoder failure is a bad record, never a dead job
+    return None, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def _gather(x) -> np.ndarray:
+  """A global array, whole, on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _single_device_mesh():
+  return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+
+
+def infer(task: Task, records: Sequence[dict], model, params, tok: tokenize.Tokenizers, *, batch_size: int = 8,
+          mesh=None, rules=(), image_size: int | None = None, progress: bool = True) -> list[dict]:
+  """One prediction per record, on every process: {"prediction": text} (generation), {"prediction": index,
+  "scores": [...]} (ranking), or {"error": why} for a record whose image could not be read.
+
+  `batch_size` is the global batch, rounded up to a multiple of the mesh's batch axes (data x fsdp); `params`
+  live on `mesh` (default: this process's first device)."""
+  mesh = mesh or _single_device_mesh()
+  size = image_size or model.config.vision.image_size
+  split = mesh.shape["data"] * mesh.shape["fsdp"]
+  b = -(-batch_size // split) * split
+  start, stop = sharding.process_rows(mesh, b)
+  prompts = [render_prompt(task, r) for r in records]               # checked on every process, before any work
+  num_cands = [len(_candidates(task, r)) for r in records] if task.inference == "rank" else None
+  blank = _blank(task, size)   # stands in for an unreadable image, whose prediction is dropped
+  out = []
+  with tqdm(total=len(records), desc=f"{task.name}", unit="ex", disable=not (progress and distributed.is_primary()),
+            dynamic_ncols=True) as bar:
+    for first in range(0, len(records), b):
+      rows = [min(first + i, len(records) - 1) for i in range(start, stop)]   # the tail repeats the last record
+      loaded = [_load(task, records[i], size) for i in rows]
+      for i, (_, why) in zip(rows, loaded):
+        if why:
+          logging.warning("task %s: record %r: cannot read its image (%s); left out", task.name,
+                          records[i].get("id"), why)
+      local = dict(pixel_values=np.stack([blank if p is None else p for p, _ in loaded]),
+                   ok=np.array([why is None for _, why in loaded], np.int32),
+                   **tokenize.encode_prompts(tok, [prompts[i] for i in rows]))
+      if task.inference == "rank":
+        local["candidate_labels"] = tokenize.encode_candidates(tok, [_candidates(task, records[i]) for i in rows])
+      inputs = sharding.global_batch(local, mesh)
+      ok = _gather(inputs.pop("ok")).astype(bool)
+      with sharding.context(mesh, rules):
+        if task.inference == "generate":
+          result = _gather(generate(model, params, **inputs, num_beams=task.num_beams,
+                                    max_new_tokens=task.max_new_tokens, min_new_tokens=task.min_new_tokens,
+                                    length_penalty=task.length_penalty,
+                                    repetition_penalty=task.repetition_penalty))
+        else:
+          result = _gather(rank(model, params, **inputs)[0])
+      n = min(b, len(records) - first)
+      if task.inference == "generate":
+        texts = tokenize.decode(tok, result[:n])
+        out += [{"prediction": t} if good else {"error": "unreadable image"} for t, good in zip(texts, ok)]
+      else:
+        for j in range(n):
+          scores = result[j, :num_cands[first + j]]
+          out.append({"prediction": int(np.argmax(scores)), "scores": [float(x) for x in scores]} if ok[j]
+                     else {"error": "unreadable image"})
+      bar.update(n)
+  return out
+
+
+def _blank(task: Task, size: int) -> np.ndarray:
+  return np.zeros((task.frames, size, size, 3) if task.frames else (size, size, 3), np.float32)
 
 
 def score(task: Task, records: list[dict], predictions: list[dict], vqa_variant: str = "official") -> dict:
@@ -81,26 +152,29 @@ def score(task: Task, records: list[dict], predictions: list[dict], vqa_variant:
 
 
 def evaluate(task: Task, records: Iterable[dict], model, params, tok: tokenize.Tokenizers, *, out_dir: str,
-             batch_size: int = 8, image_size: int | None = None, vqa_variant: str = "official",
+             batch_size: int = 8, mesh=None, rules=(), image_size: int | None = None, vqa_variant: str = "official",
              progress: bool = True) -> dict:
-  """Runs `task` over `records`, writes {out_dir}/{task}_predictions.jsonl and {task}_metrics.json, returns
-  the metrics. Batches are padded to `batch_size` so that jit compiles one shape."""
+  """Runs `task` over `records` (see infer), writes {out_dir}/{task}_predictions.jsonl and {task}_metrics.json
+  (local or gs://; process 0), returns the metrics (on every process). Records whose image could not be read are
+  listed in the predictions with their error and left out of the metrics (the metrics JSON counts them)."""
   records = list(records)
   if not records:
     raise ValueError(f"task {task.name}: no records to evaluate")
-  size = image_size or model.config.vision.image_size
-  os.makedirs(out_dir, exist_ok=True)
-  predictions = []
-  with tqdm(total=len(records), desc=f"eval {task.name}", unit="ex", disable=not progress) as bar:
-    for start in range(0, len(records), batch_size):
-      batch = records[start:start + batch_size]
-      padded = batch + [batch[-1]] * (batch_size - len(batch))
-      predictions += predict_batch(task, padded, model, params, tok, size)[:len(batch)]
-      bar.update(len(batch))
-  with open(os.path.join(out_dir, f"{task.name}_predictions.jsonl"), "w") as f:
-    for r, p in zip(records, predictions):
-      f.write(json.dumps({"id": r.get("id"), **p}) + "\n")
-  result = score(task, records, predictions, vqa_variant)
-  with open(os.path.join(out_dir, f"{task.name}_metrics.json"), "w") as f:
-    json.dump({"task": task.name, "num_examples": len(records), **result}, f, indent=2)
-  return result
+  predictions = infer(task, records, model, params, tok, batch_size=batch_size, mesh=mesh, rules=rules,
+                      image_size=image_size, progress=progress)
+  result = None
+  if distributed.is_primary():
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{task.name}_predictions.jsonl").write_text(
+        "".join(json.dumps({"id": r.get("id"), **p}) + "\n" for r, p in zip(records, predictions)))
+    good = [(r, p) for r, p in zip(records, predictions) if "error" not in p]
+    if len(good) < len(records):
+      print(f"WARNING: task {task.name}: {len(records) - len(good)} of {len(records)} records could not be read "
+            f"and are left out of the metrics (see {task.name}_predictions.jsonl)", flush=True)
+    if not good:
+      raise ValueError(f"task {task.name}: none of the {len(records)} records could be read")
+    result = score(task, [r for r, _ in good], [p for _, p in good], vqa_variant)
+    (out / f"{task.name}_metrics.json").write_text(json.dumps(
+        {"task": task.name, "num_examples": len(good), "unreadable": len(records) - len(good), **result}, indent=2))
+  return distributed.broadcast_json(result)

@@ -1,20 +1,20 @@
-"""What the modes share: checking the config before anything compiles, loading the model and tokenizers, reading
-records, rendering instructions, running the configured evaluations."""
+"""What the modes share: checking the config before anything compiles, the model config (the checkpoint's, with
+config.model's settings on top), the mesh, parameters placed straight into their shardings, tokenizers, records,
+instructions, the configured evaluations on the mesh."""
 import dataclasses
 import logging
 import os
 
 import jax
-import jax.numpy as jnp
-import numpy as np
+from etils import epath
 
-from iblip_jax import pretrained
+from iblip_jax import pretrained, sharding
+from iblip_jax import train_step as ts
 from iblip_jax.data import tokenize
 from iblip_jax.evaluation import evaluator, tasks
 from iblip_jax.models import configs as model_configs
+from iblip_jax.models.configs import InstructBlipConfig
 from iblip_jax.models.instructblip import InstructBlip
-
-MODES = ("train", "eval", "predict", "export", "summary")
 
 
 def _readers():
@@ -27,12 +27,11 @@ def validate(config, workdir: str | None, mode: str) -> None:
   problems = []
   if mode in ("train", "eval", "export") and not workdir:
     problems.append(f"--workdir is required for mode {mode}")
-  if config.model_init:
-    if not os.path.isfile(os.path.join(config.model_init, "config.json")):
-      problems.append(f"config.model_init={config.model_init!r}: no Hugging Face checkpoint there (config.json)")
+  if config.model_init and not os.path.isfile(os.path.join(config.model_init, "config.json")):
+    problems.append(f"config.model_init={config.model_init!r}: no Hugging Face checkpoint there (config.json)")
   else:
     try:
-      model_configs.from_dict(config.model.to_dict())
+      model_config(config)
     except ValueError as e:
       problems.append(str(e))
   tokenizer = config.get("tokenizer") or config.model_init
@@ -44,20 +43,19 @@ def validate(config, workdir: str | None, mode: str) -> None:
       problems.append(f"config.total_steps={config.total_steps} must be positive")
     if not config.data.datasets:
       problems.append("config.data.datasets is empty: nothing to train on")
-    n_batch = config.mesh.get("data", 1) * config.mesh.get("fsdp", 1)
-    if config.batch_size % jax.process_count():
-      problems.append(f"config.batch_size={config.batch_size} is not divisible by the {jax.process_count()} "
-                      "processes")
-    if -1 not in (config.mesh.get("data", 1), config.mesh.get("fsdp", 1)) and config.batch_size % n_batch:
-      problems.append(f"config.batch_size={config.batch_size} is not divisible by data x fsdp = {n_batch}")
+    problems += _check_batch(config.batch_size, "config.batch_size", config)
     if config.data.get("mixing", "example") not in ("example", "step"):
       problems.append(f"config.data.mixing={config.data.mixing!r} must be 'example' (every example drawn from the "
                       "mixture) or 'step' (every global batch from one dataset, as LAVIS)")
     for name, spec in config.data.datasets.items():
       problems += _check_source(spec, f"config.data.datasets.{name}")
-    for key in ("checkpoint_every", "log_every", "eval_every"):
+    for key in ("checkpoint_every", "log_every", "eval_every", "keep_checkpoints"):
       if config[key] <= 0:
         problems.append(f"config.{key}={config[key]} must be positive")
+  if mode in ("train", "eval") and config.evals and config.eval_batch_size <= 0:
+    problems.append(f"config.eval_batch_size={config.eval_batch_size} must be positive")
+  if mode == "predict" and config.predict.batch_size <= 0:
+    problems.append(f"config.predict.batch_size={config.predict.batch_size} must be positive")
   if mode in ("train", "eval"):
     for name, spec in config.evals.items():
       if spec.task not in tasks.TASKS:
@@ -66,6 +64,18 @@ def validate(config, workdir: str | None, mode: str) -> None:
       problems += _check_source(spec, f"config.evals.{name}")
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_batch(size: int, where: str, config) -> list[str]:
+  """A global batch must split evenly over the mesh's batch axes and over the processes."""
+  try:
+    split = sharding.batch_split(config.mesh, jax.device_count())
+  except ValueError as e:
+    return [str(e)]
+  if size <= 0 or size % split or size % jax.process_count():
+    return [f"{where}={size} must be a positive multiple of the mesh's batch split (data x fsdp = {split} on "
+            f"{jax.device_count()} devices) and of the {jax.process_count()} processes"]
+  return []
 
 
 def _check_source(spec, where: str) -> list[str]:
@@ -119,27 +129,45 @@ def renderer(config):
   return render
 
 
-def load_model(config) -> tuple[InstructBlip, dict]:
-  """From config.model_init (a Hugging Face directory) with config.model's precision and switches, or, without
-  one, freshly initialised from config.model's sizes (for smoke tests)."""
-  m = config.model
+def model_config(config) -> InstructBlipConfig:
+  """The model: config.model_init's config.json with config.model's settings on top (sizes config.model states
+  must agree with the checkpoint's), or, without a checkpoint, config.model alone."""
   if config.model_init:
-    model, params = pretrained.from_pretrained(
-        config.model_init, dtype=jnp.dtype(m.vision.get("dtype", "float32")),
-        instruction_aware=m.get("instruction_aware", True), text_remat=m.text.get("remat", False),
-        scan_vision=m.vision.get("scan_layers", True))
-    return model, jax.tree.map(np.asarray, params)
-  model = InstructBlip(model_configs.from_dict(m.to_dict()))
-  params = jax.jit(pretrained.init_fn(model))(jax.random.key(config.seed))
+    return pretrained.load_config(config.model_init, overrides=config.model.to_dict())
+  return model_configs.from_dict(config.model.to_dict())
+
+
+def mesh_and_rules(config) -> tuple[jax.sharding.Mesh, list[tuple]]:
+  return sharding.make_mesh(config.mesh), [tuple(r) for r in config.sharding_rules]
+
+
+def param_shardings(config, model: InstructBlip, mesh, rules):
+  """Every parameter's NamedSharding from the logical rules (the layout of training, evaluation and prediction)."""
+  from iblip_jax.pretrained import params_shape
   import flax.linen as nn
-  return model, jax.tree.map(np.asarray, nn.meta.unbox(params))
+  boxed = params_shape(model, boxed=True)
+  with nn.logical_axis_rules(rules):
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+  sharding.check_sharded(nn.meta.unbox(boxed), shardings, int(config.max_replicated_mb * 2**20))
+  return shardings
+
+
+def load_params(config, model: InstructBlip, shardings) -> dict:
+  """The model's parameters as global arrays in `shardings`: read from config.model_init (each process reads its
+  devices' part of each tensor), or initialised in place from config.seed without a checkpoint (smoke tests)."""
+  if config.model_init:
+    return pretrained.load_params(config.model_init, model, shardings=shardings)
+  import flax.linen as nn
+  init = lambda rng: nn.meta.unbox(pretrained.init_fn(model)(rng))
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
 
 
 def load_tokenizers(config, model: InstructBlip) -> tuple[InstructBlip, tokenize.Tokenizers]:
   """The tokenizers, checked against the model: an id past an embedding table would silently read NaN. Returns
   the model with the tokenizer's EOS as the one generation stops at (see align_eos)."""
   path = config.get("tokenizer") or config.model_init
-  tok = tokenize.load_tokenizers(path, decoder_only=model.config.decoder_only)
+  tok = tokenize.load_tokenizers(path, decoder_only=model.config.decoder_only,
+                                qformer_max_len=model.config.qformer.max_position_embeddings)
   for name, size, vocab in (("Q-Former", len(tok.qformer), model.config.qformer.vocab_size),
                             ("LLM", len(tok.llm), model.config.text.vocab_size)):
     if size > vocab:
@@ -159,14 +187,14 @@ def align_eos(model: InstructBlip, eos: int | None, where: str) -> InstructBlip:
   return model.clone(config=model.config.replace(text=dataclasses.replace(text, eos_token_id=eos)))
 
 
-def run_evals(config, model, params, tok, out_dir: str) -> dict:
-  """Every configured evaluation: {"<name>/<metric>": value}."""
+def run_evals(config, model, params, tok, out_dir: str, mesh, rules) -> dict:
+  """Every configured evaluation on the mesh: {"<name>/<metric>": value}, the same on every process."""
   out = {}
   for name, spec in config.evals.items():
     records = read_records(spec, f"config.evals.{name}")
     if config.eval_max_examples:
       records = records[:config.eval_max_examples]
     result = evaluator.evaluate(tasks.get(spec.task), records, model, params, tok, out_dir=out_dir,
-                                batch_size=config.eval_batch_size, progress=jax.process_index() == 0)
+                                batch_size=config.eval_batch_size, mesh=mesh, rules=rules)
     out.update({f"{name}/{k}": v for k, v in result.items()})
   return out

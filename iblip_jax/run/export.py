@@ -1,28 +1,38 @@
 """`--config.mode=export`: the pretrained model with the latest trained weights of --workdir, written in the
-Hugging Face format (config.export_dir) that transformers' InstructBlipForConditionalGeneration loads."""
+Hugging Face format (config.export_dir, local or gs://) that transformers' InstructBlipForConditionalGeneration
+loads, tokenizers included. Every process takes part (the sharded parameters are gathered one at a time); process 0
+writes one directory."""
 import os
-import shutil
 
-from iblip_jax import pretrained
+from etils import epath
+
+from iblip_jax import distributed, pretrained
 from iblip_jax.run import common, restore
+
+_WEIGHTS = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 def run(config, workdir: str) -> str:
   common.validate(config, workdir, mode="export")
   if not config.export_dir:
     raise ValueError("config.export_dir is empty: where should the Hugging Face checkpoint go?")
-  model, params, step = restore.params_with_latest_checkpoint(config, workdir)
+  model, params, step, _, _ = restore.inference_state(config, workdir)
   pretrained.save_pretrained(model, params, config.export_dir)
   tokenizer = config.get("tokenizer") or config.model_init
-  if tokenizer and os.path.isdir(tokenizer):  # carry the tokenizers along, so the export is self-contained
-    for name in os.listdir(tokenizer):
-      src = os.path.join(tokenizer, name)
-      if name in ("config.json", "model.safetensors", "model.safetensors.index.json") or name.endswith(".safetensors"):
-        continue
-      dst = os.path.join(config.export_dir, name)
-      if os.path.isdir(src):
-        shutil.copytree(src, dst, dirs_exist_ok=True)
-      else:
-        shutil.copy2(src, dst)
-  print(f"exported step {step} to {config.export_dir}")
+  if distributed.is_primary() and tokenizer and os.path.isdir(tokenizer):
+    _copy_tree(epath.Path(tokenizer), epath.Path(config.export_dir))   # the export is self-contained
+    print(f"exported step {step} to {config.export_dir}")
+  distributed.sync("iblip_jax_export")
   return config.export_dir
+
+
+def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
+  """Everything but the weights (tokenizer files, qformer_tokenizer/), to a local or remote directory."""
+  for item in src.iterdir():
+    if item.name in _WEIGHTS or item.name.endswith(".safetensors"):
+      continue
+    if item.is_dir():
+      (dst / item.name).mkdir(parents=True, exist_ok=True)
+      _copy_tree(item, dst / item.name)
+    else:
+      (dst / item.name).write_bytes(item.read_bytes())

@@ -1,12 +1,15 @@
 """Run logging: metrics as JSONL and TensorBoard events, a PNG of the curves, plain text lines.
 
-Only process 0 writes. The PNG is redrawn from metrics.jsonl, so it also shows steps from before a resume.
+Only process 0 writes. Every file goes through etils.epath, so a gs:// workdir works like a local one. The PNG is
+redrawn from metrics.jsonl, so it also shows steps from before a resume.
 """
+import io
 import json
-import os
+import tempfile
 
 import jax
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -16,13 +19,12 @@ from tensorboardX import SummaryWriter  # noqa: E402
 class Logger:
 
   def __init__(self, workdir: str, config=None, resumed_at: int = 0):
-    self.workdir = workdir
+    self.workdir = epath.Path(workdir)
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.active else None
+    self.path = self.workdir / "metrics.jsonl"
+    self.writer = _tensorboard(self.workdir / "tensorboard") if self.active else None
     if self.active and config is not None and resumed_at == 0:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+      (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   def text(self, line: str) -> None:
     if self.active:
@@ -31,8 +33,7 @@ class Logger:
   def metrics(self, step: int, values: dict) -> None:
     if not self.active:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **values}) + "\n")
+    _append(self.path, json.dumps({"step": step, **values}) + "\n")
     for k, v in values.items():
       self.writer.add_scalar(k, v, step)
     self.writer.flush()
@@ -42,9 +43,9 @@ class Logger:
 
   def plot(self) -> None:
     """workdir/curves.png: training loss and every evaluation metric against steps."""
-    if not self.active or not os.path.exists(self.path):
+    if not self.active or not self.path.exists():
       return
-    rows = [json.loads(line) for line in open(self.path)]
+    rows = [json.loads(line) for line in self.path.read_text().splitlines()]
     keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith("eval/")})
     if not keys:
       return
@@ -56,9 +57,26 @@ class Logger:
       ax.set_xlabel("step")
       ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(self.workdir, "curves.png"), dpi=90)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
+    (self.workdir / "curves.png").write_bytes(png.getvalue())
 
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+
+
+def _append(path: epath.Path, text: str) -> None:
+  """Appends to a local file; object stores have no append, so a remote file is rewritten (metrics are small)."""
+  if "://" not in str(path):
+    with open(path, "a") as f:
+      f.write(text)
+  else:
+    path.write_text((path.read_text() if path.exists() else "") + text)
+
+
+def _tensorboard(logdir: epath.Path) -> SummaryWriter:
+  if "://" not in str(logdir):
+    return SummaryWriter(str(logdir))
+  return SummaryWriter(tempfile.mkdtemp(prefix="iblip_tb_"))  # placeholder until remote events land

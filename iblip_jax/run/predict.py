@@ -1,62 +1,97 @@
-"""`--config.mode=predict`: answers for images and a prompt.
+"""`--config.mode=predict`: answers for images and prompts, on the mesh.
 
   --config.predict.images=photo.jpg --config.predict.prompt="What is unusual about this image?"   (prints it)
   --config.predict.images=folder/ [--config.predict.output=answers.jsonl]                       (one line each)
-`images` is a file, a folder (its .jpg/.jpeg/.png/.webp/.bmp files, sorted) or a comma-separated list. Uses the
-latest training checkpoint of --workdir when given.
+  --config.predict.images=pairs.jsonl --config.predict.output=answers.jsonl   (lines {"image": ..., "prompt": ...})
+`images` is a file, a folder (its .jpg/.jpeg/.png/.webp/.bmp files, sorted), a comma-separated list, or a JSONL
+file of (image, prompt) pairs (a line without "prompt" takes config.predict.prompt; relative image paths are
+relative to the JSONL file). Images are split over the processes; the answers are gathered and written once, in
+input order. An image that cannot be read is reported (an "error" line in the output) and the others are answered.
+With --workdir, the latest training checkpoint there answers, and a workdir without checkpoints is an error (a
+mistyped path must not silently answer with the pretrained weights).
 """
+import dataclasses
 import json
 import os
 
-import numpy as np
-from PIL import Image
-from tqdm import tqdm
+from etils import epath
 
-from iblip_jax.data import preprocess, tokenize
-from iblip_jax.decoding import generate
+from iblip_jax import checkpoints, distributed
+from iblip_jax.evaluation import evaluator, tasks
 from iblip_jax.run import common, restore
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def image_paths(spec: str) -> list[str]:
+def records_from(spec: str, prompt: str) -> list[dict]:
+  """[{"id", "image", "prompt"}] from config.predict.images (see the module docstring)."""
+  if spec.endswith(".jsonl"):
+    return _pairs(spec, prompt)
   if os.path.isdir(spec):
     paths = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(EXTENSIONS))
   else:
     paths = [p.strip() for p in spec.split(",") if p.strip()]
-  missing = [p for p in paths if not os.path.isfile(p)]
-  if missing or not paths:
-    raise ValueError(f"config.predict.images={spec!r}: " + (f"missing {missing[:5]}" if missing else "no images"))
-  return paths
+  if not paths:
+    raise ValueError(f"config.predict.images={spec!r}: no images there")
+  return [{"id": i, "image": p, "prompt": prompt} for i, p in enumerate(paths)]
+
+
+def _pairs(path: str, prompt: str) -> list[dict]:
+  if not os.path.isfile(path):
+    raise ValueError(f"config.predict.images={path!r}: no such JSONL file")
+  out = []
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      if not raw.strip():
+        continue
+      try:
+        row = json.loads(raw.decode("utf-8"))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: line {lineno}: not a JSON object in UTF-8 ({e})") from None
+      if not isinstance(row, dict) or not isinstance(row.get("image"), str) or \
+          not isinstance(row.get("prompt", prompt), str):
+        raise ValueError(f"{path}: line {lineno}: expected {{\"image\": path, \"prompt\": text}}, got {raw[:200]!r}")
+      image = row["image"] if os.path.isabs(row["image"]) else os.path.join(os.path.dirname(path), row["image"])
+      out.append({"id": len(out), "image": image, "prompt": row.get("prompt", prompt)})
+  if not out:
+    raise ValueError(f"{path}: no (image, prompt) lines")
+  return out
 
 
 def run(config, workdir: str | None) -> list[dict]:
   common.validate(config, workdir, mode="predict")
   p = config.predict
-  paths = image_paths(p.images)
-  model, params, _ = restore.params_with_latest_checkpoint(config, workdir)
+  records = records_from(p.images, p.prompt)
+  if workdir and not checkpoints.directory(workdir).exists():
+    raise ValueError(f"--workdir={workdir!r} has no checkpoints/: nothing trained to answer with. Omit --workdir to "
+                     f"answer with the weights of config.model_init={config.model_init!r}")
+  model, params, step, mesh, rules = restore.inference_state(config, workdir)
+  if distributed.is_primary() and not step:
+    print(f"using the pretrained weights of {config.model_init}" if config.model_init else
+          "using freshly initialised weights (no config.model_init): the answers mean nothing", flush=True)
   model, tok = common.load_tokenizers(config, model)
-  size = model.config.vision.image_size
-  out = []
-  for start in tqdm(range(0, len(paths), p.batch_size), desc="predict", disable=len(paths) <= p.batch_size):
-    batch = paths[start:start + p.batch_size]
-    padded = batch + [batch[-1]] * (p.batch_size - len(batch))  # one compiled shape
-    pixels = []
-    for path in padded:
-      with Image.open(path) as im:
-        pixels.append(preprocess.preprocess_image(im, size))
-    inputs = tokenize.encode_prompts(tok, [p.prompt] * len(padded))
-    tokens = generate(model, params, pixel_values=np.stack(pixels), **inputs, num_beams=p.num_beams,
-                      max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
-                      length_penalty=p.length_penalty, repetition_penalty=p.repetition_penalty)
-    out += [{"image": path, "prompt": p.prompt, "answer": a}
-            for path, a in zip(batch, tokenize.decode(tok, tokens)[:len(batch)])]
-  if p.output:
-    with open(p.output, "w") as f:
-      for row in out:
-        f.write(json.dumps(row) + "\n")
-    print(f"wrote {len(out)} answers to {p.output}")
-  else:
-    for row in out:
-      print(f"{row['image']}: {row['answer']}" if len(out) > 1 else row["answer"])
+  task = dataclasses.replace(tasks.get("caption"), name="predict", prompt="{prompt}", num_beams=p.num_beams,
+                             max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
+                             length_penalty=p.length_penalty, repetition_penalty=p.repetition_penalty)
+  predictions = evaluator.infer(task, records, model, params, tok, batch_size=p.batch_size, mesh=mesh, rules=rules,
+                                progress=len(records) > p.batch_size)
+  out = [{"image": r["image"], "prompt": r["prompt"], **({"answer": q["prediction"]} if "prediction" in q else q)}
+         for r, q in zip(records, predictions)]
+  if distributed.is_primary():
+    _report(out, p.output)
   return out
+
+
+def _report(rows: list[dict], output: str) -> None:
+  bad = [r for r in rows if "error" in r]
+  if output:
+    epath.Path(output).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {len(rows)} lines to {output}: {len(rows) - len(bad)} answers"
+          + (f", {len(bad)} images that could not be read (lines with \"error\")" if bad else ""))
+  else:
+    for row in rows:
+      text = row.get("answer", f"ERROR: {row.get('error')}")
+      print(f"{row['image']}: {text}" if len(rows) > 1 else text)
+  if bad:
+    print(f"WARNING: {len(bad)} of {len(rows)} images could not be read: "
+          + ", ".join(r["image"] for r in bad[:5]) + (" ..." if len(bad) > 5 else ""), flush=True)

@@ -5,16 +5,17 @@ the checkpoint or fresh, or the latest training checkpoint) -> data -> loop (pro
 evaluations). Re-running the same command on the same workdir resumes from its latest checkpoint.
 """
 import math
-import os
 import signal
 import time
 
 import jax
+from etils import epath
 from tqdm import tqdm
 
-from iblip_jax import checkpoints, distributed, optim, sharding
+from iblip_jax import checkpoints, optim, sharding
 from iblip_jax import train_step as ts
 from iblip_jax.data import mixture, pipeline
+from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run import common
 from iblip_jax.run import logger as logger_lib
 
@@ -41,24 +42,20 @@ def _data(config, tok, model, seed_offset: int = 0):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   common.validate(config, workdir, mode="train")
-  distributed.maybe_initialize()
-  os.makedirs(workdir, exist_ok=True)
-  model, params = common.load_model(config)
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  model = InstructBlip(common.model_config(config))
   model, tok = common.load_tokenizers(config, model)
 
-  # --- mesh, shardings, state -------------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
-  rules = [tuple(r) for r in config.sharding_rules]
+  # --- mesh, shardings, state: every parameter read straight into its shard -------------------------------
+  mesh, rules = common.mesh_and_rules(config)
   tx = optim.make(config.optim, config.total_steps)
   sh = ts.state_shardings(model, tx, config.trainable, mesh, rules,
                           max_replicated_bytes=int(config.max_replicated_mb * 2**20))
-  trainable_host, frozen_host = ts.split(params, config.trainable)
-  frozen = ts.place(frozen_host, sh.frozen)
+  trainable, frozen = ts.split(common.load_params(config, model, ts.merge(sh.trainable, sh.frozen)),
+                               config.trainable)
   if config.reinit_trainable:  # start the Q-Former side from scratch (fresh init), keep the frozen towers
     trainable = ts.init_random(model, config.trainable, sh, jax.random.key(config.seed))[0]
-  else:
-    trainable = ts.place(trainable_host, sh.trainable)
-  del params, trainable_host, frozen_host
   opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
 
   pipe, probs = _data(config, tok, model)
@@ -68,7 +65,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                {"trainable": sh.trainable, "opt_state": sh.opt_state}, data_it)
   if restored is not None:
     trainable, opt_state = restored["trainable"], restored["opt_state"]
-    print(f"resumed from {mngr.directory} at step {start}", flush=True)
+    if jax.process_index() == 0:
+      print(f"resumed from {mngr.directory} at step {start}", flush=True)
   log = logger_lib.Logger(workdir, config, resumed_at=start)
   log.text("mixture: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in sorted(probs.items())))
 
@@ -79,8 +77,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
 
   def evaluate_now(step):
-    results = common.run_evals(config, model, ts.merge(trainable, frozen), tok,
-                               os.path.join(workdir, "eval", f"step_{step}"))
+    results = common.run_evals(config, model, ts.merge(trainable, frozen), tok, _eval_dir(workdir, step), mesh,
+                               rules)
     log.metrics(step, {f"eval/{k}": v for k, v in results.items()})
     log.plot()
     return results
@@ -90,9 +88,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if start == 0 and config.eval_at_start and config.evals:
     if config.eval_untrained_baseline:  # a randomly initialised trainable side, as a stated baseline
       fresh = ts.init_random(model, config.trainable, sh, jax.random.key(config.seed + 1))[0]
-      with sharding.context(mesh, rules):
-        untrained = common.run_evals(config, model, ts.merge(fresh, frozen), tok,
-                                     os.path.join(workdir, "eval", "untrained"))
+      untrained = common.run_evals(config, model, ts.merge(fresh, frozen), tok, _eval_dir(workdir, "untrained"),
+                                   mesh, rules)
       log.text("untrained Q-Former side: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(untrained.items())))
       del fresh
     before = evaluate_now(0)
@@ -142,6 +139,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   log.plot()
   log.close()
   return last
+
+
+def _eval_dir(workdir: str, step) -> str:
+  return str(epath.Path(workdir) / "eval" / (step if isinstance(step, str) else f"step_{step}"))
 
 
 def results_table(final: dict, before: dict, untrained: dict, chance: dict) -> str:

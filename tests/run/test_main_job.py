@@ -115,12 +115,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_pa
 def test_config_errors_are_reported_together(assets, tmp_path):
   out = _run(_flags(assets, tmp_path / "w", **{"data.datasets.vqa.path": "/nope.jsonl",
                                                   "evals.held_in_vqa.task": "vqa_typo", "batch_size": 7,
-                                                  "mesh.data": 2}), check=False)
+                                                  "mesh.data": 2}), devices=2, check=False)
   assert out.returncode != 0
   err = out.stderr
   assert "config.data.datasets.vqa.path='/nope.jsonl' does not exist" in err
   assert "config.evals.held_in_vqa.task='vqa_typo' is not a known task" in err
-  assert "config.batch_size=7 is not divisible by data x fsdp = 2" in err
+  assert "config.batch_size=7 must be a positive multiple of the mesh's batch split (data x fsdp = 2" in err
   assert "Traceback" not in err
 
 
