@@ -61,3 +61,25 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def gather_json(value) -> list:
+  """Every process's JSON-able `value`, in process order, on every process (e.g. per-host skip counts)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(row[:n].tobytes().decode()) for row, n in zip(every, sizes)]
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is set on any process (e.g. a SIGTERM that reached some hosts first): every process must take
+  the same branch before the next collective (a save, a step), or they wait for each other for ever."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())

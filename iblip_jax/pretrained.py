@@ -56,7 +56,7 @@ def load_config(path: str, dtype=jnp.float32, *, instruction_aware: bool = True,
   # A checkpoint without lm_head has a head tied to the shared embedding (transformers 5 writes tied heads so).
   tied = "language_model.lm_head.weight" not in reader.keys()
   reader.close()
-  cfg = hf_checkpoint.config_from_hf(hf_config, tied_head=tied)
+  cfg = hf_checkpoint.config_from_hf(hf_config, tied_head=tied, source=os.path.join(path, hf_checkpoint.CONFIG_NAME))
   cfg = _with_dtype(cfg, dtype).replace(instruction_aware=instruction_aware)
   if overrides:
     try:

@@ -15,6 +15,7 @@ on the same dataset at the same step.
 """
 import collections
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -123,15 +124,6 @@ class SkipCounter:
       return False
     return True
 
-  def fill(self, examples: Sequence[dict]) -> list[dict]:
-    """Per-step mode: a batch from one dataset with its skipped examples replaced by repeats of its good ones, so
-    that it keeps its size and its dataset ([] when none is good: that step's batch is dropped, and counted)."""
-    good = [e for e in examples if self(e)]
-    if not good:
-      self.counts["batch_without_good_examples"] += 1
-      return []
-    return [good[i % len(good)] for i in range(len(examples))]
-
   @property
   def total(self) -> int:
     """Skips of every reason together (a dropped per-step batch counts once, its examples under their reasons)."""
@@ -160,35 +152,68 @@ class Pipeline:
   skipped: SkipCounter
 
 
-def _share(group: Sequence[dict], batch_size: int, process_index: int, process_count: int) -> Sequence[dict]:
-  if len(group) != batch_size * process_count:
-    raise ValueError(f"per-step mode: a mixture element has {len(group)} records, expected the global batch "
-                     f"{batch_size} x {process_count} processes (mixture.mix(batch_size=global batch))")
-  return group[process_index * batch_size:(process_index + 1) * batch_size]
+LOOKAROUND = 16  # batches searched on either side for readable examples when a process's share has none
+
+
+def _load_share(groups: grain.MapDataset, k: int, load, *, batch_size: int, process_index: int,
+                process_count: int, seed: int) -> dict:
+  """Process `process_index`'s rows of global batch k, loaded: {"examples": batch_size good examples, "skipped":
+  [reasons]}. Example i of global batch k is loaded with its own generator seeded by (seed, k * B + i), so crops and
+  template choices do not depend on how many processes share the batch. Skipped examples are replaced by repeats of
+  the share's good ones (the batch keeps its size and, per step, its dataset); a share without any is filled from
+  the nearest batch that has some, so every process yields a batch at every step, deterministically."""
+  def load_rows(j):
+    group = groups[j]
+    if len(group) != batch_size * process_count:
+      raise ValueError(f"a global batch has {len(group)} records, expected {batch_size} x {process_count} processes")
+    start = process_index * batch_size
+    base = j * len(group) + start
+    return [load(r, np.random.default_rng([seed, base + i])) for i, r in enumerate(group[start:start + batch_size])]
+
+  examples = load_rows(k)
+  skipped = [e[SKIP] for e in examples if SKIP in e]
+  good = [e for e in examples if SKIP not in e]
+  for offset in range(1, LOOKAROUND + 1):
+    if good:
+      break
+    for j in (k - offset, k + offset):
+      if 0 <= j < len(groups) and not good:
+        good = [e for e in load_rows(j) if SKIP not in e]
+    if good:
+      skipped.append("batch_without_good_examples")
+  if not good:
+    return {"examples": [], "skipped": skipped}
+  return {"examples": [good[i % len(good)] for i in range(batch_size)], "skipped": skipped}
 
 
 def build(examples: grain.MapDataset, tok: tokenize.Tokenizers, *, batch_size: int, image_size: int, seed: int,
           train: bool = True, render=record_texts, workers: int = 0, process_index: int = 0,
           process_count: int = 1, per_step: bool = False) -> Pipeline:
   """examples: a (possibly mixed, infinite) MapDataset of records, or with `per_step` of global batches (lists of
-  batch_size x process_count records, mixture.mix(..., batch_size=, batch_fn=list)). Each process reads its own
-  share and yields batches of `batch_size` (per process) with pixel_values, Q-Former/LLM inputs, labels, decoder
-  mask."""
+  batch_size x process_count records, mixture.mix(..., batch_size=, batch_fn=list)). Yields this process's
+  batches of `batch_size` rows with pixel_values, Q-Former/LLM inputs, labels, decoder mask.
+
+  Global batch k is always records [kB, (k+1)B) of the stream (B = batch_size x process_count), and process p
+  feeds its rows [pb, (p+1)b): the rows its devices hold (sharding.process_rows). So the global batch, and the
+  training that follows, is the same on any number of processes, and resuming from a step needs nothing but the
+  batch index. Bad examples are skipped, counted and replaced within the share (see _load_share)."""
   load = lambda r, rng: load_example(r, rng, image_size=image_size, train=train, render=render)
-  if per_step:
-    ds = examples.map(lambda g: _share(g, batch_size, process_index, process_count))
-    ds = ds.random_map(lambda g, rng: [load(r, rng) for r in g], seed=seed)
-  else:
-    ds = examples[process_index::process_count] if process_count > 1 else examples
-    ds = ds.random_map(load, seed=seed)
+  groups = examples if per_step else examples.batch(batch_size * process_count, drop_remainder=True, batch_fn=list)
+  ds = groups.map_with_index(lambda k, _: _load_share(groups, k, load, batch_size=batch_size,
+                                                      process_index=process_index, process_count=process_count,
+                                                      seed=seed))
   it = ds.to_iter_dataset()
   if workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller may not have parsed any
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   counter = SkipCounter()
-  if per_step:
-    it = it.map(counter.fill).filter(bool).map(collate(tok))
-  else:
-    it = it.filter(counter).batch(batch_size, drop_remainder=True, batch_fn=collate(tok))
-  return Pipeline(it, counter)
+  return Pipeline(it.map(functools.partial(_count_and_collate, counter, collate(tok))), counter)
+
+
+def _count_and_collate(counter: SkipCounter, collate_fn, share: dict) -> dict:
+  counter.counts.update(share["skipped"])
+  if not share["examples"]:
+    raise ValueError(f"no readable example in {2 * LOOKAROUND + 1} consecutive batches of this process's data "
+                     f"({counter.summary()}): the data is broken, see the skip reasons")
+  return collate_fn(share["examples"])

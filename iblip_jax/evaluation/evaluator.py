@@ -153,10 +153,12 @@ def score(task: Task, records: list[dict], predictions: list[dict], vqa_variant:
 
 def evaluate(task: Task, records: Iterable[dict], model, params, tok: tokenize.Tokenizers, *, out_dir: str,
              batch_size: int = 8, mesh=None, rules=(), image_size: int | None = None, vqa_variant: str = "official",
-             progress: bool = True) -> dict:
-  """Runs `task` over `records` (see infer), writes {out_dir}/{task}_predictions.jsonl and {task}_metrics.json
-  (local or gs://; process 0), returns the metrics (on every process). Records whose image could not be read are
-  listed in the predictions with their error and left out of the metrics (the metrics JSON counts them)."""
+             progress: bool = True, name: str | None = None) -> dict:
+  """Runs `task` over `records` (see infer), writes {out_dir}/{name}_predictions.jsonl and {name}_metrics.json
+  (local or gs://; process 0; `name` defaults to the task's), returns the metrics (on every process). Records whose
+  image could not be read are listed in the predictions with their error and left out of the metrics (the metrics
+  JSON counts them)."""
+  name = name or task.name
   records = list(records)
   if not records:
     raise ValueError(f"task {task.name}: no records to evaluate")
@@ -166,15 +168,15 @@ def evaluate(task: Task, records: Iterable[dict], model, params, tok: tokenize.T
   if distributed.is_primary():
     out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{task.name}_predictions.jsonl").write_text(
+    (out / f"{name}_predictions.jsonl").write_text(
         "".join(json.dumps({"id": r.get("id"), **p}) + "\n" for r, p in zip(records, predictions)))
     good = [(r, p) for r, p in zip(records, predictions) if "error" not in p]
     if len(good) < len(records):
       print(f"WARNING: task {task.name}: {len(records) - len(good)} of {len(records)} records could not be read "
-            f"and are left out of the metrics (see {task.name}_predictions.jsonl)", flush=True)
+            f"and are left out of the metrics (see {name}_predictions.jsonl)", flush=True)
     if not good:
       raise ValueError(f"task {task.name}: none of the {len(records)} records could be read")
     result = score(task, [r for r, _ in good], [p for _, p in good], vqa_variant)
-    (out / f"{task.name}_metrics.json").write_text(json.dumps(
+    (out / f"{name}_metrics.json").write_text(json.dumps(
         {"task": task.name, "num_examples": len(good), "unreadable": len(records) - len(good), **result}, indent=2))
   return distributed.broadcast_json(result)

@@ -195,6 +195,6 @@ def run_evals(config, model, params, tok, out_dir: str, mesh, rules) -> dict:
     if config.eval_max_examples:
       records = records[:config.eval_max_examples]
     result = evaluator.evaluate(tasks.get(spec.task), records, model, params, tok, out_dir=out_dir,
-                                batch_size=config.eval_batch_size, mesh=mesh, rules=rules)
+                                batch_size=config.eval_batch_size, mesh=mesh, rules=rules, name=name)
     out.update({f"{name}/{k}": v for k, v in result.items()})
   return out

@@ -5,7 +5,6 @@ redrawn from metrics.jsonl, so it also shows steps from before a resume.
 """
 import io
 import json
-import tempfile
 
 import jax
 import matplotlib
@@ -22,7 +21,8 @@ class Logger:
     self.workdir = epath.Path(workdir)
     self.active = jax.process_index() == 0
     self.path = self.workdir / "metrics.jsonl"
-    self.writer = _tensorboard(self.workdir / "tensorboard") if self.active else None
+    # tensorboardX writes gs:// itself (through google-cloud-storage, re-uploading the events file on each flush)
+    self.writer = SummaryWriter(str(self.workdir / "tensorboard")) if self.active else None
     if self.active and config is not None and resumed_at == 0:
       (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
@@ -74,9 +74,3 @@ def _append(path: epath.Path, text: str) -> None:
       f.write(text)
   else:
     path.write_text((path.read_text() if path.exists() else "") + text)
-
-
-def _tensorboard(logdir: epath.Path) -> SummaryWriter:
-  if "://" not in str(logdir):
-    return SummaryWriter(str(logdir))
-  return SummaryWriter(tempfile.mkdtemp(prefix="iblip_tb_"))  # placeholder until remote events land

@@ -12,7 +12,7 @@ import jax
 from etils import epath
 from tqdm import tqdm
 
-from iblip_jax import checkpoints, optim, sharding
+from iblip_jax import checkpoints, distributed, optim, sharding
 from iblip_jax import train_step as ts
 from iblip_jax.data import mixture, pipeline
 from iblip_jax.models.instructblip import InstructBlip
@@ -24,16 +24,21 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
-def _data(config, tok, model, seed_offset: int = 0):
+def _data(config, tok, model, mesh):
   datasets = {name: common.record_source(spec, f"data.datasets.{name}")
               for name, spec in config.data.datasets.items()}
   sizes = {name: len(ds) for name, ds in datasets.items()}
   multipliers = {name: spec.get("weight", 1.0) for name, spec in config.data.datasets.items()}
   probs = mixture.weights(sizes, multipliers, balanced=config.data.balanced)
   per_step = config.data.get("mixing", "example") == "step"  # LAVIS: each global batch from one dataset
-  mixed = mixture.mix(datasets, probs, seed=config.seed + seed_offset,
+  mixed = mixture.mix(datasets, probs, seed=config.seed,
                       **(dict(batch_size=config.batch_size, batch_fn=list) if per_step else {}))
   local_batch = config.batch_size // jax.process_count()
+  rows = sharding.process_rows(mesh, config.batch_size)
+  want = (jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
+  if rows != want:  # the pipeline feeds process p the rows [p b, (p + 1) b) of every global batch
+    raise ValueError(f"this process's devices hold rows {rows} of the global batch, not {want}: the mesh does not "
+                     "order devices by process; use config.mesh sizes that make_mesh can lay out by host")
   return pipeline.build(mixed, tok, batch_size=local_batch, image_size=model.config.vision.image_size,
                         seed=config.seed, train=config.data.random_crop, render=common.renderer(config),
                         workers=config.data.workers, per_step=per_step,
@@ -58,7 +63,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     trainable = ts.init_random(model, config.trainable, sh, jax.random.key(config.seed))[0]
   opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
 
-  pipe, probs = _data(config, tok, model)
+  pipe, probs = _data(config, tok, model, mesh)
   data_it = iter(pipe.dataset)
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   start, restored = checkpoints.restore_latest(mngr, {"trainable": trainable, "opt_state": opt_state},
@@ -96,7 +101,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     last.update(before)
   bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
-  t0, done_in_window = time.perf_counter(), 0
+  t0, done_in_window, reported_skips = time.perf_counter(), 0, 0
   step = start
   try:
     with sharding.context(mesh, rules):
@@ -106,8 +111,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng)
         step += 1
         done_in_window += 1
+        stopping = distributed.any_process(stop["signal"] is not None)   # all hosts stop at the same step
         is_save = step % config.checkpoint_every == 0 or step == config.total_steps
-        if step % config.log_every == 0 or is_save or stop["signal"] is not None:
+        if step % config.log_every == 0 or is_save or stopping:
           loss = float(metrics["loss"])
           if not math.isfinite(loss):  # never save this state: the last good checkpoint stays the latest
             raise NonFiniteLoss(f"loss is {loss} at step {step}; training stopped. The last good checkpoint in "
@@ -115,16 +121,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                 "config.optim.lr, set config.optim.grad_clip_norm, or check the data.")
           rate = done_in_window / (time.perf_counter() - t0)
           t0, done_in_window = time.perf_counter(), 0
+          skipped = _skipped(pipe)
           values = {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
-                    "steps_per_sec": rate, **{f"skipped/{k}": v for k, v in pipe.skipped.counts.items()}}
+                    "steps_per_sec": rate, **{f"skipped/{k}": v for k, v in skipped.items()}}
           log.metrics(step, values)
-          bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
+          if sum(skipped.values()) != reported_skips:   # bad input is shown as it happens, not only in metrics.jsonl
+            reported_skips = sum(skipped.values())
+            if jax.process_index() == 0:
+              bar.write(f"step {step}: input {_skip_text(skipped)}")
+          bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", skipped=reported_skips)
         bar.update(1)
-        if is_save or stop["signal"] is not None:
+        if is_save or stopping:
           checkpoints.save(mngr, step, {"trainable": trainable, "opt_state": opt_state}, data_it, force=True)
-        if stop["signal"] is not None:
+        if stopping:
           mngr.wait_until_finished()
-          log.text(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, rerun to continue")
+          log.text(f"stopped by a signal at step {step}; checkpoint saved, rerun to continue")
           return last
         if config.evals and step % config.eval_every == 0 and step != config.total_steps:
           last.update(evaluate_now(step))
@@ -136,9 +147,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.evals and config.eval_at_end:
     last.update(evaluate_now(step))
     log.text(results_table(last, before, untrained, config.get("baselines") or {}))
+  log.text(f"input over the run: {_skip_text(_skipped(pipe))}")
   log.plot()
   log.close()
   return last
+
+
+def _skipped(pipe) -> dict:
+  """Skipped examples by reason, summed over all processes (each counts its own share)."""
+  total = {}
+  for counts in distributed.gather_json(dict(pipe.skipped.counts)):
+    for reason, n in counts.items():
+      total[reason] = total.get(reason, 0) + n
+  return total
+
+
+def _skip_text(skipped: dict) -> str:
+  counter = pipeline.SkipCounter()
+  counter.counts.update(skipped)
+  return counter.summary()
 
 
 def _eval_dir(workdir: str, step) -> str:

@@ -60,13 +60,16 @@ def _records(tmp_path):
 
 def test_bad_input_is_skipped_and_counted_odd_images_are_converted(tmp_path, tok):
   records = _records(tmp_path)
-  p = pipeline.build(mixture.source(records), tok, batch_size=8, image_size=30, seed=0, train=False)
+  p = pipeline.build(mixture.source(records), tok, batch_size=len(records), image_size=30, seed=0, train=False)
   batches = list(p.dataset)
-  assert len(batches) == 1  # 8 usable: 1 good + 6 odd kinds + 1 over-long
+  assert len(batches) == 1
   b = batches[0]
-  assert b["pixel_values"].shape == (8, 30, 30, 3) and np.isfinite(b["pixel_values"]).all()
+  assert b["pixel_values"].shape == (14, 30, 30, 3) and np.isfinite(b["pixel_values"]).all()
   assert b["input_ids"].shape[1] <= 8 and b["attention_mask"].sum(1).max() == 8  # the long one was truncated
   assert dict(p.skipped.counts) == {"missing_image": 1, "unreadable_image": 2, "empty_or_invalid_text": 3}
+  # 8 usable (1 good + 6 odd kinds + 1 over-long) come first; the 6 skipped rows are repeats of them
+  np.testing.assert_array_equal(b["pixel_values"][8:], b["pixel_values"][:6])
+  assert len({row.tobytes() for row in b["input_ids"][:8]}) == 2   # the short prompt and the truncated long one
 
 
 def _bilevel_png(path, width: int, height: int) -> str:
@@ -185,10 +188,35 @@ def test_worker_processes_give_the_same_batches(tmp_path, tok):
   one = list(pipeline.build(mixture.source(records), tok, batch_size=4, image_size=16, seed=0, train=False).dataset)
   two = pipeline.build(mixture.source(records), tok, batch_size=4, image_size=16, seed=0, train=False, workers=2)
   many = list(two.dataset)
-  assert len(one) == len(many) == 2
+  assert len(one) == len(many) == 3   # 14 records: 3 batches of 4
   for a, b in zip(one, many):
     np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
-  assert sum(two.skipped.counts.values()) == 6
+  # the third batch (records 8-11) has no usable example: it is filled from the nearest batch that has some;
+  # records 12-13 are the incomplete last batch, dropped unread
+  assert two.skipped.counts == {"missing_image": 1, "unreadable_image": 2, "empty_or_invalid_text": 2,
+                                "batch_without_good_examples": 1}
+  np.testing.assert_array_equal(one[2]["pixel_values"][:3], one[1]["pixel_values"][:3])
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_processes_share_every_global_batch_exactly(tok, per_step):
+  """Global batch k is records [kB, (k+1)B) of the stream whatever the number of processes: process p's rows are
+  its contiguous share, with the same random crops (one generator per record, from its place in the stream)."""
+  sizes = {"a": 10, "b": 30, "c": 5}
+  datasets, probs = _step_datasets(sizes), mixture.weights(sizes)
+  def make(batch_size, p=0, n=1):
+    mixed = mixture.mix(datasets, probs, seed=1, **(dict(batch_size=batch_size * n, batch_fn=list) if per_step
+                                                    else {}))
+    return iter(pipeline.build(mixed, tok, batch_size=batch_size, image_size=8, seed=5, train=True,
+                               per_step=per_step, process_index=p, process_count=n).dataset)
+  whole, parts = make(4), [make(1, p, 4) for p in range(4)]
+  for _ in range(12):
+    w = next(whole)
+    shares = [next(part) for part in parts]
+    for p, share in enumerate(shares):
+      np.testing.assert_array_equal(share["pixel_values"][0], w["pixel_values"][p])
+      labels = lambda x: x[x != -100]   # widths are agreed later, between hosts (sharding.agree_shapes)
+      np.testing.assert_array_equal(labels(share["labels"][0]), labels(w["labels"][p]))
 
 
 # --- per-step mixing (LAVIS: every global batch from one dataset) -----------------------------------------------------

@@ -1,0 +1,188 @@
+"""The main job as a pod runs it: `python -m iblip_jax.main` launched as 2 processes x 2 CPU devices with the
+environment tools/tpu/worker.sh sets (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), against the
+same job as 1 process x 4 devices. Nothing in the test starts JAX before the job does."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+from transformers import InstructBlipForConditionalGeneration
+
+import oracle
+from iblip_jax.data import shapes, word_tokenizers
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+TIMEOUT = 600   # a job that hangs (hosts disagreeing on a shape) fails here instead of blocking CI
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  root = tmp_path_factory.mktemp("multihost")
+  oracle.tiny_hf_model(untie_head=True, tie=False).save_pretrained(root / "ckpt")
+  word_tokenizers.build(shapes.vocabulary(), str(root / "ckpt"))
+  shapes.generate(str(root / "data"), train=48, val=6, seed=0)
+  # Instructions of 20+ words next to the shapes data's 4-9: a batch share with one of them pads to a longer
+  # bucket than a share without, so the two hosts' local batches differ in width at some steps.
+  words = [w for w in shapes.vocabulary() if w.isalpha()][:30]
+  with open(root / "data" / "long.jsonl", "w") as f:
+    for i in range(24):
+      text = " ".join(words[(i + j) % len(words)] for j in range(20 + i % 5))
+      f.write(json.dumps({"image": f"images/train_{i:05d}.png", "text_input": text, "text_output": words[i % 7]})
+              + "\n")
+  pairs = [{"image": f"images/val_{i:05d}.png", "prompt": p}
+           for i, p in enumerate(["A short image caption:", "Question: What color is the shape? Short answer:"] * 3)]
+  (root / "data" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+  return root
+
+
+def _flags(assets, workdir, **overrides):
+  data = assets / "data"
+  settings = {
+      "model_init": str(assets / "ckpt"), "total_steps": 6, "batch_size": 8, "checkpoint_every": 2, "log_every": 1,
+      "eval_at_start": False, "eval_at_end": True, "eval_every": 1000, "eval_batch_size": 4,
+      "eval_max_examples": 5,   # not a multiple of the batch: the padded tail must be dropped
+      "data.datasets.caption.path": str(data / "caption.jsonl"), "data.datasets.vqa.path": str(data / "vqa.jsonl"),
+      "data.datasets.qgen.path": str(data / "long.jsonl"), "data.datasets.qgen.weight": 0.3,
+      "data.random_crop": True,
+      "evals.held_in_vqa.path": str(data / "val_vqa.jsonl"), "evals.held_out_mc.path": str(data / "val_mc.jsonl"),
+      "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1, "optim.lr": 1e-3, "optim.warmup_steps": 1, "dropout": True,
+      "predict.images": str(data / "pairs.jsonl"), "predict.batch_size": 4, "predict.max_new_tokens": 4,
+      "predict.num_beams": 2, "export_dir": str(workdir) + "_export", **overrides}
+  return ["--config", os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(workdir)] + [
+      f"--config.{k}={v}" for k, v in settings.items()]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(args, processes: int, devices: int, logdir, tag: str):
+  """Starts the job as `processes` processes of `devices` CPU devices each; returns the Popen objects."""
+  port = _free_port()
+  procs = []
+  for i in range(processes):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    if processes > 1:   # what tools/tpu/worker.sh exports on a multi-host slice
+      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+                 JAX_PROCESS_ID=str(i))
+    log = open(logdir / f"{tag}_{i}.log", "w")
+    procs.append(subprocess.Popen([sys.executable, "-m", "iblip_jax.main", *args], cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT))
+  return procs
+
+
+def _wait(procs, logdir, tag):
+  deadline = time.time() + TIMEOUT
+  for p in procs:
+    try:
+      p.wait(timeout=max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail(f"{tag} hung for {TIMEOUT} s:\n" + _logs(logdir, tag, len(procs)))
+  codes = [p.returncode for p in procs]
+  assert codes == [0] * len(procs), f"{tag} exited {codes}:\n" + _logs(logdir, tag, len(procs))
+  return (logdir / f"{tag}_0.log").read_text()
+
+
+def _logs(logdir, tag, n):
+  return "\n".join(f"--- process {i}\n" + (logdir / f"{tag}_{i}.log").read_text()[-3000:] for i in range(n))
+
+
+def _run(args, processes, devices, logdir, tag):
+  return _wait(_launch(args, processes, devices, logdir, tag), logdir, tag)
+
+
+def _losses(workdir):
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _evals(workdir):
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  return [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows if any(k.startswith("eval/") for k in r)]
+
+
+def _restore_on_one_device(path):
+  """A checkpoint written by several processes, read back here (one process, one device)."""
+  import jax
+  import orbax.checkpoint as ocp
+  checkpointer = ocp.StandardCheckpointer()
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                        checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, target)
+
+
+def test_hosts_see_different_token_buckets(assets):
+  """The premise of the next test: with this data, the two hosts' shares of some global batch tokenise to
+  different widths (before sharding.agree_shapes), which without agreement would be two different programs."""
+  from iblip_jax.data import mixture, pipeline, tokenize
+  from iblip_jax.run import common
+  tok = tokenize.load_tokenizers(str(assets / "ckpt"))
+  spec = lambda n: ml_collections.ConfigDict({"format": "jsonl", "path": str(assets / "data" / f"{n}.jsonl")})
+  recs = {n: common.read_records(spec(f), n) for n, f in (("caption", "caption"), ("vqa", "vqa"), ("qgen", "long"))}
+  datasets = {n: mixture.source(r) for n, r in recs.items()}
+  probs = mixture.weights({n: len(r) for n, r in recs.items()}, {"qgen": 0.3})
+  its = [iter(pipeline.build(mixture.mix(datasets, probs, seed=0), tok, batch_size=4, image_size=30, seed=0,
+                             train=False, process_index=p, process_count=2).dataset) for p in range(2)]
+  widths = [(next(its[0])["input_ids"].shape[1], next(its[1])["input_ids"].shape[1]) for _ in range(6)]
+  assert any(a != b for a, b in widths), widths
+
+
+def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp_path):
+  # --- 1 process x 4 devices: the reference -------------------------------------------------------------------
+  one = tmp_path / "one"
+  _run(_flags(assets, one), 1, 4, tmp_path, "one_train")
+  out = _run(_flags(assets, one, mode="predict", **{"predict.output": str(tmp_path / "one.jsonl")}), 1, 4, tmp_path,
+             "one_predict")
+
+  # --- 2 processes x 2 devices: train, killed after the step-4 checkpoint, resumed --------------------------------
+  two = tmp_path / "two"
+  procs = _launch(_flags(assets, two), 2, 2, tmp_path, "two_train")
+  marker = two / "checkpoints" / "4" / "_CHECKPOINT_METADATA"
+  deadline = time.time() + TIMEOUT
+  while not marker.exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
+    time.sleep(0.05)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  assert marker.exists(), _logs(tmp_path, "two_train", 2)
+  assert not (two / "checkpoints" / "6").exists()
+  out = _run(_flags(assets, two), 2, 2, tmp_path, "two_resume")
+  assert "resumed from" in out and "at step 4" in out
+
+  # identical training: every logged loss (steps 1-6, from before and after the kill) equals the 1-process run
+  want, got = _losses(one), _losses(two)
+  assert sorted(want) == sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-5)
+  assert want[1] != want[6]
+  # the in-training evaluation at the end, computed once and identical
+  assert len(_evals(two)) == len(_evals(one)) == 1
+  assert _evals(two)[0] == pytest.approx(_evals(one)[0], abs=1e-9)
+  lines = (two / "eval" / "step_6" / "held_in_vqa_predictions.jsonl").read_text().splitlines()
+  assert len(lines) == 5   # the padded tail is not in the predictions
+  assert lines == (one / "eval" / "step_6" / "held_in_vqa_predictions.jsonl").read_text().splitlines()
+
+  # --- eval, predict and export as 2 processes ------------------------------------------------------------------
+  out = _run(_flags(assets, two, mode="eval"), 2, 2, tmp_path, "two_eval")
+  metrics = json.loads((two / "eval" / "step_6" / "held_out_mc_metrics.json").read_text())
+  assert metrics["accuracy"] == pytest.approx(_evals(one)[0]["eval/held_out_mc/accuracy"])
+  _run(_flags(assets, two, mode="predict", **{"predict.output": str(tmp_path / "two.jsonl")}), 2, 2, tmp_path,
+       "two_predict")
+  answers = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
+  assert len(answers) == 6 and answers == [json.loads(line) for line in open(tmp_path / "one.jsonl")]
+  _run(_flags(assets, two, mode="export"), 2, 2, tmp_path, "two_export")
+  hf = InstructBlipForConditionalGeneration.from_pretrained(str(two) + "_export")
+  trained = _restore_on_one_device(two / "checkpoints" / "6" / "state")["trainable"]
+  np.testing.assert_array_equal(hf.query_tokens.detach().numpy(), np.asarray(trained["query_tokens"]))
+  assert (two.parent / "two_export" / "qformer_tokenizer").is_dir()
