@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from iblip_jax import safetensors_io
 from iblip_jax.models.configs import (ACTIVATIONS, InstructBlipConfig, LlamaConfig, QFormerConfig, T5Config,
@@ -562,7 +563,8 @@ def _load_leaf(reader: SafetensorsReader, path: tuple[str, ...], leaf, sharding)
   return jax.make_array_from_callback(leaf.shape, sharding, local)
 
 
-def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, instruction_aware: bool = True) -> dict:
+def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, instruction_aware: bool = True,
+                progress: bool = False) -> dict:
   """Fills a params shape tree (from jax.eval_shape) with global arrays read through `reader`.
 
   `shardings` (a matching tree of jax.sharding.Sharding) places every parameter straight into its devices: a
@@ -577,7 +579,16 @@ def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, inst
     flat_sh = {path: one for path in flat_shape}
   else:
     flat_sh = _flat(shardings)
-  return _unflat({path: _load_leaf(reader, path, leaf, flat_sh[path]) for path, leaf in flat_shape.items()})
+  total = sum(reader.nbytes(k) for k in reader.keys())
+  out = {}
+  # A real-size checkpoint takes minutes: show bytes read and an ETA (process 0, on a terminal or a log).
+  with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {os.path.basename(reader.directory)}",
+            disable=not progress or jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0) as bar:
+    for path, leaf in flat_shape.items():
+      before = reader.bytes_read
+      out[path] = _load_leaf(reader, path, leaf, flat_sh[path])
+      bar.update(reader.bytes_read - before)
+  return _unflat(out)
 
 
 def _host_value(x) -> np.ndarray:

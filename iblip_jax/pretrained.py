@@ -2,6 +2,7 @@
 import dataclasses
 import logging
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -66,16 +67,24 @@ def load_config(path: str, dtype=jnp.float32, *, instruction_aware: bool = True,
   return cfg
 
 
-def load_params(path: str, model: InstructBlip, *, shardings=None) -> dict:
+def load_params(path: str, model: InstructBlip, *, shardings=None, progress: bool = False) -> dict:
   """The weights of a local Hugging Face directory for `model`, as global arrays in `shardings` (a tree like the
-  params; default: this process's first device). Each process reads each tensor's part its devices hold, once."""
+  params; default: this process's first device). Each process reads each tensor's part its devices hold, once.
+  `progress` shows bytes read with an ETA on process 0 and prints the time and rate at the end."""
   reader = hf_checkpoint.SafetensorsReader(path)
+  start = time.perf_counter()
   try:
     params = hf_checkpoint.load_params(params_shape(model), reader, shardings=shardings,
-                                       instruction_aware=model.config.instruction_aware)
+                                       instruction_aware=model.config.instruction_aware, progress=progress)
+    jax.block_until_ready(params)
   finally:
     reader.close()
-  logging.info("loaded %s (%d tensors, %.2f GB read)", path, len(reader.keys()), reader.bytes_read / 1e9)
+  seconds = time.perf_counter() - start
+  message = (f"loaded {path}: {len(reader.keys())} tensors, {reader.bytes_read / 1e9:.2f} GB read by this process "
+             f"in {seconds:.1f} s ({reader.bytes_read / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+  logging.info(message)
+  if progress and jax.process_index() == 0:
+    print(message, flush=True)
   return params
 
 

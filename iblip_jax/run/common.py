@@ -156,7 +156,7 @@ def load_params(config, model: InstructBlip, shardings) -> dict:
   """The model's parameters as global arrays in `shardings`: read from config.model_init (each process reads its
   devices' part of each tensor), or initialised in place from config.seed without a checkpoint (smoke tests)."""
   if config.model_init:
-    return pretrained.load_params(config.model_init, model, shardings=shardings)
+    return pretrained.load_params(config.model_init, model, shardings=shardings, progress=True)
   import flax.linen as nn
   init = lambda rng: nn.meta.unbox(pretrained.init_fn(model)(rng))
   return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
