@@ -1,7 +1,10 @@
 """The command line: `python -m iblip_jax.main --config ...`."""
 import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -30,3 +33,25 @@ def test_invalid_model_config_names_the_field():
   out = _run("--config", "configs/tiny.py", "--config.model.qformer.hidden_size=30", "--config.mode=summary")
   assert out.returncode != 0
   assert "model.qformer.hidden_size=30 is not divisible by num_attention_heads=4" in out.stderr
+
+
+def _readme_overrides() -> list[str]:
+  """Every `--config.key=value` in the README's command lines (launch and AOT examples)."""
+  text = open(os.path.join(ROOT, "README.md")).read()
+  blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+  flags = sorted({f for b in blocks for f in re.findall(r"--config\.[\w.]+=\S+", b)
+                  if not f.startswith(("--config.key=", "--config.x="))})   # placeholders in the usage line
+  assert any("model.text.remat" in f for f in flags) and any("model.vision.dtype" in f for f in flags), flags
+  return flags
+
+
+@pytest.mark.parametrize("name", ["instructblip_flant5xl", "instructblip_flant5xxl", "instructblip_vicuna7b",
+                                  "instructblip_vicuna13b"])
+def test_the_readme_overrides_are_accepted_by_every_real_config(name):
+  """The pod launch line's precision and remat flags are settings every config has (ml_collections refuses unknown
+  keys before anything runs); summary mode then builds the model with them. model_init is left out: a real-size
+  checkpoint is not here, and mode stays summary."""
+  flags = [f for f in _readme_overrides() if not f.startswith(("--config.model_init=", "--config.mode="))]
+  out = _run("--config", f"configs/{name}.py", *flags, "--config.mode=summary")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().splitlines()[-1].startswith("total_params=")
