@@ -1,10 +1,14 @@
 """Run logging: metrics as JSONL and TensorBoard events, a PNG of the curves, plain text lines.
 
 Only process 0 writes. Every file goes through etils.epath, so a gs:// workdir works like a local one. The PNG is
-redrawn from metrics.jsonl, so it also shows steps from before a resume.
+redrawn from metrics.jsonl, so it also shows steps from before a resume. Reading metrics.jsonl back (read_metrics)
+skips whatever cannot be parsed, so one damaged line never stops a run, and drawing the PNG never raises.
 """
 import io
 import json
+import logging
+import math
+import numbers
 
 import jax
 import matplotlib
@@ -42,29 +46,89 @@ class Logger:
       print(f"step {step}: " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in sorted(evals.items())), flush=True)
 
   def plot(self) -> None:
-    """workdir/curves.png: training loss and every evaluation metric against steps."""
-    if not self.active or not self.path.exists():
+    """workdir/curves.png: training loss and every evaluation metric against steps. A picture is not worth a run:
+    any failure to read, draw or write is a warning and training goes on."""
+    if not self.active:
       return
-    rows = [json.loads(line) for line in self.path.read_text().splitlines()]
-    keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith("eval/")})
+    try:
+      self._plot()
+    except Exception as e:  # noqa: BLE001 - matplotlib, the file system and object stores raise all sorts
+      logging.warning("%s not drawn: %s: %s", self.workdir / "curves.png", type(e).__name__, e)
+
+  def _plot(self) -> None:
+    steps = read_metrics(self.path)
+    keys = sorted({k for values in steps.values() for k in values if k == "loss" or k.startswith("eval/")})
     if not keys:
       return
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-      points = sorted((r["step"], r[key]) for r in rows if key in r)
-      ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if key != "loss" else None)
-      ax.set_title(key)
-      ax.set_xlabel("step")
-      ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=90)
-    plt.close(fig)
+    try:
+      for ax, key in zip(axes[0], keys):
+        points = [(step, values[key]) for step, values in sorted(steps.items()) if key in values]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if key != "loss" else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+      fig.tight_layout()
+      png = io.BytesIO()
+      fig.savefig(png, format="png", dpi=90)
+    finally:  # pyplot keeps every open figure alive; a failed draw must not leak one per evaluation
+      plt.close(fig)
     (self.workdir / "curves.png").write_bytes(png.getvalue())
 
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+
+
+def read_metrics(path) -> dict[int, dict[str, float]]:
+  """metrics.jsonl as {step: {key: value}}. Skipped, not fatal: bytes that are not UTF-8, a line that is not a JSON
+  object (a write cut short by a kill or a full disk), a row without an integer step, a value that is not a number
+  (NaN and infinities are numbers: a diverged loss is a fact). A step redone after a resume has several rows; per
+  metric, the later row wins."""
+  path = epath.Path(path)
+  if not path.exists():
+    return {}
+  steps = {}
+  for raw in path.read_bytes().splitlines():
+    row = _parse_row(raw)
+    if row is not None:
+      steps.setdefault(row[0], {}).update(row[1])
+  return steps
+
+
+def _parse_row(raw: bytes):
+  """(step, numeric values) of one metrics.jsonl line, or None."""
+  row = _json_object(raw)
+  # A run killed mid-write leaves a line without its newline and the resumed run appends its first row to it; every
+  # row starts with '{"step":' (Logger.metrics), so the last such start on the line is a whole row.
+  start = raw.rfind(b'{"step":')
+  if row is None and start > 0:
+    row = _json_object(raw[start:])
+  if row is None:
+    return None
+  step = as_number(row.get("step"))
+  if step is None or not math.isfinite(step) or step != int(step):
+    return None
+  values = {k: as_number(v) for k, v in row.items() if k != "step"}
+  return int(step), {k: v for k, v in values.items() if v is not None}
+
+
+def _json_object(raw: bytes):
+  try:
+    row = json.loads(raw.decode("utf-8"))
+  except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    return None
+  return row if isinstance(row, dict) else None
+
+
+def as_number(v) -> float | None:
+  """v as a float if it is a real number (numpy's included, booleans not), else None."""
+  if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    return None
+  try:
+    return float(v)
+  except OverflowError:  # an integer beyond float range
+    return None
 
 
 def _append(path: epath.Path, text: str) -> None:

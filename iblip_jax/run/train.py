@@ -174,10 +174,15 @@ def _eval_dir(workdir: str, step) -> str:
 
 def results_table(final: dict, before: dict, untrained: dict, chance: dict) -> str:
   """Final metrics next to the baselines: chance (from the config), a randomly initialised trainable side, and
-  the model before this training (step 0)."""
-  fmt = lambda v: "-" if v is None else f"{v:.1f}"
+  the model before this training (step 0). A value that is not a number (a metric that is a string, a baseline
+  left blank in the config) never costs the table: a baseline shows "-", a metric without a number is left out."""
+  def fmt(v) -> str:
+    number = logger_lib.as_number(v)
+    return "-" if number is None else f"{number:.1f}"
+
   lines = [f"{'metric':<36} {'chance':>8} {'untrained':>10} {'step 0':>8} {'trained':>8}"]
   for key, value in sorted(final.items()):
-    lines.append(f"{key:<36} {fmt(chance.get(key.split('/')[0])):>8} {fmt(untrained.get(key)):>10} "
-                 f"{fmt(before.get(key)):>8} {value:>8.1f}")
+    if logger_lib.as_number(value) is not None:
+      lines.append(f"{key:<36} {fmt(chance.get(key.split('/')[0])):>8} {fmt(untrained.get(key)):>10} "
+                   f"{fmt(before.get(key)):>8} {fmt(value):>8}")
   return "\n".join(lines)
