@@ -7,7 +7,7 @@
 
 The server is `gcp-storage-emulator` (PyPI; worked with 2026.7.19), in memory, in a child process bound to
 127.0.0.1 on a port the kernel picks. The child prints the port, serves until its stdin closes (so it also goes away
-if the test process dies) and logs requests to `emu.log_path`. Before serving, the child makes up for three gaps
+if the test process dies) and logs requests to `emu.log_path`. Before serving, the child makes up for four gaps
 in that emulator (all in `_serve` below; nothing is copied from it):
   * gcsfs >= 2025 renames (`epath.Path.rename`, orbax) with the newer `objects.moveTo` call, which the emulator
     answers 501; gcsfs retries a 501 six times with backoff (~30 s per file) before it copies and deletes. The
@@ -15,6 +15,13 @@ in that emulator (all in `_serve` below; nothing is copied from it):
   * `ifGenerationMatch` on uploads and deletes is ignored by the emulator; tensorstore's OCDBT writes its manifest
     with `ifGenerationMatch=0` / `=<generation>` and tensorboardX's uploads carry it too. The child answers 412 on a
     mismatch, as GCS does.
+  * object data (`alt=media`, whole or a Range) comes without GCS's `x-goog-generation` / `x-goog-metageneration`
+    headers, and GETs ignore `ifGenerationMatch` / `ifGenerationNotMatch`. tensorstore's gcs driver takes a media
+    read's generation from `x-goog-generation` (missing: 0); OCDBT's next read of its manifest then carries that 0 as
+    `ifGenerationNotMatch` and fails before any request with "Malformed StorageGeneration" (orbax: the second save
+    of a big tree). The child sends those headers (plus x-goog-stored-content-length, x-goog-storage-class) and,
+    like GCS, answers a GET 304 Not Modified (no body) when `ifGenerationNotMatch` is the live generation and 412
+    when `ifGenerationMatch` is not.
   * the emulator is a single-threaded `http.server` with a listen backlog of 5 (tensorstore opens up to 32
     connections at once, and dropped SYNs cost a second each): the backlog is raised to 256. Clients that hang up
     early (gcsfs cancels the listing it races against a metadata GET) are not logged as errors.
@@ -361,7 +368,43 @@ def _serve(buckets: list[str]) -> None:
       return (data.get("meta") or {}).get("name") or data.get("name")
     return None
 
-  insert, delete = objects.insert, objects.delete
+  def generation_headers(request, response, storage) -> None:
+    """What GCS sends with object data: tensorstore takes the generation of a read from x-goog-generation (absent:
+    0, which it rejects as 'Malformed StorageGeneration' when it later reads with ifGenerationNotMatch=0)."""
+    p = request.params
+    obj = storage.objects.get(p["bucket_name"], {}).get(p["object_id"])
+    if obj is not None:
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj.get("metageneration") or 1)
+      response["x-goog-stored-content-length"] = str(obj.get("size"))
+      response["x-goog-storage-class"] = obj.get("storageClass") or "STANDARD"
+
+  def read_precondition_failed(request, response, storage) -> bool:
+    """GET of an object: ifGenerationMatch as for writes (412), ifGenerationNotMatch equal to the live generation
+    answers 304 Not Modified with no body. A missing object falls through to the usual 404."""
+    p = request.params
+    if precondition_failed(request, response, storage, p["bucket_name"], p["object_id"]):
+      return True
+    not_match = request.query.get("ifGenerationNotMatch")
+    obj = storage.objects.get(p["bucket_name"], {}).get(p["object_id"])
+    if not_match and obj is not None and str(not_match[0]) == str(obj["generation"]):
+      response.status = HTTPStatus.NOT_MODIFIED
+      return True
+    return False
+
+  insert, delete, get, download = objects.insert, objects.delete, objects.get, objects.download
+
+  def checked_download(request, response, storage, *args, **kwargs):
+    if not read_precondition_failed(request, response, storage):
+      download(request, response, storage, *args, **kwargs)
+      if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+        generation_headers(request, response, storage)
+
+  def checked_get(request, response, storage, *args, **kwargs):
+    if (request.query.get("alt") or [""])[0] == "media":
+      return checked_download(request, response, storage, *args, **kwargs)
+    if "softDeleted" in request.query or not read_precondition_failed(request, response, storage):
+      return get(request, response, storage, *args, **kwargs)
 
   def checked_insert(request, response, storage, *args, **kwargs):
     if "upload_id" in request.query or not precondition_failed(
@@ -386,8 +429,9 @@ def _serve(buckets: list[str]) -> None:
       return
     response.json(obj)
 
-  replace = {insert: checked_insert, delete: checked_delete}
+  replace = {insert: checked_insert, delete: checked_delete, get: checked_get, download: checked_download}
   objects.insert = checked_insert  # the router's fallback for uploads without the /upload prefix
+  objects.download = checked_download  # what objects.get calls for alt=media
   handlers = tuple((regex, {m: replace.get(f, f) for m, f in methods.items()}) for regex, methods in srv.HANDLERS)
   move_route = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
                 r"(?P<dest_object_id>.*[^/]+)$", {"POST": move})

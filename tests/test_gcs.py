@@ -144,6 +144,51 @@ def test_conditional_writes_like_gcs(gcs):
   assert gcs.list("cond/") == []
 
 
+def test_reads_carry_the_generation_like_gcs(gcs):
+  """Object data comes with its generation in x-goog-generation, and GETs honour ifGenerationNotMatch (304) and
+  ifGenerationMatch (412). tensorstore takes a read's generation from that header: without it the generation is 0,
+  and OCDBT's next conditional read of its manifest (a second writer, or orbax's later saves) fails with
+  'Malformed StorageGeneration'."""
+  import urllib.error
+  import urllib.request
+
+  import tensorstore as ts
+  from google.cloud import storage
+
+  blob = storage.Client().bucket(BUCKET).blob("gen/x")
+  blob.upload_from_string(b"abcd")
+  gen = int(blob.generation)
+  opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+  def get(query, **headers):
+    req = urllib.request.Request(f"{gcs.url}/storage/v1/b/{BUCKET}/o/gen%2Fx?{query}", headers=headers)
+    try:
+      with opener.open(req, timeout=10) as r:
+        return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+      return e.code, e.headers, e.read()
+
+  meta = json.loads(get("alt=json")[2])
+  status, headers, body = get("alt=media")
+  assert (status, body) == (200, b"abcd")
+  assert (headers["x-goog-generation"], headers["x-goog-metageneration"]) == (str(gen), meta["metageneration"])
+  status, headers, body = get("alt=media", Range="bytes=1-2")
+  assert (status, body, headers["x-goog-generation"]) == (206, b"bc", str(gen))
+  assert get(f"alt=media&ifGenerationNotMatch={gen}")[::2] == (304, b"")
+  assert get(f"ifGenerationNotMatch={gen}")[::2] == (304, b"")  # metadata (alt=json) too
+  assert get(f"alt=media&ifGenerationNotMatch={gen + 1}")[::2] == (200, b"abcd")
+  assert get(f"alt=media&ifGenerationMatch={gen + 1}")[0] == 412
+  assert get(f"alt=media&ifGenerationMatch={gen}")[::2] == (200, b"abcd")
+  assert json.loads(get(f"ifGenerationMatch={gen}")[2])["generation"] == str(gen)
+
+  spec = {"driver": "ocdbt", "base": f"gs://{BUCKET}/gen/db/"}
+  ts.KvStore.open(spec).result().write("a", b"1").result()
+  other = ts.KvStore.open(spec).result()  # a fresh cache: reads the manifest with a plain GET, then conditionally
+  assert other.read("a").result().value == b"1"
+  other.write("b", b"2").result()
+  assert other.read("b").result().value == b"2" and ts.KvStore.open(spec).result().list().result() == [b"a", b"b"]
+
+
 # What the main job writes into a gs:// workdir, in a subprocess that gets only the environment.
 _JOB = textwrap.dedent("""
   import io, json, sys
