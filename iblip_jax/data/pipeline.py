@@ -18,7 +18,9 @@ import dataclasses
 import functools
 import io
 import math
+import multiprocessing
 import os
+import threading
 import warnings
 from typing import Callable, Sequence
 
@@ -206,9 +208,30 @@ def build(examples: grain.MapDataset, tok: tokenize.Tokenizers, *, batch_size: i
   if workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller may not have parsed any
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=exit_with_parent)
   counter = SkipCounter()
   return Pipeline(it.map(functools.partial(_count_and_collate, counter, collate(tok))), counter)
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """grain worker_init_fn: the worker ends as soon as the process that started it is gone. A main process killed by
+  SIGKILL (or the OOM killer) runs no cleanup, and its workers (hundreds of MB each) would live on, orphaned, for
+  good; multiprocessing's resource tracker then follows by itself, once the last holder of its pipe is dead.
+
+  What is watched is multiprocessing's parent sentinel, a pipe whose other end only the starting process holds: it
+  reaches EOF when that process exits however it dies, also when a forkserver did the forking, and a reused pid
+  cannot fool it. prctl(PR_SET_PDEATHSIG) would fire when the starting *thread* ends, and grain starts workers from
+  short-lived threads."""
+  del worker_index, worker_count
+  parent = multiprocessing.parent_process()
+  if parent is None:  # not started by multiprocessing: no one to outlive
+    return
+
+  def watch():
+    parent.join()
+    os._exit(1)  # at once: the queues' feeder threads would block on a reader that no longer exists
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _count_and_collate(counter: SkipCounter, collate_fn, share: dict) -> dict:

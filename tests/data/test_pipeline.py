@@ -2,11 +2,18 @@
 import collections
 import io
 import math
+import os
+import signal
 import struct
+import subprocess
+import sys
+import textwrap
+import time
 import warnings
 import zlib
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -303,3 +310,56 @@ def test_per_step_skipped_examples_are_replaced_within_their_batch(tok):
   wrong = mixture.mix(datasets, mixture.weights(sizes), seed=0, batch_size=4, batch_fn=list)  # not x 2 processes
   with pytest.raises(ValueError, match="global batch"):
     next(iter(pipeline.build(wrong, tok, batch_size=4, image_size=8, seed=0, per_step=True, process_count=2).dataset))
+
+
+_ITERATE_FOREVER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from PIL import Image
+    from iblip_jax.data import mixture, pipeline, tokenize, word_tokenizers
+    d = sys.argv[1]
+    word_tokenizers.build("a red what color is it".split(), d)
+    tok = tokenize.load_tokenizers(d, max_input_len=8, max_output_len=6)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d + "/x.png")
+    records = [{"image": d + "/x.png", "text_input": "what color is it", "text_output": "red"}] * 4
+    pipe = pipeline.build(mixture.source(records).repeat(), tok, batch_size=2, image_size=16, seed=0, workers=1)
+    for i, _ in enumerate(pipe.dataset):
+      if i == 0:
+        print("iterating", flush=True)
+""")
+
+
+def _until(predicate, timeout: float) -> bool:
+  end = time.monotonic() + timeout
+  while time.monotonic() < end:
+    if predicate():
+      return True
+    time.sleep(0.1)
+  return predicate()
+
+
+def _alive(proc: psutil.Process) -> bool:
+  return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+
+
+def test_worker_processes_die_with_a_killed_main_process(tmp_path):
+  """SIGKILL leaves the main process no chance to stop its grain workers; they must notice and go by themselves,
+  and multiprocessing's resource tracker with them."""
+  main = subprocess.Popen([sys.executable, "-c", _ITERATE_FOREVER, str(tmp_path)], stdout=subprocess.PIPE,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  children = []
+  try:
+    assert main.stdout.readline() == b"iterating\n"
+    children = psutil.Process(main.pid).children(recursive=True)
+    kinds = {c.pid: " ".join(c.cmdline()) for c in children}
+    assert any("spawn_main" in k for k in kinds.values()), kinds   # the grain worker
+    assert any("resource_tracker" in k for k in kinds.values()), kinds
+    os.kill(main.pid, signal.SIGKILL)
+    main.wait(timeout=10)
+    assert _until(lambda: not any(_alive(c) for c in children), timeout=10), \
+        {kinds[c.pid]: c.status() for c in children if _alive(c)}
+  finally:  # never leave a process behind, whatever failed
+    main.kill()
+    for c in children:
+      if _alive(c):
+        c.kill()
