@@ -3,6 +3,10 @@
 Modes (--config.mode): train (with periodic evaluation; resumes from --workdir), eval, predict, export, summary.
 Kept short on purpose; each mode's logic lives in an importable module.
 """
+import os
+import re
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -32,6 +36,60 @@ def main(argv):
     raise app.UsageError(str(e)) from None
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a mistake on the command line (an unknown --config.key, a value of the wrong type, a
+  missing config file) is one line on stderr and exit status 2, a usage error, instead of ml_collections' traceback."""
+  try:
+    args = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.get("mode")  # ml_collections reports an unreadable config file only when it is first used
+    return args
+  except flags.Error as e:  # a value of the wrong type, an unknown flag, a flag without a value
+    problem = str(e).removeprefix("flag ")
+  except (KeyError, AttributeError) as e:
+    problem = _unknown_key(argv, e)
+    if problem is None:  # no override names that key: a bug in the config file, whose traceback says where
+      raise
+  except (TypeError, IndexError) as e:  # an override that goes on through a plain value: --config.mode.x=1
+    problem = f"a --config.<key> override goes through a value that has no keys: {e}"
+  except OSError as e:
+    problem = _unreadable_config(argv, e)
+  print(f"error: {problem}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _overrides(argv: list[str]) -> list[str]:
+  """The key paths of the --config.<path>[=value] arguments, as ml_collections reads them (flag files expanded)."""
+  argv = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+  return [m.group(1) for m in (re.match(r"--?(?:no)?config\.([^=]+)", arg) for arg in argv) if m]
+
+
+def _unknown_key(argv: list[str], error: Exception) -> str | None:
+  """'--config.a.b: no such config key 'b' in a (did you mean c?)' from ml_collections' KeyError; None if no
+  override has that key."""
+  text = error
+  while isinstance(text, BaseException):  # AttributeError(KeyError("'key'\nDid you mean ..."))
+    text = text.args[0] if text.args else ""
+  first, _, rest = str(text).partition("\n")
+  key, hint = first.strip("'\""), re.search(r'Did you mean "(.+?)"', rest)
+  for path in _overrides(argv):
+    parts = [p for p in re.split(r"[.\[\]]", path) if p]
+    if key in parts:
+      where = ".".join(parts[:parts.index(key)])
+      return (f"--config.{path}: no such config key {key!r}" + (f" in {where}" if where else "")
+              + (f" (did you mean {hint.group(1)}?)" if hint else ""))
+  return None
+
+
+def _unreadable_config(argv: list[str], error: OSError) -> str:
+  spec = next((value for name, value in zip(argv, argv[1:]) if name in ("--config", "-config")), None)
+  spec = spec or next((a.split("=", 1)[1] for a in argv if a.startswith(("--config=", "-config="))), "")
+  if not os.path.exists(spec.split(":", 1)[0]):  # a config file may take an argument: configs/x.py:arg
+    return f"--config {spec}: no such config file"
+  cause = error.__cause__ or error  # ml_collections re-raises the loading error on first use
+  return f"--config {spec}: cannot load it: {str(cause).strip().splitlines()[-1].strip()}"
+
+
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -55,3 +55,22 @@ def test_the_readme_overrides_are_accepted_by_every_real_config(name):
   out = _run("--config", f"configs/{name}.py", *flags, "--config.mode=summary")
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().splitlines()[-1].startswith("total_params=")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--config", "configs/tiny.py", "--config.modle.text.dtype=bfloat16"],
+     "error: --config.modle.text.dtype: no such config key 'modle' (did you mean mode?)"),
+    (["--config", "configs/tiny.py", "--config.model.text.dtyp=bfloat16"],
+     "error: --config.model.text.dtyp: no such config key 'dtyp' in model.text (did you mean dtype?)"),
+    (["--config", "configs/nope.py"], "error: --config configs/nope.py: no such config file"),  # found on first use
+    (["--config=configs/nope.py", "--config.mode=summary"],  # found while applying the override
+     "error: --config configs/nope.py: no such config file"),
+    (["--config", "configs/tiny.py", "--config.batch_size=abc"],
+     "error: --config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
+])
+def test_a_config_mistake_is_one_line_and_status_2(args, line):
+  """ml_collections raises KeyError/AttributeError/OSError with a traceback; the command line says what is wrong."""
+  out = _run(*args)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines() == [line]
+  assert "Traceback" not in out.stderr and out.stdout == ""
