@@ -74,6 +74,9 @@ def base(model: dict) -> ml_collections.ConfigDict:
   config.log_every = 50
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
+  # Checkpoints exist but none can be read: True starts over from model_init instead of stopping (see
+  # iblip_jax/checkpoints.py: unreadable ones are moved aside, never deleted).
+  config.fresh_start_if_unreadable = False
   config.export_dir = ""
   config.predict = ml_collections.ConfigDict(dict(
       images="", prompt="A short image description:", output="", batch_size=8, num_beams=5, max_new_tokens=30,

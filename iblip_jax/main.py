@@ -30,8 +30,12 @@ def main(argv):
   modes = _modes()
   if config.mode not in modes:
     raise app.UsageError(f"--config.mode={config.mode!r} is not a mode; available: {', '.join(sorted(modes))}")
+  from iblip_jax.run import train
   try:
     modes[config.mode](config, _WORKDIR.value)
+  except train.Preempted as e:  # schedulers tell "preempted, resume me" (75) from finished (0) and failed (1)
+    print(f"preempted: {e}; exit status {train.PREEMPTED_EXIT}: rerun the same command to resume", flush=True)
+    raise SystemExit(train.PREEMPTED_EXIT) from None
   except ValueError as e:  # config and input errors: the message says what to fix, a traceback would bury it
     raise app.UsageError(str(e)) from None
 

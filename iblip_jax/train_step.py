@@ -168,6 +168,17 @@ def place(tree: dict, shardings: Any) -> dict:
   return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), tree, shardings)
 
 
+def jit_state_check(model: InstructBlip, sh: Shardings) -> Callable:
+  """(trainable, frozen, batch) -> (the state's deterministic loss on the batch, whether every trainable value is
+  finite): what training checks before it saves a state."""
+  def check(trainable, frozen, batch):
+    loss, _ = loss_fn(model, merge(trainable, frozen), batch, None)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trainable)]))
+    return loss, finite
+  return jax.jit(check, in_shardings=(sh.trainable, sh.frozen, sh.batch),
+                 out_shardings=(sh.replicated, sh.replicated))
+
+
 def jit_train_step(step: Callable, sh: Shardings) -> Callable:
   """jax.jit with explicit in/out shardings; the trainable tree and optimizer state are donated."""
   return jax.jit(step, in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.replicated),

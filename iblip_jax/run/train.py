@@ -18,10 +18,27 @@ from iblip_jax.data import mixture, pipeline
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run import common
 from iblip_jax.run import logger as logger_lib
+from iblip_jax.run import workdir_lock
 
 
 class NonFiniteLoss(RuntimeError):
-  pass
+  """Training diverged; nothing of the diverged state was saved."""
+
+
+PREEMPTED_EXIT = 75   # EX_TEMPFAIL: "try again later", distinct from a failure (1) and from a finished run (0)
+
+
+class Preempted(Exception):
+  """Stopped by SIGTERM after saving a checkpoint at `step`: rerun to continue."""
+
+  def __init__(self, step: int):
+    super().__init__(f"stopped at step {step} after saving a checkpoint")
+    self.step = step
+
+
+def _intact(mngr) -> str:
+  return (f"The last good checkpoint in {mngr.directory} (step {mngr.latest_step()}) is intact. Lower "
+          "config.optim.lr, set config.optim.grad_clip_norm, or check the data.")
 
 
 def _data(config, tok, model, mesh):
@@ -46,9 +63,15 @@ def _data(config, tok, model, mesh):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains; returns the last evaluation's metrics. Raises Preempted after a signal (a checkpoint was saved)."""
   common.validate(config, workdir, mode="train")
   if jax.process_index() == 0:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  with workdir_lock.WorkdirLock(workdir):   # this run owns the workdir until it exits
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict:
   model = InstructBlip(common.model_config(config))
   model, tok = common.load_tokenizers(config, model)
 
@@ -66,8 +89,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pipe, probs = _data(config, tok, model, mesh)
   data_it = iter(pipe.dataset)
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
-  start, restored = checkpoints.restore_latest(mngr, {"trainable": trainable, "opt_state": opt_state},
-                                               {"trainable": sh.trainable, "opt_state": sh.opt_state}, data_it)
+  start, restored = checkpoints.restore_latest(
+      mngr, {"trainable": trainable, "opt_state": opt_state}, {"trainable": sh.trainable, "opt_state": sh.opt_state},
+      data_it, move_aside=True, fresh_start_if_unreadable=config.fresh_start_if_unreadable)
   if restored is not None:
     trainable, opt_state = restored["trainable"], restored["opt_state"]
     if jax.process_index() == 0:
@@ -77,6 +101,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   step_fn = ts.jit_train_step(ts.make_train_step(model, tx, vision_frozen="vision" not in trainable,
                                                  dropout=config.dropout), sh)
+  state_check = ts.jit_state_check(model, sh)
   schedule = optim.learning_rate(config.optim, config.total_steps)
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
@@ -114,15 +139,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         stopping = distributed.any_process(stop["signal"] is not None)   # all hosts stop at the same step
         is_save = step % config.checkpoint_every == 0 or step == config.total_steps
         if step % config.log_every == 0 or is_save or stopping:
-          loss = float(metrics["loss"])
-          if not math.isfinite(loss):  # never save this state: the last good checkpoint stays the latest
-            raise NonFiniteLoss(f"loss is {loss} at step {step}; training stopped. The last good checkpoint in "
-                                f"{mngr.directory} (step {mngr.latest_step()}) is intact. Lower "
-                                "config.optim.lr, set config.optim.grad_clip_norm, or check the data.")
+          loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+          if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise NonFiniteLoss(f"step {step}: loss {loss}, gradient norm {grad_norm}; training stopped. "
+                                + _intact(mngr))
           rate = done_in_window / (time.perf_counter() - t0)
           t0, done_in_window = time.perf_counter(), 0
           skipped = _skipped(pipe)
-          values = {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
+          values = {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
                     "steps_per_sec": rate, **{f"skipped/{k}": v for k, v in skipped.items()}}
           log.metrics(step, values)
           if sum(skipped.values()) != reported_skips:   # bad input is shown as it happens, not only in metrics.jsonl
@@ -132,11 +156,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
           bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", skipped=reported_skips)
         bar.update(1)
         if is_save or stopping:
+          # A finite loss does not make a state good: an update can blow the parameters up (a huge learning rate)
+          # and only the next step's loss shows it. The new state's own loss on this batch must be finite too.
+          probe, finite = (float(x) for x in state_check(trainable, frozen, batch))
+          if not (finite and math.isfinite(probe)):
+            raise NonFiniteLoss(f"step {step}: the update gave {'non-finite parameters' if not finite else 'parameters'}"
+                                f" whose loss on this batch is {probe}; this state is not saved. " + _intact(mngr))
           checkpoints.save(mngr, step, {"trainable": trainable, "opt_state": opt_state}, data_it, force=True)
         if stopping:
           mngr.wait_until_finished()
-          log.text(f"stopped by a signal at step {step}; checkpoint saved, rerun to continue")
-          return last
+          log.text(f"stopped by a signal at step {step}; checkpoint saved. Exit status {PREEMPTED_EXIT} means: "
+                   "rerun the same command to continue")
+          log.close()
+          raise Preempted(step)
         if config.evals and step % config.eval_every == 0 and step != config.total_steps:
           last.update(evaluate_now(step))
           t0 = time.perf_counter()

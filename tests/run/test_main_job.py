@@ -2,7 +2,9 @@
 mesh, corrupt-checkpoint fallback, non-finite guard, config errors, predict, export."""
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,13 +105,24 @@ def test_resume_on_another_mesh_and_corrupt_latest_falls_back(assets, tmp_path):
   assert any(p.startswith("unreadable_step_4_") for p in os.listdir(tmp_path / "w" / "checkpoints"))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
-  out = _run(_flags(assets, tmp_path / "w", total_steps=6, **{"optim.lr": 1e30, "optim.warmup_lr": 1e30}),
+def _steps(workdir):
+  return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+
+
+def test_a_diverged_state_is_never_saved(assets, tmp_path):
+  """Two good steps, then a learning rate that blows the parameters up: the step's own loss is still finite (the
+  damage shows in the next forward pass), so the state is checked before it is saved and refused."""
+  w = tmp_path / "w"
+  _run(_flags(assets, w, total_steps=2, checkpoint_every=1))
+  out = _run(_flags(assets, w, total_steps=6, checkpoint_every=1, **{"optim.lr": 1e38, "optim.warmup_lr": 1e38}),
              check=False)
-  assert out.returncode != 0
-  assert "training stopped" in out.stderr + out.stdout and "is intact" in out.stderr + out.stdout
-  steps = sorted(int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit())
-  assert all(s < 6 for s in steps)
+  assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+  text = out.stdout + out.stderr
+  assert "step 3: the update gave" in text and "this state is not saved" in text, text[-3000:]
+  assert "(step 2) is intact" in text
+  assert _steps(w) == [1, 2]
+  trained = _final_trainable(w, 2)
+  assert all(np.isfinite(x).all() for x in _leaves(trained))
 
 
 def test_config_errors_are_reported_together(assets, tmp_path):
@@ -122,6 +135,13 @@ def test_config_errors_are_reported_together(assets, tmp_path):
   assert "config.evals.held_in_vqa.task='vqa_typo' is not a known task" in err
   assert "config.batch_size=7 must be a positive multiple of the mesh's batch split (data x fsdp = 2" in err
   assert "Traceback" not in err
+  # a batch the mesh cannot split (fsdp=-1 spreads it over all 4 devices) and a run that would keep no checkpoint
+  out = _run(_flags(assets, tmp_path / "w", batch_size=6, keep_checkpoints=0, **{"mesh.fsdp": -1}), devices=4,
+             check=False)
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert "config.batch_size=6 must be a positive multiple of the mesh's batch split (data x fsdp = 4 on 4 devices)" \
+      in out.stderr
+  assert "config.keep_checkpoints=0 must be positive" in out.stderr
 
 
 def test_predict_folder_and_export_to_transformers(assets, tmp_path):
@@ -163,3 +183,70 @@ def test_decoder_only_llm_trains_evaluates_predicts_and_exports(assets, tmp_path
   assert hf.config.use_decoder_only_language_model and hf.config.text_config.model_type == "llama"
   np.testing.assert_array_equal(hf.query_tokens.detach().numpy(),
                                 np.asarray(_final_trainable(tmp_path / "w", 2)["query_tokens"]))
+
+
+def _wait_for(path, proc, timeout=600):
+  deadline = time.time() + timeout
+  while not path.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert path.exists(), f"{path} never appeared (exit {proc.poll()})"
+
+
+def test_one_run_per_workdir_and_preemption_exit_status(assets, tmp_path):
+  """A second run on a busy workdir is refused, naming the holder; SIGTERM saves and exits 75 (resume me), and
+  frees the workdir; the lock of a SIGKILLed run is found stale, reported and taken over; a finished run exits 0
+  and leaves no lock."""
+  w = tmp_path / "w"
+  args = _flags(assets, w, total_steps=500, checkpoint_every=100)
+  first = subprocess.Popen([sys.executable, "-m", "iblip_jax.main", *args], cwd=ROOT, env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  _wait_for(w / "metrics.jsonl", first)   # training has begun
+  second = _run(args, check=False)
+  assert second.returncode == 1
+  assert f"is in use by another training run: process {first.pid} on host {socket.gethostname()}" in second.stderr
+  first.send_signal(signal.SIGTERM)
+  out = first.communicate(timeout=300)[0]
+  assert first.returncode == 75, out[-3000:]
+  assert "preempted" in out and "rerun the same command to resume" in out
+  assert not (w / "LOCK").exists()
+  stopped_at = _steps(w)[-1]
+  assert 0 < stopped_at < 500
+
+  third = subprocess.Popen([sys.executable, "-m", "iblip_jax.main", *args], cwd=ROOT, env=_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _wait_for(w / "LOCK", third)
+  time.sleep(0.5)
+  third.send_signal(signal.SIGKILL)
+  third.wait()
+  assert (w / "LOCK").exists()
+  out = _run(_flags(assets, w, total_steps=stopped_at + 2, checkpoint_every=100))
+  assert f"taking over a stale lock" in out.stdout and f"process {third.pid} is no longer running" in out.stdout
+  assert f"at step {stopped_at}" in out.stdout
+  assert not (w / "LOCK").exists()
+
+
+def test_a_config_change_is_refused_not_treated_as_corruption(assets, tmp_path):
+  """A finished workdir resumed or used for predict with the ablation switch flipped: the checkpoints belong to
+  another config. The run stops naming what differs; nothing is moved aside; and bad input on the way is shown on
+  the console as it happens and at the end."""
+  data = tmp_path / "data"
+  data.mkdir()
+  lines = open(assets / "data" / "caption.jsonl").read().splitlines()
+  bad = [dict(json.loads(line), image="images/no_such_image.png") for line in lines[:30]]   # 30 of the 78 records
+  (data / "caption.jsonl").write_text("\n".join([json.dumps(b) for b in bad] + lines[30:]) + "\n")
+  os.symlink(assets / "data" / "images", data / "images")
+  w = tmp_path / "w"
+  out = _run(_flags(assets, w, total_steps=3, checkpoint_every=1, **{"data.datasets.caption.path":
+                                                                       str(data / "caption.jsonl")}))
+  assert re.search(r"step \d: input \d+ skipped: \d+ missing_image", out.stdout), out.stdout
+  assert re.search(r"input over the run: \d+ skipped: \d+ missing_image", out.stdout), out.stdout
+  before = sorted(os.listdir(w / "checkpoints"))
+  for mode in ("train", "predict"):
+    out = _run(_flags(assets, w, mode=mode, total_steps=5, **{"model.instruction_aware": False,
+                                                               "predict.images": str(assets / "data" / "images")}),
+               check=False)
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert "checkpoint step 3" in out.stderr and "was written by another config" in out.stderr
+    assert "in the checkpoint only (60): trainable.qformer.layer_0.ffn.intermediate.bias" in out.stderr
+    assert "unreadable" not in out.stdout + out.stderr
+    assert sorted(os.listdir(w / "checkpoints")) == before
