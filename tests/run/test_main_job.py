@@ -146,15 +146,26 @@ def test_config_errors_are_reported_together(assets, tmp_path):
 
 def test_predict_folder_and_export_to_transformers(assets, tmp_path):
   _run(_flags(assets, tmp_path / "w", total_steps=2))
-  images = assets / "data" / "images"
-  out = _run(_flags(assets, tmp_path / "w", mode="predict", **{"predict.images": str(images),
-                                                                 "predict.output": str(tmp_path / "a.jsonl"),
-                                                                 "predict.batch_size": 4,
-                                                                 "predict.max_new_tokens": 4,
-                                                                 "predict.num_beams": 2}))
+  images = tmp_path / "images"   # the demo images, and one that is not an image at all
+  images.mkdir()
+  names = sorted(os.listdir(assets / "data" / "images"))[:9]
+  for name in names:
+    os.symlink(assets / "data" / "images" / name, images / name)
+  (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  predict = {"predict.images": str(images), "predict.output": str(tmp_path / "a.jsonl"), "predict.batch_size": 4,
+             "predict.max_new_tokens": 4, "predict.num_beams": 2}
+  out = _run(_flags(assets, tmp_path / "w", mode="predict", **predict))
   rows = [json.loads(l) for l in open(tmp_path / "a.jsonl")]
-  assert len(rows) == len(os.listdir(images)) and all(isinstance(r["answer"], str) for r in rows)
-  assert "using the trainable weights" in out.stdout
+  assert [os.path.basename(r["image"]) for r in rows] == sorted(names + ["broken.png"])
+  assert [r for r in rows if "error" in r] == [{"image": str(images / "broken.png"),
+                                                "prompt": "A short image description:", "error": "unreadable image"}]
+  assert all(isinstance(r["answer"], str) for r in rows if "error" not in r)
+  assert "using the trainable weights" in out.stdout and "1 images that could not be read" in out.stdout
+  # a mistyped workdir must not silently answer with the pretrained weights; a zero batch is a config error
+  out = _run(_flags(assets, tmp_path / "w_typo", mode="predict", **predict), check=False)
+  assert out.returncode == 1 and "has no checkpoints/" in out.stderr and "Traceback" not in out.stderr
+  out = _run(_flags(assets, tmp_path / "w", mode="predict", **{**predict, "predict.batch_size": 0}), check=False)
+  assert out.returncode == 1 and "config.predict.batch_size=0 must be positive" in out.stderr
   _run(_flags(assets, tmp_path / "w", mode="export", export_dir=str(tmp_path / "hf")))
   hf = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf")
   trained = _final_trainable(tmp_path / "w", 2)
