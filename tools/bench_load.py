@@ -1,7 +1,7 @@
 """Loading a real-size checkpoint: the main job's load time, read rate and peak host memory, against a plain read.
 
   python tools/bench_load.py [--size real|tiny] [--dir DIR] [--keep] [--write-only | --skip-write] [--devices 4]
-                             [--xla-flags FLAGS] [--trace DIR]
+                             [--mesh fsdp|tensor] [--xla-flags FLAGS] [--trace DIR]
 
 1. Writes an InstructBLIP FlanT5-XL checkpoint with random bfloat16 weights through transformers, in the layout of
    the released Salesforce/instructblip-flan-t5-xl: the same tensor names and shapes (language_model.lm_head.weight,
@@ -240,10 +240,16 @@ def sequential_read(paths, chunk: int = 64 * 2**20) -> tuple[int, float]:
 # --- the main job -----------------------------------------------------------------------------------------------
 
 
-def job_command(size: str, directory: str, image: str) -> list[str]:
+# The two parameter layouts of the README: training's (FSDP: weights split over all devices, each layer gathered as
+# it runs) and the one it recommends for predict alone (tensor-parallel: heads, MLP and vocabulary split, nothing
+# gathered).
+MESHES = {"fsdp": ["--config.mesh.fsdp=-1"], "tensor": ["--config.mesh.fsdp=1", "--config.mesh.tensor=-1"]}
+
+
+def job_command(size: str, directory: str, image: str, mesh: str = "fsdp") -> list[str]:
   return [sys.executable, "-m", "iblip_jax.main", "--config", SIZES[size]["job_config"], "--config.mode=predict",
           f"--config.model_init={directory}", "--config.model.vision.dtype=bfloat16",
-          "--config.model.text.dtype=bfloat16", "--config.mesh.fsdp=-1", f"--config.predict.images={image}",
+          "--config.model.text.dtype=bfloat16", *MESHES[mesh], f"--config.predict.images={image}",
           f"--config.predict.prompt={PROMPT}", "--config.predict.batch_size=4", "--config.predict.num_beams=1",
           "--config.predict.max_new_tokens=3"]
 
@@ -371,6 +377,8 @@ def main():
   group.add_argument("--write-only", action="store_true", help="write the checkpoint and stop (implies --keep)")
   group.add_argument("--skip-write", action="store_true", help="use the checkpoint already in --dir")
   parser.add_argument("--devices", type=int, default=4, help="emulated CPU devices of the job's mesh")
+  parser.add_argument("--mesh", choices=sorted(MESHES), default="fsdp",
+                      help="the parameter layout: fsdp (training's) or tensor (tensor-parallel decoding)")
   parser.add_argument("--xla-flags", default="", help="more XLA_FLAGS for the job (after the device count)")
   parser.add_argument("--trace", help="a directory for the job's RSS samples (rss.tsv) and stderr (job.log)")
   args = parser.parse_args()
@@ -414,7 +422,7 @@ def _run(args, directory: str) -> int:
   plain = sequential_read(paths)
   drop_from_cache(paths)
   cached_job = cached_fraction(paths)
-  command = job_command(args.size, directory, image)
+  command = job_command(args.size, directory, image, args.mesh)
   xla_flags = f"--xla_force_host_platform_device_count={args.devices} {args.xla_flags}".strip()
   print(f"job: XLA_FLAGS={_quote(xla_flags)} JAX_PLATFORMS=cpu python " + " ".join(_quote(c) for c in command[1:]),
         flush=True)
