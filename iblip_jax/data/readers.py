@@ -134,8 +134,42 @@ def read_coco_caption(root: str, split: str = "train", image_dir: str | None = N
   ({"images": [{"filepath": "val2014", "filename": "COCO_val2014_...jpg", "cocoid", "split", "sentences":
   [{"raw", "tokens"}]}]}). Images at {image_dir}/{filepath}/{filename}, image_dir defaulting to root (holding
   train2014/ and val2014/). split: train (with restval, the usual 113K, unless include_restval=False), val, test.
-  (BLIP/LAVIS's re-packed coco_karpathy_*.json files are a different layout, not read here.)"""
-  return _read_karpathy(os.path.join(root, "dataset_coco.json"), split, image_dir or root, include_restval, dataset)
+
+  Without dataset_coco.json, BLIP/LAVIS's re-packaged coco_karpathy_{split}.json is read instead (LAVIS's
+  coco/defaults_cap.yaml), from root or, as LAVIS stores it, {root}/annotations/ with images under {root}/images/:
+  a list of {"image": "val2014/COCO_val2014_...jpg", "caption": str, "image_id"} (train: one item per caption,
+  Karpathy train+restval already merged) or {"image", "caption": [str, ...]} (val, test). Its records are the same
+  as dataset_coco.json's: one per image, captions in file order, id the COCO id from the file name (= cocoid)."""
+  karpathy = os.path.join(root, "dataset_coco.json")
+  lavis = [(os.path.join(root, f"coco_karpathy_{split}.json"), root),
+           (os.path.join(root, "annotations", f"coco_karpathy_{split}.json"), os.path.join(root, "images"))]
+  found = [(path, images) for path, images in lavis if os.path.isfile(path)]
+  if os.path.isfile(karpathy) or not found:
+    return _read_karpathy(karpathy, split, image_dir or root, include_restval, dataset)
+  path, default_images = found[0]
+  if split == "train" and not include_restval:
+    raise ValueError(f"{path}: LAVIS's train file merges Karpathy train and restval; include_restval=False needs "
+                     "Karpathy's dataset_coco.json, which keeps them apart")
+  return _read_caption_list(path, image_dir or default_images, dataset)
+
+
+def _read_caption_list(path: str, image_dir: str, dataset: str) -> Iterator[dict]:
+  """BLIP/LAVIS caption lists ({"image", "caption": str | [str]} items), grouped into one record per image."""
+  captions = collections.OrderedDict()  # image path -> captions, in order of first appearance
+  for i, item in enumerate(_expect(load_json(path), list, path, "top level")):
+    where = f"record {i}"
+    caption = _field(item, "caption", path, where, (str, list))
+    captions.setdefault(_field(item, "image", path, where, str), []).extend(
+        [caption] if isinstance(caption, str) else caption)
+  for image, texts in captions.items():
+    yield _record(dataset, _coco_id(image), image=_path(image_dir, image), captions=texts)
+
+
+def _coco_id(image: str):
+  """COCO_val2014_000000391895.jpg -> 391895 (BLIP's own rule for these files); other names keep their stem."""
+  stem = os.path.splitext(os.path.basename(image))[0]
+  last = stem.rsplit("_", 1)[-1]
+  return int(last) if last.isdigit() else stem
 
 
 def read_flickr30k(root: str, split: str = "test", image_dir: str | None = None) -> Iterator[dict]:
@@ -227,8 +261,9 @@ def _rosetta_ocr(files: Sequence[str]) -> dict[str, list[str]]:
 def read_nocaps(root: str, split: str = "val", image_dir: str | None = None) -> Iterator[dict]:
   """NoCaps: {root}/nocaps_val_4500_captions.json (COCO caption format: "images" [{"id", "file_name",
   "open_images_id", "domain", ...}], "annotations" [{"image_id", "caption"}], 10 captions per image); for test, or
-  val without captions, nocaps_{split}_image_info.json. Images at {image_dir}/{file_name}; image_dir defaults to
-  {root}/images (NoCaps images come from Open Images; where you put them is up to you)."""
+  val without captions, nocaps_{split}_image_info.json. Images at {image_dir}/{file_name}, or at
+  {image_dir}/{split}/{file_name} where only that exists (LAVIS's download_nocaps.py saves them to
+  nocaps/images/{val,test}/); image_dir defaults to {root}/images."""
   path = _first_file([os.path.join(root, f"nocaps_{split}_4500_captions.json"),
                       os.path.join(root, f"nocaps_{split}_image_info.json")], f"NoCaps {split} annotation file")
   data = load_json(path)
@@ -240,8 +275,10 @@ def read_nocaps(root: str, split: str = "val", image_dir: str | None = None) -> 
   image_dir = image_dir or os.path.join(root, "images")
   for i, img in enumerate(images):
     id_ = _field(img, "id", path, f"image {i}")
-    yield _record("nocaps", id_, image=_path(image_dir, _field(img, "file_name", path, f"image {i}", str)),
-                  captions=captions.get(id_))
+    file_name = _field(img, "file_name", path, f"image {i}", str)
+    flat, nested = _path(image_dir, file_name), _path(image_dir, split, file_name)
+    image = nested if not os.path.exists(flat) and os.path.exists(nested) else flat
+    yield _record("nocaps", id_, image=image, captions=captions.get(id_))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -310,7 +347,8 @@ def read_aokvqa(root: str, split: str = "train", image_dir: str | None = None,
   "question", "choices", "correct_choice_idx", "direct_answers" (10), "rationales", ...}; test has no answers.
   Images are COCO 2017, {image_dir}/{split}2017/{image_id:012d}.jpg as the repo's get_coco_path, image_dir
   defaulting to root. Records carry both settings: "answers" (direct) and "candidates"/"answer_index" (multiple
-  choice). dataset="aokvqa_qg" gives the same records for question generation."""
+  choice). dataset="aokvqa_qg" gives the same records for question generation, dataset="aokvqa_mc" for training
+  in the multiple-choice setting (templates.py renders the two settings differently)."""
   path = os.path.join(root, f"aokvqa_v1p0_{split}.json")
   image_split = "test" if split.startswith("test") else split
   image_dir = image_dir or root
@@ -369,13 +407,29 @@ def read_gqa(root: str, split: str = "testdev", image_dir: str | None = None,
   """GQA (questions1.2): {root}/{split}_balanced_questions.json (or _all_ with balanced=False), a dict
   {question_id: {"imageId", "question", "answer", "fullAnswer", ...}}; also found under {root}/questions1.2/.
   Images at {image_dir}/{imageId}.jpg, image_dir defaulting to {root}/images. The paper evaluates testdev
-  (balanced); test/challenge questions have no answer."""
+  (balanced); test/challenge questions have no answer.
+
+  LAVIS ships a different file under the same name (gqa/balanced_testdev.yaml, stored in gqa/annotations/): a list
+  of {"image": "n161313.jpg", "question", "answer", "question_id"}, also read (from root, questions1.2/ or
+  annotations/), images at {image_dir}/{image}."""
   name = f"{split}_{'balanced' if balanced else 'all'}_questions.json"
-  path = _first_file([os.path.join(root, name), os.path.join(root, "questions1.2", name)], f"GQA {name}")
+  path = _first_file([os.path.join(root, d, name) for d in ("", "questions1.2", "annotations")], f"GQA {name}")
   image_dir = image_dir or os.path.join(root, "images")
-  for qid, q in _expect(load_json(path), dict, path, "top level").items():
+  data = _expect(load_json(path), (dict, list), path, "top level")
+  if isinstance(data, list):
+    yield from _read_gqa_lavis(data, path, image_dir)
+    return
+  for qid, q in data.items():
     where = f"record {qid!r}"
     yield _record("gqa", qid, image=_path(image_dir, f"{_field(q, 'imageId', path, where)}.jpg"),
+                  question=_field(q, "question", path, where, str), answer=q.get("answer"))
+
+
+def _read_gqa_lavis(items: list, path: str, image_dir: str) -> Iterator[dict]:
+  for i, q in enumerate(items):
+    where = f"record {i}"
+    yield _record("gqa", str(_field(q, "question_id", path, where)),
+                  image=_path(image_dir, _field(q, "image", path, where, str)),
                   question=_field(q, "question", path, where, str), answer=q.get("answer"))
 
 
@@ -437,16 +491,17 @@ def read_iconqa(root: str, split: str = "test", task: str = "choose_txt",
                 image_dir: str | None = None) -> Iterator[dict]:
   """IconQA (github.com/lupantech/IconQA, iconqa_data/ of iconqa_data.zip): {root}/problems.json ({pid: {"question",
   "choices", "answer", "ques_type", ...}}) and pid_splits.json ({"{task}_{split}": [pid, ...]}); images at
-  {image_dir}/{split}/{task}/{pid}/image.png, image_dir defaulting to {root}/iconqa. task choose_txt (multi-text-
-  choice: "candidates", "answer_index"; the paper's ranking setting) or fill_in_blank ("answer"); choose_img has
-  image choices and is not supported."""
+  {image_dir}/{problem's split}/{task}/{pid}/image.png (the folder is each problem's own "split", train, val or
+  test, as IconQA's loaders do: pid_splits.json's trainval and mini* lists mix folders), image_dir defaulting to
+  {root}/iconqa. task choose_txt (multi-text-choice: "candidates", "answer_index"; the paper's ranking setting) or
+  fill_in_blank ("answer"); choose_img has image choices and is not supported."""
   if task not in ("choose_txt", "fill_in_blank"):
     raise ValueError(f"IconQA task {task!r} is not supported; use 'choose_txt' or 'fill_in_blank'")
   image_dir = image_dir or os.path.join(root, "iconqa")
   for pid, p, problems_path in _listed_problems(root, f"{task}_{split}"):
     where = f"record {pid!r}"
     answer = _field(p, "answer", problems_path, where)
-    fields = dict(image=_path(image_dir, split, task, pid, "image.png"),
+    fields = dict(image=_iconqa_image(image_dir, p.get("split"), split, task, pid),
                   question=_field(p, "question", problems_path, where, str))
     if task == "choose_txt":
       fields.update(candidates=_field(p, "choices", problems_path, where, list),
@@ -454,6 +509,15 @@ def read_iconqa(root: str, split: str = "test", task: str = "choose_txt",
     else:
       fields.update(answer=str(answer))
     yield _record("iconqa", pid, **fields)
+
+
+def _iconqa_image(image_dir: str, own_split, split: str, task: str, pid: str) -> str:
+  """The problem's own split folder; for a problem without one, the first of {split, train, val, test} whose folder
+  holds it (a trainval or mini* list names no folder)."""
+  if own_split:
+    return _path(image_dir, str(own_split), task, pid, "image.png")
+  candidates = [_path(image_dir, s, task, pid, "image.png") for s in dict.fromkeys((split, "train", "val", "test"))]
+  return next((c for c in candidates if os.path.exists(c)), candidates[0])
 
 
 def read_scienceqa(root: str, split: str = "test", image_dir: str | None = None,
@@ -536,8 +600,17 @@ def _lookup(table: list, index, path: str, where: str, name: str) -> str:
 # Video QA (pre-extracted frames).
 
 
+# Ranking candidates of the video QA sets when no answer-list file is given: the most frequent train answers, as many
+# as LAVIS's lists hold (train_ans2label.json, from ALPRO): 1,500 for MSRVTT-QA (all-in-one's loader and ALPRO's
+# config say 1,500) and 2,423 for MSVD-QA (ALPRO config, LAVIS #333). Uncertain: that those lists are exactly the
+# top-k train answers (ties here keep first-seen order); the paper states no candidate set.
+MSVD_TOP_K = 2423
+MSRVTT_TOP_K = 1500
+
+
 def read_msvd_qa(root: str, split: str = "test", frames_dir: str | None = None,
-                 answer_vocab: str | Sequence[str] | None = None) -> Iterator[dict]:
+                 answer_vocab: str | Sequence[str] | None = None,
+                 top_k: int | None = MSVD_TOP_K) -> Iterator[dict]:
   """MSVD-QA (github.com/xudejing/video-question-answering): {root}/{split}_qa.json, a list of {"id", "video_id"
   (N), "question", "answer"}, and {root}/youtube_mapping.txt, lines "<youtube clip name> vid<N>". Frames at
   {frames_dir}/<youtube clip name>/ (the clip's YouTubeClips/<name>.avi, extracted), frames_dir defaulting to
@@ -551,11 +624,12 @@ def read_msvd_qa(root: str, split: str = "test", frames_dir: str | None = None,
       raise ValueError(f"{path}: {where}: video_id {video_id!r} has no vid{video_id} line in youtube_mapping.txt")
     return os.path.join(frames_dir, name)
 
-  return _read_video_qa(root, split, "msvd_qa", video_dir, answer_vocab)
+  return _read_video_qa(root, split, "msvd_qa", video_dir, answer_vocab, top_k)
 
 
 def read_msrvtt_qa(root: str, split: str = "test", frames_dir: str | None = None,
-                   answer_vocab: str | Sequence[str] | None = None) -> Iterator[dict]:
+                   answer_vocab: str | Sequence[str] | None = None,
+                   top_k: int | None = MSRVTT_TOP_K) -> Iterator[dict]:
   """MSRVTT-QA (github.com/xudejing/video-question-answering): {root}/{split}_qa.json, a list of {"id", "video_id"
   (N), "question", "answer", "category_id"}. Frames at {frames_dir}/video<N>/ (MSR-VTT's video<N>.mp4, extracted),
   frames_dir defaulting to {root}/frames. Ranking candidates: see _answer_vocab."""
@@ -564,13 +638,13 @@ def read_msrvtt_qa(root: str, split: str = "test", frames_dir: str | None = None
   def video_dir(video_id, path, where):
     return os.path.join(frames_dir, f"video{_int(video_id, path, where)}")
 
-  return _read_video_qa(root, split, "msrvtt_qa", video_dir, answer_vocab)
+  return _read_video_qa(root, split, "msrvtt_qa", video_dir, answer_vocab, top_k)
 
 
-def _read_video_qa(root, split, dataset, video_dir, answer_vocab) -> Iterator[dict]:
+def _read_video_qa(root, split, dataset, video_dir, answer_vocab, top_k) -> Iterator[dict]:
   path = os.path.join(root, f"{split}_qa.json")
   items = _expect(load_json(path), list, path, "top level")
-  vocab = _answer_vocab(root, answer_vocab)
+  vocab = _answer_vocab(root, answer_vocab, top_k)
   index = {a: i for i, a in enumerate(vocab or ())}
   for i, item in enumerate(items):
     where = f"record {i}"
@@ -581,12 +655,13 @@ def _read_video_qa(root, split, dataset, video_dir, answer_vocab) -> Iterator[di
                   answer_index=index.get(answer, -1) if vocab else None)
 
 
-def _answer_vocab(root: str, answer_vocab) -> list[str] | None:
+def _answer_vocab(root: str, answer_vocab, top_k: int | None) -> list[str] | None:
   """The candidate answers for ranking. Uncertain: the paper does not give its MSVD/MSRVTT candidate set. In order:
   `answer_vocab` (a list, or a JSON file: list, or {answer: index} as LAVIS's train_ans2label.json / just-ask's
-  vocab.json); else such a file in root (train_ans2label.json, qa_ans2label.json, vocab.json); else every answer of
-  {root}/train_qa.json, most frequent first; else None (records then carry no candidates). Answers outside the set
-  get answer_index -1 (always wrong, as in just-ask and ALPRO)."""
+  vocab.json); else such a file in root (train_ans2label.json, qa_ans2label.json, vocab.json); else the `top_k`
+  most frequent answers of {root}/train_qa.json (LAVIS's list sizes, MSVD_TOP_K / MSRVTT_TOP_K; None: all of them),
+  most frequent first; else None (records then carry no candidates). Answers outside the set get answer_index -1
+  (always wrong, as in just-ask and ALPRO)."""
   if answer_vocab is None:
     found = [p for p in (os.path.join(root, n) for n in ("train_ans2label.json", "qa_ans2label.json", "vocab.json"))
              if os.path.isfile(p)]
@@ -596,7 +671,7 @@ def _answer_vocab(root: str, answer_vocab) -> list[str] | None:
       path = os.path.join(root, "train_qa.json")
       items = _expect(load_json(path), list, path, "top level")
       counts = collections.Counter(_field(x, "answer", path, f"record {i}", str) for i, x in enumerate(items))
-      return [a for a, _ in counts.most_common()]
+      return [a for a, _ in counts.most_common(top_k)]
     else:
       return None
   if not isinstance(answer_vocab, str):
@@ -678,7 +753,9 @@ def read_llava_instruct(root: str, subset: str = "llava_instruct", image_dir: st
   {"from": "gpt", "value": ...}, ...]}. Images are COCO train2017: {image_dir}/{image}, image_dir defaulting to
   {root}/train2017. "text_input" is a human turn without the <image> tag, "text_output" the gpt reply.
   turns="first" keeps each conversation's first exchange, as LAVIS's llava150k_dataset.py does; turns="all" yields
-  one record per exchange (ids "<id>_<k>"). Uncertain (reference doc, section 8): how the paper split multi-turn
+  one record per exchange. The file's "id" is the COCO image id, and an image has several conversations (the
+  combined file repeats ids), so record ids add the conversation's place in the file: "<id>_<i>", and with
+  turns="all" "<id>_<i>_<k>" for exchange k. Uncertain (reference doc, section 8): how the paper split multi-turn
   conversations."""
   if subset not in LLAVA_FILES:
     raise ValueError(f"unknown LLaVA subset {subset!r}; known: {', '.join(LLAVA_FILES)}")
@@ -692,8 +769,8 @@ def read_llava_instruct(root: str, subset: str = "llava_instruct", image_dir: st
     image = _path(image_dir, _field(item, "image", path, where, str))
     exchanges = _llava_exchanges(_field(item, "conversations", path, where, list), path, where)
     for k, (text_input, text_output) in enumerate(exchanges[:1] if turns == "first" else exchanges):
-      yield _record(subset, id_ if turns == "first" else f"{id_}_{k}", image=image, text_input=text_input,
-                    text_output=text_output)
+      yield _record(subset, f"{id_}_{i}" if turns == "first" else f"{id_}_{i}_{k}", image=image,
+                    text_input=text_input, text_output=text_output)
 
 
 def _llava_exchanges(conversation: list, path: str, where: str) -> list[tuple[str, str]]:
@@ -740,6 +817,7 @@ READERS = {
     "okvqa_qg": functools.partial(read_okvqa, dataset="okvqa_qg"),
     "aokvqa": read_aokvqa,
     "aokvqa_qg": functools.partial(read_aokvqa, dataset="aokvqa_qg"),
+    "aokvqa_mc": functools.partial(read_aokvqa, dataset="aokvqa_mc"),  # multiple choice (paper Table 3)
     "ocrvqa": read_ocrvqa,
     **{name: functools.partial(read_llava_instruct, subset=name) for name in LLAVA_FILES},
     # held-out

@@ -62,6 +62,35 @@ def test_coco_caption_karpathy(tmp_path):
   assert [r["id"] for r in readers.read_coco_caption(str(tmp_path), split="test")] == [3]
 
 
+def test_coco_caption_lavis_layout(tmp_path):
+  """LAVIS stores BLIP's coco_karpathy_*.json in coco/annotations/ and the images in coco/images/; train has one
+  item per caption, val/test a caption list. Records: one per image, the same as dataset_coco.json gives."""
+  name = lambda folder, cocoid: f"{folder}/COCO_{folder}_{cocoid:012d}.jpg"
+  _json(tmp_path / "annotations" / "coco_karpathy_train.json", [
+      {"caption": "a cat on a mat", "image": name("train2014", 9), "image_id": "coco_9"},
+      {"caption": "a dog", "image": name("val2014", 4), "image_id": "coco_4"},
+      {"caption": "a cat sleeping", "image": name("train2014", 9), "image_id": "coco_9"}])
+  _json(tmp_path / "annotations" / "coco_karpathy_test.json", [
+      {"image": name("val2014", 391895), "caption": ["a man on a bike", "a biker", "a road"]}])
+  _image(tmp_path / "images" / name("train2014", 9))
+  train = list(readers.read_coco_caption(str(tmp_path)))
+  _check_common(train, "coco_caption")
+  assert [(r["id"], r["captions"]) for r in train] == [(9, ["a cat on a mat", "a cat sleeping"]), (4, ["a dog"])]
+  assert train[0]["image"] == str(tmp_path / "images" / "train2014" / "COCO_train2014_000000000009.jpg")
+  (test,) = readers.read_coco_caption(str(tmp_path), split="test", image_dir="/data/coco")
+  assert test["id"] == 391895 and test["captions"] == ["a man on a bike", "a biker", "a road"]
+  assert test["image"] == "/data/coco/val2014/COCO_val2014_000000391895.jpg"
+  with pytest.raises(ValueError, match="coco_karpathy_train.json: LAVIS's train file merges"):
+    list(readers.read_coco_caption(str(tmp_path), include_restval=False))
+  # the file next to root's images (no annotations/ folder) is read too, images relative to root
+  _json(tmp_path / "flat" / "coco_karpathy_val.json", [{"image": name("val2014", 5), "caption": ["x"]}])
+  (val,) = readers.read_coco_caption(str(tmp_path / "flat"), split="val")
+  assert val["image"] == str(tmp_path / "flat" / "val2014" / "COCO_val2014_000000000005.jpg")
+  # with neither layout, the error names Karpathy's file
+  with pytest.raises(FileNotFoundError, match="dataset_coco.json"):
+    list(readers.read_coco_caption(str(tmp_path / "flat")))
+
+
 def test_web_capfilt(tmp_path):
   _json(tmp_path / "ccs_synthetic_filtered_large.json", [
       {"url": "http://x.org/a.jpg", "caption": "a dog running"},
@@ -188,13 +217,27 @@ def test_llava_instruct(tmp_path):
   _check_common(records, "llava_conversation")
   assert (records[0]["text_input"], records[0]["text_output"]) == ("What is the man doing?", "Ironing.")
   assert records[0]["image"] == str(tmp_path / "train2017" / "000000033471.jpg")
+  assert [r["id"] for r in records] == ["000000033471_0", "000000052846_1"]
   every = list(readers.read_llava_instruct(str(tmp_path), "llava_conversation", turns="all"))
-  assert [r["id"] for r in every] == ["000000033471_0", "000000033471_1", "000000052846_0"]
+  assert [r["id"] for r in every] == ["000000033471_0_0", "000000033471_0_1", "000000052846_1_0"]
   assert every[1]["text_input"] == "Is it safe?"
   assert templates.render("llava_conversation", records[0], np.random.default_rng(0)) == (
       "What is the man doing?", "Ironing.")
   for name, filename in readers.LLAVA_FILES.items():
     assert name in templates.DATASET_TASKS and templates.DATASET_TASKS[name] is None and filename.endswith(".json")
+
+
+def test_llava_instruct_ids_are_unique_when_an_image_has_several_conversations(tmp_path):
+  """llava_instruct_150k.json merges the three parts, whose "id" is the COCO image id: an image with a conversation
+  and a detailed description appears twice under the same id."""
+  talk = lambda q, a: [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+  _json(tmp_path / "llava_instruct_150k.json", [
+      {"id": "000000033471", "image": "000000033471.jpg", "conversations": talk("What is he doing?", "Ironing.")},
+      {"id": "000000033471", "image": "000000033471.jpg", "conversations": talk("Describe the image.", "A man.")}])
+  for turns in ("first", "all"):
+    records = list(readers.read_llava_instruct(str(tmp_path), turns=turns))
+    assert len(records) == 2 and len({r["id"] for r in records}) == 2, [r["id"] for r in records]
+    assert [r["text_output"] for r in records] == ["Ironing.", "A man."]
 
 
 # --- held-out --------------------------------------------------------------------------------------------------------
@@ -216,6 +259,19 @@ def test_nocaps(tmp_path):
   assert records[0]["image"] == str(tmp_path / "images" / "0013ea2087020901.jpg")
   _json(tmp_path / "nocaps_test_image_info.json", {"images": [{"id": 5, "file_name": "x.jpg"}]})
   assert "captions" not in next(readers.read_nocaps(str(tmp_path), split="test"))
+
+
+def test_nocaps_images_in_lavis_split_folder(tmp_path):
+  """LAVIS's download_nocaps.py saves the images to nocaps/images/{val,test}/; the flat folder is preferred."""
+  _json(tmp_path / "nocaps_val_4500_captions.json", {
+      "images": [{"id": 0, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}, {"id": 2, "file_name": "c.jpg"}],
+      "annotations": [{"image_id": k, "id": k, "caption": "x"} for k in range(3)]})
+  _image(tmp_path / "images" / "val" / "a.jpg")
+  _image(tmp_path / "images" / "b.jpg")
+  _image(tmp_path / "images" / "val" / "b.jpg")
+  images = [r["image"] for r in readers.read_nocaps(str(tmp_path))]
+  assert images == [str(tmp_path / "images" / "val" / "a.jpg"), str(tmp_path / "images" / "b.jpg"),
+                    str(tmp_path / "images" / "c.jpg")]  # c: in neither, reported at the flat path
 
 
 def test_flickr30k(tmp_path):
@@ -242,6 +298,22 @@ def test_gqa(tmp_path):
   _check_common(records, "gqa")
   assert [(r["id"], r["answer"]) for r in records] == [("20968379", "yes"), ("20968380", "white")]
   assert records[0]["image"] == str(tmp_path / "images" / "n288870.jpg")
+
+
+def test_gqa_lavis_list_layout(tmp_path):
+  """LAVIS's testdev_balanced_questions.json (gqa/annotations/) is a list, not the official dict."""
+  _json(tmp_path / "annotations" / "testdev_balanced_questions.json", [
+      {"image": "n161313.jpg", "question": "Is it overcast?", "answer": "no", "question_id": 201307251},
+      {"image": "n235859.jpg", "question": "Who is wearing the dress?", "answer": "woman", "question_id": 201640614}])
+  _image(tmp_path / "images" / "n161313.jpg")
+  records = list(readers.read_gqa(str(tmp_path)))
+  _check_common(records, "gqa")
+  assert [(r["id"], r["question"], r["answer"]) for r in records] == [
+      ("201307251", "Is it overcast?", "no"), ("201640614", "Who is wearing the dress?", "woman")]
+  assert records[0]["image"] == str(tmp_path / "images" / "n161313.jpg")
+  _json(tmp_path / "testdev_balanced_questions.json", "neither")
+  with pytest.raises(ValueError, match="expected dict or list, got str"):
+    list(readers.read_gqa(str(tmp_path)))
 
 
 def test_vsr(tmp_path):
@@ -278,6 +350,22 @@ def test_iconqa(tmp_path):
   assert "Options: (a) certain (b) unlikely" in tasks.render_prompt(tasks.get("iconqa"), records[0])
   (blank,) = readers.read_iconqa(str(tmp_path), task="fill_in_blank")
   assert blank["answer"] == "7" and "candidates" not in blank
+
+
+def test_iconqa_trainval_and_mini_lists_use_each_problems_own_folder(tmp_path):
+  """pid_splits.json's trainval / minitrain lists mix train and val problems; images sit under the problem's own
+  split folder, never under iconqa/trainval/."""
+  _json(tmp_path / "problems.json", {
+      "10": {"question": "Which?", "choices": ["x", "y"], "answer": 1, "ques_type": "choose_txt", "split": "train"},
+      "20": {"question": "Which?", "choices": ["x", "y"], "answer": 0, "ques_type": "choose_txt", "split": "val"},
+      "30": {"question": "Which?", "choices": ["x", "y"], "answer": 0, "ques_type": "choose_txt"}})  # no split field
+  _json(tmp_path / "pid_splits.json", {"choose_txt_trainval": ["10", "20", "30"], "choose_txt_minitrain": ["20"]})
+  folder = lambda split, pid: str(tmp_path / "iconqa" / split / "choose_txt" / pid / "image.png")
+  _image(folder("val", "30"))
+  records = list(readers.read_iconqa(str(tmp_path), split="trainval"))
+  assert [r["image"] for r in records] == [folder("train", "10"), folder("val", "20"), folder("val", "30")]
+  (mini,) = readers.read_iconqa(str(tmp_path), split="minitrain")
+  assert mini["image"] == folder("val", "20")
 
 
 def test_textvqa(tmp_path):
@@ -423,6 +511,28 @@ def test_msrvtt_qa(tmp_path):
   assert record["answer"] == "man" and "candidates" not in record
 
 
+def test_video_qa_default_candidates_are_the_top_k_train_answers(tmp_path):
+  """Without an answer-list file the candidates are the most frequent train answers, as many as LAVIS's lists
+  (MSRVTT 1,500, MSVD 2,423), not every train answer."""
+  assert (readers.MSRVTT_TOP_K, readers.MSVD_TOP_K) == (1500, 2423)
+  rng = np.random.default_rng(0)
+  counts = {f"answer{k}": int(n) for k, n in enumerate(rng.permutation(np.arange(1, 1601)))}  # 1,600 distinct
+  train = [{"answer": a, "id": i, "question": "q", "video_id": 1}
+           for i, a in enumerate(a for a, n in counts.items() for _ in range(n))]
+  _json(tmp_path / "train_qa.json", [train[i] for i in rng.permutation(len(train))])
+  rare, common = min(counts, key=counts.get), max(counts, key=counts.get)
+  _json(tmp_path / "test_qa.json", [{"answer": common, "id": 1, "question": "q", "video_id": 1},
+                                    {"answer": rare, "id": 2, "question": "q", "video_id": 1}])
+  first, second = readers.read_msrvtt_qa(str(tmp_path))
+  want = sorted(counts, key=counts.get, reverse=True)[:1500]  # counts are distinct: no ties to break
+  assert first["candidates"] == want and first["answer_index"] == 0
+  assert second["answer_index"] == -1  # answered once: outside the 1,500, never right (as in ALPRO)
+  assert len(next(readers.read_msrvtt_qa(str(tmp_path), top_k=None))["candidates"]) == 1600
+  (tmp_path / "youtube_mapping.txt").write_text("clip vid1\n")
+  assert len(next(readers.read_msvd_qa(str(tmp_path)))["candidates"]) == 1600  # fewer than 2,423: all of them
+  assert next(readers.read_msvd_qa(str(tmp_path), top_k=3))["candidates"] == want[:3]
+
+
 def test_ivqa(tmp_path):
   with open(tmp_path / "test.csv", "w", newline="") as f:
     writer = csv.writer(f)
@@ -455,6 +565,18 @@ def test_every_dataset_has_a_reader():
   assert len(held_out) == 13 and held_out <= set(readers.READERS)
   with pytest.raises(ValueError, match="no reader"):
     readers.read("imagenet", "/nowhere")
+
+
+def test_held_out_tasks_name_their_split_and_the_reader_defaults_to_it():
+  """tasks.TASKS records the split each held-out task is scored on (dataset_formats.md); a reader called with its
+  defaults, as config.evals entries are, reads that split."""
+  import inspect
+  for name, task in tasks.TASKS.items():
+    if not task.held_out:
+      continue
+    assert task.split and task.split_note, name
+    reader = readers.READERS[name]
+    assert inspect.signature(reader).parameters["split"].default == task.split, name
 
 
 # --- malformed files -------------------------------------------------------------------------------------------------
