@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import threading
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -86,26 +86,51 @@ def _open(path_or_image) -> Image.Image:
 def load_example(record: dict, rng: np.random.Generator, *, image_size: int, train: bool,
                  render: Callable[[dict, np.random.Generator], tuple[str, str]]) -> dict:
   """record -> {"pixel_values", "text_input", "text_output"} or {SKIP: reason}."""
+  return _load_example(record, rng, image_size=image_size, train=train, render=render)[0]
+
+
+def _load_example(record: dict, rng: np.random.Generator, *, image_size: int, train: bool,
+                  render) -> tuple[dict, str | None]:
+  """load_example's result and, for a skip, why: one line naming the record and what was wrong (for errors and
+  reports; the counts go by reason)."""
+  name = f"{record.get('dataset', '?')} record {record.get('id', '?')!r}"
   try:
     text_input, text_output = render(record, rng)
   except (KeyError, ValueError, IndexError) as e:
-    return {SKIP: f"bad_record:{type(e).__name__}"}
+    detail = f"{type(e).__name__}: {_clip(e)}"  # the renderers' messages name the record already
+    return {SKIP: f"bad_record:{type(e).__name__}"}, detail if name in str(e) else f"{name}: {detail}"
   text_input, text_output = _text(text_input), _text(text_output)
   if text_input is None or text_output is None:
-    return {SKIP: "empty_or_invalid_text"}
-  source = record.get("image")
-  if isinstance(source, str) and not os.path.exists(source):
-    return {SKIP: "missing_image"}
+    which = "text_input" if text_input is None else "text_output"
+    return {SKIP: "empty_or_invalid_text"}, f"{name}: {which} is empty or not valid UTF-8"
+  source = _image_source(record)
+  if source is None or (isinstance(source, str) and not os.path.exists(source)):
+    return {SKIP: "missing_image"}, f"{name}: {'no image or frames' if source is None else source + ' not found'}"
   try:
     image = preprocess.to_rgb(_open(source))
-  except Exception:  # noqa: BLE001
+  except Exception as e:  # noqa: BLE001
     # Whatever decoding raises is this one file's problem, never the run's: OSError/SyntaxError (truncated, corrupt),
     # DecompressionBombError (over 179M pixels, not an OSError), ValueError, MemoryError, a plugin's own errors.
-    return {SKIP: "unreadable_image"}
+    where = f" {source}" if isinstance(source, str) else ""
+    return {SKIP: "unreadable_image"}, f"{name}:{where} {type(e).__name__}: {_clip(e)}"
   if train:
     image = random_resized_crop(image, rng)
   return {"pixel_values": preprocess.preprocess_image(image, image_size), "text_input": text_input,
-          "text_output": text_output}
+          "text_output": text_output}, None
+
+
+def _image_source(record: dict):
+  """The record's image; for a video record (readers' "frames"), its middle frame: training has no video input
+  (LAVIS's forward() has none either; the 4-frame input is an evaluation feature). None when there is neither."""
+  if "image" in record or "frames" not in record:
+    return record.get("image")
+  frames = list(record["frames"] or ())
+  return frames[len(frames) // 2] if frames else None
+
+
+def _clip(e: BaseException, limit: int = 300) -> str:
+  text = " ".join(str(e).split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def record_texts(record: dict, rng: np.random.Generator) -> tuple[str, str]:
@@ -114,17 +139,96 @@ def record_texts(record: dict, rng: np.random.Generator) -> tuple[str, str]:
   return record["text_input"], record["text_output"]
 
 
-class SkipCounter:
-  """grain filter predicate that keeps good examples and counts skipped ones by reason (main process)."""
+class BadDatasetError(ValueError):
+  """A dataset whose first records all fail to load: its format, paths or renderer are wrong, not a few files."""
 
-  def __init__(self):
-    self.counts = collections.Counter()
+
+FIRST_REASONS = 3  # detailed reasons kept per dataset, for errors and reports
+
+
+class SkipCounter:
+  """Skipped examples of this process: by reason (`counts`), by dataset (`dataset_counts`), over a recent window of
+  batches (`recent_counts`, `recent_rate`, `report`), and the first few detailed reasons per dataset
+  (`first_reasons`). Also a grain filter predicate that keeps good examples and counts skipped ones by reason.
+
+  `check_first` > 0: when the first `check_first` examples this process loads from a dataset all fail,
+  `update` raises BadDatasetError naming the dataset, the count and the first reasons. Each process decides on its
+  own share; an all-bad dataset reaches the count on every process within a few batches of the others."""
+
+  def __init__(self, window: int = 100, check_first: int = 0):
+    self.counts = collections.Counter()        # reason -> skipped examples (and dropped-batch markers)
+    self.skipped_by_dataset = collections.Counter()
+    self.loaded_by_dataset = collections.Counter()
+    self._reasons_by_dataset: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    self.first_reasons: dict[str, list[str]] = {}
+    self.window, self.check_first = window, check_first
+    self._recent = collections.deque(maxlen=window)  # per batch: {dataset: (skipped, loaded)}
+    self._proven: set[str] = set()                   # datasets that gave a good example
 
   def __call__(self, example: dict) -> bool:
     if SKIP in example:
       self.counts[example[SKIP]] += 1
       return False
     return True
+
+  def update(self, rows: Sequence[tuple[str, str | None, str | None]], markers: Sequence[str] = ()) -> None:
+    """One batch's rows as (dataset, skip reason or None, why or None), plus markers counted by reason only."""
+    self.counts.update(markers)
+    batch: dict[str, list[int]] = {}
+    for dataset, reason, why in rows:
+      counts = batch.setdefault(dataset, [0, 0])
+      counts[1] += 1
+      self.loaded_by_dataset[dataset] += 1
+      if reason is None:
+        self._proven.add(dataset)
+        continue
+      counts[0] += 1
+      self.counts[reason] += 1
+      self.skipped_by_dataset[dataset] += 1
+      self._reasons_by_dataset[dataset][reason] += 1
+      kept = self.first_reasons.setdefault(dataset, [])
+      if len(kept) < FIRST_REASONS and why:
+        kept.append(why)
+    self._recent.append({d: tuple(c) for d, c in batch.items()})
+    for dataset in batch:
+      if self.check_first and dataset not in self._proven and self.loaded_by_dataset[dataset] >= self.check_first:
+        raise BadDatasetError(bad_dataset_message(dataset, self.loaded_by_dataset[dataset],
+                                                  self._reasons_of(dataset), self.first_reasons.get(dataset, []),
+                                                  "loaded by this process"))
+
+  def _reasons_of(self, dataset: str) -> str:
+    return ", ".join(f"{n} {r}" for r, n in self._reasons_by_dataset[dataset].most_common())
+
+  def dataset_counts(self) -> dict[str, list[int]]:
+    """{dataset: [skipped, loaded]} over the run (JSON-able: sum them over processes)."""
+    return {d: [self.skipped_by_dataset[d], n] for d, n in sorted(self.loaded_by_dataset.items())}
+
+  def recent_counts(self) -> dict[str, list[int]]:
+    """{dataset: [skipped, loaded]} over the last `window` batches (JSON-able: sum them over processes)."""
+    out: dict[str, list[int]] = {}
+    for batch in self._recent:
+      for dataset, (skipped, loaded) in batch.items():
+        c = out.setdefault(dataset, [0, 0])
+        c[0] += skipped
+        c[1] += loaded
+    return dict(sorted(out.items()))
+
+  @property
+  def recent_batches(self) -> int:
+    return len(self._recent)
+
+  def recent_rate(self) -> float:
+    """The fraction of examples skipped over the last `window` batches (0.0 before any)."""
+    counts = self.recent_counts().values()
+    loaded = sum(n for _, n in counts)
+    return sum(s for s, _ in counts) / loaded if loaded else 0.0
+
+  def report(self, threshold: float, min_batches: int = 10) -> str | None:
+    """A one-line warning when the recent skip rate exceeds `threshold` (a fraction), naming the datasets by skip
+    rate and their first reasons; None otherwise, and until the window holds `min_batches` batches."""
+    if self.recent_batches < min(min_batches, self.window):
+      return None
+    return skip_report(self.recent_counts(), threshold, self.first_reasons)
 
   @property
   def total(self) -> int:
@@ -138,6 +242,53 @@ class SkipCounter:
       return "none skipped"
     reasons = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return f"{self.total} skipped: " + ", ".join(f"{n} {reason}" for reason, n in reasons if n)
+
+
+def skip_report(recent: dict[str, Sequence[int]], threshold: float,
+                first_reasons: dict[str, Sequence[str]] | None = None) -> str | None:
+  """The warning of SkipCounter.report from {dataset: [skipped, loaded]} counts (e.g. summed over processes):
+  "input: 42.0% of recent examples skipped (threshold 10.0%): scienceqa_img 100.0% (64/64), coco 1.6% (2/128);
+  first: <why>", or None at or under the threshold."""
+  loaded = sum(n for _, n in recent.values())
+  skipped = sum(s for s, _ in recent.values())
+  if not loaded or skipped / loaded <= threshold:
+    return None
+  worst = sorted(((s / n, d, s, n) for d, (s, n) in recent.items() if n and s), key=lambda t: (-t[0], t[1]))
+  parts = ", ".join(f"{d} {100 * r:.1f}% ({s}/{n})" for r, d, s, n in worst)
+  text = f"input: {100 * skipped / loaded:.1f}% of recent examples skipped (threshold {100 * threshold:.1f}%): {parts}"
+  firsts = [why for _, d, _, _ in worst for why in (first_reasons or {}).get(d, [])[:1]]
+  return text + (f"; first: {' | '.join(firsts)}" if firsts else "")
+
+
+def bad_dataset_message(dataset: str, count: int, reasons: str, whys: Sequence[str], where: str) -> str:
+  shown = "; ".join(whys[:FIRST_REASONS]) or "(no detail)"
+  return (f"dataset {dataset!r}: the first {count} records {where} all failed ({reasons}); first reasons: {shown}. "
+          "Its records do not load or render: check its format and paths (config.data.datasets.*) or leave it out")
+
+
+def check_datasets(datasets: Mapping[str, Sequence], *, image_size: int, render, check_first: int = 32,
+                   seed: int = 0) -> None:
+  """Loads each dataset's records in order until one is good, at most `check_first`; BadDatasetError naming every
+  dataset whose first `check_first` records (all, when it has fewer) fail, with the count and the first reasons.
+  The same records on every process, so every process stops alike, before training; seconds (one example per good
+  dataset). `datasets`: {name: records} (a list or grain MapDataset of records, before mixing)."""
+  problems = []
+  for name, records in datasets.items():
+    reasons, whys = collections.Counter(), []
+    n = min(check_first, len(records))
+    for i in range(n):
+      example, why = _load_example(records[i], np.random.default_rng([seed, i]), image_size=image_size, train=False,
+                                   render=render)
+      if SKIP not in example:
+        break
+      reasons[example[SKIP]] += 1
+      whys.append(why)
+    else:
+      if n:
+        summary = ", ".join(f"{c} {r}" for r, c in reasons.most_common())
+        problems.append(bad_dataset_message(name, n, summary, whys, "in its source"))
+  if problems:
+    raise BadDatasetError("\n".join(problems))
 
 
 def collate(tok: tokenize.Tokenizers) -> Callable[[Sequence[dict]], dict]:
@@ -157,40 +308,53 @@ class Pipeline:
 LOOKAROUND = 16  # batches searched on either side for readable examples when a process's share has none
 
 
+def _dataset(record) -> str:
+  return str(record.get("dataset", "?")) if isinstance(record, dict) else "?"
+
+
 def _load_share(groups: grain.MapDataset, k: int, load, *, batch_size: int, process_index: int,
                 process_count: int, seed: int) -> dict:
   """Process `process_index`'s rows of global batch k, loaded: {"examples": batch_size good examples, "skipped":
-  [reasons]}. Example i of global batch k is loaded with its own generator seeded by (seed, k * B + i), so crops and
-  template choices do not depend on how many processes share the batch. Skipped examples are replaced by repeats of
-  the share's good ones (the batch keeps its size and, per step, its dataset); a share without any is filled from
-  the nearest batch that has some, so every process yields a batch at every step, deterministically."""
+  [reasons], "rows": [(dataset, skip reason or None, why or None)] of the share's own rows, "failures": the rows
+  tried, own and nearby, when none was good}. Example i of global batch k is loaded with its own generator seeded
+  by (seed, k * B + i), so crops and template choices do not depend on how many processes share the batch. Skipped
+  examples are replaced by repeats of the share's good ones (the batch keeps its size and, per step, its dataset); a
+  share without any is filled from the nearest batch that has some, so every process yields a batch at every step,
+  deterministically."""
   def load_rows(j):
     group = groups[j]
     if len(group) != batch_size * process_count:
       raise ValueError(f"a global batch has {len(group)} records, expected {batch_size} x {process_count} processes")
     start = process_index * batch_size
     base = j * len(group) + start
-    return [load(r, np.random.default_rng([seed, base + i])) for i, r in enumerate(group[start:start + batch_size])]
+    return [(_dataset(r), *load(r, np.random.default_rng([seed, base + i])))
+            for i, r in enumerate(group[start:start + batch_size])]
 
-  examples = load_rows(k)
-  skipped = [e[SKIP] for e in examples if SKIP in e]
-  good = [e for e in examples if SKIP not in e]
+  loaded = load_rows(k)
+  rows = [(d, e.get(SKIP), why) for d, e, why in loaded]
+  skipped = []
+  good = [e for _, e, _ in loaded if SKIP not in e]
+  tried = list(rows)
   for offset in range(1, LOOKAROUND + 1):
     if good:
       break
     for j in (k - offset, k + offset):
       if 0 <= j < len(groups) and not good:
-        good = [e for e in load_rows(j) if SKIP not in e]
+        nearby = load_rows(j)
+        tried += [(d, e.get(SKIP), why) for d, e, why in nearby]
+        good = [e for _, e, _ in nearby if SKIP not in e]
     if good:
       skipped.append("batch_without_good_examples")
   if not good:
-    return {"examples": [], "skipped": skipped}
-  return {"examples": [good[i % len(good)] for i in range(batch_size)], "skipped": skipped}
+    return {"examples": [], "skipped": skipped, "rows": rows, "failures": [t for t in tried if t[1]]}
+  return {"examples": [good[i % len(good)] for i in range(batch_size)], "skipped": skipped, "rows": rows,
+          "failures": []}
 
 
 def build(examples: grain.MapDataset, tok: tokenize.Tokenizers, *, batch_size: int, image_size: int, seed: int,
           train: bool = True, render=record_texts, workers: int = 0, process_index: int = 0,
-          process_count: int = 1, per_step: bool = False) -> Pipeline:
+          process_count: int = 1, per_step: bool = False, check_first: int = 32,
+          probe: Mapping[str, Sequence] | None = None, skip_window: int = 100) -> Pipeline:
   """examples: a (possibly mixed, infinite) MapDataset of records, or with `per_step` of global batches (lists of
   batch_size x process_count records, mixture.mix(..., batch_size=, batch_fn=list)). Yields this process's
   batches of `batch_size` rows with pixel_values, Q-Former/LLM inputs, labels, decoder mask.
@@ -198,8 +362,15 @@ def build(examples: grain.MapDataset, tok: tokenize.Tokenizers, *, batch_size: i
   Global batch k is always records [kB, (k+1)B) of the stream (B = batch_size x process_count), and process p
   feeds its rows [pb, (p+1)b): the rows its devices hold (sharding.process_rows). So the global batch, and the
   training that follows, is the same on any number of processes, and resuming from a step needs nothing but the
-  batch index. Bad examples are skipped, counted and replaced within the share (see _load_share)."""
-  load = lambda r, rng: load_example(r, rng, image_size=image_size, train=train, render=render)
+  batch index. Bad examples are skipped, counted and replaced within the share (see _load_share).
+
+  A dataset that cannot train stops the run, in seconds, with BadDatasetError naming it, the count and the first
+  reasons: `probe` ({name: records} before mixing) is checked now (check_datasets: the same on every process);
+  and while iterating, a dataset whose first `check_first` examples on this process all fail stops it (0: off).
+  `skip_window`: the batches SkipCounter's recent rate covers."""
+  if probe:
+    check_datasets(probe, image_size=image_size, render=render, check_first=check_first or 32, seed=seed)
+  load = lambda r, rng: _load_example(r, rng, image_size=image_size, train=train, render=render)
   groups = examples if per_step else examples.batch(batch_size * process_count, drop_remainder=True, batch_fn=list)
   ds = groups.map_with_index(lambda k, _: _load_share(groups, k, load, batch_size=batch_size,
                                                       process_index=process_index, process_count=process_count,
@@ -209,7 +380,7 @@ def build(examples: grain.MapDataset, tok: tokenize.Tokenizers, *, batch_size: i
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller may not have parsed any
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=exit_with_parent)
-  counter = SkipCounter()
+  counter = SkipCounter(window=skip_window, check_first=check_first)
   return Pipeline(it.map(functools.partial(_count_and_collate, counter, collate(tok))), counter)
 
 
@@ -235,8 +406,21 @@ def exit_with_parent(worker_index: int, worker_count: int) -> None:
 
 
 def _count_and_collate(counter: SkipCounter, collate_fn, share: dict) -> dict:
-  counter.counts.update(share["skipped"])
+  counter.update(share["rows"], share["skipped"])
   if not share["examples"]:
-    raise ValueError(f"no readable example in {2 * LOOKAROUND + 1} consecutive batches of this process's data "
-                     f"({counter.summary()}): the data is broken, see the skip reasons")
+    raise BadDatasetError(_no_good_message(share["failures"]))
   return collate_fn(share["examples"])
+
+
+def _no_good_message(failures: Sequence[tuple[str, str, str | None]]) -> str:
+  """Names the datasets and the reasons of a share whose rows and nearby batches all failed."""
+  by_dataset: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  whys: dict[str, list[str]] = collections.defaultdict(list)
+  for dataset, reason, why in failures:
+    by_dataset[dataset][reason] += 1
+    if why and len(whys[dataset]) < FIRST_REASONS:
+      whys[dataset].append(why)
+  parts = "; ".join(f"{d}: {sum(c.values())} records ({', '.join(f'{n} {r}' for r, n in c.most_common())}), "
+                    f"first reasons: {' | '.join(whys[d]) or '(no detail)'}" for d, c in sorted(by_dataset.items()))
+  return (f"no readable example in {2 * LOOKAROUND + 1} consecutive batches of this process's data: {parts}. The "
+          "records do not load or render: check the datasets' format and paths (config.data.datasets.*)")

@@ -13,10 +13,29 @@ the draw is frequency-weighted), question generation inverts VQA (the answer goe
 the target), LLaVA-Instruct-150K is used as is. All randomness comes from the `rng` argument, in a fixed order
 (template first, then target), so the same seed gives the same text. Texts are returned as written in the source;
 lower-casing or BLIP's `pre_caption` cleaning, if wanted, belongs to the input pipeline.
+
+Every reader's records render, so that any dataset can be fine-tuned on (the paper's Table 3 fine-tunes on
+ScienceQA-IMG and A-OKVQA multiple choice). For the held-out datasets the paper gives no training templates; the
+choices, by task type:
+- captioning (NoCaps, Flickr30K) and open-ended QA (GQA, VizWiz, TextVQA, the video QA sets) use the caption / VQA
+  templates, as their held-in counterparts do;
+- multiple choice ("mc": ScienceQA-IMG, IconQA choose_txt, A-OKVQA as "aokvqa_mc") is VQA with the options listed
+  after the question, "{question} Options: (a) x (b) y" (LAVIS's option rendering, evaluation.tasks.options_text,
+  worded as the zero-shot IconQA / ScienceQA prompts), inside the VQA templates, which the paper uses for A-OKVQA;
+  the target is the correct option's text (what ranking scores). ScienceQA's hint goes first as "Context: {hint} "
+  (the zero-shot prompt's wording) when there is one. An IconQA fill_in_blank record (no options) is plain VQA;
+- yes/no-like classification and dialogue (VSR, Hateful Memes, Visual Dialog) have no template family in the paper:
+  the instruction is the dataset's zero-shot prompt (evaluation.tasks.TASKS), so fine-tuning and evaluation agree,
+  and the target is the candidate that ranking scores as right ("true"/"false", "yes"/"no", the ground-truth
+  answer among the dialog round's options);
+- video QA records train on one frame, the middle one (pipeline.load_example): LAVIS's training forward() has no
+  video branch, and the 4-frame input exists only at evaluation.
 """
 from typing import Sequence
 
 import numpy as np
+
+from iblip_jax.evaluation import tasks as eval_tasks
 
 # Image captioning (13). "Short"/"briefly" are already part of the paper's wording.
 CAPTION_TEMPLATES = (
@@ -61,7 +80,11 @@ VQG_TEMPLATES = (
     "Taking the image into account, generate an question that has the answer: {Answer}. Question:",
 )
 
-TASK_TEMPLATES = {"caption": CAPTION_TEMPLATES, "vqa": VQA_TEMPLATES, "vqg": VQG_TEMPLATES}
+# "mc" (multiple choice) draws from the VQA templates with the options appended to the question; "prompt" datasets
+# use their zero-shot prompt (see the module docstring).
+TASK_TEMPLATES = {"caption": CAPTION_TEMPLATES, "vqa": VQA_TEMPLATES, "vqg": VQG_TEMPLATES, "mc": VQA_TEMPLATES}
+MC_QUESTION = "{question} Options: {options}"
+CONTEXT_PREFIX = "Context: {} "
 
 # The 13 held-in datasets (reference doc 3.5 / paper Fig. 2) and the task whose templates each uses; None = used as
 # is (no template). Question generation counts as three datasets (from VQAv2, OKVQA, A-OKVQA) and
@@ -83,10 +106,27 @@ HELD_IN_TASKS = {
 }
 HELD_IN = tuple(HELD_IN_TASKS)
 
+# The other datasets, for fine-tuning (paper Table 3) or a user's own mixture; the module docstring gives the choices.
+DOWNSTREAM_TASKS = {
+    "aokvqa_mc": "mc",
+    "nocaps": "caption",
+    "flickr30k": "caption",
+    "gqa": "vqa",
+    "vizwiz": "vqa",
+    "textvqa": "vqa",           # with its OCR tokens
+    "ivqa": "vqa",
+    "msvd_qa": "vqa",
+    "msrvtt_qa": "vqa",
+    "iconqa": "mc",             # fill_in_blank records (no options): plain VQA
+    "scienceqa_img": "mc",      # with its hint as context
+    "vsr": "prompt",
+    "hateful_memes": "prompt",
+    "visdial": "prompt",
+}
+
 # Everything `render` accepts: the held-in datasets, LLaVA-Instruct-150K read as one file (all three parts), a user's
-# own JSONL data (records carry text_input/text_output already), and TextVQA, which the paper holds out but which a
-# user may fine-tune on with the VQA templates and its OCR tokens.
-DATASET_TASKS = {**HELD_IN_TASKS, "llava_instruct": None, "jsonl": None, "textvqa": "vqa"}
+# own JSONL data (records carry text_input/text_output already), and the downstream datasets.
+DATASET_TASKS = {**HELD_IN_TASKS, "llava_instruct": None, "jsonl": None, **DOWNSTREAM_TASKS}
 
 # Scene-text datasets: their OCR tokens (when a record has "ocr_tokens") go into the instruction.
 OCR_DATASETS = frozenset({"textcaps", "ocrvqa", "textvqa"})
@@ -100,8 +140,10 @@ OCR_PREFIX = "OCR tokens: {}. "
 
 
 def templates_for(dataset: str) -> tuple[str, ...]:
-  """The templates `dataset` draws from; () for datasets used as is."""
+  """The templates `dataset` draws from; () for datasets used as is; its zero-shot prompt for "prompt" datasets."""
   task = _task(dataset)
+  if task == "prompt":
+    return (eval_tasks.get(dataset).prompt,)
   return TASK_TEMPLATES[task] if task else ()
 
 
@@ -116,18 +158,52 @@ def render(dataset: str, record: dict, rng: np.random.Generator) -> tuple[str, s
   task = _task(dataset)
   if task is None:
     return _field(dataset, record, "text_input"), _field(dataset, record, "text_output")
+  if task == "prompt":
+    return _render_prompt(dataset, record)
+  if task == "mc" and "candidates" not in record:  # IconQA fill_in_blank: an open question
+    task = "vqa"
   template = _choose(rng, TASK_TEMPLATES[task])
   if task == "caption":
     text_input, text_output = template, _choose(rng, _nonempty(dataset, record, "captions"))
   elif task == "vqa":
     text_input = template.replace("{Question}", _field(dataset, record, "question").strip())
     text_output = _answer(dataset, record, rng)
+  elif task == "mc":
+    text_input, text_output = _render_mc(dataset, record, template)
   else:  # vqg: the answer is the input, the question the target
     text_input = template.replace("{Answer}", _answer(dataset, record, rng).strip())
     text_output = _field(dataset, record, "question")
   if dataset in OCR_DATASETS and record.get("ocr_tokens"):
     text_input = inject_ocr(text_input, record["ocr_tokens"])
   return text_input, text_output
+
+
+def _render_mc(dataset: str, record: dict, template: str) -> tuple[str, str]:
+  """A multiple-choice record in a VQA template: the question with its options, the correct option as target."""
+  candidates = [str(c) for c in _nonempty(dataset, record, "candidates")]
+  question = MC_QUESTION.format(question=_field(dataset, record, "question").strip(),
+                                options=eval_tasks.options_text(candidates))
+  text_input = template.replace("{Question}", question)
+  if record.get("context"):
+    text_input = CONTEXT_PREFIX.format(str(record["context"]).strip()) + text_input
+  return text_input, _indexed(dataset, record, candidates, "answer_index")
+
+
+def _render_prompt(dataset: str, record: dict) -> tuple[str, str]:
+  """The zero-shot prompt, and as target the candidate ranking scores as right: the task's fixed candidates
+  indexed by the record's label (VSR, Hateful Memes), else the record's own (Visual Dialog)."""
+  task = eval_tasks.get(dataset)
+  candidates = list(task.candidates) or [str(c) for c in _nonempty(dataset, record, "candidates")]
+  key = "answer_index" if "answer_index" in record else "label"
+  return eval_tasks.render_prompt(task, record), _indexed(dataset, record, candidates, key)
+
+
+def _indexed(dataset: str, record: dict, candidates: list, key: str) -> str:
+  index = _field(dataset, record, key)
+  if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(candidates):
+    raise ValueError(f"{dataset} record {record.get('id', '?')!r}: {key}={index!r} does not index its "
+                     f"{len(candidates)} candidates")
+  return candidates[index]
 
 
 def _task(dataset: str):

@@ -1,5 +1,6 @@
 """The grain pipeline: bad input is skipped and counted or converted, never fatal; iterator state resumes exactly."""
 import collections
+import contextlib
 import io
 import math
 import os
@@ -363,3 +364,110 @@ def test_worker_processes_die_with_a_killed_main_process(tmp_path):
     for c in children:
       if _alive(c):
         c.kill()
+
+
+# --- datasets that cannot train, skip rates ---------------------------------------------------------------------------
+
+
+def test_skip_counter_reports_recent_rate_per_dataset():
+  counter = pipeline.SkipCounter(window=2)
+  ok, bad = lambda d: (d, None, None), lambda d, k: (d, "missing_image", f"{d} record {k}: /x/{k}.jpg not found")
+  counter.update([ok("coco"), bad("sqa", 1), bad("sqa", 2), ok("coco")])
+  assert counter.recent_rate() == 0.5 and counter.report(0.1, min_batches=2) is None  # one batch: too early
+  counter.update([ok("coco")] * 4, markers=["batch_without_good_examples"])
+  assert counter.recent_counts() == {"coco": [0, 6], "sqa": [2, 2]} and counter.recent_rate() == 0.25
+  report = counter.report(0.1, min_batches=2)
+  assert report.startswith("input: 25.0% of recent examples skipped (threshold 10.0%): sqa 100.0% (2/2)")
+  assert "first: sqa record 1: /x/1.jpg not found" in report and "coco" not in report  # datasets without skips
+  assert counter.report(0.25, min_batches=2) is None  # at the threshold: quiet
+  counter.update([ok("coco")] * 4)  # the window (2 batches) has moved past the bad one
+  assert counter.recent_rate() == 0.0 and counter.recent_counts() == {"coco": [0, 8]}
+  # over the run: per dataset and per reason, the marker counted by reason only
+  assert counter.dataset_counts() == {"coco": [0, 10], "sqa": [2, 2]}
+  assert counter.counts == {"missing_image": 2, "batch_without_good_examples": 1} and counter.total == 3
+  assert counter.first_reasons == {"sqa": ["sqa record 1: /x/1.jpg not found", "sqa record 2: /x/2.jpg not found"]}
+  # counts from several processes, summed by the caller, give the same report
+  assert pipeline.skip_report({"a": [1, 4], "b": [3, 4]}, 0.2).startswith(
+      "input: 50.0% of recent examples skipped (threshold 20.0%): b 75.0% (3/4), a 25.0% (1/4)")
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+  """TimeoutError if the block runs longer: a stream that never stops fails the test instead of hanging it."""
+  def expire(signum, frame):
+    raise TimeoutError(f"still running after {seconds} s")
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _labelled_records(tmp_path, name, n, bad=False):
+  image = _png(tmp_path / f"{name}.png", np.zeros((6, 6, 3), np.uint8))
+  return [{"id": k, "dataset": name, "image": str(tmp_path / "gone.png") if bad else image,
+           "text_input": "what color is it", "text_output": "red"} for k in range(n)]
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_a_dataset_whose_first_records_all_fail_stops_the_stream_naming_it(tmp_path, tok, process_count):
+  """Mixed with a good dataset, an all-bad one never leaves a share empty, so nothing else would stop it: it
+  would train on the other data for good. Every process stops on its own share."""
+  datasets = {"good": mixture.source(_labelled_records(tmp_path, "good", 20)),
+              "broken": mixture.source(_labelled_records(tmp_path, "broken", 20, bad=True))}
+  mixed = mixture.mix(datasets, {"good": 0.5, "broken": 0.5}, seed=0)
+  for p in range(process_count):
+    pipe = pipeline.build(mixed, tok, batch_size=2, image_size=8, seed=0, check_first=8, process_index=p,
+                          process_count=process_count)
+    with _deadline(10), pytest.raises(pipeline.BadDatasetError) as e:
+      for _ in pipe.dataset:  # infinite: only the error ends it
+        pass
+    message = str(e.value)
+    assert message.startswith("dataset 'broken': the first 8 records loaded by this process all failed "
+                              "(8 missing_image); first reasons: broken record ")
+    assert message.count("gone.png not found") == 3 and "'good'" not in message
+
+
+def test_lookaround_error_names_the_datasets_and_reasons(tmp_path, tok):
+  records = _labelled_records(tmp_path, "broken", 12, bad=True)
+  records[3]["text_output"] = ""
+  with pytest.raises(pipeline.BadDatasetError, match=r"no readable example in 33 consecutive batches of this "
+                     r"process's data: broken: 12 records \(11 missing_image, 1 empty_or_invalid_text\), first "
+                     r"reasons: broken record 0: \S+gone.png not found"):
+    next(iter(pipeline.build(mixture.source(records), tok, batch_size=2, image_size=8, seed=0,
+                             check_first=0).dataset))
+
+
+def test_probe_checks_every_dataset_before_the_first_batch(tmp_path, tok):
+  """check_datasets loads each dataset's records in order until one is good: all bad datasets are named together,
+  in one error, before anything is iterated; a good dataset costs one load."""
+  loads = collections.Counter()
+
+  def render(record, rng):
+    loads[record["dataset"]] += 1
+    return pipeline.record_texts(record, rng)
+  probe = {"good": _labelled_records(tmp_path, "good", 50),
+           "broken": _labelled_records(tmp_path, "broken", 50, bad=True),
+           "mute": [dict(r, text_output=" ") for r in _labelled_records(tmp_path, "mute", 5)]}
+  with pytest.raises(pipeline.BadDatasetError) as e:
+    pipeline.build(mixture.source(probe["good"]), tok, batch_size=2, image_size=8, seed=0, render=render,
+                   probe=probe, check_first=10)
+  lines = str(e.value).splitlines()
+  assert len(lines) == 2
+  assert lines[0].startswith("dataset 'broken': the first 10 records in its source all failed (10 missing_image); "
+                             "first reasons: broken record 0: ")
+  assert lines[1].startswith("dataset 'mute': the first 5 records in its source all failed (5 empty_or_invalid_text)")
+  assert loads == {"good": 1, "broken": 10, "mute": 5}
+  pipeline.build(mixture.source(probe["good"]), tok, batch_size=2, image_size=8, seed=0, probe={"good": probe["good"]})
+
+
+def test_video_records_train_on_their_middle_frame(tmp_path):
+  frames = [_png(tmp_path / f"f{k}.png", np.full((6, 6, 3), 40 * k, np.uint8)) for k in range(5)]
+  record = {"dataset": "msvd_qa", "id": 1, "frames": frames, "text_input": "what", "text_output": "red"}
+  load = lambda r: pipeline.load_example(r, np.random.default_rng(0), image_size=6, train=False,
+                                         render=pipeline.record_texts)
+  middle = load({**record, "frames": [], "image": frames[2]})
+  np.testing.assert_array_equal(load(record)["pixel_values"], middle["pixel_values"])
+  assert load({**record, "frames": []}) == {pipeline.SKIP: "missing_image"}  # frames not extracted

@@ -97,7 +97,7 @@ def test_held_in_mapping():
   for name in ("coco_caption", "textcaps", "vqav2", "okvqa", "aokvqa", "ocrvqa"):
     assert name in templates.HELD_IN and not tasks.get(name).held_out
   with pytest.raises(ValueError, match="no instruction templates"):
-    templates.render("nocaps", {"captions": ["x"]}, np.random.default_rng(0))
+    templates.render("imagenet", {"captions": ["x"]}, np.random.default_rng(0))
 
 
 VQA_RECORD = {"id": 1, "question": "what color is the cat?", "answers": ["red"] * 6 + ["orange"] * 4}
@@ -153,3 +153,58 @@ def test_ocr_injection():
   assert vqa_input.startswith("OCR tokens: stop. ")
   # the same wording as the TextVQA zero-shot prompt
   assert tasks.get("textvqa").prompt.startswith(templates.OCR_PREFIX.format("{ocr_tokens}").rstrip())
+
+
+MC_RECORD = {"id": "4", "question": "Which animal's feet are adapted for swimming?",
+             "candidates": ["duck", "cat", "horse"], "answer_index": 0}
+
+
+def test_multiple_choice_lists_the_options_in_a_vqa_template():
+  """ScienceQA-IMG, IconQA choose_txt and A-OKVQA MC: the question with LAVIS's "(a) x (b) y" options inside one of
+  the VQA templates; the target is the correct option's text."""
+  question = "Which animal's feet are adapted for swimming? Options: (a) duck (b) cat (c) horse"
+  seen = set()
+  for dataset in ("scienceqa_img", "iconqa", "aokvqa_mc"):
+    for text_input, text_output in _renders(dataset, MC_RECORD, 0, n=60):
+      assert text_output == "duck"
+      (template,) = [t for t in templates.VQA_TEMPLATES if text_input == t.replace("{Question}", question)]
+      seen.add(template)
+  assert seen == set(templates.VQA_TEMPLATES)
+  # ScienceQA's hint comes first, worded as its zero-shot prompt; an empty hint adds nothing
+  with_hint, _ = templates.render("scienceqa_img", {**MC_RECORD, "context": "Ducks live near water."},
+                                  np.random.default_rng(1))
+  bare, _ = templates.render("scienceqa_img", {**MC_RECORD, "context": ""}, np.random.default_rng(1))
+  assert with_hint == "Context: Ducks live near water. " + bare
+  # A-OKVQA records carry both settings: "aokvqa" trains on the direct answers, "aokvqa_mc" on the choice
+  both = {**MC_RECORD, "answers": ["webbed feet"] * 10}
+  assert templates.render("aokvqa", both, np.random.default_rng(0))[1] == "webbed feet"
+  assert templates.render("aokvqa_mc", both, np.random.default_rng(0))[1] == "duck"
+  # an IconQA fill_in_blank record has no options: plain VQA on its answer
+  blank_input, blank_output = templates.render("iconqa", {"id": "3", "question": "How many dots?", "answer": "7"},
+                                               np.random.default_rng(0))
+  assert blank_output == "7" and "Options" not in blank_input
+  for bad, message in (({**MC_RECORD, "answer_index": 3}, "does not index its 3 candidates"),
+                       ({**MC_RECORD, "answer_index": -1}, "does not index"),
+                       ({k: v for k, v in MC_RECORD.items() if k != "answer_index"}, "'answer_index'")):
+    with pytest.raises(ValueError, match=message):
+      templates.render("scienceqa_img", bad, np.random.default_rng(0))
+
+
+def test_classification_and_dialog_use_their_zero_shot_prompt_and_the_right_candidate():
+  rng = np.random.default_rng(0)
+  assert templates.render("vsr", {"caption": "The cat is under the table.", "label": 0, "answer_index": 0}, rng) == (
+      'Based on the image, is this statement true or false? "The cat is under the table." Answer:', "false")
+  assert templates.render("hateful_memes", {"text": "have a nice day", "label": 1}, rng) == (
+      'This is an image with: "have a nice day" written on it. Is it hateful? Answer:', "yes")
+  dialog = {"history": "a cat. q: is it black? a: yes", "question": "is it big?", "candidates": ["no", "yes", "maybe"],
+            "answer_index": 2}
+  assert templates.render("visdial", dialog, rng) == (
+      "Dialog history: a cat. q: is it black? a: yes\n Question: is it big? Short answer:", "maybe")
+  assert templates.templates_for("vsr") == (tasks.get("vsr").prompt,)
+  with pytest.raises(ValueError, match="'label'"):
+    templates.render("hateful_memes", {"id": 9, "text": "unlabelled test line"}, rng)
+
+
+def test_every_reader_has_a_renderer():
+  from iblip_jax.data import readers
+  assert set(readers.READERS) == set(templates.DATASET_TASKS)
