@@ -1,9 +1,12 @@
 """The training input pipeline (grain): records -> images and texts -> bucketed, tokenised batches.
 
-Bad input never stops training: an example whose image is missing, unreadable, truncated or too large to decode
-(whatever PIL raises), or whose text is empty or not valid UTF-8 (including lone surrogates), is skipped and
-counted by reason (`SkipCounter`, reported in the logs and metrics, `SkipCounter.summary()` for people);
-odd images (grayscale, RGBA, CMYK, palette, 16-bit, EXIF-rotated) are converted (see preprocess.to_rgb).
+Bad examples never stop training: an example whose image is missing, unreadable, truncated or too large to decode
+(whatever PIL raises), whose record does not render, or whose text is empty or not valid UTF-8 (including lone
+surrogates), is skipped and counted by reason and dataset (`SkipCounter`: reported in the logs and metrics,
+`summary()` for people, `report(threshold)` for a skip rate that stays high); odd images (grayscale, RGBA, CMYK,
+palette, 16-bit, EXIF-rotated) are converted (see preprocess.to_rgb). A bad *dataset* does stop it, at once and by
+name (BadDatasetError): one whose first records all fail has a wrong format or path, and would otherwise be
+silently replaced by the other datasets' examples for the whole run.
 Image decoding runs in worker processes (grain mp_prefetch); skipping, batching and tokenisation run in the
 main process, so the counts are exact and batches always have the same size.
 
