@@ -1,9 +1,7 @@
 """Pieces every config file shares (big_vision's configs/common.py idea). Config files stay flat `get_config()`s."""
 import ml_collections
 
-# What instruction tuning trains (regexes over "/"-joined parameter paths): ln_vision, the query tokens, the
-# Q-Former and the projection into the LLM. Everything else (ViT, LLM) is frozen.
-TRAINABLE = (r"^ln_vision/", r"^query_tokens$", r"^qformer/", r"^language_projection/")
+from iblip_jax.trainable import INSTRUCTION_TUNING
 
 # The released InstructBLIP towers: EVA-CLIP ViT-g/14 (39 blocks, LAVIS drops the 40th) and a BERT-base Q-Former
 # with a 30523-token vocabulary (bert-base-uncased + [DEC]).
@@ -44,7 +42,7 @@ def base(model: dict) -> ml_collections.ConfigDict:
   model["text"] = {"dtype": "float32", "remat": False, **model.get("text", {})}
   config.model = ml_collections.ConfigDict(model)
   config.model_init = ""   # local Hugging Face InstructBLIP directory with the pretrained weights
-  config.trainable = list(TRAINABLE)
+  config.trainable = list(INSTRUCTION_TUNING)   # ln_vision, query tokens, Q-Former, projection
   config.seed = 0
   config.total_steps = 10_000
   config.batch_size = 192          # global batch, split over data x fsdp

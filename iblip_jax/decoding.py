@@ -13,9 +13,10 @@ transformers semantics reproduced here (5.x `_sample` / vectorised `_beam_search
   one (early_stopping=False heuristic) or at max_new_tokens.
 Output: (B * num_return_sequences, max_new_tokens) tokens after the start token, EOS included, pad after it.
 
-Decoder-only LLMs (Vicuna): the prompt is left-aligned and run once to fill the cache (see
-`_prefill_decoder_only`); from there the same loops run, fed the last prompt token first. Only the new tokens are
-returned (transformers returns the prompt too).
+Both LLMs go through the model's generation interface (InstructBlip.prefill / step and the LLM class's
+repeat_cache / reorder_cache). Decoder-only LLMs (Vicuna): the prompt is left-aligned and run once to fill the cache;
+the loops are fed the last prompt token first. Only the new tokens are returned (transformers returns the prompt
+too).
 """
 import functools
 
@@ -23,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iblip_jax.models import llama
 from iblip_jax.models.instructblip import InstructBlip
 
 NEG = -1.0e9  # transformers' "impossible" score in beam search
@@ -39,87 +39,24 @@ def _block_eos(scores, generated: jax.Array, min_new_tokens: int, eos: int):
   return jnp.where(generated < min_new_tokens, scores.at[..., eos].set(-jnp.inf), scores)
 
 
-def left_align(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Moves every row's padding to the front, keeping token order (any padding layout in, left padding out), so
-  that the last position of every prompt is a real token."""
-  order = jnp.argsort(mask.astype(jnp.int32), axis=1, stable=True)
-  return jnp.take_along_axis(ids, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
-
-
-def _prefill_t5(model: InstructBlip, params, inputs: dict, num_beams: int, max_new_tokens: int):
-  """Encoder states repeated per beam, their mask, and the decoder cache; decoding starts at the start token."""
-  text = model.config.text
-  encoded, mask = model.apply({"params": params}, inputs["pixel_values"], inputs["qformer_input_ids"],
-                              inputs["qformer_attention_mask"], inputs["input_ids"], inputs["attention_mask"],
-                              method="encode")
-  encoded, mask = jnp.repeat(encoded, num_beams, axis=0), jnp.repeat(mask, num_beams, axis=0)
-  cache = model.apply({"params": params}, encoded, max_new_tokens,
-                      method=lambda m, e, n: m.language_model.init_cache(e, n))
-  b = inputs["input_ids"].shape[0]
-  seen = jnp.zeros((b, text.vocab_size), bool).at[:, text.decoder_start_token_id].set(True)
-  return jnp.full((b,), text.decoder_start_token_id, jnp.int32), mask, cache, seen
-
-
-def _prefill_decoder_only(model: InstructBlip, params, inputs: dict, num_beams: int, max_new_tokens: int):
-  """[visual][left-padded prompt] minus its last token goes through the LLM once, filling the cache; decoding
-  starts by feeding that last prompt token (always a real token after left alignment) at step 0.
-
-  Positions are cumsum(mask) - 1 (transformers' generate), so padding does not shift the real tokens'. The
-  repetition penalty counts every prompt id (and the image placeholder id) as seen, as transformers does with
-  input_ids = [image tokens][padded prompt]."""
-  cfg = model.config
-  text = cfg.text
-  ids, prompt_mask = left_align(inputs["input_ids"], inputs["attention_mask"])
-  embeds, mask = model.apply({"params": params}, inputs["pixel_values"], inputs["qformer_input_ids"],
-                             inputs["qformer_attention_mask"], ids, prompt_mask, method="llm_inputs")
-  b, p = mask.shape
-  size = p - 1 + max_new_tokens                                   # cache slots: prompt, then one per step
-  positions = llama.positions(mask)
-  key_mask = jnp.concatenate([mask[:, :p - 1].astype(bool), jnp.zeros((b, max_new_tokens), bool)], axis=1)
-  causal = jnp.arange(size)[None, :] <= jnp.arange(p - 1)[:, None]                 # (P-1, T)
-  cache = model.apply({"params": params}, b, size, method=lambda m, *a: m.language_model.init_cache(*a))
-  _, cache = model.apply({"params": params}, embeds[:, :p - 1], positions[:, :p - 1],
-                         (key_mask[:, None, None, :] & causal[None, None]), cache, 0,
-                         method=lambda m, *a: m.language_model.extend(*a))
-  seen = jnp.zeros((b, text.vocab_size), bool).at[jnp.arange(b)[:, None], ids].set(True)
-  if cfg.image_token_index is not None and cfg.image_token_index < text.vocab_size:
-    seen = seen.at[:, cfg.image_token_index].set(True)
-  rep = lambda x: jnp.repeat(x, num_beams, axis=0)
-  cache = jax.tree.map(lambda x: jnp.repeat(x, num_beams, axis=1), cache)
-  ctx = {"key_mask": rep(key_mask), "last_position": rep(positions[:, -1]), "prompt_length": p}
-  return ids[:, -1].astype(jnp.int32), ctx, cache, seen
-
-
 def _prefill(model: InstructBlip, params, inputs: dict, num_beams: int, max_new_tokens: int):
-  """-> (first token fed to the decoder (B,), context for `_step`, cache with B * num_beams rows, (B, V) ids the
-  repetition penalty treats as already generated)."""
-  fn = _prefill_decoder_only if model.config.decoder_only else _prefill_t5
-  return fn(model, params, inputs, num_beams, max_new_tokens)
+  """-> (first token fed to the decoder (B,), cache with B * num_beams rows, (B, V) ids the repetition penalty
+  treats as already generated). The image, Q-Former and LLM prompt run once per sample; beams share them."""
+  start, cache, seen = model.apply({"params": params}, inputs["pixel_values"], inputs["qformer_input_ids"],
+                                   inputs["qformer_attention_mask"], inputs["input_ids"], inputs["attention_mask"],
+                                   max_new_tokens, method="prefill")
+  return start, (cache if num_beams == 1 else model.llm_class.repeat_cache(cache, num_beams)), seen
 
 
-def _step(model: InstructBlip, params, token, t, cache, ctx):
+def _step(model: InstructBlip, params, token, t, cache):
   """Feeds `token` (B,) as the t-th decoding input -> (next-token logits (B, V) f32, cache)."""
-  if not model.config.decoder_only:
-    return model.apply({"params": params}, token, t, cache, ctx,
-                       method=lambda m, *a: m.language_model.decode_step(*a))
-  index = ctx["prompt_length"] - 1 + t
-  slots = jnp.arange(ctx["key_mask"].shape[1])
-  mask = ctx["key_mask"] | ((slots >= ctx["prompt_length"] - 1) & (slots <= index))[None]
-  def run(m, token):
-    return m.language_model.extend(m.language_model.embed(token[:, None]), (ctx["last_position"] + t)[:, None],
-                                   mask[:, None, None, :], cache, index)
-  return model.apply({"params": params}, token, method=run)
-
-
-def _reorder(cache: dict, rows: jax.Array) -> dict:
-  """Self-attention keys/values follow their beams; T5's cross-attention ones are equal across an item's beams."""
-  return {k: v if k.startswith("cross") else v[:, rows] for k, v in cache.items()}
+  return model.apply({"params": params}, token, t, cache, method="step")
 
 
 def _greedy(model, params, inputs, *, max_new_tokens, min_new_tokens, repetition_penalty):
   text = model.config.text
   b = inputs["input_ids"].shape[0]
-  start, ctx, cache, seen = _prefill(model, params, inputs, 1, max_new_tokens)
+  start, cache, seen = _prefill(model, params, inputs, 1, max_new_tokens)
   tokens = jnp.full((b, max_new_tokens), text.pad_token_id, jnp.int32)
 
   def cond(state):
@@ -128,7 +65,7 @@ def _greedy(model, params, inputs, *, max_new_tokens, min_new_tokens, repetition
 
   def body(state):
     t, last, tokens, seen, cache, done = state
-    logits, cache = _step(model, params, last, t, cache, ctx)
+    logits, cache = _step(model, params, last, t, cache)
     scores = _block_eos(_repetition_penalty(logits, seen, repetition_penalty), t, min_new_tokens,
                         text.eos_token_id)
     nxt = jnp.where(done, text.pad_token_id, jnp.argmax(scores, axis=-1).astype(jnp.int32))
@@ -151,7 +88,7 @@ def _beam_search(model, params, inputs, *, num_beams, max_new_tokens, min_new_to
   b, k = inputs["input_ids"].shape[0], num_beams
   keep = 2 * k                        # candidates per step: enough that k survive even if k of them end in EOS
   length = max_new_tokens + 1         # sequences hold the start token too
-  start, ctx, cache, prompt_seen = _prefill(model, params, inputs, k, max_new_tokens)
+  start, cache, prompt_seen = _prefill(model, params, inputs, k, max_new_tokens)
   prompt_seen = jnp.repeat(prompt_seen, k, axis=0)
   seqs = jnp.full((b, k, length), text.pad_token_id, jnp.int32).at[:, :, 0].set(start[:, None])
   state = dict(
@@ -166,7 +103,7 @@ def _beam_search(model, params, inputs, *, num_beams, max_new_tokens, min_new_to
   def body(s):
     t = s["t"]
     last = s["running"][:, :, t].reshape(b * k)
-    logits, cache = _step(model, params, last, t, s["cache"], ctx)
+    logits, cache = _step(model, params, last, t, s["cache"])
     logp = jax.nn.log_softmax(logits, axis=-1)
     if repetition_penalty != 1.0:
       positions = jnp.arange(length)[None, :] <= t
@@ -187,7 +124,7 @@ def _beam_search(model, params, inputs, *, num_beams, max_new_tokens, min_new_to
     nxt = jax.lax.top_k(run_scores, k)[1]
     running, running_scores = _gather(cand, nxt), _gather(run_scores, nxt)
     beam_src = (_gather(source, nxt) + jnp.arange(b)[:, None] * k).reshape(b * k)
-    cache = _reorder(cache, beam_src)
+    cache = model.llm_class.reorder_cache(cache, beam_src)
 
     # finished hypotheses: only the top k candidates may enter, scored with the length penalty
     just_done = hits & (jnp.arange(keep) < k)[None]

@@ -82,13 +82,12 @@ def test_cached_decoding_equals_full_forward(models):
   dec = batch["decoder_input_ids"]
   full = model.apply({"params": params}, batch["pixel_values"], batch["qformer_input_ids"],
                      batch["qformer_attention_mask"], batch["input_ids"], batch["attention_mask"], dec)
-  encoded, mask = model.apply({"params": params}, batch["pixel_values"], batch["qformer_input_ids"],
-                              batch["qformer_attention_mask"], batch["input_ids"], batch["attention_mask"],
-                              method="encode")
-  cache = model.apply({"params": params}, encoded, 8, method=lambda m, e, n: m.language_model.init_cache(e, n))
+  start, cache, _ = model.apply({"params": params}, batch["pixel_values"], batch["qformer_input_ids"],
+                                batch["qformer_attention_mask"], batch["input_ids"], batch["attention_mask"], 8,
+                                method="prefill")   # the generation interface decoding.py uses
+  assert (np.asarray(start) == 0).all()
   for t in range(dec.shape[1]):
-    logits, cache = model.apply({"params": params}, jnp.asarray(dec[:, t]), t, cache, mask,
-                                method=lambda m, *a: m.language_model.decode_step(*a))
+    logits, cache = model.apply({"params": params}, jnp.asarray(dec[:, t]), t, cache, method="step")
     np.testing.assert_allclose(logits, full[:, t], atol=1e-5, rtol=1e-5)
 
 

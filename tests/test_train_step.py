@@ -19,6 +19,7 @@ from iblip_jax import optim, sharding
 from iblip_jax import train_step as ts
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.instructblip import InstructBlip
+from iblip_jax import trainable as trainable_lib
 
 HERE = os.path.dirname(__file__)
 
@@ -76,7 +77,7 @@ def test_frozen_weights_never_move_and_have_no_optimizer_state():
 def test_adam_moments_of_the_real_flant5xl_config():
   config = train_helper.load_config("instructblip_flant5xl")
   model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
-  trainable = ts.split(iblip_jax.params_shape(model), config.trainable)[0]
+  trainable = trainable_lib.split(iblip_jax.params_shape(model), config.trainable)[0]
   opt_state = jax.eval_shape(optim.make(config.optim, 100).init, trainable)
   assert sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0) == 2 * 187_262_464
 
@@ -115,7 +116,7 @@ def _step_flops(config, trainable_patterns) -> float:
   config.trainable = trainable_patterns
   model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
   tx = optim.make(config.optim, 10)
-  trainable, frozen = ts.split(iblip_jax.params_shape(model), trainable_patterns)
+  trainable, frozen = trainable_lib.split(iblip_jax.params_shape(model), trainable_patterns)
   step = jax.jit(ts.make_train_step(model, tx, vision_frozen="vision" not in trainable, dropout=False))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train_helper.make_batch())
   opt = jax.eval_shape(tx.init, trainable)
@@ -145,8 +146,8 @@ def test_remat_gives_the_same_loss_and_gradients():
     model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
     params = jax.jit(lambda r: nn.meta.unbox(model.init(r, **iblip_jax.pretrained.dummy_inputs(model.config))))(
         jax.random.key(0))["params"]
-    trainable, frozen = ts.split(params, config.trainable)
-    f = lambda t: ts.loss_fn(model, ts.merge(t, frozen), batch, None)[0]
+    trainable, frozen = trainable_lib.split(params, config.trainable)
+    f = lambda t: ts.loss_fn(model, trainable_lib.merge(t, frozen), batch, None)[0]
     return jax.jit(jax.value_and_grad(f))(trainable)
   (l0, g0), (l1, g1) = loss_and_grads(False), loss_and_grads(True)
   assert float(l0) == pytest.approx(float(l1), rel=1e-6)
@@ -190,7 +191,7 @@ def test_partition_specs_golden_file():
   tx = optim.make(config.optim, 10)
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   sh = ts.state_shardings(model, tx, config.trainable, mesh, [tuple(r) for r in config.sharding_rules])
-  tree = ts.merge(sh.trainable, sh.frozen)
+  tree = trainable_lib.merge(sh.trainable, sh.frozen)
   got = {jax.tree_util.keystr(p, simple=True, separator="/"): str(s.spec)
          for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]}
   path = os.path.join(HERE, "golden", "tiny_2x2x2_partition_specs.json")

@@ -43,6 +43,7 @@ from iblip_jax import train_step as ts  # noqa: E402
 from iblip_jax.models import configs as model_configs  # noqa: E402
 from iblip_jax.models.instructblip import InstructBlip  # noqa: E402
 from iblip_jax.pretrained import params_shape  # noqa: E402
+from iblip_jax import trainable as trainable_lib  # noqa: E402
 
 GiB = 2**30
 
@@ -210,7 +211,7 @@ def batch_specs(cfg, batch: int, shapes: Shapes, batch_sharding: NamedSharding |
 
 def _abstract_state(config, model: InstructBlip, tx) -> tuple[dict, dict, Any]:
   """(trainable, frozen, optimizer state) as unsharded ShapeDtypeStructs."""
-  trainable, frozen = ts.split(params_shape(model), config.trainable)
+  trainable, frozen = trainable_lib.split(params_shape(model), config.trainable)
   return trainable, frozen, jax.eval_shape(tx.init, trainable)
 
 
@@ -326,7 +327,7 @@ def decode_flops(config, cfg, *, batch: int, new_tokens: int = 10, num_beams: in
   model = InstructBlip(fully_unrolled(cfg))
   trainable, frozen, _ = _abstract_state(config, model, optim.make(config.optim, config.total_steps))
   generate = decoding._generate  # noqa: SLF001 (the jitted function iblip_jax.generate calls)
-  return global_flops(generate.lower(model, ts.merge(trainable, frozen), batch_specs(cfg, batch, shapes, labels=False),
+  return global_flops(generate.lower(model, trainable_lib.merge(trainable, frozen), batch_specs(cfg, batch, shapes, labels=False),
                                      **_decode_settings(new_tokens, num_beams)))
 
 
@@ -359,7 +360,7 @@ def compile_decode(config, topology: Topology, *, batch: int, new_tokens: int = 
   generate = decoding._generate  # noqa: SLF001 (the jitted function iblip_jax.generate calls)
   with sharding.context(s.mesh, s.rules):
     report = _memory_report(f"generate ({search}, {new_tokens} new tokens)",
-                            generate.lower(s.model, ts.merge(s.trainable, s.frozen), inputs,
+                            generate.lower(s.model, trainable_lib.merge(s.trainable, s.frozen), inputs,
                                            **_decode_settings(new_tokens, num_beams)))
   report.flops = report.model_flops = decode_flops(config, cfg, batch=batch, new_tokens=new_tokens,
                                                    num_beams=num_beams, shapes=shapes)

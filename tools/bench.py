@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import iblip_jax  # noqa: E402
 from iblip_jax import config_lib, optim  # noqa: E402
 from iblip_jax import train_step as ts  # noqa: E402
+from iblip_jax import trainable as trainable_lib  # noqa: E402
 
 BATCH, INSTR, PROMPT, TARGET, NEW_TOKENS, CANDIDATES = 8, 24, 24, 8, 10, 4
 TORCH_DEVICE = "cpu"   # "cuda" with --gpu
@@ -113,7 +114,7 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
 def bench_train(hf, model, params, x, repeats):
   config = config_lib.base({})
   config.optim.warmup_steps = 1
-  trainable, frozen = ts.split(params, config.trainable)
+  trainable, frozen = trainable_lib.split(params, config.trainable)
   trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; `params` stays usable for the others
   tx = optim.make(config.optim, 1000)
   step = jax.jit(ts.make_train_step(model, tx, dropout=False), donate_argnums=(0, 1))

@@ -27,6 +27,7 @@ from PIL import Image
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: no accelerator plugin probing (libtpu is installed)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from iblip_jax.data import mixture, pipeline, readers, tfds_builder, tokenize  # noqa: E402
+from iblip_jax import trainable as trainable_lib  # noqa: E402
 
 TOKENIZERS = os.path.join(os.path.dirname(__file__), "..", "demo_assets", "instructblip-demo")
 QUESTIONS = ("what is the man holding in his left hand", "how many people are sitting on the bench",
@@ -86,7 +87,7 @@ def time_train_step(batch: dict, steps: int) -> dict:
   from iblip_jax.run import common
   config = config_lib.base(BASE)
   model, params = common.load_model(config)
-  trainable, frozen = ts.split(params, config.trainable)
+  trainable, frozen = trainable_lib.split(params, config.trainable)
   tx = optim.make(config.optim, 1000)
   step = jax.jit(ts.make_train_step(model, tx, dropout=False), donate_argnums=(0, 1))
   x = {k: jnp.asarray(v) for k, v in batch.items()}

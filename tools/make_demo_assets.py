@@ -37,6 +37,8 @@ from iblip_jax.data.readers import READERS  # noqa: E402
 from iblip_jax.models import configs as model_configs  # noqa: E402
 from iblip_jax.models.instructblip import InstructBlip  # noqa: E402
 from iblip_jax.models.t5 import T5  # noqa: E402
+from iblip_jax import trainable as trainable_lib  # noqa: E402
+from iblip_jax import losses  # noqa: E402
 
 
 def demo_model_config(qformer_vocab: int, llm_vocab: int) -> dict:
@@ -78,10 +80,10 @@ def train_text(model, lm_params, tok, path: str, steps: int, batch: int, seed: i
     lm = T5(model.config.text)
     text = model.config.text
     logits = lm.apply({"params": p}, lm.apply({"params": p}, batch["input_ids"], method="embed"),
-                      batch["attention_mask"], ts.shift_right(batch["labels"], text.decoder_start_token_id,
+                      batch["attention_mask"], losses.shift_right(batch["labels"], text.decoder_start_token_id,
                                                               text.pad_token_id),
                       batch["decoder_attention_mask"])
-    return ts.cross_entropy(logits, batch["labels"])[0]
+    return losses.cross_entropy(logits, batch["labels"])[0]
 
   @jax.jit
   def step(p, o, batch):
@@ -111,16 +113,16 @@ def caption_step(model, tx, sh, match_weight: float):
 
   def step(trainable, opt_state, frozen, batch, rng):
     def objective(t):
-      params = ts.merge(t, frozen)
+      params = trainable_lib.merge(t, frozen)
       text = model.config.text
       # one forward pass; the visual tokens (the projection's output) are captured on the way
       logits, state = model.apply(
           {"params": params}, batch["pixel_values"], batch["qformer_input_ids"], batch["qformer_attention_mask"],
           batch["input_ids"], batch["attention_mask"],
-          decoder_input_ids=ts.shift_right(batch["labels"], text.decoder_start_token_id, text.pad_token_id),
+          decoder_input_ids=losses.shift_right(batch["labels"], text.decoder_start_token_id, text.pad_token_id),
           decoder_attention_mask=batch["decoder_attention_mask"], capture_intermediates=is_projection,
           mutable=["intermediates"])
-      lm_loss = ts.cross_entropy(logits, batch["labels"])[0]
+      lm_loss = losses.cross_entropy(logits, batch["labels"])[0]
       visual = state["intermediates"]["language_projection"]["__call__"][0]
       target = model.apply({"params": params}, jnp.where(batch["labels"] < 0, 0, batch["labels"]),
                            method=lambda m, ids: m.language_model.embed(ids))[:, :visual.shape[1]]
@@ -168,7 +170,7 @@ def main():
     image_side = [r"^vision/", r"^ln_vision/", r"^query_tokens$", r"^qformer/", r"^language_projection/"]
     tx = optim.make(_optim(), args.steps)
     sh = ts.state_shardings(model, tx, image_side, mesh, rules)
-    trainable, frozen = ts.split(params, image_side)
+    trainable, frozen = trainable_lib.split(params, image_side)
     trainable, frozen = ts.place(trainable, sh.trainable), ts.place(frozen, sh.frozen)
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
     step = caption_step(model, tx, sh, args.match_weight)
@@ -180,7 +182,7 @@ def main():
         if (i + 1) % 250 == 0:
           print(f"stage B step {i + 1}/{args.steps}: loss {float(m['loss']):.4f} ({time.time() - t0:.0f} s)",
                 flush=True)
-    trainable = ts.merge(jax.tree.map(np.asarray, trainable), jax.tree.map(np.asarray, frozen))
+    trainable = trainable_lib.merge(jax.tree.map(np.asarray, trainable), jax.tree.map(np.asarray, frozen))
   pretrained.save_pretrained(model, trainable, args.out)
   size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)
              if os.path.isfile(os.path.join(args.out, f)))

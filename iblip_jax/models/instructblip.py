@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iblip_jax.models import layers
+from iblip_jax.losses import IGNORE, shift_right
+from iblip_jax.models import layers, llama
 from iblip_jax.models.configs import InstructBlipConfig, dtype_of
 from iblip_jax.models.llama import Llama
 from iblip_jax.models.qformer import QFormer
@@ -91,6 +92,75 @@ class InstructBlip(nn.Module):
     embeds, mask = self.llm_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
                                    attention_mask, deterministic)
     return self.language_model.encode(embeds, mask, deterministic), mask.astype(bool)
+
+  # --- one interface over both language models: the loss, generation and ranking call only these ----------------
+
+  @property
+  def llm_class(self):
+    """The language model's class, for its pure cache functions (repeat_cache, reorder_cache)."""
+    return Llama if self.config.decoder_only else T5
+
+  def target_logits(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
+                    labels, decoder_attention_mask=None, deterministic: bool = True) -> jax.Array:
+    """Teacher-forced logits (B, T, V) that predict each position of `labels` (B, T), -100 where ignored.
+    FlanT5: the decoder over the shifted labels. Decoder-only: input_ids hold [prompt][target] and labels mark the
+    target positions; the logit before each token predicts it, behind the V visual tokens."""
+    if self.config.decoder_only:
+      logits = self(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
+                    deterministic=deterministic)
+      v = logits.shape[1] - input_ids.shape[1]
+      return logits[:, v - 1:-1]
+    text = self.config.text
+    return self(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
+                decoder_input_ids=shift_right(labels, text.decoder_start_token_id, text.pad_token_id),
+                decoder_attention_mask=decoder_attention_mask, deterministic=deterministic)
+
+  def prefill(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
+              max_new_tokens: int):
+    """Everything before the first generated token, once per sample -> (first decoder input (B,), cache, (B, V)
+    ids the repetition penalty counts as already generated). FlanT5 starts from the decoder start token; a
+    decoder-only LLM from the last prompt token, the prompt left-aligned (any padding side in), and every prompt id
+    (and the image placeholder id) counts as seen, as in transformers' generate."""
+    cfg = self.config
+    b, vocab = input_ids.shape[0], cfg.text.vocab_size
+    if not cfg.decoder_only:
+      encoded, mask = self.encode(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask)
+      start = cfg.text.decoder_start_token_id
+      seen = jnp.zeros((b, vocab), bool).at[:, start].set(True)
+      return jnp.full((b,), start, jnp.int32), self.language_model.prefill(encoded, mask, max_new_tokens), seen
+    ids, prompt_mask = llama.left_align(input_ids, attention_mask)
+    embeds, mask = self.llm_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, ids, prompt_mask)
+    seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], ids].set(True)
+    if cfg.image_token_index is not None and cfg.image_token_index < vocab:
+      seen = seen.at[:, cfg.image_token_index].set(True)
+    return ids[:, -1].astype(jnp.int32), self.language_model.prefill(embeds, mask, max_new_tokens), seen
+
+  def step(self, token, t, cache):
+    """token (B,) fed as generation input number `t` -> (next-token logits (B, V) f32, updated cache)."""
+    return self.language_model.step(token, t, cache)
+
+  def candidate_logits(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
+                       candidate_labels) -> jax.Array:
+    """Logits (B*C, N, V) that predict each token of every sample's C candidate answers (B, C, N), -100 padded:
+    the image, Q-Former and prompt once per sample. FlanT5: the decoder over each candidate. Decoder-only:
+    [visual][left-aligned prompt][candidate], positions cumsum(mask) - 1 (those of LAVIS's right-padded
+    concatenation)."""
+    b, c, n = candidate_labels.shape
+    labels = candidate_labels.reshape(b * c, n)
+    valid = labels != IGNORE
+    text = self.config.text
+    if not self.config.decoder_only:
+      encoded, mask = self.encode(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask)
+      return self.language_model.decode(shift_right(labels, text.decoder_start_token_id, text.pad_token_id),
+                                        jnp.repeat(encoded, c, axis=0), jnp.repeat(mask, c, axis=0),
+                                        valid.astype(jnp.int32))
+    ids, prompt_mask = llama.left_align(input_ids, attention_mask)
+    embeds, mask = self.llm_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, ids, prompt_mask)
+    p = mask.shape[1]
+    cand = self.language_model.embed(jnp.where(valid, labels, text.pad_token_id))
+    full = jnp.concatenate([jnp.repeat(embeds, c, axis=0), cand], axis=1)
+    full_mask = jnp.concatenate([jnp.repeat(mask, c, axis=0), valid.astype(mask.dtype)], axis=1)
+    return self.language_model(full, full_mask, llama.positions(full_mask))[:, p - 1:p + n - 1]
 
   def __call__(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
                decoder_input_ids=None, decoder_attention_mask=None, deterministic: bool = True) -> jax.Array:

@@ -45,6 +45,13 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
   return x * cos + rotated * sin
 
 
+def left_align(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Moves every row's padding to the front, keeping token order (any padding layout in, left padding out), so
+  that the last position of every prompt is a real token."""
+  order = jnp.argsort(mask.astype(jnp.int32), axis=1, stable=True)
+  return jnp.take_along_axis(ids, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
+
+
 def positions(mask: jax.Array) -> jax.Array:
   """Positions of a padded (B, S) 0/1 mask, cumsum(mask) - 1 (transformers' generate): padding anywhere does not
   shift the real tokens' positions (padding itself gets 0; it is masked out)."""
@@ -169,3 +176,39 @@ class Llama(nn.Module):
     whole cache -> (logits of the last new position (B, V) f32, updated cache)."""
     x, cache = self.layers(inputs_embeds, rope_tables(self.config, position_ids), mask, cache, index)
     return self.logits(self.norm(x[:, -1:]))[:, 0].astype(jnp.float32), cache
+
+  # --- the generation interface (shared with T5): prefill once, then one token per step -------------------
+
+  def prefill(self, inputs_embeds, mask, max_new_tokens: int) -> dict:
+    """[visual][left-aligned prompt] minus its last token goes through the LLM once, filling the cache; decoding
+    starts by feeding that last prompt token (always a real token after left alignment) at step 0. Positions are
+    cumsum(mask) - 1 (transformers' generate), so padding does not shift the real tokens'. Cache: keys/values
+    (layers, B, P - 1 + max_new_tokens, G, K), the prompt's key mask, its last position and its length."""
+    b, p = mask.shape
+    size = p - 1 + max_new_tokens                                    # cache slots: prompt, then one per step
+    pos = positions(mask)
+    key_mask = jnp.concatenate([mask[:, :p - 1].astype(bool), jnp.zeros((b, max_new_tokens), bool)], axis=1)
+    causal = jnp.arange(size)[None, :] <= jnp.arange(p - 1)[:, None]                  # (P-1, T)
+    _, kv = self.extend(inputs_embeds[:, :p - 1], pos[:, :p - 1], key_mask[:, None, None, :] & causal[None, None],
+                        self.init_cache(b, size), 0)
+    return {**kv, "key_mask": key_mask, "last_position": pos[:, -1], "prompt_length": jnp.int32(p)}
+
+  def step(self, token, t, cache):
+    """token (B,) fed as generation input number `t` -> (next-token logits (B, V) f32, updated cache)."""
+    index = cache["prompt_length"] - 1 + t
+    slots = jnp.arange(cache["key_mask"].shape[1])
+    mask = cache["key_mask"] | ((slots >= cache["prompt_length"] - 1) & (slots <= index))[None]
+    logits, kv = self.extend(self.embed(token[:, None]), (cache["last_position"] + t)[:, None],
+                             mask[:, None, None, :], {"k": cache["k"], "v": cache["v"]}, index)
+    return logits, dict(cache, **kv)
+
+  @staticmethod
+  def repeat_cache(cache: dict, n: int) -> dict:
+    """Each sample's cache n times in a row (its beams)."""
+    axes = {"k": 1, "v": 1, "key_mask": 0, "last_position": 0}
+    return {k: jnp.repeat(v, n, axis=axes[k]) if k in axes else v for k, v in cache.items()}
+
+  @staticmethod
+  def reorder_cache(cache: dict, rows) -> dict:
+    """Keys/values follow their beams; the prompt's mask and positions are equal across a sample's beams."""
+    return {k: v[:, rows] if k in ("k", "v") else v for k, v in cache.items()}

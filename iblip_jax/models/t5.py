@@ -232,20 +232,34 @@ class T5(nn.Module):
                      layers.padding_mask(attention_mask), deterministic=deterministic)
     return self.logits(x)
 
-  def init_cache(self, encoded, max_length: int) -> dict:
-    """Decoding cache: empty self-attention keys/values for `max_length` steps and the encoder's projected
-    cross-attention keys/values, each (layers, B, T or S, H, K)."""
+  # --- the generation interface (shared with Llama): prefill once, then one token per step -------------------
+
+  def prefill(self, encoded, encoded_mask, max_new_tokens: int) -> dict:
+    """The decoding cache for `max_new_tokens` steps: the encoder's projected cross-attention keys/values
+    (computed once per sample), empty self-attention keys/values, each (layers, B, S or T, H, K), and the encoder
+    mask (B, S)."""
     cfg = self.config
     cross = self.decoder(None, None, encoded, cross_kv_only=True)
-    shape = (cfg.num_decoder_layers, encoded.shape[0], max_length, cfg.num_heads, cfg.d_kv)
+    shape = (cfg.num_decoder_layers, encoded.shape[0], max_new_tokens, cfg.num_heads, cfg.d_kv)
     zeros = jnp.zeros(shape, cross["cross_k"].dtype)
-    return {"self_k": zeros, "self_v": zeros, **cross}
+    return {"self_k": zeros, "self_v": zeros, **cross, "encoded_mask": encoded_mask.astype(bool)}
 
-  def decode_step(self, token, index, cache, attention_mask):
-    """token (B,) at decoder position `index` -> (logits (B, V) f32, updated cache)."""
-    x, cache = self.decoder(self.embed(token[:, None]), None, None, layers.padding_mask(attention_mask),
-                            cache=cache, index=index)
-    return self.logits(x)[:, 0].astype(jnp.float32), cache
+  def step(self, token, t, cache):
+    """token (B,) fed as decoder input number `t` -> (next-token logits (B, V) f32, updated cache)."""
+    layers_cache = {k: v for k, v in cache.items() if k != "encoded_mask"}
+    x, layers_cache = self.decoder(self.embed(token[:, None]), None, None,
+                                   layers.padding_mask(cache["encoded_mask"]), cache=layers_cache, index=t)
+    return self.logits(x)[:, 0].astype(jnp.float32), dict(cache, **layers_cache)
+
+  @staticmethod
+  def repeat_cache(cache: dict, n: int) -> dict:
+    """Each sample's cache n times in a row (its beams)."""
+    return {k: jnp.repeat(v, n, axis=0 if k == "encoded_mask" else 1) for k, v in cache.items()}
+
+  @staticmethod
+  def reorder_cache(cache: dict, rows) -> dict:
+    """Self-attention keys/values follow their beams; the encoder's are equal across a sample's beams."""
+    return {k: v[:, rows] if k.startswith("self") else v for k, v in cache.items()}
 
   def logits(self, x):
     cfg = self.config

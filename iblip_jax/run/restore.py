@@ -12,6 +12,7 @@ from iblip_jax import checkpoints, optim
 from iblip_jax import train_step as ts
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run import common
+from iblip_jax import trainable as trainable_lib
 
 
 def inference_state(config, workdir: str | None):
@@ -22,10 +23,10 @@ def inference_state(config, workdir: str | None):
   tx = optim.make(config.optim, config.total_steps)
   sh = ts.state_shardings(model, tx, config.trainable, mesh, rules,
                           max_replicated_bytes=int(config.max_replicated_mb * 2**20))
-  params = common.load_params(config, model, ts.merge(sh.trainable, sh.frozen))
+  params = common.load_params(config, model, trainable_lib.merge(sh.trainable, sh.frozen))
   if not workdir or not (epath.Path(workdir) / "checkpoints").exists():
     return model, params, 0, mesh, rules
-  trainable, frozen = ts.split(params, config.trainable)
+  trainable, frozen = trainable_lib.split(params, config.trainable)
   opt_shape = jax.eval_shape(tx.init, trainable)
   step, state = checkpoints.restore_latest(checkpoints.manager(workdir), {"trainable": trainable,
                                                                           "opt_state": opt_shape},
@@ -34,4 +35,4 @@ def inference_state(config, workdir: str | None):
     return model, params, 0, mesh, rules
   if jax.process_index() == 0:
     print(f"using the trainable weights of {workdir} at step {step}", flush=True)
-  return model, ts.merge(state["trainable"], frozen), step, mesh, rules
+  return model, trainable_lib.merge(state["trainable"], frozen), step, mesh, rules

@@ -19,6 +19,7 @@ from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run import common
 from iblip_jax.run import logger as logger_lib
 from iblip_jax.run import workdir_lock
+from iblip_jax import trainable as trainable_lib
 
 
 class NonFiniteLoss(RuntimeError):
@@ -80,7 +81,7 @@ def _train(config, workdir: str) -> dict:
   tx = optim.make(config.optim, config.total_steps)
   sh = ts.state_shardings(model, tx, config.trainable, mesh, rules,
                           max_replicated_bytes=int(config.max_replicated_mb * 2**20))
-  trainable, frozen = ts.split(common.load_params(config, model, ts.merge(sh.trainable, sh.frozen)),
+  trainable, frozen = trainable_lib.split(common.load_params(config, model, trainable_lib.merge(sh.trainable, sh.frozen)),
                                config.trainable)
   if config.reinit_trainable:  # start the Q-Former side from scratch (fresh init), keep the frozen towers
     trainable = ts.init_random(model, config.trainable, sh, jax.random.key(config.seed))[0]
@@ -107,7 +108,7 @@ def _train(config, workdir: str) -> dict:
   previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
 
   def evaluate_now(step):
-    results = common.run_evals(config, model, ts.merge(trainable, frozen), tok, _eval_dir(workdir, step), mesh,
+    results = common.run_evals(config, model, trainable_lib.merge(trainable, frozen), tok, _eval_dir(workdir, step), mesh,
                                rules)
     log.metrics(step, {f"eval/{k}": v for k, v in results.items()})
     log.plot()
@@ -118,7 +119,7 @@ def _train(config, workdir: str) -> dict:
   if start == 0 and config.eval_at_start and config.evals:
     if config.eval_untrained_baseline:  # a randomly initialised trainable side, as a stated baseline
       fresh = ts.init_random(model, config.trainable, sh, jax.random.key(config.seed + 1))[0]
-      untrained = common.run_evals(config, model, ts.merge(fresh, frozen), tok, _eval_dir(workdir, "untrained"),
+      untrained = common.run_evals(config, model, trainable_lib.merge(fresh, frozen), tok, _eval_dir(workdir, "untrained"),
                                    mesh, rules)
       log.text("untrained Q-Former side: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(untrained.items())))
       del fresh
