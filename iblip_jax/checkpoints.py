@@ -30,12 +30,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from iblip_jax.errors import UserError
 
-class CheckpointMismatch(ValueError):
+
+class CheckpointMismatch(UserError):
   """A checkpoint written by another config: its tree or shapes differ from this run's state."""
 
 
-class NoReadableCheckpoint(ValueError):
+class NoReadableCheckpoint(UserError):
   """Checkpoints exist, and none of them can be read."""
 
 

@@ -61,8 +61,9 @@ def base(model: dict) -> ml_collections.ConfigDict:
   # a prepared dataset (iblip_jax.data.tfds_builder): {"format", "tfds_data_dir", "split": "train", "weight"}.
   # random_crop: RandomResizedCrop(0.5-1.0) in training, as LAVIS (no horizontal flip: it breaks left/right).
   # mixing: "example" (every example drawn from the mixture) or "step" (every global batch from one dataset, LAVIS).
+  # max_skip_rate: warn when more than this fraction of recent examples is skipped as bad (per dataset, with reasons).
   config.data = ml_collections.ConfigDict(dict(datasets={}, balanced=True, workers=0, random_crop=True,
-                                               mixing="example"))
+                                               mixing="example", max_skip_rate=0.1))
   # Evaluations: {name: {"task": an iblip_jax.evaluation.tasks name, "format": ..., "path": ...}}
   config.evals = ml_collections.ConfigDict()
   config.eval_every = 1000

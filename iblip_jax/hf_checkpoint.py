@@ -21,6 +21,7 @@ from etils import epath
 from tqdm import tqdm
 
 from iblip_jax import safetensors_io
+from iblip_jax.errors import UserError
 from iblip_jax.models.configs import (ACTIVATIONS, InstructBlipConfig, LlamaConfig, QFormerConfig, T5Config,
                                      VisionConfig, validate)
 
@@ -30,7 +31,7 @@ INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint directory that cannot be loaded; the message names the file and key."""
 
 

@@ -1,25 +1,14 @@
 """Parameter counts of the real configs, against the paper's table and transformers' own model definitions."""
-import importlib.util
-import os
-
 import pytest
 import torch
 from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
-from iblip_jax import summary
-
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
-
-
-def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from iblip_jax.run import settings, summary
+from train_helper import load_config
 
 
 def _totals(name):
-  rows = summary.count_params(load_config(name))
+  rows = summary.count_params(settings.resolve(load_config(name), None, "summary"))
   return sum(r[1] for r in rows), sum(r[2] for r in rows)
 
 

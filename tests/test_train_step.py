@@ -15,7 +15,7 @@ import torch
 import iblip_jax
 import oracle
 import train_helper
-from iblip_jax import optim, sharding
+from iblip_jax import optim, sharding, train_state
 from iblip_jax import train_step as ts
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.instructblip import InstructBlip
@@ -188,10 +188,9 @@ def test_partition_specs_golden_file():
   """Per-parameter PartitionSpecs of the tiny config on the 2x2x2 mesh. Regenerate with IBLIP_UPDATE_GOLDEN=1."""
   config = train_helper.train_config()
   model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
-  tx = optim.make(config.optim, 10)
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  sh = ts.state_shardings(model, tx, config.trainable, mesh, [tuple(r) for r in config.sharding_rules])
-  tree = trainable_lib.merge(sh.trainable, sh.frozen)
+  tree = train_state.build(model, patterns=config.trainable, optim=config.optim, total_steps=10, mesh=mesh,
+                           rules=config.sharding_rules).param_shardings
   got = {jax.tree_util.keystr(p, simple=True, separator="/"): str(s.spec)
          for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]}
   path = os.path.join(HERE, "golden", "tiny_2x2x2_partition_specs.json")
@@ -209,8 +208,8 @@ def test_replicated_large_tensor_is_caught():
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   no_rules = [(name, None) for name, _ in config.sharding_rules]
   with pytest.raises(ValueError, match="language_model/shared/embedding"):
-    ts.state_shardings(model, optim.make(config.optim, 10), config.trainable, mesh, no_rules,
-                       max_replicated_bytes=10_000)
+    train_state.build(model, patterns=config.trainable, optim=config.optim, total_steps=10, mesh=mesh, rules=no_rules,
+                      max_replicated_bytes=10_000)
 
 
 def _free_port() -> int:

@@ -5,8 +5,7 @@ import os
 import jax
 import numpy as np
 
-from iblip_jax import optim, sharding
-from iblip_jax import train_step as ts
+from iblip_jax import sharding, train_state
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.instructblip import InstructBlip
 
@@ -60,14 +59,15 @@ def run_steps(mesh_sizes, num_steps: int = 3, config=None, devices=None, local_r
   """Returns (losses, trainable, frozen_before, frozen_after, shardings) after `num_steps` steps."""
   config = config or train_config()
   model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
-  tx = optim.make(config.optim, config.total_steps)
   rules = [tuple(r) for r in config.sharding_rules]
   mesh = sharding.make_mesh(dict(zip(sharding.AXES, mesh_sizes)), devices)
-  sh = ts.state_shardings(model, tx, config.trainable, mesh, rules, max_replicated_bytes=1 << 20)
-  trainable, frozen = ts.init_random(model, config.trainable, sh, jax.random.key(config.seed))
+  setup = train_state.build(model, patterns=config.trainable, optim=config.optim, total_steps=config.total_steps,
+                            mesh=mesh, rules=rules, max_replicated_bytes=1 << 20)
+  sh = setup.shardings
+  trainable, frozen = setup.init_random(jax.random.key(config.seed))
   frozen_before = jax.tree.map(np.asarray, frozen) if jax.process_count() == 1 else None
-  opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
-  step = ts.jit_train_step(ts.make_train_step(model, tx, vision_frozen="vision" not in trainable, dropout=False), sh)
+  opt_state = setup.init_opt_state(trainable)
+  step = setup.train_step(dropout=False)
   batch = make_decoder_only_batch() if model.config.decoder_only else make_batch()
   if local_rows is not None:
     batch = {k: v[local_rows] for k, v in batch.items()}

@@ -32,18 +32,17 @@ from typing import Any
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from iblip_jax import decoding, optim, sharding  # noqa: E402
-from iblip_jax import train_step as ts  # noqa: E402
+from iblip_jax import decoding, optim, sharding, train_state  # noqa: E402
+from iblip_jax import trainable as trainable_lib  # noqa: E402
 from iblip_jax.models import configs as model_configs  # noqa: E402
 from iblip_jax.models.instructblip import InstructBlip  # noqa: E402
 from iblip_jax.pretrained import params_shape  # noqa: E402
-from iblip_jax import trainable as trainable_lib  # noqa: E402
+from iblip_jax.run import settings  # noqa: E402
+from iblip_jax.train_step import make_train_step  # noqa: E402
 
 GiB = 2**30
 
@@ -162,12 +161,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 # --- the model and its abstract inputs ------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-  """Sequence lengths of one batch; defaults are the tokenizers' longest buckets (LAVIS's truncation lengths)."""
-  instruction: int = 128   # Q-Former instruction tokens
-  prompt: int = 128        # LLM prompt tokens (the Q visual tokens go in front of them)
-  target: int = 256        # LLM target tokens
+Shapes = train_state.Lengths   # the batch's sequence lengths (the tokenizers' longest buckets by default)
 
 
 def tpu_model_config(config, *, frozen_dtype: str = "bfloat16", remat: bool = True):
@@ -187,58 +181,18 @@ def fully_unrolled(cfg):
                      text=dataclasses.replace(cfg.text, scan_unroll=text_layers))
 
 
-def _abstract(shapes: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-
-
-def batch_specs(cfg, batch: int, shapes: Shapes, batch_sharding: NamedSharding | None = None, *,
-                labels: bool = True) -> dict:
-  """The train (or, without labels, decode) batch as ShapeDtypeStructs, sharded when given a sharding. A
-  decoder-only LLM trains on [prompt][target] in one sequence."""
-  v = cfg.vision
-  ids = lambda n: jax.ShapeDtypeStruct((batch, n), jnp.int32, sharding=batch_sharding)
-  text = shapes.prompt + shapes.target if labels and cfg.decoder_only else shapes.prompt
-  out = dict(pixel_values=jax.ShapeDtypeStruct((batch, v.image_size, v.image_size, v.num_channels), jnp.float32,
-                                               sharding=batch_sharding),
-             qformer_input_ids=ids(shapes.instruction), qformer_attention_mask=ids(shapes.instruction),
-             input_ids=ids(text), attention_mask=ids(text))
-  if labels and cfg.decoder_only:
-    out.update(labels=ids(text))
-  elif labels:
-    out.update(labels=ids(shapes.target), decoder_attention_mask=ids(shapes.target))
-  return out
-
-
-def _abstract_state(config, model: InstructBlip, tx) -> tuple[dict, dict, Any]:
-  """(trainable, frozen, optimizer state) as unsharded ShapeDtypeStructs."""
+def _abstract_state(config, model: InstructBlip) -> tuple[dict, dict, Any]:
+  """(trainable, frozen, optimizer state) as unsharded ShapeDtypeStructs (for counting FLOPs before partitioning)."""
   trainable, frozen = trainable_lib.split(params_shape(model), config.trainable)
-  return trainable, frozen, jax.eval_shape(tx.init, trainable)
+  return trainable, frozen, jax.eval_shape(optim.make(config.optim, config.total_steps).init, trainable)
 
 
-@dataclasses.dataclass
-class Setup:
-  model: InstructBlip
-  mesh: Any
-  rules: list
-  shardings: ts.Shardings
-  trainable: dict      # ShapeDtypeStructs with shardings
-  frozen: dict
-  opt_state: Any
-  tx: Any
-
-
-def setup(config, cfg, devices, mesh_sizes: dict[str, int]) -> Setup:
-  """Mesh, shardings and the abstract parameter / optimizer trees, from shapes only."""
-  model = InstructBlip(cfg)
-  tx = optim.make(config.optim, config.total_steps)
-  mesh_config = dict(config.mesh.to_dict(), **mesh_sizes)
-  mesh = sharding.make_mesh(mesh_config, devices)
-  rules = [tuple(r) for r in config.sharding_rules]
-  sh = ts.state_shardings(model, tx, config.trainable, mesh, rules,
-                          max_replicated_bytes=int(config.max_replicated_mb * 2**20))
-  train_shape, frozen_shape, opt_shape = _abstract_state(config, model, tx)
-  return Setup(model, mesh, rules, sh, _abstract(train_shape, sh.trainable), _abstract(frozen_shape, sh.frozen),
-               _abstract(opt_shape, sh.opt_state), tx)
+def setup(config, cfg, devices, mesh_sizes: dict[str, int]) -> train_state.TrainSetup:
+  """The training state the main job builds (iblip_jax.train_state), on the topology's devices, from shapes only."""
+  s = settings.for_tools(config, model=cfg)
+  mesh = sharding.make_mesh(dict(s.mesh, **mesh_sizes), devices)
+  return train_state.build(InstructBlip(cfg), patterns=s.trainable, optim=s.optim, total_steps=s.total_steps,
+                           mesh=mesh, rules=s.sharding_rules, max_replicated_bytes=s.max_replicated_bytes)
 
 
 # --- compiling and reporting ----------------------------------------------------------------------------------
@@ -301,19 +255,14 @@ def _rng(sharding_: NamedSharding | None = None) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=sharding_)
 
 
-def _train_step(config, model: InstructBlip, tx, trainable: dict):
-  """The step run/train.py builds (a ViT without trainable parameters gets no gradient at all)."""
-  return ts.make_train_step(model, tx, vision_frozen="vision" not in trainable, dropout=config.dropout)
-
-
 def train_flops(config, cfg, *, batch: int, shapes: Shapes = Shapes()) -> float:
   """FLOPs of one train step on the global batch: forward, backward (with remat's recompute when cfg.text.remat)
   and AdamW, every layer counted (see global_flops)."""
   model = InstructBlip(fully_unrolled(cfg))
-  tx = optim.make(config.optim, config.total_steps)
-  trainable, frozen, opt_state = _abstract_state(config, model, tx)
-  step = jax.jit(_train_step(config, model, tx, trainable))
-  return global_flops(step.lower(trainable, opt_state, frozen, batch_specs(cfg, batch, shapes), _rng()))
+  trainable, frozen, opt_state = _abstract_state(config, model)
+  step = jax.jit(make_train_step(model, optim.make(config.optim, config.total_steps),
+                                 vision_frozen="vision" not in trainable, dropout=config.dropout))
+  return global_flops(step.lower(trainable, opt_state, frozen, train_state.batch_spec(cfg, batch, shapes), _rng()))
 
 
 def _decode_settings(new_tokens: int, num_beams: int) -> dict:
@@ -325,9 +274,10 @@ def decode_flops(config, cfg, *, batch: int, new_tokens: int = 10, num_beams: in
                  shapes: Shapes = Shapes()) -> float:
   """FLOPs of generation: the prefill and ONE decoding step (the token loop is a while_loop, counted once)."""
   model = InstructBlip(fully_unrolled(cfg))
-  trainable, frozen, _ = _abstract_state(config, model, optim.make(config.optim, config.total_steps))
+  trainable, frozen, _ = _abstract_state(config, model)
   generate = decoding._generate  # noqa: SLF001 (the jitted function iblip_jax.generate calls)
-  return global_flops(generate.lower(model, trainable_lib.merge(trainable, frozen), batch_specs(cfg, batch, shapes, labels=False),
+  return global_flops(generate.lower(model, trainable_lib.merge(trainable, frozen),
+                                     train_state.batch_spec(cfg, batch, shapes, labels=False),
                                      **_decode_settings(new_tokens, num_beams)))
 
 
@@ -337,9 +287,9 @@ def compile_train(config, topology: Topology, *, batch: int, mesh_sizes: dict[st
   """AOT-compiles the train step for `topology` (memory) and counts its FLOPs (train_flops)."""
   cfg = tpu_model_config(config, frozen_dtype=frozen_dtype, remat=remat)
   s = setup(config, cfg, devices or topology_devices(topology), mesh_sizes or {})
-  step = ts.jit_train_step(_train_step(config, s.model, s.tx, s.trainable), s.shardings)
-  args = (s.trainable, s.opt_state, s.frozen, batch_specs(cfg, batch, shapes, s.shardings.batch),
-          _rng(s.shardings.replicated))
+  trainable, frozen, opt_state = s.abstract()
+  args = (trainable, opt_state, frozen, s.batch_spec(batch, shapes), _rng(s.shardings.replicated))
+  step = s.train_step(dropout=config.dropout)   # the very step training runs
   with sharding.context(s.mesh, s.rules):
     report = _memory_report("train step", step.lower(*args))
   report.flops = train_flops(config, cfg, batch=batch, shapes=shapes)
@@ -355,12 +305,13 @@ def compile_decode(config, topology: Topology, *, batch: int, new_tokens: int = 
   """AOT-compiles generation (greedy when num_beams=1) as `iblip_jax.generate` runs it, and counts its FLOPs."""
   cfg = tpu_model_config(config, frozen_dtype=frozen_dtype, remat=False)
   s = setup(config, cfg, devices or topology_devices(topology), mesh_sizes or {})
-  inputs = batch_specs(cfg, batch, shapes, s.shardings.batch, labels=False)
+  trainable, frozen, _ = s.abstract()
+  inputs = s.batch_spec(batch, shapes, labels=False)
   search = "greedy" if num_beams == 1 else f"beam search, {num_beams} beams"
   generate = decoding._generate  # noqa: SLF001 (the jitted function iblip_jax.generate calls)
   with sharding.context(s.mesh, s.rules):
     report = _memory_report(f"generate ({search}, {new_tokens} new tokens)",
-                            generate.lower(s.model, trainable_lib.merge(s.trainable, s.frozen), inputs,
+                            generate.lower(s.model, trainable_lib.merge(trainable, frozen), inputs,
                                            **_decode_settings(new_tokens, num_beams)))
   report.flops = report.model_flops = decode_flops(config, cfg, batch=batch, new_tokens=new_tokens,
                                                    num_beams=num_beams, shapes=shapes)

@@ -14,7 +14,6 @@ import dataclasses
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
@@ -24,11 +23,10 @@ import numpy as np
 import torch
 from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import iblip_jax  # noqa: E402
-from iblip_jax import config_lib, optim  # noqa: E402
-from iblip_jax import train_step as ts  # noqa: E402
-from iblip_jax import trainable as trainable_lib  # noqa: E402
+import iblip_jax
+from iblip_jax import config_lib, optim
+from iblip_jax import trainable as trainable_lib
+from iblip_jax.train_step import make_train_step
 
 BATCH, INSTR, PROMPT, TARGET, NEW_TOKENS, CANDIDATES = 8, 24, 24, 8, 10, 4
 TORCH_DEVICE = "cpu"   # "cuda" with --gpu
@@ -117,7 +115,7 @@ def bench_train(hf, model, params, x, repeats):
   trainable, frozen = trainable_lib.split(params, config.trainable)
   trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; `params` stays usable for the others
   tx = optim.make(config.optim, 1000)
-  step = jax.jit(ts.make_train_step(model, tx, dropout=False), donate_argnums=(0, 1))
+  step = jax.jit(make_train_step(model, tx, dropout=False), donate_argnums=(0, 1))
   batch = {k: jnp.asarray(v) for k, v in x.items() if k != "candidates"}
   state = {"t": trainable, "o": tx.init(trainable)}
 
@@ -129,7 +127,7 @@ def bench_train(hf, model, params, x, repeats):
   c = model.config
   unrolled = model.clone(config=c.replace(vision=dataclasses.replace(c.vision, scan_unroll=c.vision.num_hidden_layers),
                                           text=dataclasses.replace(c.text, scan_unroll=c.text.num_layers)))
-  flops = jax.jit(ts.make_train_step(unrolled, tx, dropout=False)).lower(
+  flops = jax.jit(make_train_step(unrolled, tx, dropout=False)).lower(
       trainable, tx.init(trainable), frozen, batch, jax.random.key(0)).compile().cost_analysis()["flops"]
   first, median = timed(ours, repeats)
 

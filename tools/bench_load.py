@@ -37,7 +37,6 @@ import threading
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, ROOT)
 
 GIB = 2**30
 TARGET_FACTOR, TARGET_EXTRA = 1.25, 1.5 * GIB

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -25,9 +24,7 @@ import numpy as np
 from PIL import Image
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: no accelerator plugin probing (libtpu is installed)
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from iblip_jax.data import mixture, pipeline, readers, tfds_builder, tokenize  # noqa: E402
-from iblip_jax import trainable as trainable_lib  # noqa: E402
 
 TOKENIZERS = os.path.join(os.path.dirname(__file__), "..", "demo_assets", "instructblip-demo")
 QUESTIONS = ("what is the man holding in his left hand", "how many people are sitting on the bench",
@@ -82,16 +79,17 @@ def time_pipeline(source, tok, *, batch: int, workers: int, batches: int) -> dic
 def time_train_step(batch: dict, steps: int) -> dict:
   import jax
   import jax.numpy as jnp
-  from iblip_jax import config_lib, optim
-  from iblip_jax import train_step as ts
-  from iblip_jax.run import common
-  config = config_lib.base(BASE)
-  model, params = common.load_model(config)
-  trainable, frozen = trainable_lib.split(params, config.trainable)
-  tx = optim.make(config.optim, 1000)
-  step = jax.jit(ts.make_train_step(model, tx, dropout=False), donate_argnums=(0, 1))
+  from iblip_jax import config_lib, sharding, train_state
+  from iblip_jax.models.instructblip import InstructBlip
+  from iblip_jax.run import settings
+  s = settings.for_tools(config_lib.base(BASE))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  setup = train_state.build(InstructBlip(s.model), patterns=s.trainable, optim=s.optim, total_steps=1000, mesh=mesh,
+                            rules=s.sharding_rules)
+  trainable, frozen = setup.init_random(jax.random.key(s.seed))
+  step = setup.train_step(dropout=False)
   x = {k: jnp.asarray(v) for k, v in batch.items()}
-  state = {"t": jax.tree.map(jnp.asarray, trainable), "o": tx.init(trainable)}
+  state = {"t": trainable, "o": setup.init_opt_state(trainable)}
 
   def run():
     state["t"], state["o"], m = step(state["t"], state["o"], frozen, x, jax.random.key(0))

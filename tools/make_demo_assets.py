@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -28,17 +27,15 @@ import optax
 import flax.linen as nn
 from PIL import Image
 
+from iblip_jax import config_lib, losses, optim, pretrained, sharding, train_state
+from iblip_jax import trainable as trainable_lib
+from iblip_jax.data import mixture, pipeline, shapes, tokenize, word_tokenizers
+from iblip_jax.data.readers import READERS
+from iblip_jax.models import configs as model_configs
+from iblip_jax.models.instructblip import InstructBlip
+from iblip_jax.models.t5 import T5
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-from iblip_jax import config_lib, optim, pretrained, sharding  # noqa: E402
-from iblip_jax import train_step as ts  # noqa: E402
-from iblip_jax.data import mixture, pipeline, shapes, tokenize, word_tokenizers  # noqa: E402
-from iblip_jax.data.readers import READERS  # noqa: E402
-from iblip_jax.models import configs as model_configs  # noqa: E402
-from iblip_jax.models.instructblip import InstructBlip  # noqa: E402
-from iblip_jax.models.t5 import T5  # noqa: E402
-from iblip_jax import trainable as trainable_lib  # noqa: E402
-from iblip_jax import losses  # noqa: E402
 
 
 def demo_model_config(qformer_vocab: int, llm_vocab: int) -> dict:
@@ -104,11 +101,12 @@ def train_text(model, lm_params, tok, path: str, steps: int, batch: int, seed: i
   return jax.tree.map(np.asarray, lm_params)
 
 
-def caption_step(model, tx, sh, match_weight: float):
+def caption_step(setup, match_weight: float):
   """Stage B's step: the captioning loss (BLIP-2's generative objective) plus the squared distance between the
   visual tokens and the caption's token embeddings, slot by slot (the caption and its EOS fill the Q slots).
   The second term puts the image where stage A put the caption, so that what the LLM learned from text carries
   over to images; that is what lets the demo show zero-shot transfer to a format never trained with images."""
+  model, tx = setup.model, setup.tx
   is_projection = lambda module, method: module.name == "language_projection" and method == "__call__"
 
   def step(trainable, opt_state, frozen, batch, rng):
@@ -130,7 +128,7 @@ def caption_step(model, tx, sh, match_weight: float):
     (_, lm_loss), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, {"loss": lm_loss}
-  return ts.jit_train_step(step, sh)
+  return setup.jit_step(step)
 
 
 def main():
@@ -168,12 +166,11 @@ def main():
     data = iter(pipeline.build(examples, tok, batch_size=args.batch, image_size=shapes.IMAGE_SIZE,
                                seed=args.seed, train=False).dataset)
     image_side = [r"^vision/", r"^ln_vision/", r"^query_tokens$", r"^qformer/", r"^language_projection/"]
-    tx = optim.make(_optim(), args.steps)
-    sh = ts.state_shardings(model, tx, image_side, mesh, rules)
-    trainable, frozen = trainable_lib.split(params, image_side)
-    trainable, frozen = ts.place(trainable, sh.trainable), ts.place(frozen, sh.frozen)
-    opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
-    step = caption_step(model, tx, sh, args.match_weight)
+    setup = train_state.build(model, patterns=image_side, optim=_optim(), total_steps=args.steps, mesh=mesh,
+                              rules=rules)
+    trainable, frozen = trainable_lib.split(train_state.place(params, setup.param_shardings), image_side)
+    opt_state = setup.init_opt_state(trainable)
+    step = caption_step(setup, args.match_weight)
     t0 = time.time()
     with sharding.context(mesh, rules):
       for i in range(args.steps):

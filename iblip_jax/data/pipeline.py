@@ -33,6 +33,7 @@ from absl import flags
 from PIL import Image
 
 from iblip_jax.data import preprocess, tokenize
+from iblip_jax.errors import UserError
 
 SKIP = "_skip"
 
@@ -142,7 +143,7 @@ def record_texts(record: dict, rng: np.random.Generator) -> tuple[str, str]:
   return record["text_input"], record["text_output"]
 
 
-class BadDatasetError(ValueError):
+class BadDatasetError(UserError):
   """A dataset whose first records all fail to load: its format, paths or renderer are wrong, not a few files."""
 
 

@@ -7,23 +7,22 @@ import os
 from etils import epath
 
 from iblip_jax import distributed, pretrained
-from iblip_jax.run import common, restore
+from iblip_jax.run import restore
+from iblip_jax.run.settings import ConfigError, Settings
 
 _WEIGHTS = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
-def run(config, workdir: str) -> str:
-  common.validate(config, workdir, mode="export")
-  if not config.export_dir:
-    raise ValueError("config.export_dir is empty: where should the Hugging Face checkpoint go?")
-  model, params, step, _, _ = restore.inference_state(config, workdir)
-  pretrained.save_pretrained(model, params, config.export_dir)
-  tokenizer = config.get("tokenizer") or config.model_init
-  if distributed.is_primary() and tokenizer and os.path.isdir(tokenizer):
-    _copy_tree(epath.Path(tokenizer), epath.Path(config.export_dir))   # the export is self-contained
-    print(f"exported step {step} to {config.export_dir}")
+def run(s: Settings) -> str:
+  if not s.export_dir:
+    raise ConfigError("config.export_dir is empty: where should the Hugging Face checkpoint go?")
+  model, params, step, _, _ = restore.inference_state(s)
+  pretrained.save_pretrained(model, params, s.export_dir)
+  if distributed.is_primary() and s.tokenizer and os.path.isdir(s.tokenizer):
+    _copy_tree(epath.Path(s.tokenizer), epath.Path(s.export_dir))   # the export is self-contained
+    print(f"exported step {step} to {s.export_dir}")
   distributed.sync("iblip_jax_export")
-  return config.export_dir
+  return s.export_dir
 
 
 def _copy_tree(src: epath.Path, dst: epath.Path) -> None:

@@ -21,14 +21,15 @@ from tensorboardX import SummaryWriter  # noqa: E402
 
 class Logger:
 
-  def __init__(self, workdir: str, config=None, resumed_at: int = 0):
+  def __init__(self, workdir: str, config_json: str | None = None, resumed_at: int = 0):
+    """`config_json`: the run's whole config, written to workdir/config.json when the run starts (not on a resume)."""
     self.workdir = epath.Path(workdir)
     self.active = jax.process_index() == 0
     self.path = self.workdir / "metrics.jsonl"
     # tensorboardX writes gs:// itself (through google-cloud-storage, re-uploading the events file on each flush)
     self.writer = SummaryWriter(str(self.workdir / "tensorboard")) if self.active else None
-    if self.active and config is not None and resumed_at == 0:
-      (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if self.active and config_json is not None and resumed_at == 0:
+      (self.workdir / "config.json").write_text(config_json)
 
   def text(self, line: str) -> None:
     if self.active:

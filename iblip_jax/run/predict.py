@@ -19,6 +19,7 @@ from etils import epath
 from iblip_jax import checkpoints, distributed
 from iblip_jax.evaluation import evaluator, tasks
 from iblip_jax.run import common, restore
+from iblip_jax.run.settings import ConfigError, Settings
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -32,13 +33,13 @@ def records_from(spec: str, prompt: str) -> list[dict]:
   else:
     paths = [p.strip() for p in spec.split(",") if p.strip()]
   if not paths:
-    raise ValueError(f"config.predict.images={spec!r}: no images there")
+    raise ConfigError(f"config.predict.images={spec!r}: no images there")
   return [{"id": i, "image": p, "prompt": prompt} for i, p in enumerate(paths)]
 
 
 def _pairs(path: str, prompt: str) -> list[dict]:
   if not os.path.isfile(path):
-    raise ValueError(f"config.predict.images={path!r}: no such JSONL file")
+    raise ConfigError(f"config.predict.images={path!r}: no such JSONL file")
   out = []
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, 1):
@@ -47,29 +48,28 @@ def _pairs(path: str, prompt: str) -> list[dict]:
       try:
         row = json.loads(raw.decode("utf-8"))
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: line {lineno}: not a JSON object in UTF-8 ({e})") from None
+        raise ConfigError(f"{path}: line {lineno}: not a JSON object in UTF-8 ({e})") from None
       if not isinstance(row, dict) or not isinstance(row.get("image"), str) or \
           not isinstance(row.get("prompt", prompt), str):
-        raise ValueError(f"{path}: line {lineno}: expected {{\"image\": path, \"prompt\": text}}, got {raw[:200]!r}")
+        raise ConfigError(f"{path}: line {lineno}: expected {{\"image\": path, \"prompt\": text}}, got {raw[:200]!r}")
       image = row["image"] if os.path.isabs(row["image"]) else os.path.join(os.path.dirname(path), row["image"])
       out.append({"id": len(out), "image": image, "prompt": row.get("prompt", prompt)})
   if not out:
-    raise ValueError(f"{path}: no (image, prompt) lines")
+    raise ConfigError(f"{path}: no (image, prompt) lines")
   return out
 
 
-def run(config, workdir: str | None) -> list[dict]:
-  common.validate(config, workdir, mode="predict")
-  p = config.predict
+def run(s: Settings) -> list[dict]:
+  p = s.predict
   records = records_from(p.images, p.prompt)
-  if workdir and not checkpoints.directory(workdir).exists():
-    raise ValueError(f"--workdir={workdir!r} has no checkpoints/: nothing trained to answer with. Omit --workdir to "
-                     f"answer with the weights of config.model_init={config.model_init!r}")
-  model, params, step, mesh, rules = restore.inference_state(config, workdir)
+  if s.workdir and not checkpoints.directory(s.workdir).exists():
+    raise ConfigError(f"--workdir={s.workdir!r} has no checkpoints/: nothing trained to answer with. Omit --workdir "
+                      f"to answer with the weights of config.model_init={s.model_init!r}")
+  model, params, step, mesh, rules = restore.inference_state(s)
   if distributed.is_primary() and not step:
-    print(f"using the pretrained weights of {config.model_init}" if config.model_init else
+    print(f"using the pretrained weights of {s.model_init}" if s.model_init else
           "using freshly initialised weights (no config.model_init): the answers mean nothing", flush=True)
-  model, tok = common.load_tokenizers(config, model)
+  model, tok = common.load_tokenizers(s, model)
   task = dataclasses.replace(tasks.get("caption"), name="predict", prompt="{prompt}", num_beams=p.num_beams,
                              max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
                              length_penalty=p.length_penalty, repetition_penalty=p.repetition_penalty)

@@ -13,16 +13,17 @@ from etils import epath
 from tqdm import tqdm
 
 from iblip_jax import checkpoints, distributed, optim, sharding
-from iblip_jax import train_step as ts
-from iblip_jax.data import mixture, pipeline
+from iblip_jax.data import mixture, pipeline, sources
+from iblip_jax.errors import UserError
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run import common
 from iblip_jax.run import logger as logger_lib
 from iblip_jax.run import workdir_lock
+from iblip_jax.run.settings import Settings
 from iblip_jax import trainable as trainable_lib
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):
   """Training diverged; nothing of the diverged state was saved."""
 
 
@@ -42,104 +43,98 @@ def _intact(mngr) -> str:
           "config.optim.lr, set config.optim.grad_clip_norm, or check the data.")
 
 
-def _data(config, tok, model, mesh):
-  datasets = {name: common.record_source(spec, f"data.datasets.{name}")
-              for name, spec in config.data.datasets.items()}
+def _data(s: Settings, tok, model, mesh):
+  datasets = {source.name: sources.record_source(source) for source in s.data.datasets}
   sizes = {name: len(ds) for name, ds in datasets.items()}
-  multipliers = {name: spec.get("weight", 1.0) for name, spec in config.data.datasets.items()}
-  probs = mixture.weights(sizes, multipliers, balanced=config.data.balanced)
-  per_step = config.data.get("mixing", "example") == "step"  # LAVIS: each global batch from one dataset
-  mixed = mixture.mix(datasets, probs, seed=config.seed,
-                      **(dict(batch_size=config.batch_size, batch_fn=list) if per_step else {}))
-  local_batch = config.batch_size // jax.process_count()
-  rows = sharding.process_rows(mesh, config.batch_size)
+  multipliers = {source.name: source.weight for source in s.data.datasets}
+  probs = mixture.weights(sizes, multipliers, balanced=s.data.balanced)
+  per_step = s.data.mixing == "step"  # LAVIS: each global batch from one dataset
+  mixed = mixture.mix(datasets, probs, seed=s.seed, **(dict(batch_size=s.batch_size, batch_fn=list) if per_step else {}))
+  local_batch = s.batch_size // jax.process_count()
+  rows = sharding.process_rows(mesh, s.batch_size)
   want = (jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
   if rows != want:  # the pipeline feeds process p the rows [p b, (p + 1) b) of every global batch
     raise ValueError(f"this process's devices hold rows {rows} of the global batch, not {want}: the mesh does not "
                      "order devices by process; use config.mesh sizes that make_mesh can lay out by host")
-  return pipeline.build(mixed, tok, batch_size=local_batch, image_size=model.config.vision.image_size,
-                        seed=config.seed, train=config.data.random_crop, render=common.renderer(config),
-                        workers=config.data.workers, per_step=per_step,
-                        process_index=jax.process_index(), process_count=jax.process_count()), probs
+  return pipeline.build(mixed, tok, batch_size=local_batch, image_size=model.config.vision.image_size, seed=s.seed,
+                        train=s.data.random_crop, render=sources.renderer(), workers=s.data.workers,
+                        per_step=per_step, process_index=jax.process_index(), process_count=jax.process_count(),
+                        probe=datasets), probs
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(s: Settings) -> dict:
   """Trains; returns the last evaluation's metrics. Raises Preempted after a signal (a checkpoint was saved)."""
-  common.validate(config, workdir, mode="train")
   if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  with workdir_lock.WorkdirLock(workdir):   # this run owns the workdir until it exits
-    return _train(config, workdir)
+    epath.Path(s.workdir).mkdir(parents=True, exist_ok=True)
+  with workdir_lock.WorkdirLock(s.workdir):   # this run owns the workdir until it exits
+    return _train(s)
 
 
-def _train(config, workdir: str) -> dict:
-  model = InstructBlip(common.model_config(config))
-  model, tok = common.load_tokenizers(config, model)
+def _train(s: Settings) -> dict:
+  workdir = s.workdir
+  model, tok = common.load_tokenizers(s, InstructBlip(s.model))
 
   # --- mesh, shardings, state: every parameter read straight into its shard -------------------------------
-  mesh, rules = common.mesh_and_rules(config)
-  tx = optim.make(config.optim, config.total_steps)
-  sh = ts.state_shardings(model, tx, config.trainable, mesh, rules,
-                          max_replicated_bytes=int(config.max_replicated_mb * 2**20))
-  trainable, frozen = trainable_lib.split(common.load_params(config, model, trainable_lib.merge(sh.trainable, sh.frozen)),
-                               config.trainable)
-  if config.reinit_trainable:  # start the Q-Former side from scratch (fresh init), keep the frozen towers
-    trainable = ts.init_random(model, config.trainable, sh, jax.random.key(config.seed))[0]
-  opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
+  setup = common.setup(s, model)
+  mesh, rules = setup.mesh, setup.rules
+  trainable, frozen = trainable_lib.split(common.load_params(s, model, setup), s.trainable)
+  if s.reinit_trainable:  # start the Q-Former side from scratch (fresh init), keep the frozen towers
+    trainable = setup.init_random(jax.random.key(s.seed))[0]
+  opt_state = setup.init_opt_state(trainable)
+  sh = setup.shardings
 
-  pipe, probs = _data(config, tok, model, mesh)
+  pipe, probs = _data(s, tok, model, mesh)
   data_it = iter(pipe.dataset)
-  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+  mngr = checkpoints.manager(workdir, keep=s.keep_checkpoints)
   start, restored = checkpoints.restore_latest(
       mngr, {"trainable": trainable, "opt_state": opt_state}, {"trainable": sh.trainable, "opt_state": sh.opt_state},
-      data_it, move_aside=True, fresh_start_if_unreadable=config.fresh_start_if_unreadable)
+      data_it, move_aside=True, fresh_start_if_unreadable=s.fresh_start_if_unreadable)
   if restored is not None:
     trainable, opt_state = restored["trainable"], restored["opt_state"]
     if jax.process_index() == 0:
       print(f"resumed from {mngr.directory} at step {start}", flush=True)
-  log = logger_lib.Logger(workdir, config, resumed_at=start)
+  log = logger_lib.Logger(workdir, s.config_json, resumed_at=start)
   log.text("mixture: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in sorted(probs.items())))
 
-  step_fn = ts.jit_train_step(ts.make_train_step(model, tx, vision_frozen="vision" not in trainable,
-                                                 dropout=config.dropout), sh)
-  state_check = ts.jit_state_check(model, sh)
-  schedule = optim.learning_rate(config.optim, config.total_steps)
+  step_fn = setup.train_step(dropout=s.dropout)
+  state_check = setup.state_check()
+  schedule = optim.learning_rate(s.optim, s.total_steps)
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
 
   def evaluate_now(step):
-    results = common.run_evals(config, model, trainable_lib.merge(trainable, frozen), tok, _eval_dir(workdir, step), mesh,
-                               rules)
+    results = common.run_evals(s, model, trainable_lib.merge(trainable, frozen), tok, common.eval_dir(workdir, step),
+                               mesh, rules)
     log.metrics(step, {f"eval/{k}": v for k, v in results.items()})
     log.plot()
     return results
 
   # --- loop -----------------------------------------------------------------------------------------------
   last, untrained, before = {}, {}, {}
-  if start == 0 and config.eval_at_start and config.evals:
-    if config.eval_untrained_baseline:  # a randomly initialised trainable side, as a stated baseline
-      fresh = ts.init_random(model, config.trainable, sh, jax.random.key(config.seed + 1))[0]
-      untrained = common.run_evals(config, model, trainable_lib.merge(fresh, frozen), tok, _eval_dir(workdir, "untrained"),
-                                   mesh, rules)
+  if start == 0 and s.eval_at_start and s.evals:
+    if s.eval_untrained_baseline:  # a randomly initialised trainable side, as a stated baseline
+      fresh = setup.init_random(jax.random.key(s.seed + 1))[0]
+      untrained = common.run_evals(s, model, trainable_lib.merge(fresh, frozen), tok,
+                                   common.eval_dir(workdir, "untrained"), mesh, rules)
       log.text("untrained Q-Former side: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(untrained.items())))
       del fresh
     before = evaluate_now(0)
     last.update(before)
-  bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+  bar = tqdm(total=s.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   t0, done_in_window, reported_skips = time.perf_counter(), 0, 0
   step = start
   try:
     with sharding.context(mesh, rules):
-      while step < config.total_steps:
+      while step < s.total_steps:
         batch = sharding.global_batch(next(data_it), mesh)
-        rng = jax.random.fold_in(jax.random.key(config.seed), step)
+        rng = jax.random.fold_in(jax.random.key(s.seed), step)
         trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng)
         step += 1
         done_in_window += 1
         stopping = distributed.any_process(stop["signal"] is not None)   # all hosts stop at the same step
-        is_save = step % config.checkpoint_every == 0 or step == config.total_steps
-        if step % config.log_every == 0 or is_save or stopping:
+        is_save = step % s.checkpoint_every == 0 or step == s.total_steps
+        if step % s.log_every == 0 or is_save or stopping:
           loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
           if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise NonFiniteLoss(f"step {step}: loss {loss}, gradient norm {grad_norm}; training stopped. "
@@ -154,6 +149,9 @@ def _train(config, workdir: str) -> dict:
             reported_skips = sum(skipped.values())
             if jax.process_index() == 0:
               bar.write(f"step {step}: input {_skip_text(skipped)}")
+          rate_warning = _skip_rate_warning(pipe, s.data.max_skip_rate)
+          if rate_warning and jax.process_index() == 0:
+            bar.write(f"step {step}: WARNING: {rate_warning}")
           bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", skipped=reported_skips)
         bar.update(1)
         if is_save or stopping:
@@ -170,16 +168,16 @@ def _train(config, workdir: str) -> dict:
                    "rerun the same command to continue")
           log.close()
           raise Preempted(step)
-        if config.evals and step % config.eval_every == 0 and step != config.total_steps:
+        if s.evals and step % s.eval_every == 0 and step != s.total_steps:
           last.update(evaluate_now(step))
           t0 = time.perf_counter()
   finally:
     bar.close()
     mngr.wait_until_finished()
     signal.signal(signal.SIGTERM, previous)
-  if config.evals and config.eval_at_end:
+  if s.evals and s.eval_at_end:
     last.update(evaluate_now(step))
-    log.text(results_table(last, before, untrained, config.get("baselines") or {}))
+    log.text(results_table(last, before, untrained, s.baselines))
   log.text(f"input over the run: {_skip_text(_skipped(pipe))}")
   log.plot()
   log.close()
@@ -195,14 +193,20 @@ def _skipped(pipe) -> dict:
   return total
 
 
+def _skip_rate_warning(pipe, threshold: float) -> str | None:
+  """A warning when the recent skip rate, over all processes, is above config.data.max_skip_rate."""
+  summed = {}
+  for counts in distributed.gather_json(pipe.skipped.recent_counts()):
+    for dataset, (skipped, loaded) in counts.items():
+      have = summed.setdefault(dataset, [0, 0])
+      have[0], have[1] = have[0] + skipped, have[1] + loaded
+  return pipeline.skip_report(summed, threshold, pipe.skipped.first_reasons)
+
+
 def _skip_text(skipped: dict) -> str:
   counter = pipeline.SkipCounter()
   counter.counts.update(skipped)
   return counter.summary()
-
-
-def _eval_dir(workdir: str, step) -> str:
-  return str(epath.Path(workdir) / "eval" / (step if isinstance(step, str) else f"step_{step}"))
 
 
 def results_table(final: dict, before: dict, untrained: dict, chance: dict) -> str:

@@ -16,13 +16,14 @@ import time
 from etils import epath
 
 from iblip_jax import distributed
+from iblip_jax.errors import UserError
 
 NAME = "LOCK"
 HEARTBEAT = 60.0        # seconds between refreshes of a held lock
 STALE_AFTER = 600.0     # a heartbeat older than this means the holder is gone
 
 
-class WorkdirLocked(ValueError):
+class WorkdirLocked(UserError):
   """Another live run holds the workdir."""
 
 

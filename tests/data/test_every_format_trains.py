@@ -15,12 +15,10 @@ import pytest
 from PIL import Image
 
 import train_helper
-from iblip_jax import optim, sharding
-from iblip_jax import train_step as ts
-from iblip_jax.data import mixture, pipeline, readers, tokenize, word_tokenizers
+from iblip_jax import sharding, train_state
+from iblip_jax.data import mixture, pipeline, readers, sources, tokenize, word_tokenizers
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.instructblip import InstructBlip
-from iblip_jax.run import common
 
 # The targets' words (the tiny model's vocabularies hold 99 ids: keep this list well under 46 words); instruction
 # words outside it become unknown tokens, which is fine for one step.
@@ -49,13 +47,13 @@ class _Trainer:
     config = train_helper.load_config("tiny")
     self.config = config
     self.model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
-    tx = optim.make(config.optim, config.total_steps)
     self.rules = [tuple(r) for r in config.sharding_rules]
     self.mesh = sharding.make_mesh(dict(zip(sharding.AXES, (1, 1, 1))), jax.devices()[:1])
-    sh = ts.state_shardings(self.model, tx, config.trainable, self.mesh, self.rules)
-    self.trainable, self.frozen = ts.init_random(self.model, config.trainable, sh, jax.random.key(0))
-    self.opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(self.trainable)
-    self.step = ts.jit_train_step(ts.make_train_step(self.model, tx, dropout=False), sh)
+    setup = train_state.build(self.model, patterns=config.trainable, optim=config.optim,
+                              total_steps=config.total_steps, mesh=self.mesh, rules=self.rules)
+    self.trainable, self.frozen = setup.init_random(jax.random.key(0))
+    self.opt_state = setup.init_opt_state(self.trainable)
+    self.step = setup.train_step(dropout=False)
     self.steps = 0
 
   def __call__(self, batch: dict) -> dict:
@@ -77,7 +75,7 @@ def _train_one(dataset, root, tok, trainer, want_target, **reader_args):
   batch holds `want_target` as every row's target and that the loss is finite over exactly those tokens."""
   records = list(readers.read(dataset, str(root), **reader_args))
   assert records, dataset
-  render = common.renderer(trainer.config)
+  render = sources.renderer()
   pipe = pipeline.build(mixture.source(records).repeat(), tok, batch_size=BATCH, image_size=30, seed=0,
                         render=render, probe={dataset: records})
   batch = next(iter(pipe.dataset))
@@ -361,10 +359,10 @@ def test_an_all_bad_dataset_stops_the_stream_in_seconds_naming_it(tmp_path, tok,
   _json(tmp_path / "coco" / "dataset_coco.json", {"images": [
       {"filepath": "train2014", "filename": "c.jpg", "cocoid": 1, "split": "train", "sentences": [{"raw": "a dog"}]}]})
   _image(tmp_path / "coco" / "train2014" / "c.jpg")
-  sources = {"scienceqa_img": mixture.source(list(readers.read("scienceqa_img", str(tmp_path / "sqa")))),
-             "coco_caption": mixture.source(list(readers.read("coco_caption", str(tmp_path / "coco"))))}
-  mixed = mixture.mix(sources, {"scienceqa_img": 0.5, "coco_caption": 0.5}, seed=0)
-  pipe = pipeline.build(mixed, tok, batch_size=BATCH, image_size=30, seed=0, render=common.renderer(trainer.config))
+  datasets = {"scienceqa_img": mixture.source(list(readers.read("scienceqa_img", str(tmp_path / "sqa")))),
+              "coco_caption": mixture.source(list(readers.read("coco_caption", str(tmp_path / "coco"))))}
+  mixed = mixture.mix(datasets, {"scienceqa_img": 0.5, "coco_caption": 0.5}, seed=0)
+  pipe = pipeline.build(mixed, tok, batch_size=BATCH, image_size=30, seed=0, render=sources.renderer())
 
   def expire(signum, frame):
     raise TimeoutError("the stream did not stop within 20 s")
@@ -383,5 +381,5 @@ def test_an_all_bad_dataset_stops_the_stream_in_seconds_naming_it(tmp_path, tok,
   assert "answer_index=5 does not index its 2 candidates" in message
   # the same data checked when the pipeline is built (probe=): stopped before the first batch
   with pytest.raises(pipeline.BadDatasetError, match="dataset 'scienceqa_img': the first 32 records in its source"):
-    pipeline.build(mixed, tok, batch_size=BATCH, image_size=30, seed=0, render=common.renderer(trainer.config),
-                   probe=sources)
+    pipeline.build(mixed, tok, batch_size=BATCH, image_size=30, seed=0, render=sources.renderer(),
+                   probe=datasets)

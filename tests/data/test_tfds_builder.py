@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-import ml_collections
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -168,18 +168,19 @@ def test_cli_prepares_reports_and_keeps_an_existing_dataset(tmp_path, capsys):
 
 
 def test_config_entries_read_prepared_data_and_bad_ones_are_named(tmp_path):
-  from iblip_jax.run import common
+  from iblip_jax.data import sources
   root = _coco(tmp_path / "coco")
   tfds_builder.prepare("coco_caption", root, str(tmp_path / "tfds"))
-  spec = ml_collections.ConfigDict(dict(format="coco_caption", tfds_data_dir=str(tmp_path / "tfds"), split="train"))
-  ds = common.record_source(spec, "data.datasets.coco")
+  spec = sources.Source("coco", "config.data.datasets.coco", "coco_caption", tfds_data_dir=str(tmp_path / "tfds"))
+  ds = sources.record_source(spec)
   assert _by_id(ds[i] for i in range(len(ds))) == _expected(readers.read_coco_caption(root))
-  evals = common.read_records(spec, "evals.coco")  # the evaluator takes images, not bytes
+  evals = sources.read_records(spec)  # the evaluator takes images, not bytes
   assert [isinstance(r["image"], Image.Image) for r in evals] == [True, True]
-  missing = ml_collections.ConfigDict(dict(format="coco_caption", tfds_data_dir=str(tmp_path / "tfds"),
-                                           tfds_name="nothing"))
-  assert "no prepared dataset" in " ".join(common._check_source(missing, "config.data.datasets.x"))
-  assert common._check_source(spec, "config.data.datasets.coco") == []
+  missing = sources.Source("x", "config.data.datasets.x", "coco_caption", tfds_data_dir=str(tmp_path / "tfds"),
+                           tfds_name="nothing")
+  assert "config.data.datasets.x.tfds_data_dir" in " ".join(sources.problems(missing))
+  assert "no prepared dataset" in " ".join(sources.problems(missing))
+  assert sources.problems(spec) == []
 
 
 def test_bytes_decode_like_files(tmp_path):
@@ -200,8 +201,8 @@ def _render_fixed(record, rng):
 
 def test_training_data_from_the_config_mixes_prepared_and_jsonl_datasets_per_step(tmp_path, tok):
   import types
-  from iblip_jax import config_lib
-  from iblip_jax.run import common, train
+  from iblip_jax import config_lib, sharding
+  from iblip_jax.run import settings, train
   root = _coco(tmp_path / "coco")
   tfds_builder.prepare("coco_caption", root, str(tmp_path / "tfds"))
   _write_image(tmp_path / "j.png", 9)
@@ -213,10 +214,12 @@ def test_training_data_from_the_config_mixes_prepared_and_jsonl_datasets_per_ste
   config.data.datasets = dict(coco=dict(format="coco_caption", tfds_data_dir=str(tmp_path / "tfds")),
                               mine=dict(format="jsonl", path=str(tmp_path / "d.jsonl")))
   config.data.mixing = "step"
-  for spec_name, spec in config.data.datasets.items():
-    assert common._check_source(spec, spec_name) == []
+  config.mesh.fsdp = 1
+  s = settings.resolve(config, None, "summary")   # the data checks of "train" need a tokenizer; checked below
+  assert all(not settings.source_problems(source) for source in s.data.datasets)
   model = types.SimpleNamespace(config=types.SimpleNamespace(vision=types.SimpleNamespace(image_size=8)))
-  pipe, probs = train._data(config, tok, model)
+  mesh = sharding.make_mesh(s.mesh, jax.devices()[:1])
+  pipe, probs = train._data(s, tok, model, mesh)
   assert set(probs) == {"coco", "mine"}
   it = iter(pipe.dataset)
   seen = set()
@@ -227,8 +230,8 @@ def test_training_data_from_the_config_mixes_prepared_and_jsonl_datasets_per_ste
     seen |= kinds
   assert seen == {"caption", "noise"}
   config.data.mixing = "steps"
-  with pytest.raises(ValueError, match="config.data.mixing='steps' must be"):
-    common.validate(config, str(tmp_path / "work"), mode="train")
+  with pytest.raises(settings.ConfigError, match="config.data.mixing='steps' must be"):
+    settings.resolve(config, str(tmp_path / "work"), mode="train")
 
 
 def test_preparing_without_the_prepare_extra_says_what_to_install(tmp_path, monkeypatch):

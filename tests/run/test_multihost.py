@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 from transformers import InstructBlipForConditionalGeneration
@@ -126,11 +125,10 @@ def _restore_on_one_device(path):
 def test_hosts_see_different_token_buckets(assets):
   """The premise of the next test: with this data, the two hosts' shares of some global batch tokenise to
   different widths (before sharding.agree_shapes), which without agreement would be two different programs."""
-  from iblip_jax.data import mixture, pipeline, tokenize
-  from iblip_jax.run import common
+  from iblip_jax.data import mixture, pipeline, sources, tokenize
   tok = tokenize.load_tokenizers(str(assets / "ckpt"))
-  spec = lambda n: ml_collections.ConfigDict({"format": "jsonl", "path": str(assets / "data" / f"{n}.jsonl")})
-  recs = {n: common.read_records(spec(f), n) for n, f in (("caption", "caption"), ("vqa", "vqa"), ("qgen", "long"))}
+  spec = lambda n, f: sources.Source(n, n, "jsonl", str(assets / "data" / f"{f}.jsonl"))
+  recs = {n: sources.read_records(spec(n, f)) for n, f in (("caption", "caption"), ("vqa", "vqa"), ("qgen", "long"))}
   datasets = {n: mixture.source(r) for n, r in recs.items()}
   probs = mixture.weights({n: len(r) for n, r in recs.items()}, {"qgen": 0.3})
   its = [iter(pipeline.build(mixture.mix(datasets, probs, seed=0), tok, batch_size=4, image_size=30, seed=0,

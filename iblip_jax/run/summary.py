@@ -5,27 +5,24 @@ import jax
 
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.pretrained import params_shape
+from iblip_jax.run.settings import Settings
 from iblip_jax.trainable import trainable_mask
 
 
-def count_params(config) -> list[tuple[str, int, int]]:
-  """[(top-level module, parameters, trainable parameters)] for an ml_collections config (the checkpoint's
-  architecture when config.model_init is set)."""
-  from iblip_jax.run import common
-  model = InstructBlip(common.model_config(config))
-  shapes = params_shape(model)
-  mask = trainable_mask(shapes, config.trainable)
+def count_params(s: Settings) -> list[tuple[str, int, int]]:
+  """[(top-level module, parameters, trainable parameters)] (the checkpoint's architecture with model_init)."""
+  shapes = params_shape(InstructBlip(s.model))
+  mask = trainable_mask(shapes, s.trainable)
   rows = []
   for name in shapes:
     sizes = [math.prod(x.shape) for x in jax.tree.leaves(shapes[name])]
     flags = jax.tree.leaves(mask[name])
-    rows.append((name, sum(sizes), sum(s for s, t in zip(sizes, flags) if t)))
+    rows.append((name, sum(sizes), sum(n for n, t in zip(sizes, flags) if t)))
   return rows
 
 
-def run(config, workdir: str | None = None) -> None:
-  del workdir
-  rows = count_params(config)
+def run(s: Settings) -> None:
+  rows = count_params(s)
   width = max(len(r[0]) for r in rows)
   print(f"{'module':<{width}}  {'parameters':>15}  {'trainable':>15}")
   for name, n, t in rows:

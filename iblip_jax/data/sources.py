@@ -1,0 +1,80 @@
+"""Where a dataset's records come from: a reader over the files the user points to, or a prepared tensorflow-datasets
+ArrayRecord dataset (iblip_jax.data.tfds_builder). One `Source` per entry of config.data.datasets / config.evals.
+"""
+import dataclasses
+import os
+
+from etils import epath
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  name: str                 # the entry's name in the config
+  where: str                # "config.data.datasets.<name>": how errors name it
+  format: str               # a reader name (iblip_jax.data.readers.READERS)
+  path: str = ""            # the reader's root / file
+  weight: float = 1.0       # mixture multiplier (training)
+  tfds_data_dir: str = ""   # a prepared dataset instead of `path`
+  tfds_name: str = ""       # its name there (default: format)
+  split: str = "train"      # the prepared dataset's split
+  task: str = ""            # the evaluation task (evaluations)
+
+
+def _readers():
+  from iblip_jax.data import readers  # imported late: the readers module is large and only some modes need it
+  return readers.READERS
+
+
+def problems(source: Source) -> list[str]:
+  """What is wrong with an entry (unknown format, nothing at its path), without reading it."""
+  out = []
+  readers = _readers()
+  if source.format not in readers:
+    out.append(f"{source.where}.format={source.format!r} is not a known dataset format "
+               f"({', '.join(sorted(readers))})")
+  if source.tfds_data_dir:
+    name = source.tfds_name or source.format
+    if not (epath.Path(source.tfds_data_dir) / name).exists():
+      out.append(f"{source.where}.tfds_data_dir={source.tfds_data_dir!r}: no prepared dataset {name!r} there "
+                 f"(python -m iblip_jax.data.tfds_builder --dataset {source.format} --source ... --data_dir "
+                 f"{source.tfds_data_dir})")
+  elif not os.path.exists(source.path):
+    out.append(f"{source.where}.path={source.path!r} does not exist")
+  return out
+
+
+def record_source(source: Source):
+  """The entry's records as a grain MapDataset: a prepared tfds dataset (random access, images as bytes) or the
+  reader's records in memory."""
+  if source.tfds_data_dir:
+    from iblip_jax.data import tfds_builder
+    ds = tfds_builder.data_source(source.tfds_data_dir, source.tfds_name or source.format, source.split)
+    if not len(ds):
+      raise ValueError(f"{source.where}: the prepared dataset in {source.tfds_data_dir} has no records")
+    return ds
+  from iblip_jax.data import mixture
+  return mixture.source(read_records(source))
+
+
+def read_records(source: Source) -> list[dict]:
+  """The entry's records as a list (images of prepared datasets opened as PIL images, as the evaluator takes
+  them)."""
+  if source.tfds_data_dir:
+    from iblip_jax.data import tfds_builder
+    return [tfds_builder.open_media(r) for r in record_source(source)]
+  records = list(_readers()[source.format](source.path))
+  if not records:
+    raise ValueError(f"{source.where}: {source.path} has no records")
+  return records
+
+
+def renderer():
+  """(record, rng) -> (text_input, text_output): records that carry their texts keep them; the others get one of
+  their dataset's instruction templates."""
+  from iblip_jax.data import templates
+
+  def render(record, rng):
+    if "text_input" in record and "text_output" in record:
+      return record["text_input"], record["text_output"]
+    return templates.render(record["dataset"], record, rng)
+  return render

@@ -1,0 +1,217 @@
+"""The config, read once: `resolve(config, workdir, mode)` turns the ml_collections ConfigDict into typed, checked
+settings that every mode takes, so nothing downstream re-reads raw keys.
+
+Every problem is collected and reported at once, each naming the field (`config.x.y=value` and what is expected),
+before anything is loaded or compiled. The model config is resolved here too: the checkpoint's config.json with
+config.model's settings on top (iblip_jax.pretrained.load_config), or config.model alone without a checkpoint.
+"""
+import dataclasses
+import os
+from typing import Any
+
+import jax
+
+from iblip_jax import pretrained, sharding
+from iblip_jax.data.sources import Source, problems as source_problems
+from iblip_jax.errors import UserError
+from iblip_jax.evaluation import tasks
+from iblip_jax.models import configs as model_configs
+from iblip_jax.models.configs import InstructBlipConfig
+
+MODES = ("train", "eval", "predict", "export", "summary")
+
+
+class ConfigError(UserError):
+  """The config (or the command line) asks for something that cannot run; the message lists every problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+  """AdamW and its schedule (iblip_jax.optim reads these by name)."""
+  lr: float
+  warmup_lr: float
+  warmup_steps: int
+  min_lr: float
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  grad_clip_norm: float
+  grad_accum_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  datasets: tuple[Source, ...]
+  balanced: bool       # p ~ sqrt(size) x weight (True) or size x weight
+  workers: int         # grain worker processes decoding images
+  random_crop: bool    # RandomResizedCrop(0.5-1.0) in training, as LAVIS
+  mixing: str          # "example" or "step" (one dataset per global batch, LAVIS)
+  max_skip_rate: float # warn above this recent fraction of skipped examples
+
+
+@dataclasses.dataclass(frozen=True)
+class Predict:
+  images: str
+  prompt: str
+  output: str
+  batch_size: int
+  num_beams: int
+  max_new_tokens: int
+  min_new_tokens: int
+  length_penalty: float
+  repetition_penalty: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  mode: str
+  workdir: str | None
+  model: InstructBlipConfig
+  model_init: str                  # "" = freshly initialised from config.model (smoke tests)
+  tokenizer: str                   # defaults to model_init
+  trainable: tuple[str, ...]
+  reinit_trainable: bool
+  seed: int
+  total_steps: int
+  batch_size: int
+  dropout: bool
+  optim: Optim
+  mesh: dict[str, int]
+  sharding_rules: tuple[tuple, ...]
+  max_replicated_bytes: int
+  data: Data
+  evals: tuple[Source, ...]
+  eval_every: int
+  eval_at_start: bool
+  eval_at_end: bool
+  eval_untrained_baseline: bool
+  eval_batch_size: int
+  eval_max_examples: int
+  log_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  fresh_start_if_unreadable: bool
+  export_dir: str
+  predict: Predict
+  baselines: dict[str, float]      # chance levels per evaluation, for the final table
+  config_json: str                 # the whole config, written to workdir/config.json by training
+
+
+# The config's top-level keys: the settings' fields, as config_lib.base names them.
+_TOP_LEVEL = {f.name for f in dataclasses.fields(Settings)} - {"workdir", "config_json", "max_replicated_bytes"} | {
+    "max_replicated_mb"}
+
+
+def _sources(entries, where: str) -> tuple[Source, ...]:
+  out = []
+  for name, spec in entries.items():
+    spec = dict(spec)
+    known = {f.name for f in dataclasses.fields(Source)} - {"name", "where"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+      raise ConfigError(f"{where}.{name}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    out.append(Source(name=name, where=f"{where}.{name}", **spec))
+  return tuple(out)
+
+
+def _positive(config, keys, problems):
+  for key in keys:
+    if config[key] <= 0:
+      problems.append(f"config.{key}={config[key]} must be positive")
+
+
+def _batch(size: int, where: str, mesh: dict) -> list[str]:
+  """A global batch must split evenly over the mesh's batch axes and over the processes."""
+  try:
+    split = sharding.batch_split(mesh, jax.device_count())
+  except ValueError as e:
+    return [str(e)]
+  if size <= 0 or size % split or size % jax.process_count():
+    return [f"{where}={size} must be a positive multiple of the mesh's batch split (data x fsdp = {split} on "
+            f"{jax.device_count()} devices) and of the {jax.process_count()} processes"]
+  return []
+
+
+def _model(config, problems) -> InstructBlipConfig | None:
+  if config.model_init and not os.path.isfile(os.path.join(config.model_init, "config.json")):
+    problems.append(f"config.model_init={config.model_init!r}: no Hugging Face checkpoint there (config.json)")
+    return None
+  try:
+    if config.model_init:
+      return pretrained.load_config(config.model_init, overrides=config.model.to_dict())
+    return model_configs.from_dict(config.model.to_dict())
+  except ValueError as e:
+    problems.append(str(e))
+    return None
+
+
+def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
+  """The checked settings of `config` for `mode` (default: config.mode). Raises ConfigError listing every problem.
+  Needs JAX's devices (the mesh is checked against them): call after distributed start-up."""
+  mode = mode or config.mode
+  problems = []
+  if mode not in MODES:
+    raise ConfigError(f"--config.mode={mode!r} is not a mode; available: {', '.join(sorted(MODES))}")
+  unknown = sorted(set(config.keys()) - _TOP_LEVEL)
+  if unknown:
+    problems.append(f"unknown config keys {unknown}: not settings of iblip_jax (typo?)")
+  if mode in ("train", "eval", "export") and not workdir:
+    problems.append(f"--workdir is required for mode {mode}")
+  model = _model(config, problems)
+  tokenizer = config.get("tokenizer") or config.model_init
+  if mode in ("train", "eval", "predict") and (not tokenizer or not os.path.isdir(tokenizer)):
+    problems.append(f"config.tokenizer={tokenizer!r}: not a directory with the LLM tokenizer (and "
+                    "qformer_tokenizer/); it defaults to config.model_init")
+  try:
+    datasets = _sources(config.data.datasets, "config.data.datasets")
+    evals = _sources(config.evals, "config.evals")
+  except ConfigError as e:
+    problems.append(str(e))
+    datasets, evals = (), ()
+  mesh = dict(config.mesh.to_dict())
+  if mode == "train":
+    if config.total_steps <= 0:
+      problems.append(f"config.total_steps={config.total_steps} must be positive")
+    if not datasets:
+      problems.append("config.data.datasets is empty: nothing to train on")
+    problems += _batch(config.batch_size, "config.batch_size", mesh)
+    if config.data.mixing not in ("example", "step"):
+      problems.append(f"config.data.mixing={config.data.mixing!r} must be 'example' (every example drawn from the "
+                      "mixture) or 'step' (every global batch from one dataset, as LAVIS)")
+    for source in datasets:
+      problems += source_problems(source)
+    _positive(config, ("checkpoint_every", "log_every", "eval_every", "keep_checkpoints"), problems)
+  if mode in ("train", "eval") and evals and config.eval_batch_size <= 0:
+    problems.append(f"config.eval_batch_size={config.eval_batch_size} must be positive")
+  if mode == "predict" and config.predict.batch_size <= 0:
+    problems.append(f"config.predict.batch_size={config.predict.batch_size} must be positive")
+  if mode in ("train", "eval"):
+    for source in evals:
+      if source.task not in tasks.TASKS:
+        problems.append(f"{source.where}.task={source.task!r} is not a known task ({', '.join(sorted(tasks.TASKS))})")
+      problems += source_problems(source)
+  if problems:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+  return Settings(
+      mode=mode, workdir=workdir, model=model, model_init=config.model_init, tokenizer=tokenizer,
+      trainable=tuple(config.trainable), reinit_trainable=config.reinit_trainable, seed=config.seed,
+      total_steps=config.total_steps, batch_size=config.batch_size, dropout=config.dropout,
+      optim=Optim(**config.optim.to_dict()), mesh=mesh, sharding_rules=tuple(tuple(r) for r in config.sharding_rules),
+      max_replicated_bytes=int(config.max_replicated_mb * 2**20),
+      data=Data(datasets=datasets, balanced=config.data.balanced, workers=config.data.workers,
+                random_crop=config.data.random_crop, mixing=config.data.mixing,
+                max_skip_rate=config.data.max_skip_rate),
+      evals=evals, eval_every=config.eval_every, eval_at_start=config.eval_at_start, eval_at_end=config.eval_at_end,
+      eval_untrained_baseline=config.eval_untrained_baseline, eval_batch_size=config.eval_batch_size,
+      eval_max_examples=config.eval_max_examples, log_every=config.log_every,
+      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+      fresh_start_if_unreadable=config.fresh_start_if_unreadable, export_dir=config.export_dir,
+      predict=Predict(**config.predict.to_dict()), baselines=dict(config.get("baselines") or {}),
+      config_json=config.to_json_best_effort(indent=2))
+
+
+def for_tools(config, **overrides: Any) -> Settings:
+  """Settings for a tool that builds the model from shapes only (the AOT compiler, benchmarks): no workdir, no
+  data checks; `overrides` replace fields (e.g. model=a TPU-precision model config)."""
+  return dataclasses.replace(resolve(config, None, "summary"), **overrides)
