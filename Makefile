@@ -19,7 +19,7 @@ test: $(STAMP)
 
 # The main job on the embedded demo: procedural data generated here, tiny pretrained towers from demo_assets/.
 demo: $(STAMP)
-	$(PY) -m iblip_jax.data.shapes runs/demo/data
+	$(PY) -m iblip_jax.demo.shapes runs/demo/data
 	$(PY) -m iblip_jax.main --config configs/demo.py --workdir runs/demo
 
 clean:

@@ -1,6 +1,6 @@
 """The embedded demo: instruction tuning of the Q-Former side on a procedural shapes dataset, on a laptop CPU.
 
-  make demo     (= python -m iblip_jax.data.shapes runs/demo/data
+  make demo     (= python -m iblip_jax.demo.shapes runs/demo/data
                    python -m iblip_jax.main --config configs/demo.py --workdir runs/demo)
 
 The frozen ViT and T5 come from demo_assets/instructblip-demo (tiny towers "pretrained" by

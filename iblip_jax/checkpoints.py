@@ -32,6 +32,8 @@ from jax.experimental import multihost_utils
 
 from iblip_jax.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointMismatch(UserError):
   """A checkpoint written by another config: its tree or shapes differ from this run's state."""
@@ -169,9 +171,8 @@ def _move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
 
 
 def _warn(message: str) -> None:
-  logging.warning(message)
   if jax.process_index() == 0:
-    print(f"WARNING: {message}", flush=True)
+    log.warning(message)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, target_state: dict, target_shardings: dict, data_iterator=None, *,

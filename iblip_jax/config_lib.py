@@ -15,7 +15,7 @@ QFORMER_BASE = dict(vocab_size=30523, hidden_size=768, num_hidden_layers=12, num
 # over heads and MLP. Activations (act_*) split the batch over data x fsdp.
 SHARDING_RULES = (
     ("act_batch", ("data", "fsdp")), ("act_length", None), ("act_embed", None), ("act_vocab", "tensor"),
-    ("embed", "fsdp"), ("vision_embed", "fsdp"), ("llm_embed", "tensor"),
+    ("embed", "fsdp"), ("image_embed", "fsdp"), ("llm_embed", "tensor"),
     ("mlp", "tensor"), ("heads_joined", "tensor"), ("kv_joined", "tensor"), ("qkv", "tensor"), ("vocab", "tensor"),
     ("heads", None), ("relpos_buckets", None), ("layers", None),
 )

@@ -25,6 +25,8 @@ from iblip_jax.errors import UserError
 from iblip_jax.models.configs import (ACTIVATIONS, InstructBlipConfig, LlamaConfig, QFormerConfig, T5Config,
                                      VisionConfig, validate)
 
+log = logging.getLogger(__name__)
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,7 +39,7 @@ class CheckpointError(UserError):
 
 # --- module path <-> HF name ----------------------------------------------------------------------------------
 # (regex over our "/"-joined module path, HF module name). "{i}" stands for the layer index of scanned blocks.
-_T5 = "language_model"
+_LM = "language_model"   # T5 and LLaMA rows alike
 _MODULE_MAP: list[tuple[str, str]] = [
     (r"vision/embeddings/patch_embedding", "vision_model.embeddings.patch_embedding"),
     (r"vision/embeddings", "vision_model.embeddings"),  # raw class_embedding / position_embedding
@@ -62,23 +64,23 @@ _MODULE_MAP: list[tuple[str, str]] = [
     (r"qformer/layer_(\d+)/ffn_query/intermediate", r"qformer.encoder.layer.\1.intermediate_query.dense"),
     (r"qformer/layer_(\d+)/ffn_query/output", r"qformer.encoder.layer.\1.output_query.dense"),
     (r"qformer/layer_(\d+)/ffn_query/output_ln", r"qformer.encoder.layer.\1.output_query.LayerNorm"),
-    (rf"{_T5}/shared", f"{_T5}.shared"),
-    (rf"{_T5}/lm_head", f"{_T5}.lm_head"),
-    (rf"{_T5}/(encoder|decoder)/relative_attention_bias", rf"{_T5}.\1.block.0.layer.0.SelfAttention.relative_attention_bias"),
-    (rf"{_T5}/(encoder|decoder)/final_norm", rf"{_T5}.\1.final_layer_norm"),
-    (rf"{_T5}/(encoder|decoder)/layers/self_attn_norm", rf"{_T5}.\1.block.{{i}}.layer.0.layer_norm"),
-    (rf"{_T5}/(encoder|decoder)/layers/self_attn/(q|k|v|o)", rf"{_T5}.\1.block.{{i}}.layer.0.SelfAttention.\2"),
-    (rf"{_T5}/decoder/layers/cross_attn_norm", rf"{_T5}.decoder.block.{{i}}.layer.1.layer_norm"),
-    (rf"{_T5}/decoder/layers/cross_attn/(q|k|v|o)", rf"{_T5}.decoder.block.{{i}}.layer.1.EncDecAttention.\1"),
-    (rf"{_T5}/encoder/layers/mlp_norm", rf"{_T5}.encoder.block.{{i}}.layer.1.layer_norm"),
-    (rf"{_T5}/encoder/layers/mlp/(wi_0|wi_1|wi|wo)", rf"{_T5}.encoder.block.{{i}}.layer.1.DenseReluDense.\1"),
-    (rf"{_T5}/decoder/layers/mlp_norm", rf"{_T5}.decoder.block.{{i}}.layer.2.layer_norm"),
-    (rf"{_T5}/decoder/layers/mlp/(wi_0|wi_1|wi|wo)", rf"{_T5}.decoder.block.{{i}}.layer.2.DenseReluDense.\1"),
+    (rf"{_LM}/shared", f"{_LM}.shared"),
+    (rf"{_LM}/lm_head", f"{_LM}.lm_head"),
+    (rf"{_LM}/(encoder|decoder)/relative_attention_bias", rf"{_LM}.\1.block.0.layer.0.SelfAttention.relative_attention_bias"),
+    (rf"{_LM}/(encoder|decoder)/final_norm", rf"{_LM}.\1.final_layer_norm"),
+    (rf"{_LM}/(encoder|decoder)/layers/self_attn_norm", rf"{_LM}.\1.block.{{i}}.layer.0.layer_norm"),
+    (rf"{_LM}/(encoder|decoder)/layers/self_attn/(q|k|v|o)", rf"{_LM}.\1.block.{{i}}.layer.0.SelfAttention.\2"),
+    (rf"{_LM}/decoder/layers/cross_attn_norm", rf"{_LM}.decoder.block.{{i}}.layer.1.layer_norm"),
+    (rf"{_LM}/decoder/layers/cross_attn/(q|k|v|o)", rf"{_LM}.decoder.block.{{i}}.layer.1.EncDecAttention.\1"),
+    (rf"{_LM}/encoder/layers/mlp_norm", rf"{_LM}.encoder.block.{{i}}.layer.1.layer_norm"),
+    (rf"{_LM}/encoder/layers/mlp/(wi_0|wi_1|wi|wo)", rf"{_LM}.encoder.block.{{i}}.layer.1.DenseReluDense.\1"),
+    (rf"{_LM}/decoder/layers/mlp_norm", rf"{_LM}.decoder.block.{{i}}.layer.2.layer_norm"),
+    (rf"{_LM}/decoder/layers/mlp/(wi_0|wi_1|wi|wo)", rf"{_LM}.decoder.block.{{i}}.layer.2.DenseReluDense.\1"),
     # LLaMA: our module names are transformers' own, without its `model.` level
-    (rf"{_T5}/embed_tokens", f"{_T5}.model.embed_tokens"),
-    (rf"{_T5}/norm", f"{_T5}.model.norm"),
-    (rf"{_T5}/layers/(input_layernorm|post_attention_layernorm)", rf"{_T5}.model.layers.{{i}}.\1"),
-    (rf"{_T5}/layers/(self_attn|mlp)/(\w+)", rf"{_T5}.model.layers.{{i}}.\1.\2"),
+    (rf"{_LM}/embed_tokens", f"{_LM}.model.embed_tokens"),
+    (rf"{_LM}/norm", f"{_LM}.model.norm"),
+    (rf"{_LM}/layers/(input_layernorm|post_attention_layernorm)", rf"{_LM}.model.layers.{{i}}.\1"),
+    (rf"{_LM}/layers/(self_attn|mlp)/(\w+)", rf"{_LM}.model.layers.{{i}}.\1.\2"),
 ]
 _LEAF_MAP = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -367,7 +369,7 @@ def _transformers_fields() -> dict[str, frozenset[str]]:
     return {"": keys(InstructBlipConfig), "vision_config": keys(InstructBlipVisionConfig),
             "qformer_config": keys(InstructBlipQFormerConfig), "t5": keys(T5Config), "llama": keys(LlamaConfig)}
   except Exception as e:  # noqa: BLE001 - the report is advice; it must never stop a load
-    logging.info("cannot list transformers' config fields (%s); unknown-field report from iblip_jax's own list", e)
+    log.info("cannot list transformers' config fields (%s); unknown-field report from iblip_jax's own list", e)
     return {}
 
 
@@ -494,7 +496,7 @@ def read_config(directory: str) -> dict:
   _check_config(hf, path)
   unknown = _unknown_fields(hf)
   if unknown:
-    logging.warning("%s: unknown field(s) %s, ignored: neither iblip_jax nor transformers reads them", path,
+    log.warning("%s: unknown field(s) %s, ignored: neither iblip_jax nor transformers reads them", path,
                     ", ".join(unknown))
   return hf
 

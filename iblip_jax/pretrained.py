@@ -13,6 +13,8 @@ from iblip_jax.models import configs as model_configs
 from iblip_jax.models.configs import InstructBlipConfig
 from iblip_jax.models.instructblip import InstructBlip
 
+log = logging.getLogger(__name__)
+
 
 def dummy_inputs(cfg: InstructBlipConfig, batch: int = 1) -> dict[str, jax.Array]:
   """Smallest inputs that touch every parameter (for init and eval_shape)."""
@@ -82,9 +84,7 @@ def load_params(path: str, model: InstructBlip, *, shardings=None, progress: boo
   seconds = time.perf_counter() - start
   message = (f"loaded {path}: {len(reader.keys())} tensors, {reader.bytes_read / 1e9:.2f} GB read by this process "
              f"in {seconds:.1f} s ({reader.bytes_read / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
-  logging.info(message)
-  if progress and jax.process_index() == 0:
-    print(message, flush=True)
+  (log.info if progress and jax.process_index() == 0 else log.debug)(message)
   return params
 
 

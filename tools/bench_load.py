@@ -151,7 +151,7 @@ def vocabulary(size: str) -> list[str]:
   """The prompt's words and fillers "w0", "w1", ...: as many as both vocabularies hold (word_tokenizers.build adds
   6 Q-Former specials and up to 47 characters, 3 LLM specials), so that most ids a random model generates decode to
   a word and the answer shows that generation reached the tokenizer."""
-  from iblip_jax.data import word_tokenizers
+  from iblip_jax.demo import word_tokenizers
   qformer_room = SIZES[size]["qformer_config"]["vocab_size"] - len(word_tokenizers.QFORMER_SPECIALS) - 47
   llm_room = SIZES[size]["text_config"]["vocab_size"] - len(word_tokenizers.LLM_SPECIALS)
   words = sorted(set(WORDS))
@@ -162,7 +162,7 @@ def write_assets(directory: str, size: str) -> str:
   """Word-level tokenizers (every id below both vocabularies) and a PNG; returns the image's path."""
   import numpy as np
   from PIL import Image
-  from iblip_jax.data import word_tokenizers
+  from iblip_jax.demo import word_tokenizers
   word_tokenizers.build(vocabulary(size), directory)
   image_size = SIZES[size]["vision_config"]["image_size"]
   rng = np.random.default_rng(0)

@@ -29,7 +29,8 @@ from PIL import Image
 
 from iblip_jax import config_lib, losses, optim, pretrained, sharding, train_state
 from iblip_jax import trainable as trainable_lib
-from iblip_jax.data import mixture, pipeline, shapes, tokenize, word_tokenizers
+from iblip_jax.data import mixture, pipeline, tokenize
+from iblip_jax.demo import shapes, word_tokenizers
 from iblip_jax.data.readers import READERS
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.instructblip import InstructBlip

@@ -1,7 +1,7 @@
 """Instruction templates of the paper (InstructBLIP Table 7) as data, and rendering a record into (input, target).
 
-The wording is verbatim from ../shared/reference/lavis_instructblip.md section 3.6 (the paper's appendix, cross-checked
-against public reimplementations); tests/data/test_templates.py compares these lists with that document. The paper
+The wording is verbatim from the paper's appendix (Table 7), cross-checked against public reimplementations;
+tests/data/test_templates.py compares these lists with a snapshot of the team's reference notes. The paper
 writes every template after a leading `<Image>`; here the visual tokens are not part of the text (the model
 prepends the query outputs), so the templates start at the instruction.
 

@@ -32,6 +32,7 @@ import importlib.util
 import inspect
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -42,6 +43,8 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
 ABSENT = "__absent__"
@@ -262,8 +265,8 @@ def make_builder(dataset: str, source: str, data_dir: str, *, splits: Sequence[s
       schema[field] = _merge(schema.get(field), kind)
   if len(media) != 1:
     raise ValueError(f"{dataset} at {source}: records must all carry 'image' or all 'frames', found {sorted(media)}")
-  print(f"{dataset}: schema from the annotations in {time.perf_counter() - t0:.1f}s: "
-        + ", ".join(f"{f}:{k}" for f, k in schema.items()), flush=True)
+  log.info("%s: schema from the annotations in %.1fs: %s", dataset, time.perf_counter() - t0,
+           ", ".join(f"{f}:{k}" for f, k in schema.items()))
   if importlib.util.find_spec("importlib_resources") is None:  # tfds needs it to locate a builder's code
     raise ModuleNotFoundError("preparing needs importlib_resources, which tensorflow-datasets imports without "
                               "declaring it: pip install 'iblip_jax[prepare]' (or importlib_resources)")

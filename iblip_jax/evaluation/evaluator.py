@@ -28,6 +28,8 @@ from iblip_jax.evaluation import metrics
 from iblip_jax.evaluation.tasks import Task, render_prompt
 from iblip_jax.ranking import rank
 
+log = logging.getLogger(__name__)
+
 
 def _pixels(task: Task, record: dict, size: int) -> np.ndarray:
   if task.frames:
@@ -90,7 +92,7 @@ def infer(task: Task, records: Sequence[dict], model, params, tok: tokenize.Toke
       loaded = [_load(task, records[i], size) for i in rows]
       for i, (_, why) in zip(rows, loaded):
         if why:
-          logging.warning("task %s: record %r: cannot read its image (%s); left out", task.name,
+          log.warning("task %s: record %r: cannot read its image (%s); left out", task.name,
                           records[i].get("id"), why)
       local = dict(pixel_values=np.stack([blank if p is None else p for p, _ in loaded]),
                    ok=np.array([why is None for _, why in loaded], np.int32),
@@ -138,7 +140,8 @@ def score(task: Task, records: list[dict], predictions: list[dict], vqa_variant:
   elif m == "exact_match":
     values = [metrics.exact_match(p["prediction"], r["answer"]) for r, p in zip(records, predictions)]
   elif m == "accuracy":
-    values = [float(p["prediction"] == r["answer_index"]) for r, p in zip(records, predictions)]
+    return {m: 100 * metrics.multiple_choice_accuracy([p["prediction"] for p in predictions],
+                                                      [r["answer_index"] for r in records])}
   elif m == "auc":
     prob = [float(np.exp(p["scores"][task.positive] - np.logaddexp.reduce(p["scores"]))) for p in predictions]
     return {"AUC": 100 * metrics.roc_auc([r["label"] for r in records], prob)}
@@ -172,8 +175,8 @@ def evaluate(task: Task, records: Iterable[dict], model, params, tok: tokenize.T
         "".join(json.dumps({"id": r.get("id"), **p}) + "\n" for r, p in zip(records, predictions)))
     good = [(r, p) for r, p in zip(records, predictions) if "error" not in p]
     if len(good) < len(records):
-      print(f"WARNING: task {task.name}: {len(records) - len(good)} of {len(records)} records could not be read "
-            f"and are left out of the metrics (see {name}_predictions.jsonl)", flush=True)
+      log.warning("task %s: %d of %d records could not be read and are left out of the metrics (see "
+                  "%s_predictions.jsonl)", task.name, len(records) - len(good), len(records), name)
     if not good:
       raise ValueError(f"task {task.name}: none of the {len(records)} records could be read")
     result = score(task, [r for r, _ in good], [p for _, p in good], vqa_variant)

@@ -1,13 +1,13 @@
 """The evaluation tasks: prompt, inference mode, decoding settings and metric of each dataset.
 
-Prompts and settings follow the paper's appendix and LAVIS (../shared/reference/lavis_instructblip.md, section 4).
+Prompts and settings follow the paper's appendix (Table 8 and Appendix E) and LAVIS's evaluation configs.
 Prompts are `str.format` templates over a record's fields. Decoding lengths are written as transformers'
 `max_new_tokens` / `min_new_tokens`; LAVIS's `min_length=L` for T5 counts the decoder start token, so it is
 `min_new_tokens=L-1` here.
 
 `split` / `split_note`: the split a held-out task is scored on (the reader's `split` argument) and the evidence for
-it, from ../shared/reference/dataset_formats.md ("Held-out evaluation splits"); "unconfirmed" marks the ones no
-code or maintainer states. Informational: the evaluator scores whatever records it is given.
+it (the paper, LAVIS's dataset builders, maintainers' answers on the LAVIS issue tracker); "unconfirmed" marks the
+ones no code or maintainer states. Informational: the evaluator scores whatever records it is given.
 """
 import dataclasses
 

@@ -30,7 +30,8 @@ class QFormerAttention(nn.Module):
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     d, h = cfg.hidden_size, cfg.num_attention_heads
     dense = functools.partial(layers.dense, dtype=dtype, param_dtype=pdtype)
-    kv_axis = "embed" if self.kv_features == d else "vision_embed"
+    # cross-attention's keys/values project the image embeddings (ViT width), not the Q-Former's hidden states
+    kv_axis = "embed" if self.kv_features == d else "image_embed"
     q = dense(d, ("embed", "heads_joined"), name="query")(x).reshape(*x.shape[:2], h, d // h)
     k = dense(d, (kv_axis, "heads_joined"), name="key")(kv).reshape(*kv.shape[:2], h, d // h)
     v = dense(d, (kv_axis, "heads_joined"), name="value")(kv).reshape(*kv.shape[:2], h, d // h)

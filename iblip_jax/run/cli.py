@@ -2,6 +2,7 @@
 JAX starts (CPU compiler flags, the distributed runtime), resolving the settings, and exit statuses:
 0 finished, 1 failed (a UserError prints its message alone; anything else is a bug and shows its traceback),
 2 a command-line mistake, 75 preempted (SIGTERM after a checkpoint: rerun to resume)."""
+import logging
 import os
 import re
 import sys
@@ -9,9 +10,27 @@ import sys
 from absl import flags
 
 
+class _Console(logging.Formatter):
+  def format(self, record):
+    text = record.getMessage()
+    return text if record.levelno < logging.WARNING else f"{record.levelname}: {text}"
+
+
+def console_logging() -> None:
+  """The library logs through `logging` (iblip_jax.*); the job shows its INFO and above on stdout, plainly (absl's
+  handler would put them on stderr behind a timestamp prefix, with INFO hidden)."""
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(_Console())
+  logger = logging.getLogger("iblip_jax")
+  logger.handlers[:] = [handler]
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
 def before_jax(config) -> None:
   """What has to happen before anything touches JAX's backends, in every mode: on a pod, jax.distributed.initialize
   refuses to start once a backend exists, and XLA reads its flags when the backend starts."""
+  console_logging()
   _cpu_compiler_flags(config)
   from iblip_jax import distributed
   distributed.maybe_initialize()

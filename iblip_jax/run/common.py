@@ -12,6 +12,8 @@ from iblip_jax.evaluation import evaluator, tasks
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 def mesh_and_rules(s: Settings) -> tuple[jax.sharding.Mesh, tuple]:
   return sharding.make_mesh(s.mesh), s.sharding_rules
@@ -54,8 +56,8 @@ def align_eos(model: InstructBlip, eos: int | None, where: str) -> InstructBlip:
   text = model.config.text
   if eos is None or eos == text.eos_token_id:
     return model
-  logging.warning("%s: the tokenizer's EOS id is %d but the model config says %d; generation stops at %d",
-                  where, eos, text.eos_token_id, eos)
+  log.warning("%s: the tokenizer's EOS id is %d but the model config says %d; generation stops at %d",
+              where, eos, text.eos_token_id, eos)
   return model.clone(config=model.config.replace(text=dataclasses.replace(text, eos_token_id=eos)))
 
 

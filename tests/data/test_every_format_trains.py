@@ -16,7 +16,8 @@ from PIL import Image
 
 import train_helper
 from iblip_jax import sharding, train_state
-from iblip_jax.data import mixture, pipeline, readers, sources, tokenize, word_tokenizers
+from iblip_jax.data import mixture, pipeline, readers, sources, tokenize
+from iblip_jax.demo import word_tokenizers
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.instructblip import InstructBlip
 

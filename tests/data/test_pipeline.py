@@ -18,7 +18,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from iblip_jax.data import mixture, pipeline, readers, tokenize, word_tokenizers
+from iblip_jax.data import mixture, pipeline, readers, tokenize
+from iblip_jax.demo import word_tokenizers
 
 WORDS = "a red blue circle square what color is it caption".split()
 
@@ -317,7 +318,8 @@ _ITERATE_FOREVER = textwrap.dedent("""
     import sys
     import numpy as np
     from PIL import Image
-    from iblip_jax.data import mixture, pipeline, tokenize, word_tokenizers
+    from iblip_jax.data import mixture, pipeline, tokenize
+    from iblip_jax.demo import word_tokenizers
     d = sys.argv[1]
     word_tokenizers.build("a red what color is it".split(), d)
     tok = tokenize.load_tokenizers(d, max_input_len=8, max_output_len=6)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iblip_jax.data import mixture, pipeline, readers, tfds_builder, tokenize, word_tokenizers
+from iblip_jax.data import mixture, pipeline, readers, tfds_builder, tokenize
+from iblip_jax.demo import word_tokenizers
 
 
 def _write_image(path, seed: int, fmt: str = "PNG", **save) -> str:

@@ -1,7 +1,8 @@
 """Tokenisation: LAVIS's truncation sides, bucketed padding, -100 labels; tokenizers loaded from local files."""
 import pytest
 
-from iblip_jax.data import tokenize, word_tokenizers
+from iblip_jax.data import tokenize
+from iblip_jax.demo import word_tokenizers
 
 WORDS = "a photo of the cat dog sits on mat what is in image short answer question caption".split()
 

@@ -7,7 +7,8 @@ import pytest
 
 import iblip_jax
 import oracle
-from iblip_jax.data import preprocess, tokenize, word_tokenizers
+from iblip_jax.data import preprocess, tokenize
+from iblip_jax.demo import word_tokenizers
 from iblip_jax.evaluation import evaluator, metrics, tasks
 
 WORDS = ("question short answer what color is the cat dog yes no red blue true false hateful image with written "

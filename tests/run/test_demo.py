@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from iblip_jax.data import shapes
+from iblip_jax.demo import shapes
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 

@@ -11,7 +11,7 @@ from transformers import InstructBlipForConditionalGeneration
 
 import oracle
 from gcs_emulator import gcs_fixture
-from iblip_jax.data import shapes, word_tokenizers
+from iblip_jax.demo import shapes, word_tokenizers
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BUCKET = "iblip-workdir"

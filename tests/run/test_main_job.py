@@ -14,7 +14,7 @@ import pytest
 from transformers import InstructBlipForConditionalGeneration
 
 import oracle
-from iblip_jax.data import shapes, word_tokenizers
+from iblip_jax.demo import shapes, word_tokenizers
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 

@@ -1,6 +1,6 @@
 """A procedurally generated image dataset for the embedded demo: one coloured shape on a coloured background.
 
-  python -m iblip_jax.data.shapes OUT_DIR [--train 2000] [--val 200] [--seed 0]
+  python -m iblip_jax.demo.shapes OUT_DIR [--train 2000] [--val 200] [--seed 0]
 
 Held-in tasks (instruction tuning): captioning, VQA (colours and shape, short generated answers), question
 generation. Held-out task type (zero-shot): multiple choice, the options listed in the prompt and the answer chosen

@@ -2,7 +2,8 @@
 import json
 import re
 
-from iblip_jax.data import readers, shapes
+from iblip_jax.data import readers
+from iblip_jax.demo import shapes
 
 
 def _lines(path):
