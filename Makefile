@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test test-fast demo install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
+
+# The inner loop: everything but the tests marked slow or integration (those launch the main job or take long).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow and not integration" tests
 
 # The main job on the embedded demo: procedural data generated here, tiny pretrained towers from demo_assets/.
 demo: $(STAMP)

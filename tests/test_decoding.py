@@ -91,6 +91,7 @@ def test_cached_decoding_equals_full_forward(models):
     np.testing.assert_allclose(logits, full[:, t], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ranking_equals_a_forward_pass_per_candidate(models):
   _, model, params = models
   inputs = _inputs()
@@ -130,6 +131,7 @@ def test_video_frames_are_encoded_independently_and_concatenated(models):
   assert tokens.shape == (3, 4)
 
 
+@pytest.mark.slow
 def test_generation_on_a_sharded_mesh_matches_one_device(models):
   from iblip_jax import config_lib, sharding
   _, model, params = models

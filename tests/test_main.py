@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration   # launches the main job as a user does
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 

@@ -34,6 +34,7 @@ def one_device():
   return losses, _host(trainable)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [(2, 2, 2), (8, 1, 1), (1, 4, 2)])
 def test_mesh_matches_one_device(one_device, mesh):
   losses, trainable, *_ = train_helper.run_steps(mesh)
@@ -47,6 +48,7 @@ def test_mesh_matches_one_device(one_device, mesh):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=atol)
 
 
+@pytest.mark.slow
 def test_decoder_only_mesh_matches_one_device():
   """Vicuna-style training (tiny LLaMA, grouped-query heads split over `tensor`) on a 2x2x2 mesh = one device."""
   config = train_helper.train_config("tiny_vicuna")
@@ -63,6 +65,7 @@ def test_decoder_only_mesh_matches_one_device():
   assert "tensor" in tuple(q_proj)   # heads are tensor-parallel
 
 
+@pytest.mark.slow
 def test_frozen_weights_never_move_and_have_no_optimizer_state():
   _, trainable, before, after, _, opt_state = train_helper.run_steps((2, 2, 2))
   assert set(trainable) == {"ln_vision", "query_tokens", "qformer", "language_projection"}
@@ -82,6 +85,7 @@ def test_adam_moments_of_the_real_flant5xl_config():
   assert sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0) == 2 * 187_262_464
 
 
+@pytest.mark.slow
 def test_loss_equals_transformers_loss(tmp_path):
   hf = oracle.tiny_hf_model()
   hf.save_pretrained(tmp_path / "hf")
@@ -123,6 +127,7 @@ def _step_flops(config, trainable_patterns) -> float:
   return step.lower(trainable, opt, frozen, batch, jax.random.key(0)).compile().cost_analysis()["flops"]
 
 
+@pytest.mark.slow
 def test_compiled_step_has_no_vision_backward():
   """The vision tower's backward costs about twice its forward; the default step must not contain it."""
   config = train_helper.train_config()
@@ -138,6 +143,7 @@ def test_compiled_step_has_no_vision_backward():
   assert default < with_vision - 1.5 * fwd
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
   config = train_helper.train_config()
   batch = train_helper.make_batch()
@@ -155,6 +161,7 @@ def test_remat_gives_the_same_loss_and_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny_vicuna"])
 def test_bfloat16_frozen_towers_train_float32_side(name):
   config = train_helper.train_config(name)
@@ -166,6 +173,7 @@ def test_bfloat16_frozen_towers_train_float32_side(name):
   assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype("bfloat16")}
 
 
+@pytest.mark.slow
 def test_last_vision_block_can_be_trained_by_config_alone():
   config = train_helper.train_config()
   config.model.vision.scan_layers = False
@@ -218,6 +226,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, one_device):
   """Two processes on localhost, 4 CPU devices each, one 2x2x2 mesh over both: same losses and params."""
   port = _free_port()

@@ -41,8 +41,11 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
+
+from iblip_jax.extras import require
+
+tfds = require("tensorflow_datasets", "prepare", "preparing or reading tensorflow-datasets ArrayRecord datasets")
 
 log = logging.getLogger(__name__)
 

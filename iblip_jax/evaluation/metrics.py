@@ -84,9 +84,10 @@ def mean_reciprocal_rank(scores: np.ndarray, answer_indices: Sequence[int]) -> f
 
 def caption_metrics(predictions: dict, references: dict) -> dict[str, float]:
   """{"CIDEr", "BLEU-4"} of predictions {id: caption} against references {id: [captions]} (COCO toolkit)."""
-  from pycocoevalcap.bleu.bleu import Bleu
-  from pycocoevalcap.cider.cider import Cider
-  from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+  from iblip_jax.extras import require
+  Bleu = require("pycocoevalcap.bleu.bleu", "eval", "captioning metrics (CIDEr, BLEU-4)").Bleu
+  Cider = require("pycocoevalcap.cider.cider", "eval", "captioning metrics (CIDEr, BLEU-4)").Cider
+  PTBTokenizer = require("pycocoevalcap.tokenizer.ptbtokenizer", "eval", "captioning metrics").PTBTokenizer
 
   missing = sorted(set(predictions) ^ set(references), key=str)
   if missing:

@@ -11,12 +11,20 @@ import math
 import numbers
 
 import jax
-import matplotlib
 from etils import epath
+from tensorboardX import SummaryWriter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from tensorboardX import SummaryWriter  # noqa: E402
+from iblip_jax.extras import require
+
+log = logging.getLogger(__name__)
+
+
+def _pyplot():
+  """matplotlib (the `viz` extra), headless."""
+  matplotlib = require("matplotlib", "viz", "drawing curves.png")
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
 
 
 class Logger:
@@ -54,13 +62,14 @@ class Logger:
     try:
       self._plot()
     except Exception as e:  # noqa: BLE001 - matplotlib, the file system and object stores raise all sorts
-      logging.warning("%s not drawn: %s: %s", self.workdir / "curves.png", type(e).__name__, e)
+      log.warning("%s not drawn: %s: %s", self.workdir / "curves.png", type(e).__name__, e)
 
   def _plot(self) -> None:
     steps = read_metrics(self.path)
     keys = sorted({k for values in steps.values() for k in values if k == "loss" or k.startswith("eval/")})
     if not keys:
       return
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     try:
       for ax, key in zip(axes[0], keys):

@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 
 import train_helper
+
+pytestmark = pytest.mark.slow   # one compiled training step shared by 34 tests (~40 s in all)
 from iblip_jax import sharding, train_state
 from iblip_jax.data import mixture, pipeline, readers, sources, tokenize
 from iblip_jax.demo import word_tokenizers

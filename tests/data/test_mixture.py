@@ -26,6 +26,7 @@ def _datasets():
   return sizes, {n: mixture.source([{"dataset": n, "i": i} for i in range(s)]) for n, s in sizes.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("balanced", [True, False])
 def test_per_example_frequencies_over_100k_draws(balanced):
   sizes, datasets = _datasets()
@@ -37,6 +38,7 @@ def test_per_example_frequencies_over_100k_draws(balanced):
     assert counts[name] / 100_000 == pytest.approx(p, abs=4 * sigma)
 
 
+@pytest.mark.slow
 def test_per_step_mode_gives_single_dataset_batches_in_proportion():
   sizes, datasets = _datasets()
   probs = mixture.weights(sizes)

@@ -207,6 +207,7 @@ def test_worker_processes_give_the_same_batches(tmp_path, tok):
   np.testing.assert_array_equal(one[2]["pixel_values"][:3], one[1]["pixel_values"][:3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_step", [False, True])
 def test_processes_share_every_global_batch_exactly(tok, per_step):
   """Global batch k is records [kB, (k+1)B) of the stream whatever the number of processes: process p's rows are
@@ -345,6 +346,7 @@ def _alive(proc: psutil.Process) -> bool:
   return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.slow
 def test_worker_processes_die_with_a_killed_main_process(tmp_path):
   """SIGKILL leaves the main process no chance to stop its grain workers; they must notice and go by themselves,
   and multiprocessing's resource tracker with them."""

@@ -511,6 +511,7 @@ def test_msrvtt_qa(tmp_path):
   assert record["answer"] == "man" and "candidates" not in record
 
 
+@pytest.mark.slow
 def test_video_qa_default_candidates_are_the_top_k_train_answers(tmp_path):
   """Without an answer-list file the candidates are the most frequent train answers, as many as LAVIS's lists
   (MSRVTT 1,500, MSVD 2,423), not every train answer."""

@@ -46,6 +46,7 @@ def test_config_read_from_checkpoint(tmp_path):
   assert cfg.text.dense_act_fn == "gelu" and cfg.image_token_index == oracle.IMAGE_TOKEN
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training_mode(tmp_path):
   _, model, params = _load(tmp_path)
   batch = oracle.tiny_batch()

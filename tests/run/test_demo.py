@@ -1,11 +1,14 @@
 """`make demo`'s job as committed (configs/demo.py + demo_assets/): it runs end to end on CPU and its held-out
 zero-shot metric ends clearly above chance and above a randomly initialised Q-Former, as the README says."""
+import pytest
 import os
 import subprocess
 import sys
 import time
 
 from iblip_jax.demo import shapes
+
+pytestmark = pytest.mark.integration   # launches the main job as a user does
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 

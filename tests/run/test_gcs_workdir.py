@@ -13,6 +13,8 @@ import oracle
 from gcs_emulator import gcs_fixture
 from iblip_jax.demo import shapes, word_tokenizers
 
+pytestmark = pytest.mark.integration   # launches the main job as a user does
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BUCKET = "iblip-workdir"
 gcs = gcs_fixture(BUCKET)

@@ -16,6 +16,8 @@ from transformers import InstructBlipForConditionalGeneration
 import oracle
 from iblip_jax.demo import shapes, word_tokenizers
 
+pytestmark = pytest.mark.integration   # launches the main job as a user does
+
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 TIMEOUT = 600   # a job that hangs (hosts disagreeing on a shape) fails here instead of blocking CI
 

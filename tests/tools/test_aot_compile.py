@@ -78,6 +78,7 @@ def _tiny_config(vision_layers: int = 3, text_layers: int = 3):
 SHAPES = aot.Shapes(instruction=7, prompt=6, target=5)
 
 
+@pytest.mark.slow
 def test_flops_count_every_layer():
   """Each extra layer adds the same FLOPs: nothing is counted once per loop (no TPU needed)."""
   def flops(vision_layers, text_layers):
@@ -113,6 +114,7 @@ def v5e_2x2():
     pytest.skip(f"libtpu cannot describe a v5e:2x2 topology here: {type(e).__name__}: {e}")
 
 
+@pytest.mark.slow
 def test_compile_tiny_train_step(v5e_2x2):
   topology, devices = v5e_2x2
   report = aot.compile_train(_tiny_config(), topology, batch=8, shapes=SHAPES, devices=devices)
@@ -142,6 +144,7 @@ def test_tpu_model_config():
   assert unrolled.text.scan_unroll == cfg.text.num_layers
 
 
+@pytest.mark.slow
 def test_compile_tiny_decoder_only_train_step_and_decode(v5e_2x2):
   topology, devices = v5e_2x2
   config = train_helper.load_config("tiny_vicuna")

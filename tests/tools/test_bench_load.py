@@ -1,4 +1,5 @@
 """tools/bench_load.py: the checkpoint's tensor layout, and the whole tool at tiny size (write, read, the main job)."""
+import pytest
 import importlib.util
 import json
 import math
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 import torch
+
+pytestmark = pytest.mark.integration   # launches the main job as a user does
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
