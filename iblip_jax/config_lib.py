@@ -42,6 +42,10 @@ def base(model: dict) -> ml_collections.ConfigDict:
   model["text"] = {"dtype": "float32", "remat": False, **model.get("text", {})}
   config.model = ml_collections.ConfigDict(model)
   config.model_init = ""   # local Hugging Face InstructBLIP directory with the pretrained weights
+  # With a BLIP-2 stage-2 directory as model_init (Blip2ForConditionalGeneration, the paper's starting point): the
+  # BLIP-2 stage-1 directory (Blip2ForImageTextRetrieval) that gives the Q-Former's text side, as LAVIS does. Empty:
+  # the documented fallback, with a warning (iblip_jax/hf_checkpoint.py, BLIP-2 section).
+  config.model_init_stage1 = ""
   config.trainable = list(INSTRUCTION_TUNING)   # ln_vision, query tokens, Q-Former, projection
   config.seed = 0
   config.total_steps = 10_000

@@ -46,34 +46,66 @@ def _with_dtype(cfg: InstructBlipConfig, dtype) -> InstructBlipConfig:
 
 
 def load_config(path: str, dtype=jnp.float32, *, instruction_aware: bool = True,
-                overrides: dict | None = None) -> InstructBlipConfig:
-  """The model config of a local Hugging Face InstructBLIP directory: its config.json is the source of truth for
+                overrides: dict | None = None, stage1: str | None = None) -> InstructBlipConfig:
+  """The model config of a local Hugging Face InstructBLIP directory, or of a BLIP-2 stage-2 directory (with its
+  stage-1 directory in `stage1`; see hf_checkpoint's BLIP-2 section): the config.json is the source of truth for
   the architecture; `dtype` and `instruction_aware` are applied, then `overrides` (a nested dict like
   `config.model.to_dict()`). An override that contradicts the weights' shapes raises a CheckpointError naming
   the field and both values."""
-  if not os.path.isdir(path):
-    raise hf_checkpoint.CheckpointError(f"{path}: not a directory (expected a local Hugging Face InstructBLIP "
-                                        "checkpoint directory; nothing is downloaded)")
-  hf_config = hf_checkpoint.read_config(path)
+  _check_dir(path, "")
+  hf_config = hf_checkpoint.parse_config(path)
+  source = os.path.join(path, hf_checkpoint.CONFIG_NAME)
+  if hf_checkpoint.is_blip2(hf_config):
+    if stage1:
+      _check_dir(stage1, "_stage1")
+    text_sizes = ((overrides or {}).get("qformer") or {}) if not stage1 else None
+    hf_config = hf_checkpoint.blip2_config(path, stage1, text_sizes=text_sizes)
+    source = f"{source} (BLIP-2 stage 2{' + stage 1 ' + stage1 if stage1 else ''})"
+  else:
+    if stage1:
+      raise hf_checkpoint.CheckpointError(
+          f"{path}: an InstructBLIP checkpoint has its Q-Former's text side already; a stage-1 checkpoint "
+          f"({stage1}) applies only when config.model_init is a BLIP-2 stage-2 directory")
+    hf_config = hf_checkpoint.read_config(path)
   reader = hf_checkpoint.SafetensorsReader(path)
   # A checkpoint without lm_head has a head tied to the shared embedding (transformers 5 writes tied heads so).
   tied = "language_model.lm_head.weight" not in reader.keys()
   reader.close()
-  cfg = hf_checkpoint.config_from_hf(hf_config, tied_head=tied, source=os.path.join(path, hf_checkpoint.CONFIG_NAME))
+  cfg = hf_checkpoint.config_from_hf(hf_config, tied_head=tied, source=source)
   cfg = _with_dtype(cfg, dtype).replace(instruction_aware=instruction_aware)
   if overrides:
     try:
-      cfg = model_configs.with_overrides(cfg, overrides, os.path.join(path, hf_checkpoint.CONFIG_NAME))
+      cfg = model_configs.with_overrides(cfg, overrides, source)
     except ValueError as e:
       raise hf_checkpoint.CheckpointError(str(e)) from None
   return cfg
 
 
-def load_params(path: str, model: InstructBlip, *, shardings=None, progress: bool = False) -> dict:
+def _check_dir(path: str, suffix: str) -> None:
+  if not os.path.isdir(path):
+    raise hf_checkpoint.CheckpointError(f"config.model_init{suffix}={path!r}: not a directory (expected a local "
+                                        "Hugging Face InstructBLIP or BLIP-2 checkpoint directory; nothing is "
+                                        "downloaded)")
+
+
+def open_reader(path: str, model: InstructBlip, stage1: str | None = None):
+  """The tensors of `path` under InstructBLIP's names: the directory itself (InstructBLIP) or a BLIP-2 start
+  (hf_checkpoint.Blip2Reader). Returns (reader, what it holds in one line)."""
+  if hf_checkpoint.is_blip2(hf_checkpoint.parse_config(path)):
+    reader = hf_checkpoint.Blip2Reader(path, stage1, model.config.qformer,
+                                       text_side=model.config.instruction_aware)
+    return reader, reader.describe()
+  return hf_checkpoint.SafetensorsReader(path), f"InstructBLIP {path} (every part)"
+
+
+def load_params(path: str, model: InstructBlip, *, shardings=None, progress: bool = False,
+                stage1: str | None = None) -> dict:
   """The weights of a local Hugging Face directory for `model`, as global arrays in `shardings` (a tree like the
   params; default: this process's first device). Each process reads each tensor's part its devices hold, once.
-  `progress` shows bytes read with an ETA on process 0 and prints the time and rate at the end."""
-  reader = hf_checkpoint.SafetensorsReader(path)
+  A BLIP-2 stage-2 directory takes its Q-Former text side from `stage1` (or the documented fallback).
+  `progress` shows bytes read with an ETA on process 0 and prints the time and rate at the end; one line says what
+  was initialised from where."""
+  reader, origin = open_reader(path, model, stage1)
   start = time.perf_counter()
   try:
     params = hf_checkpoint.load_params(params_shape(model), reader, shardings=shardings,
@@ -84,12 +116,14 @@ def load_params(path: str, model: InstructBlip, *, shardings=None, progress: boo
   seconds = time.perf_counter() - start
   message = (f"loaded {path}: {len(reader.keys())} tensors, {reader.bytes_read / 1e9:.2f} GB read by this process "
              f"in {seconds:.1f} s ({reader.bytes_read / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
-  (log.info if progress and jax.process_index() == 0 else log.debug)(message)
+  loud = progress and jax.process_index() == 0
+  (log.info if loud else log.debug)(message)
+  (log.info if loud else log.debug)("model_init: %s", origin)
   return params
 
 
 def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = True, overrides: dict | None = None,
-                    shardings=None, mesh=None, rules=None):
+                    shardings=None, mesh=None, rules=None, stage1: str | None = None):
   """Loads a local Hugging Face InstructBLIP directory (config.json + safetensors). Returns (model, params).
 
   `dtype` is the storage and compute dtype of the frozen ViT and LLM (bfloat16 on TPU); the Q-Former side is always
@@ -97,11 +131,16 @@ def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = T
   `overrides` are further settings (`{"text": {"remat": True}, "vision": {"scan_layers": False}}`, ...; see
   load_config). Parameters go straight into `shardings`, or into the logical shardings of `mesh` under `rules`
   (see iblip_jax.sharding), or onto one device.
+  `path` may also be a BLIP-2 stage-2 directory (transformers' Blip2ForConditionalGeneration, e.g.
+  blip2-flan-t5-xl): the paper's starting point. Its Q-Former text side then comes from `stage1`, a BLIP-2 stage-1
+  directory (Blip2ForImageTextRetrieval, blip2-itm-vit-g), as LAVIS does, or from a documented fallback with a
+  warning (hf_checkpoint's BLIP-2 section).
   """
-  model = InstructBlip(load_config(path, dtype, instruction_aware=instruction_aware, overrides=overrides))
+  model = InstructBlip(load_config(path, dtype, instruction_aware=instruction_aware, overrides=overrides,
+                                   stage1=stage1))
   if shardings is None and mesh is not None:
     shardings = sharding.logical_shardings(params_shape(model, boxed=True), mesh, rules or ())
-  return model, load_params(path, model, shardings=shardings)
+  return model, load_params(path, model, shardings=shardings, stage1=stage1)
 
 
 def save_pretrained(model: InstructBlip, params, out_dir: str) -> None:

@@ -31,7 +31,8 @@ def load_params(s: Settings, model: InstructBlip, setup_: train_state.TrainSetup
   """The model's parameters as global arrays in their shardings: read from the checkpoint (each process reads its
   devices' part of each tensor), or initialised in place from the seed without one (smoke tests)."""
   if s.model_init:
-    return pretrained.load_params(s.model_init, model, shardings=setup_.param_shardings, progress=True)
+    return pretrained.load_params(s.model_init, model, shardings=setup_.param_shardings, progress=True,
+                                  stage1=s.model_init_stage1 or None)
   from iblip_jax import trainable as trainable_lib
   return trainable_lib.merge(*setup_.init_random(jax.random.key(s.seed)))
 

@@ -69,6 +69,7 @@ class Settings:
   workdir: str | None
   model: InstructBlipConfig
   model_init: str                  # "" = freshly initialised from config.model (smoke tests)
+  model_init_stage1: str           # BLIP-2 stage 1 (the Q-Former's text side) when model_init is a BLIP-2 stage 2
   tokenizer: str                   # defaults to model_init
   trainable: tuple[str, ...]
   reinit_trainable: bool
@@ -134,12 +135,20 @@ def _batch(size: int, where: str, mesh: dict) -> list[str]:
 
 
 def _model(config, problems) -> InstructBlipConfig | None:
+  stage1 = config.get("model_init_stage1") or ""
+  if stage1 and not config.model_init:
+    problems.append(f"config.model_init_stage1={stage1!r} but config.model_init is empty: the stage-1 checkpoint "
+                    "completes a BLIP-2 stage-2 directory given as config.model_init")
+  if stage1 and not os.path.isfile(os.path.join(stage1, "config.json")):
+    problems.append(f"config.model_init_stage1={stage1!r}: no Hugging Face checkpoint there (config.json)")
+    return None
   if config.model_init and not os.path.isfile(os.path.join(config.model_init, "config.json")):
     problems.append(f"config.model_init={config.model_init!r}: no Hugging Face checkpoint there (config.json)")
     return None
   try:
     if config.model_init:
-      return pretrained.load_config(config.model_init, overrides=config.model.to_dict())
+      return pretrained.load_config(config.model_init, overrides=config.model.to_dict(),
+                                    stage1=config.get("model_init_stage1") or None)
     return model_configs.from_dict(config.model.to_dict())
   except ValueError as e:
     problems.append(str(e))
@@ -194,7 +203,8 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
   return Settings(
-      mode=mode, workdir=workdir, model=model, model_init=config.model_init, tokenizer=tokenizer,
+      mode=mode, workdir=workdir, model=model, model_init=config.model_init,
+      model_init_stage1=config.get("model_init_stage1") or "", tokenizer=tokenizer,
       trainable=tuple(config.trainable), reinit_trainable=config.reinit_trainable, seed=config.seed,
       total_steps=config.total_steps, batch_size=config.batch_size, dropout=config.dropout,
       optim=Optim(**config.optim.to_dict()), mesh=mesh, sharding_rules=tuple(tuple(r) for r in config.sharding_rules),
