@@ -66,8 +66,10 @@ def base(model: dict) -> ml_collections.ConfigDict:
   # random_crop: RandomResizedCrop(0.5-1.0) in training, as LAVIS (no horizontal flip: it breaks left/right).
   # mixing: "example" (every example drawn from the mixture) or "step" (every global batch from one dataset, LAVIS).
   # max_skip_rate: warn when more than this fraction of recent examples is skipped as bad (per dataset, with reasons).
+  # instruction_format: "templates" (instruction tuning), or the paper's multitask baselines without instructions:
+  # "raw" (the question alone, an empty instruction for captions) or "dataset_name" ("[Task:Dataset] question").
   config.data = ml_collections.ConfigDict(dict(datasets={}, balanced=True, workers=0, random_crop=True,
-                                               mixing="example", max_skip_rate=0.1))
+                                               mixing="example", max_skip_rate=0.1, instruction_format="templates"))
   # Evaluations: {name: {"task": an iblip_jax.evaluation.tasks name, "format": ..., "path": ...}}
   config.evals = ml_collections.ConfigDict()
   config.eval_every = 1000

@@ -2,7 +2,8 @@
 
 Bad examples never stop training: an example whose image is missing, unreadable, truncated or too large to decode
 (whatever PIL raises), whose record does not render, or whose text is empty or not valid UTF-8 (including lone
-surrogates), is skipped and counted by reason and dataset (`SkipCounter`: reported in the logs and metrics,
+surrogates; an instruction that a renderer returns as exactly "" is meant empty, as the untemplated captions of
+templates' "raw" format, and is kept), is skipped and counted by reason and dataset (`SkipCounter`: reported in the logs and metrics,
 `summary()` for people, `report(threshold)` for a skip rate that stays high); odd images (grayscale, RGBA, CMYK,
 palette, 16-bit, EXIF-rotated) are converted (see preprocess.to_rgb). A bad *dataset* does stop it, at once and by
 name (BadDatasetError): one whose first records all fail has a wrong format or path, and would otherwise be
@@ -103,7 +104,8 @@ def _load_example(record: dict, rng: np.random.Generator, *, image_size: int, tr
   except (KeyError, ValueError, IndexError) as e:
     detail = f"{type(e).__name__}: {_clip(e)}"  # the renderers' messages name the record already
     return {SKIP: f"bad_record:{type(e).__name__}"}, detail if name in str(e) else f"{name}: {detail}"
-  text_input, text_output = _text(text_input), _text(text_output)
+  meant_empty = isinstance(text_input, str) and text_input == ""   # a renderer's empty instruction (raw captions)
+  text_input, text_output = ("" if meant_empty else _text(text_input)), _text(text_output)
   if text_input is None or text_output is None:
     which = "text_input" if text_input is None else "text_output"
     return {SKIP: "empty_or_invalid_text"}, f"{name}: {which} is empty or not valid UTF-8"

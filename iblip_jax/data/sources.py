@@ -68,13 +68,14 @@ def read_records(source: Source) -> list[dict]:
   return records
 
 
-def renderer():
+def renderer(instruction_format: str = "templates"):
   """(record, rng) -> (text_input, text_output): records that carry their texts keep them; the others get one of
-  their dataset's instruction templates."""
+  their dataset's instruction templates, or with `instruction_format` "raw" / "dataset_name" (the paper's multitask
+  baselines, config.data.instruction_format) their raw input (see data/templates.py)."""
   from iblip_jax.data import templates
 
   def render(record, rng):
     if "text_input" in record and "text_output" in record:
       return record["text_input"], record["text_output"]
-    return templates.render(record["dataset"], record, rng)
+    return templates.render(record["dataset"], record, rng, instruction_format)
   return render

@@ -30,6 +30,19 @@ choices, by task type:
   answer among the dialog round's options);
 - video QA records train on one frame, the middle one (pipeline.load_example): LAVIS's training forward() has no
   video branch, and the 4-frame input exists only at evaluation.
+
+Instruction formats (`render(..., instruction_format=)`, config.data.instruction_format): the paper's comparison of
+instruction tuning with multitask training (its Fig. 4 / v1 Table 4) trains the same data three ways:
+- "templates" (default): instruction tuning, as above;
+- "raw": multitask training without instructions: the record's own input alone, i.e. what fills a template's slot:
+  the question (VQA; with its options and context for multiple choice), the answer (question generation), the
+  statement / meme text / dialog question (VSR, Hateful Memes, Visual Dialog) and an empty instruction for
+  captions. OCR tokens stay (they are input data, not instruction);
+- "dataset_name": the raw input behind a "[Task:Dataset]" identifier, e.g. "[Visual question answering:VQAv2] what
+  color is it?"; the identifier's wording follows the paper's description as we recall it (unconfirmed; the paper
+  gives one example and no list).
+LLaVA-Instruct-150K and records that carry their own texts are used as they are in every format. Evaluation always
+uses the tasks' prompts (the paper applies instructions to both models for held-out evaluation).
 """
 from typing import Sequence
 
@@ -139,6 +152,22 @@ MAX_OCR_TOKENS = 30
 OCR_PREFIX = "OCR tokens: {}. "
 
 
+INSTRUCTION_FORMATS = ("templates", "raw", "dataset_name")
+# The identifiers of the "dataset_name" format: task and dataset names as the paper's figures write them.
+TASK_NAMES = {"caption": "Image captioning", "vqa": "Visual question answering", "vqg": "Visual question generation",
+              "mc": "Multiple-choice visual question answering", "prompt": None}
+DATASET_NAMES = {
+    "coco_caption": "COCO Caption", "web_capfilt": "Web CapFilt", "textcaps": "TextCaps", "vqav2": "VQAv2",
+    "vqg": "VQAv2", "okvqa": "OKVQA", "okvqa_qg": "OKVQA", "aokvqa": "A-OKVQA", "aokvqa_qg": "A-OKVQA",
+    "aokvqa_mc": "A-OKVQA", "ocrvqa": "OCR-VQA", "nocaps": "NoCaps", "flickr30k": "Flickr30K", "gqa": "GQA",
+    "vizwiz": "VizWiz", "textvqa": "TextVQA", "ivqa": "iVQA", "msvd_qa": "MSVD-QA", "msrvtt_qa": "MSRVTT-QA",
+    "iconqa": "IconQA", "scienceqa_img": "ScienceQA", "vsr": "VSR", "hateful_memes": "HatefulMemes",
+    "visdial": "Visual Dialog"}
+# "prompt" datasets: the record field that is their raw input, and their task's name for the identifier.
+PROMPT_RAW = {"vsr": ("caption", "Visual spatial reasoning"), "hateful_memes": ("text", "Image classification"),
+              "visdial": ("question", "Visual conversational question answering")}
+
+
 def templates_for(dataset: str) -> tuple[str, ...]:
   """The templates `dataset` draws from; () for datasets used as is; its zero-shot prompt for "prompt" datasets."""
   task = _task(dataset)
@@ -153,8 +182,12 @@ def inject_ocr(instruction: str, ocr_tokens: Sequence[str], max_tokens: int = MA
   return OCR_PREFIX.format(", ".join(tokens)) + instruction if tokens else instruction
 
 
-def render(dataset: str, record: dict, rng: np.random.Generator) -> tuple[str, str]:
-  """(text_input, text_output) for one training sample of `dataset`; draws come from `rng`, template first."""
+def render(dataset: str, record: dict, rng: np.random.Generator,
+           instruction_format: str = "templates") -> tuple[str, str]:
+  """(text_input, text_output) for one training sample of `dataset`; draws come from `rng`, template first.
+  `instruction_format`: "templates" (instruction tuning), "raw" or "dataset_name" (see the module docstring)."""
+  if instruction_format != "templates":
+    return _render_untemplated(dataset, record, rng, instruction_format)
   task = _task(dataset)
   if task is None:
     return _field(dataset, record, "text_input"), _field(dataset, record, "text_output")
@@ -176,6 +209,42 @@ def render(dataset: str, record: dict, rng: np.random.Generator) -> tuple[str, s
   if dataset in OCR_DATASETS and record.get("ocr_tokens"):
     text_input = inject_ocr(text_input, record["ocr_tokens"])
   return text_input, text_output
+
+
+def _render_untemplated(dataset: str, record: dict, rng: np.random.Generator, instruction_format: str):
+  """Multitask training without instructions: the raw input ("raw"), or behind "[Task:Dataset] " ("dataset_name")."""
+  if instruction_format not in INSTRUCTION_FORMATS:
+    raise ValueError(f"instruction_format={instruction_format!r}; expected one of {', '.join(INSTRUCTION_FORMATS)}")
+  task = _task(dataset)
+  if task is None:   # LLaVA-Instruct-150K and own texts: as they are
+    return _field(dataset, record, "text_input"), _field(dataset, record, "text_output")
+  if task == "mc" and "candidates" not in record:
+    task = "vqa"
+  if task == "caption":
+    text_input, text_output = "", _choose(rng, _nonempty(dataset, record, "captions"))
+  elif task == "vqa":
+    text_input, text_output = _raw_text(dataset, record, "question"), _answer(dataset, record, rng)
+  elif task == "vqg":
+    text_input, text_output = _answer(dataset, record, rng).strip(), _field(dataset, record, "question")
+  elif task == "mc":
+    text_input, text_output = _render_mc(dataset, record, "{Question}")
+  else:  # prompt: the record's own text, the candidate ranking scores as right as target
+    text_input = _raw_text(dataset, record, PROMPT_RAW[dataset][0])
+    text_output = _render_prompt(dataset, record)[1]
+  if dataset in OCR_DATASETS and record.get("ocr_tokens"):
+    text_input = inject_ocr(text_input, record["ocr_tokens"]).strip()
+  if instruction_format == "dataset_name":
+    name = TASK_NAMES[task] or PROMPT_RAW[dataset][1]
+    text_input = f"[{name}:{DATASET_NAMES[dataset]}] {text_input}".strip()
+  return text_input, text_output
+
+
+def _raw_text(dataset: str, record: dict, key: str) -> str:
+  """A raw input field, which must not be empty: only captions have an empty input on purpose."""
+  value = str(_field(dataset, record, key)).strip()
+  if not value:
+    raise ValueError(f"{dataset} record {record.get('id', '?')!r}: its {key!r} is empty")
+  return value
 
 
 def _render_mc(dataset: str, record: dict, template: str) -> tuple[str, str]:

@@ -48,6 +48,7 @@ class Data:
   random_crop: bool    # RandomResizedCrop(0.5-1.0) in training, as LAVIS
   mixing: str          # "example" or "step" (one dataset per global batch, LAVIS)
   max_skip_rate: float # warn above this recent fraction of skipped examples
+  instruction_format: str = "templates"   # or "raw" / "dataset_name": the paper's multitask baselines (templates.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +156,15 @@ def _model(config, problems) -> InstructBlipConfig | None:
     return None
 
 
+def _instruction_format(config) -> list[str]:
+  from iblip_jax.data import templates
+  value = config.data.get("instruction_format", "templates")
+  if value not in templates.INSTRUCTION_FORMATS:
+    return [f"config.data.instruction_format={value!r} must be one of {', '.join(templates.INSTRUCTION_FORMATS)} "
+            "(instruction templates, or the paper's multitask baselines without them)"]
+  return []
+
+
 def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
   """The checked settings of `config` for `mode` (default: config.mode). Raises ConfigError listing every problem.
   Needs JAX's devices (the mesh is checked against them): call after distributed start-up."""
@@ -190,6 +200,7 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
                       "mixture) or 'step' (every global batch from one dataset, as LAVIS)")
     for source in datasets:
       problems += source_problems(source)
+    problems += _instruction_format(config)
     _positive(config, ("checkpoint_every", "log_every", "eval_every", "keep_checkpoints"), problems)
   if mode in ("train", "eval") and evals and config.eval_batch_size <= 0:
     problems.append(f"config.eval_batch_size={config.eval_batch_size} must be positive")
@@ -211,7 +222,8 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
       max_replicated_bytes=int(config.max_replicated_mb * 2**20),
       data=Data(datasets=datasets, balanced=config.data.balanced, workers=config.data.workers,
                 random_crop=config.data.random_crop, mixing=config.data.mixing,
-                max_skip_rate=config.data.max_skip_rate),
+                max_skip_rate=config.data.max_skip_rate,
+                instruction_format=config.data.get("instruction_format", "templates")),
       evals=evals, eval_every=config.eval_every, eval_at_start=config.eval_at_start, eval_at_end=config.eval_at_end,
       eval_untrained_baseline=config.eval_untrained_baseline, eval_batch_size=config.eval_batch_size,
       eval_max_examples=config.eval_max_examples, log_every=config.log_every,

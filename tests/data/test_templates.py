@@ -208,3 +208,56 @@ def test_classification_and_dialog_use_their_zero_shot_prompt_and_the_right_cand
 def test_every_reader_has_a_renderer():
   from iblip_jax.data import readers
   assert set(readers.READERS) == set(templates.DATASET_TASKS)
+
+
+def _format(dataset, record, fmt, seed=0):
+  return templates.render(dataset, record, np.random.default_rng(seed), instruction_format=fmt)
+
+
+def test_multitask_formats_without_instructions():
+  """The paper's multitask baselines: the raw input alone, or behind a [Task:Dataset] identifier; the targets are
+  drawn as for instruction tuning; LLaVA's own texts are used as they are."""
+  caption = {"id": 7, "captions": ["a cat on a mat"]}
+  assert _format("coco_caption", caption, "raw") == ("", "a cat on a mat")
+  assert _format("coco_caption", caption, "dataset_name") == ("[Image captioning:COCO Caption]", "a cat on a mat")
+  one_answer = {**VQA_RECORD, "answers": ["red"] * 10}
+  assert _format("vqav2", one_answer, "raw") == ("what color is the cat?", "red")
+  assert _format("vqav2", one_answer, "dataset_name") == (
+      "[Visual question answering:VQAv2] what color is the cat?", "red")
+  answers = {_format("okvqa", VQA_RECORD, "raw", seed)[1] for seed in range(40)}
+  assert answers == {"red", "orange"}   # one annotator's answer per draw, as with templates
+  assert _format("vqg", VQA_RECORD, "raw", 1) == (_format("vqav2", VQA_RECORD, "raw", 1)[1], "what color is the cat?")
+  assert _format("aokvqa_qg", VQA_RECORD, "dataset_name", 1)[0].startswith("[Visual question generation:A-OKVQA] ")
+  assert _format("scienceqa_img", {**MC_RECORD, "context": "Ducks swim."}, "raw") == (
+      "Context: Ducks swim. Which animal's feet are adapted for swimming? Options: (a) duck (b) cat (c) horse", "duck")
+  assert _format("hateful_memes", {"text": "have a nice day", "label": 1}, "dataset_name") == (
+      "[Image classification:HatefulMemes] have a nice day", "yes")
+  assert _format("textvqa", {**VQA_RECORD, "ocr_tokens": ["stop"]}, "raw")[0] == (
+      "OCR tokens: stop. what color is the cat?")
+  llava = {"text_input": "What is in the image?", "text_output": "A cat."}
+  assert _format("llava_conversation", llava, "dataset_name") == ("What is in the image?", "A cat.")
+  # nothing of a template is left; an empty question is a bad record, an empty caption input is meant
+  for fmt in ("raw", "dataset_name"):
+    text_input = _format("vqav2", VQA_RECORD, fmt)[0]
+    assert not any(t.replace("{Question}", "").strip(" ?:.\"") in text_input for t in templates.VQA_TEMPLATES[1:])
+    with pytest.raises(ValueError, match="its 'question' is empty"):
+      _format("vqav2", {**VQA_RECORD, "question": "  "}, fmt)
+  with pytest.raises(ValueError, match="instruction_format='none'"):
+    _format("vqav2", VQA_RECORD, "none")
+  named = {d for d, task in templates.DATASET_TASKS.items() if task is not None}
+  assert named <= set(templates.DATASET_NAMES)   # every templated dataset has its identifier
+
+
+def test_the_training_pipeline_keeps_an_empty_caption_instruction():
+  """The input pipeline skips empty texts as bad data, except an instruction a renderer returns as exactly "" (raw
+  captions); the batch then holds the tokenizer's encoding of an empty prompt."""
+  from PIL import Image
+  from iblip_jax.data import pipeline, sources
+  image = Image.new("RGB", (8, 8))
+  render = sources.renderer("raw")
+  example = pipeline.load_example({"dataset": "coco_caption", "id": 1, "image": image, "captions": ["a cat"]},
+                                  np.random.default_rng(0), image_size=8, train=False, render=render)
+  assert example["text_input"] == "" and example["text_output"] == "a cat"
+  bad = pipeline.load_example({"dataset": "vqav2", "id": 2, "image": image, "question": " ", "answers": ["a"]},
+                              np.random.default_rng(0), image_size=8, train=False, render=render)
+  assert bad == {pipeline.SKIP: "bad_record:ValueError"}
