@@ -151,16 +151,20 @@ class InstructBlip(nn.Module):
     text = self.config.text
     if not self.config.decoder_only:
       encoded, mask = self.encode(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask)
+      # each sample's encoder output, projected to cross-attention keys/values once, serves its C candidates
       return self.language_model.decode(shift_right(labels, text.decoder_start_token_id, text.pad_token_id),
-                                        jnp.repeat(encoded, c, axis=0), jnp.repeat(mask, c, axis=0),
-                                        valid.astype(jnp.int32))
+                                        encoded, mask, valid.astype(jnp.int32))
     ids, prompt_mask = llama.left_align(input_ids, attention_mask)
     embeds, mask = self.llm_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, ids, prompt_mask)
-    p = mask.shape[1]
-    cand = self.language_model.embed(jnp.where(valid, labels, text.pad_token_id))
-    full = jnp.concatenate([jnp.repeat(embeds, c, axis=0), cand], axis=1)
-    full_mask = jnp.concatenate([jnp.repeat(mask, c, axis=0), valid.astype(mask.dtype)], axis=1)
-    return self.language_model(full, full_mask, llama.positions(full_mask))[:, p - 1:p + n - 1]
+    # [visual][prompt] once per sample; its last position predicts each candidate's first token, and the candidates
+    # (all but their last token) continue from its keys/values, shared by the sample's C candidates
+    first, prompt = self.language_model.prompt(embeds, mask)
+    first = jnp.repeat(first, c, axis=0)[:, None]
+    if n == 1:
+      return first
+    cand = self.language_model.embed(jnp.where(valid, labels, text.pad_token_id))[:, :n - 1]
+    rest = self.language_model.continuation_logits(prompt, cand, valid[:, :n - 1].astype(jnp.int32))
+    return jnp.concatenate([first.astype(rest.dtype), rest], axis=1)
 
   def __call__(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
                decoder_input_ids=None, decoder_attention_mask=None, deterministic: bool = True) -> jax.Array:

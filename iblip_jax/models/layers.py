@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -83,6 +84,72 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, bias: Array | None = 
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def _per_row(x: Array, lq: int, lk: int, b: int, g: int, heads: tuple[int, int]) -> Array:
+  """A 4-D mask or bias broadcastable to (R, H, Lq, Lk) -> (B, g, G, rep, Lq, Lk) (a size-1 head axis is kept)."""
+  one_head = x.shape[1] == 1
+  x = jnp.broadcast_to(x, (b * g, 1 if one_head else heads[0] * heads[1], lq, lk))
+  return x.reshape(b, g, *((1, 1) if one_head else heads), lq, lk)
+
+
+def rows_attention(q: Array, *, shared=None, own=None, ancestry: Array | None = None, scale: float = 1.0) -> Array:
+  """Attention of R = B x g query rows (the beams of B samples, or the candidates ranked for them) over two key sets,
+  with one softmax (f32) over both:
+    shared = (k, v, mask): each sample's keys (B, S, G, D), read once for all its g rows (an encoder output, a
+      prompt) instead of being copied per row; mask (B, 1, 1, S) or None;
+    own = (k, v, bias, mask): each row's own keys (R, T, G, D) (its generated or candidate tokens), bias/mask
+      broadcastable to (R, H, Lq, T);
+    ancestry (B, g, T): row j of sample b reads its own-key position t from row ancestry[b, j, t] of its sample, so
+      beams that trade places keep reading their history where it was written: no cache copy when beams reorder.
+  q: (R, Lq, H, D), H a multiple of G (grouped-query attention). Returns (R, Lq, H, D) in v's dtype."""
+  r, lq, h, d = q.shape
+  ref = shared[0] if shared is not None else own[0]
+  g_heads = ref.shape[2]
+  b = shared[0].shape[0] if shared is not None else (ancestry.shape[0] if ancestry is not None else r)
+  g = r // b
+  heads = (g_heads, h // g_heads)
+  qg = q.reshape(b, g, lq, *heads, d)
+  logits, sizes = [], []
+  if shared is not None:
+    k, _, mask = shared
+    x = jnp.einsum("bjqgrd,bsgd->bjgrqs", qg, k).astype(jnp.float32) * scale
+    if mask is not None:
+      x = jnp.where(mask.reshape(b, 1, 1, 1, 1, -1), x, jnp.finfo(jnp.float32).min)
+    logits.append(x)
+    sizes.append(k.shape[1])
+  if own is not None:
+    k, _, bias, mask = own
+    t = k.shape[1]
+    kg = k.reshape(b, g, t, *k.shape[2:])
+    if ancestry is None:
+      x = jnp.einsum("bjqgrd,bjtgd->bjgrqt", qg, kg).astype(jnp.float32) * scale
+    else:  # each (row, position) key from the row its ancestry names: one non-zero term per position
+      pick = jax.nn.one_hot(ancestry, g, dtype=bool).transpose(0, 1, 3, 2)           # (B, j, i, T)
+      every = jnp.einsum("bjqgrd,bitgd->bjigrqt", qg, kg).astype(jnp.float32) * scale
+      x = jnp.where(pick[:, :, :, None, None, None, :], every, 0.0).sum(axis=2)
+    if bias is not None:
+      x = x + _per_row(bias.astype(jnp.float32), lq, t, b, g, heads)
+    if mask is not None:
+      x = jnp.where(_per_row(mask, lq, t, b, g, heads), x, jnp.finfo(jnp.float32).min)
+    logits.append(x)
+    sizes.append(t)
+  probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
+  parts = jnp.split(probs, np.cumsum(sizes)[:-1], axis=-1)
+  out = 0.0
+  if shared is not None:
+    v = shared[1]
+    out = out + jnp.einsum("bjgrqs,bsgd->bjqgrd", parts[0].astype(v.dtype), v)
+  if own is not None:
+    v = own[1]
+    vg = v.reshape(b, g, v.shape[1], *v.shape[2:])
+    p = parts[-1].astype(v.dtype)
+    if ancestry is None:
+      out = out + jnp.einsum("bjgrqt,bjtgd->bjqgrd", p, vg)
+    else:
+      weights = jnp.where(pick[:, :, :, None, None, None, :], p[:, :, None], 0)   # (B, j, i, G, rep, Lq, T)
+      out = out + jnp.einsum("bjigrqt,bitgd->bjqgrd", weights, vg)
+  return out.reshape(r, lq, h, d).astype(ref.dtype)
 
 
 def padding_mask(attention_mask: Array) -> Array:

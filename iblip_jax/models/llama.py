@@ -76,7 +76,12 @@ class LlamaAttention(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, cache, index):
+  def __call__(self, x, rope, mask, cache, index, prefix=None, prefix_mask=None, ancestry=None):
+    """x (R, S, D) -> ((R, S, D), cache). Without a cache: self-attention under `mask`. With one: this chunk's
+    keys/values are written at `index` and the queries attend over the whole cache under `mask`. With a `prefix`
+    ((k, v), (B, P, G, K), and its (B, 1, 1, P) mask): a prompt shared by each sample's R / B rows (beams,
+    candidates), attended together with the rows' own keys (the cache, or this chunk's when there is none);
+    `ancestry` maps beams to where their history was written (layers.rows_attention)."""
     cfg = self.config
     h, g, k = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
     dense = functools.partial(layers.dense, use_bias=cfg.attention_bias, dtype=dtype_of(cfg.dtype),
@@ -89,8 +94,12 @@ class LlamaAttention(nn.Module):
       cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), index, axis=1),
                "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), index, axis=1)}
       key, value = cache["k"], cache["v"]
-    # query head j reads key/value head j // (H / G) (transformers' repeat_kv); dot_product_attention groups so
-    y = layers.dot_product_attention(q, key, value, mask=mask, scale=k ** -0.5)   # (B, S, H, K)
+    if prefix is not None:
+      y = layers.rows_attention(q, shared=(prefix[0], prefix[1], prefix_mask), own=(key, value, None, mask),
+                                ancestry=ancestry, scale=k ** -0.5)
+    else:
+      # query head j reads key/value head j // (H / G) (transformers' repeat_kv); dot_product_attention groups so
+      y = layers.dot_product_attention(q, key, value, mask=mask, scale=k ** -0.5)   # (B, S, H, K)
     return dense(cfg.hidden_size, ("heads_joined", "embed"), name="o_proj")(y.reshape(b, s, h * k)), cache
 
 
@@ -112,11 +121,12 @@ class LlamaBlock(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, cache, index):
+  def __call__(self, x, rope, mask, cache, index, prefix, prefix_mask, ancestry):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype_of(cfg.param_dtype))
     x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
-    y, cache = LlamaAttention(cfg, name="self_attn")(norm(name="input_layernorm")(x), rope, mask, cache, index)
+    y, cache = LlamaAttention(cfg, name="self_attn")(norm(name="input_layernorm")(x), rope, mask, cache, index,
+                                                     prefix, prefix_mask, ancestry)
     x = x + y
     x = x + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
     return x, cache
@@ -140,7 +150,8 @@ class Llama(nn.Module):
                                                                              ("vocab", "embed")))
     block = nn.remat(LlamaBlock, prevent_cse=False) if cfg.remat else LlamaBlock
     self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_hidden_layers,
+                          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                          length=cfg.num_hidden_layers,
                           unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     self.norm = RMSNorm(cfg.rms_norm_eps, dtype_of(cfg.param_dtype))
     if not cfg.tie_word_embeddings:
@@ -161,7 +172,7 @@ class Llama(nn.Module):
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
     x, _ = self.layers(inputs_embeds, rope_tables(self.config, position_ids), causal_mask(attention_mask), None,
-                       None)
+                       None, None, None, None)
     return self.logits(self.norm(x))
 
   def init_cache(self, batch: int, max_length: int) -> dict:
@@ -174,41 +185,77 @@ class Llama(nn.Module):
   def extend(self, inputs_embeds, position_ids, mask, cache, index):
     """Runs (B, S, D) new embeddings at cache slots [index, index + S) with key mask `mask` (B, 1, S, T) over the
     whole cache -> (logits of the last new position (B, V) f32, updated cache)."""
-    x, cache = self.layers(inputs_embeds, rope_tables(self.config, position_ids), mask, cache, index)
+    x, cache = self.layers(inputs_embeds, rope_tables(self.config, position_ids), mask, cache, index, None, None,
+                           None)
     return self.logits(self.norm(x[:, -1:]))[:, 0].astype(jnp.float32), cache
+
+  def prompt(self, inputs_embeds, mask) -> tuple[jax.Array, dict]:
+    """[visual][left-aligned prompt] (B, P, D) through the LLM once -> (the last position's logits (B, V) f32, the
+    prompt's keys/values (layers, B, P, G, K) with its mask (B, P) and its last position (B,)). Positions are
+    cumsum(mask) - 1 (transformers' generate), so padding does not shift the real tokens'."""
+    b, p = mask.shape
+    pos = positions(mask)
+    logits, kv = self.extend(inputs_embeds, pos, causal_mask(mask), self.init_cache(b, p), 0)
+    return logits, {"prefix_k": kv["k"], "prefix_v": kv["v"], "prefix_mask": mask.astype(bool),
+                    "last_position": pos[:, -1]}
+
+  def _rows(self, inputs_embeds, position_ids, own_mask, prompt: dict, own_cache, index, ancestry):
+    """R rows (a multiple of the prompt's B samples) attending to their sample's prompt and their own keys."""
+    return self.layers(inputs_embeds, rope_tables(self.config, position_ids), own_mask, own_cache, index,
+                       (prompt["prefix_k"], prompt["prefix_v"]), prompt["prefix_mask"][:, None, None, :], ancestry)
 
   # --- the generation interface (shared with T5): prefill once, then one token per step -------------------
 
   def prefill(self, inputs_embeds, mask, max_new_tokens: int) -> dict:
-    """[visual][left-aligned prompt] minus its last token goes through the LLM once, filling the cache; decoding
-    starts by feeding that last prompt token (always a real token after left alignment) at step 0. Positions are
-    cumsum(mask) - 1 (transformers' generate), so padding does not shift the real tokens'. Cache: keys/values
-    (layers, B, P - 1 + max_new_tokens, G, K), the prompt's key mask, its last position and its length."""
-    b, p = mask.shape
-    size = p - 1 + max_new_tokens                                    # cache slots: prompt, then one per step
-    pos = positions(mask)
-    key_mask = jnp.concatenate([mask[:, :p - 1].astype(bool), jnp.zeros((b, max_new_tokens), bool)], axis=1)
-    causal = jnp.arange(size)[None, :] <= jnp.arange(p - 1)[:, None]                  # (P-1, T)
-    _, kv = self.extend(inputs_embeds[:, :p - 1], pos[:, :p - 1], key_mask[:, None, None, :] & causal[None, None],
-                        self.init_cache(b, size), 0)
-    return {**kv, "key_mask": key_mask, "last_position": pos[:, -1], "prompt_length": jnp.int32(p)}
+    """[visual][left-aligned prompt] minus its last token goes through the LLM once, its keys/values kept once per
+    sample (beams share them); decoding starts by feeding that last prompt token (always a real token after left
+    alignment) at step 0. Cache: the prompt's (prompt()), and each row's own keys/values for the new tokens
+    (layers, B, max_new_tokens, G, K)."""
+    _, prompt = self.prompt(inputs_embeds[:, :-1], mask[:, :-1])
+    b = mask.shape[0]
+    own = self.init_cache(b, max_new_tokens)
+    return {**prompt, "last_position": positions(mask)[:, -1], "k": own["k"], "v": own["v"]}
 
   def step(self, token, t, cache):
-    """token (B,) fed as generation input number `t` -> (next-token logits (B, V) f32, updated cache)."""
-    index = cache["prompt_length"] - 1 + t
-    slots = jnp.arange(cache["key_mask"].shape[1])
-    mask = cache["key_mask"] | ((slots >= cache["prompt_length"] - 1) & (slots <= index))[None]
-    logits, kv = self.extend(self.embed(token[:, None]), (cache["last_position"] + t)[:, None],
-                             mask[:, None, None, :], {"k": cache["k"], "v": cache["v"]}, index)
-    return logits, dict(cache, **kv)
+    """token (R,) fed as generation input number `t` -> (next-token logits (R, V) f32, updated cache). R may be a
+    multiple of the prompt's samples (repeat_cache)."""
+    ancestry = cache.get("ancestry")
+    if ancestry is not None:   # this step's key is each row's own
+      ancestry = ancestry.at[:, :, t].set(jnp.arange(ancestry.shape[1])[None])
+    r, b = token.shape[0], cache["last_position"].shape[0]
+    position = jnp.repeat(cache["last_position"], r // b) + t
+    own_mask = (jnp.arange(cache["k"].shape[2]) <= t)[None, None, None, :]
+    x, kv = self._rows(self.embed(token[:, None]), position[:, None], own_mask, cache,
+                       {"k": cache["k"], "v": cache["v"]}, t, ancestry)
+    out = dict(cache, **kv)
+    if ancestry is not None:
+      out["ancestry"] = ancestry
+    return self.logits(self.norm(x))[:, 0].astype(jnp.float32), out
+
+  def continuation_logits(self, prompt: dict, inputs_embeds, mask) -> jax.Array:
+    """Teacher-forced continuations of each sample's prompt: R = B x C rows of (R, N, D) embeddings with key mask
+    (R, N), after the prompt (prompt()) -> logits (R, N, V) of every continuation position."""
+    r, n = mask.shape
+    b = prompt["last_position"].shape[0]
+    position = jnp.repeat(prompt["last_position"], r // b)[:, None] + 1 + jnp.arange(n)[None]
+    x, _ = self._rows(inputs_embeds, position, causal_mask(mask), prompt, None, None, None)
+    return self.logits(self.norm(x))
 
   @staticmethod
   def repeat_cache(cache: dict, n: int) -> dict:
-    """Each sample's cache n times in a row (its beams)."""
-    axes = {"k": 1, "v": 1, "key_mask": 0, "last_position": 0}
-    return {k: jnp.repeat(v, n, axis=axes[k]) if k in axes else v for k, v in cache.items()}
+    """n rows per sample (beams, samples drawn): each row gets its own keys/values for the new tokens; the prompt's
+    stay once per sample and its rows share them. With n > 1, an ancestry table (B, n, T) says which row holds each
+    position of a row's history, so that reorder_cache moves no keys/values."""
+    if n == 1:
+      return cache
+    b, t = cache["last_position"].shape[0], cache["k"].shape[2]
+    out = dict(cache, k=jnp.repeat(cache["k"], n, axis=1), v=jnp.repeat(cache["v"], n, axis=1))
+    out["ancestry"] = jnp.broadcast_to(jnp.arange(n)[None, :, None], (b, n, t)).astype(jnp.int32)
+    return out
 
   @staticmethod
   def reorder_cache(cache: dict, rows) -> dict:
-    """Keys/values follow their beams; the prompt's mask and positions are equal across a sample's beams."""
-    return {k: v[:, rows] if k in ("k", "v") else v for k, v in cache.items()}
+    """Rows take the histories of `rows` (R,): only the ancestry table changes."""
+    ancestry = cache["ancestry"]
+    b, g, t = ancestry.shape
+    return dict(cache, ancestry=ancestry.reshape(b * g, t)[rows].reshape(b, g, t))

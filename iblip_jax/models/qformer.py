@@ -9,10 +9,17 @@ A BERT-style post-LN encoder over [Q learned queries ; instruction tokens]:
 - the output is the query rows of the last layer.
 With `instruction_aware=False` the text is dropped and only the queries go through (BLIP-2); the text-side weights
 (word/position embeddings, text feed-forward) are then simply not created.
+
+Attention maps (iblip_jax.attention_maps) are opt-in and change nothing otherwise: when the caller makes the
+"intermediates" collection mutable or passes a "perturbations" collection, the cross-attention computes its
+probabilities explicitly, sows them as intermediates/.../crossattention/attention_probs (B, H, Q, N) and adds the
+perturbation of the same name (Flax `perturb`, so that jax.grad gives d output / d probabilities). Without either
+collection the fused kernel runs exactly as before.
 """
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from iblip_jax.models import layers
@@ -23,6 +30,23 @@ class QFormerAttention(nn.Module):
   """BERT attention + output block: LN(x + dense(attn(x, kv)))."""
   config: QFormerConfig
   kv_features: int
+  expose: bool = False   # the cross-attention: probabilities on request (see the module docstring)
+
+  def _asked(self) -> bool:
+    """Did the caller ask for the probabilities (mutable intermediates) or their gradient (perturbations)?"""
+    if self.is_initializing():   # init makes every collection mutable; the parameters are what it is for
+      return False
+    return (self.is_mutable_collection("intermediates") or self.is_mutable_collection("perturbations")
+            or self.has_variable("perturbations", "attention_probs"))
+
+  def _explicit_attention(self, q, k, v, scale: float):
+    """softmax(scale q k^T) v written out (layers.dot_product_attention's reference path, no mask: image tokens
+    are never padded), so that the probabilities can be sown and perturbed."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale   # (B, H, Q, N)
+    probs = jax.nn.softmax(logits, axis=-1)
+    self.sow("intermediates", "attention_probs", probs)
+    probs = self.perturb("attention_probs", probs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
   @nn.compact
   def __call__(self, x, kv, mask, deterministic: bool):
@@ -36,9 +60,12 @@ class QFormerAttention(nn.Module):
     k = dense(d, (kv_axis, "heads_joined"), name="key")(kv).reshape(*kv.shape[:2], h, d // h)
     v = dense(d, (kv_axis, "heads_joined"), name="value")(kv).reshape(*kv.shape[:2], h, d // h)
     dropout_rng = None if deterministic or cfg.attention_probs_dropout_prob == 0 else self.make_rng("dropout")
-    y = layers.dot_product_attention(q, k, v, mask=mask, scale=(d // h) ** -0.5,
-                                     dropout_rate=cfg.attention_probs_dropout_prob, deterministic=deterministic,
-                                     dropout_rng=dropout_rng)
+    if self.expose and deterministic and mask is None and self._asked():
+      y = self._explicit_attention(q, k, v, (d // h) ** -0.5)
+    else:
+      y = layers.dot_product_attention(q, k, v, mask=mask, scale=(d // h) ** -0.5,
+                                       dropout_rate=cfg.attention_probs_dropout_prob, deterministic=deterministic,
+                                       dropout_rng=dropout_rng)
     y = dense(d, ("heads_joined", "embed"), name="output")(y.reshape(*y.shape[:2], d))
     y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
     return layers.layer_norm(cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="output_ln")(y + x)
@@ -72,7 +99,7 @@ class QFormerLayer(nn.Module):
     queries = x[:, :num_queries]  # (B, Q, D)
     if self.has_cross_attention:
       # Image tokens are never padded, so the cross-attention has no mask.
-      queries = QFormerAttention(cfg, cfg.encoder_hidden_size, name="crossattention")(
+      queries = QFormerAttention(cfg, cfg.encoder_hidden_size, expose=True, name="crossattention")(
           queries, image_embeds, None, deterministic)
     queries = QFormerFeedForward(cfg, name="ffn_query")(queries, deterministic)
     if not self.has_text:

@@ -72,14 +72,22 @@ class T5Attention(nn.Module):
   def kv(self, kv):
     return self._heads(self.k(kv)), self._heads(self.v(kv))
 
-  def __call__(self, x, kv, bias, mask, deterministic: bool, cached_kv=None):
-    """x (B, T, D) attends to kv (B, S, D), or to `cached_kv` = (keys, values) (B, S, H, K) when given."""
+  def __call__(self, x, kv, bias, mask, deterministic: bool, cached_kv=None, ancestry=None):
+    """x (R, T, D) attends to kv (B, S, D), or to `cached_kv` = (keys, values) (B, S, H, K) when given. When the
+    keys have fewer rows than x (B samples, R = B x g rows: beams, ranking candidates), each sample's keys are
+    shared by its g rows (projected and read once); `ancestry` (B, g, T) maps a row's cached positions to the rows
+    that wrote them (beam search without cache copies; see layers.rows_attention)."""
     cfg = self.config
-    q = self._heads(self.q(x))                                         # (B, T, H, K)
-    k, v = self.kv(kv) if cached_kv is None else cached_kv             # (B, S, H, K)
-    rng = None if deterministic or cfg.dropout_rate == 0 else self.make_rng("dropout")
-    y = layers.dot_product_attention(q, k, v, bias=bias, mask=mask, dropout_rate=cfg.dropout_rate,
-                                     deterministic=deterministic, dropout_rng=rng)
+    q = self._heads(self.q(x))                                         # (R, T, H, K)
+    k, v = self.kv(kv) if cached_kv is None else cached_kv             # (B or R, S, H, K)
+    if k.shape[0] != q.shape[0]:
+      y = layers.rows_attention(q, shared=(k, v, mask))
+    elif ancestry is not None:
+      y = layers.rows_attention(q, own=(k, v, bias, mask), ancestry=ancestry)
+    else:
+      rng = None if deterministic or cfg.dropout_rate == 0 else self.make_rng("dropout")
+      y = layers.dot_product_attention(q, k, v, bias=bias, mask=mask, dropout_rate=cfg.dropout_rate,
+                                       deterministic=deterministic, dropout_rng=rng)
     return self.o(y.reshape(*y.shape[:2], cfg.num_heads * cfg.d_kv))
 
 
@@ -113,7 +121,7 @@ class T5Block(nn.Module):
   cross_kv_only: bool = False
 
   @nn.compact
-  def __call__(self, x, bias, mask, encoded, encoded_mask, cache, index):
+  def __call__(self, x, bias, mask, encoded, encoded_mask, cache, index, ancestry):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype))
     drop = nn.Dropout(cfg.dropout_rate)
@@ -132,8 +140,8 @@ class T5Block(nn.Module):
       k, v = self_attn.kv(y)
       cache = dict(cache, self_k=jax.lax.dynamic_update_slice_in_dim(cache["self_k"], k, index, axis=1),
                    self_v=jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v, index, axis=1))
-      x = x + drop(self_attn(y, None, bias, mask, det, cached_kv=(cache["self_k"], cache["self_v"])),
-                   deterministic=det)
+      x = x + drop(self_attn(y, None, bias, mask, det, cached_kv=(cache["self_k"], cache["self_v"]),
+                             ancestry=ancestry), deterministic=det)
     if self.decoder:  # cross-attention has no position bias, only the encoder's padding mask
       y = norm(name="cross_attn_norm")(x)
       cached = None if cache is None else (cache["cross_k"], cache["cross_v"])
@@ -168,7 +176,7 @@ class T5Stack(nn.Module):
     if cfg.remat:
       block = nn.remat(block, prevent_cse=False)
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
+                      in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast, nn.broadcast),
                       length=cfg.num_decoder_layers if self.decoder else cfg.num_layers,
                       unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, self.decoder, deterministic, cross_kv_only, name="layers")
@@ -179,12 +187,12 @@ class T5Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, encoded=None, encoded_mask=None, deterministic: bool = True, cache=None,
-               index=None, cross_kv_only: bool = False):
+               index=None, cross_kv_only: bool = False, ancestry=None):
     """Teacher-forced: x (B, L, D), mask (B, 1, 1, L) -> (B, L, D).
     One decoding step (cache given): x (B, 1, D) at position `index` -> ((B, 1, D), updated cache).
     cross_kv_only: encoded (B, S, D) -> {"cross_k", "cross_v"} (layers, B, S, H, K)."""
     if cross_kv_only:
-      return self._blocks(True, cross_kv_only=True)(None, None, None, encoded, None, None, None)[1]
+      return self._blocks(True, cross_kv_only=True)(None, None, None, encoded, None, None, None, None)[1]
     if cache is None:
       length = x.shape[1]
       bias = self._bias(jnp.arange(length), length)
@@ -195,7 +203,7 @@ class T5Stack(nn.Module):
       bias = self._bias(jnp.reshape(index, (1,)), max_length)                 # (1, H, 1, T)
       mask = (jnp.arange(max_length) <= index)[None, None, None, :]           # keys written so far
     x = nn.Dropout(self.config.dropout_rate)(x, deterministic=deterministic)
-    x, cache = self._blocks(deterministic)(x, bias, mask, encoded, encoded_mask, cache, index)
+    x, cache = self._blocks(deterministic)(x, bias, mask, encoded, encoded_mask, cache, index, ancestry)
     x = nn.Dropout(self.config.dropout_rate)(self._final_norm(x), deterministic=deterministic)
     return x if cache is None else (x, cache)
 
@@ -245,21 +253,39 @@ class T5(nn.Module):
     return {"self_k": zeros, "self_v": zeros, **cross, "encoded_mask": encoded_mask.astype(bool)}
 
   def step(self, token, t, cache):
-    """token (B,) fed as decoder input number `t` -> (next-token logits (B, V) f32, updated cache)."""
-    layers_cache = {k: v for k, v in cache.items() if k != "encoded_mask"}
+    """token (R,) fed as decoder input number `t` -> (next-token logits (R, V) f32, updated cache). R may be a
+    multiple of the cache's samples (repeat_cache): the rows of a sample share its encoder keys/values."""
+    ancestry = cache.get("ancestry")
+    if ancestry is not None:   # this step's key is each row's own
+      ancestry = ancestry.at[:, :, t].set(jnp.arange(ancestry.shape[1])[None])
+    layers_cache = {k: cache[k] for k in ("self_k", "self_v", "cross_k", "cross_v")}
     x, layers_cache = self.decoder(self.embed(token[:, None]), None, None,
-                                   layers.padding_mask(cache["encoded_mask"]), cache=layers_cache, index=t)
-    return self.logits(x)[:, 0].astype(jnp.float32), dict(cache, **layers_cache)
+                                   layers.padding_mask(cache["encoded_mask"]), cache=layers_cache, index=t,
+                                   ancestry=ancestry)
+    out = dict(cache, **layers_cache)
+    if ancestry is not None:
+      out["ancestry"] = ancestry
+    return self.logits(x)[:, 0].astype(jnp.float32), out
 
   @staticmethod
   def repeat_cache(cache: dict, n: int) -> dict:
-    """Each sample's cache n times in a row (its beams)."""
-    return {k: jnp.repeat(v, n, axis=0 if k == "encoded_mask" else 1) for k, v in cache.items()}
+    """n rows per sample (beams, samples drawn): each row gets its own self-attention cache; the encoder's
+    keys/values stay once per sample and its rows share them. With n > 1, an ancestry table (B, n, T) says which
+    row holds each position of a row's history, so that reorder_cache moves no keys/values."""
+    if n == 1:
+      return cache
+    b, t = cache["encoded_mask"].shape[0], cache["self_k"].shape[2]
+    out = dict(cache, self_k=jnp.repeat(cache["self_k"], n, axis=1), self_v=jnp.repeat(cache["self_v"], n, axis=1))
+    out["ancestry"] = jnp.broadcast_to(jnp.arange(n)[None, :, None], (b, n, t)).astype(jnp.int32)
+    return out
 
   @staticmethod
   def reorder_cache(cache: dict, rows) -> dict:
-    """Self-attention keys/values follow their beams; the encoder's are equal across a sample's beams."""
-    return {k: v[:, rows] if k.startswith("self") else v for k, v in cache.items()}
+    """Rows take the histories of `rows` (R,) (beam search): only the ancestry table changes (each beam keeps
+    reading its history where it was written); the encoder's keys/values are shared anyway."""
+    ancestry = cache["ancestry"]
+    b, g, t = ancestry.shape
+    return dict(cache, ancestry=ancestry.reshape(b * g, t)[rows].reshape(b, g, t))
 
   def logits(self, x):
     cfg = self.config
