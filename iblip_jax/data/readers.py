@@ -278,7 +278,8 @@ def read_nocaps(root: str, split: str = "val", image_dir: str | None = None) -> 
     file_name = _field(img, "file_name", path, f"image {i}", str)
     flat, nested = _path(image_dir, file_name), _path(image_dir, split, file_name)
     image = nested if not os.path.exists(flat) and os.path.exists(nested) else flat
-    yield _record("nocaps", id_, image=image, captions=captions.get(id_))
+    # the image's domain (in-domain / near-domain / out-domain): NoCaps reports CIDEr per domain and overall
+    yield _record("nocaps", id_, image=image, captions=captions.get(id_), domain=img.get("domain"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from iblip_jax import distributed, sharding
 from iblip_jax.data import preprocess, tokenize
 from iblip_jax.decoding import generate
 from iblip_jax.evaluation import metrics
-from iblip_jax.evaluation.tasks import Task, render_prompt
+from iblip_jax.evaluation.tasks import Task, class_scores, rank_candidates, render_prompt
 from iblip_jax.ranking import rank
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,7 @@ def _pixels(task: Task, record: dict, size: int) -> np.ndarray:
 
 
 def _candidates(task: Task, record: dict) -> Sequence[str]:
-  cands = task.candidates or record.get("candidates")
-  if not cands:
-    raise ValueError(f"task {task.name}: record {record.get('id')!r} has no 'candidates' to rank")
-  return list(cands)
+  return rank_candidates(task, record)
 
 
 def _load(task: Task, record: dict, size: int) -> tuple[np.ndarray | None, str | None]:
@@ -97,8 +94,6 @@ def infer(task: Task, records: Sequence[dict], model, params, tok: tokenize.Toke
       local = dict(pixel_values=np.stack([blank if p is None else p for p, _ in loaded]),
                    ok=np.array([why is None for _, why in loaded], np.int32),
                    **tokenize.encode_prompts(tok, [prompts[i] for i in rows]))
-      if task.inference == "rank":
-        local["candidate_labels"] = tokenize.encode_candidates(tok, [_candidates(task, records[i]) for i in rows])
       inputs = sharding.global_batch(local, mesh)
       ok = _gather(inputs.pop("ok")).astype(bool)
       with sharding.context(mesh, rules):
@@ -108,18 +103,53 @@ def infer(task: Task, records: Sequence[dict], model, params, tok: tokenize.Toke
                                     length_penalty=task.length_penalty,
                                     repetition_penalty=task.repetition_penalty))
         else:
-          result = _gather(rank(model, params, **inputs)[0])
+          batch_rows = range(first, min(first + b, len(records)))
+          result = rank_chunked(model, params, inputs, tok, [_candidates(task, records[i]) for i in rows],
+                                num_chunks=_num_chunks(task, [num_cands[i] for i in batch_rows]), mesh=mesh,
+                                chunk=task.candidate_chunk, normalize=task.normalize)
       n = min(b, len(records) - first)
       if task.inference == "generate":
         texts = tokenize.decode(tok, result[:n])
         out += [{"prediction": t} if good else {"error": "unreadable image"} for t, good in zip(texts, ok)]
       else:
         for j in range(n):
-          scores = result[j, :num_cands[first + j]]
-          out.append({"prediction": int(np.argmax(scores)), "scores": [float(x) for x in scores]} if ok[j]
+          scores = class_scores(task, result[j, :num_cands[first + j]])
+          out.append({"prediction": int(np.argmax(scores)), "scores": scores} if ok[j]
                      else {"error": "unreadable image"})
       bar.update(n)
   return out
+
+
+def _num_chunks(task: Task, counts: Sequence[int]) -> int:
+  """Model calls for one global batch: from every record's candidate count (all processes know all records, so all
+  agree, and each call has the same shapes everywhere)."""
+  return 1 if not task.candidate_chunk else -(-max(counts) // task.candidate_chunk)
+
+
+def _chunk_labels(tok: tokenize.Tokenizers, lists: Sequence[Sequence[str]], start: int, size: int) -> np.ndarray:
+  """(B, size, N) labels of candidates [start, start + size) of each row, -100 where a row has fewer (those
+  scores are never read)."""
+  parts = [list(x[start:start + size]) for x in lists]
+  labels = tokenize.encode_candidates(tok, [p or [""] for p in parts])
+  for i, p in enumerate(parts):
+    if not p:
+      labels[i] = tokenize.IGNORE
+  return np.pad(labels, [(0, 0), (0, size - labels.shape[1]), (0, 0)], constant_values=tokenize.IGNORE)
+
+
+def rank_chunked(model, params, inputs: dict, tok: tokenize.Tokenizers, lists: Sequence[Sequence[str]], *,
+                 num_chunks: int, mesh, chunk: int = 0, normalize: bool = False) -> np.ndarray:
+  """Scores (B, num_chunks * chunk) of this process's rows' candidate `lists` (B = the global batch, after
+  gathering): iblip_jax.rank on each chunk of `chunk` candidates (0: all at once), concatenated. Every chunk has
+  the same shape (the last is padded), so one program serves them all; ranking scores each candidate on its own,
+  so chunked scores equal unchunked ones."""
+  size = chunk or max(len(x) for x in lists)
+  out = []
+  for c in range(num_chunks):
+    labels = sharding.global_batch({"candidate_labels": _chunk_labels(tok, lists, c * size, size)}, mesh)
+    out.append(_gather(rank(model, params, **inputs, candidate_labels=labels["candidate_labels"],
+                            normalize=normalize)[0]))
+  return np.concatenate(out, axis=1)
 
 
 def _blank(task: Task, size: int) -> np.ndarray:
@@ -130,9 +160,7 @@ def score(task: Task, records: list[dict], predictions: list[dict], vqa_variant:
   """The task's metric over all predictions (in percent, as the paper reports)."""
   m = task.metric
   if m == "cider":
-    out = metrics.caption_metrics({r["id"]: p["prediction"] for r, p in zip(records, predictions)},
-                                  {r["id"]: list(r["captions"]) for r in records})
-    return {k: 100 * v for k, v in out.items()}
+    return _caption_scores(records, predictions)
   if m == "vqa":
     values = [metrics.vqa_accuracy(p["prediction"], r["answers"], vqa_variant) for r, p in zip(records, predictions)]
   elif m == "ivqa":
@@ -152,6 +180,22 @@ def score(task: Task, records: list[dict], predictions: list[dict], vqa_variant:
   else:
     raise ValueError(f"unknown metric {m!r}")
   return {m: 100 * float(np.mean(values))}
+
+
+def _caption_scores(records: list[dict], predictions: list[dict]) -> dict:
+  """CIDEr and BLEU-4 over all records; with records that carry a "domain" (NoCaps: in-, near-, out-domain) also
+  CIDEr per domain, each computed over its own images as the NoCaps evaluation does (CIDEr's document
+  frequencies come from the references scored), as "CIDEr_<domain>"."""
+  def cider(pairs):
+    out = metrics.caption_metrics({r["id"]: p["prediction"] for r, p in pairs},
+                                  {r["id"]: list(r["captions"]) for r, _ in pairs})
+    return {k: 100 * v for k, v in out.items()}
+  pairs = list(zip(records, predictions))
+  result = cider(pairs)
+  domains = sorted({r["domain"] for r in records if r.get("domain")})
+  for domain in domains:
+    result[f"CIDEr_{domain}"] = cider([(r, p) for r, p in pairs if r.get("domain") == domain])["CIDEr"]
+  return result
 
 
 def evaluate(task: Task, records: Iterable[dict], model, params, tok: tokenize.Tokenizers, *, out_dir: str,

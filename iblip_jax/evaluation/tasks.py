@@ -8,8 +8,22 @@ Prompts are `str.format` templates over a record's fields. Decoding lengths are 
 `split` / `split_note`: the split a held-out task is scored on (the reader's `split` argument) and the evidence for
 it (the paper, LAVIS's dataset builders, maintainers' answers on the LAVIS issue tracker); "unconfirmed" marks the
 ones no code or maintainer states. Informational: the evaluator scores whatever records it is given.
+
+Ranking settings, per task:
+- `normalize`: score a candidate by its mean token log-likelihood instead of the sum. LAVIS sums (_predict_class,
+  which favours short candidates, LAVIS #362); every paper task keeps the sum, for parity.
+- `candidate_chunk`: rank at most this many candidates per model call and concatenate the scores (LAVIS's
+  `n_segments`, written as a size so that memory is bounded whatever the list's length): MSVD-QA and MSRVTT-QA rank
+  2,423 / 1,500 answers, whose logits would not fit at once. The scores are the same as unchunked.
+- `class_words`: several answer words per class; a class scores the log of the summed likelihoods of its words
+  (logsumexp). The team's notes recall the paper expanding binary labels into verbalizer sets (yes/true,
+  no/false); neither the paper's text nor LAVIS's code (which has no Hateful Memes or VSR evaluation) could be
+  checked, so Hateful Memes and VSR rank their single label words as their prompts ask, and the expanded sets are
+  the variants `hateful_memes_verbalizers` / `vsr_verbalizers`.
 """
 import dataclasses
+
+import numpy as np
 
 CAPTION_PROMPT = "A short image description:"
 QA_PROMPT = "Question: {question} Short answer:"
@@ -32,15 +46,32 @@ class Task:
   positive: int = 1                # for auc: index of the positive candidate
   split: str = ""                  # the split scored (reader's `split`); "" = not fixed here
   split_note: str = ""             # where that split comes from, or what is unconfirmed about it
+  normalize: bool = False          # ranking: mean instead of summed token log-likelihood
+  candidate_chunk: int = 0         # ranking: candidates per model call (0 = all at once)
+  class_words: tuple[tuple[str, ...], ...] = ()   # ranking: several words per class (scores combined by logsumexp)
 
   def __post_init__(self):
     if self.inference not in ("generate", "rank"):
       raise ValueError(f"task {self.name}: inference={self.inference!r}, expected 'generate' or 'rank'")
     if self.metric not in METRICS:
       raise ValueError(f"task {self.name}: metric={self.metric!r}, expected one of {sorted(METRICS)}")
+    if self.candidate_chunk < 0:
+      raise ValueError(f"task {self.name}: candidate_chunk={self.candidate_chunk}, expected >= 0")
+    if self.class_words and (len(self.class_words) != len(self.candidates) or not all(self.class_words)):
+      raise ValueError(f"task {self.name}: class_words needs one non-empty group per candidate class "
+                       f"({len(self.candidates)}), got {self.class_words}")
+
+  @property
+  def headline(self) -> str:
+    """The key of the metric the paper reports for this task, in evaluator.score's results."""
+    return HEADLINE[self.metric]
 
 
 METRICS = {"cider", "vqa", "exact_match", "ivqa", "accuracy", "auc", "mrr"}
+HEADLINE = {"cider": "CIDEr", "vqa": "vqa", "exact_match": "exact_match", "ivqa": "ivqa", "accuracy": "accuracy",
+            "auc": "AUC", "mrr": "MRR"}
+# 2,423 / 1,500 candidates: 128 per call keeps a T5-XL batch of 8 under ~1 GB of candidate logits
+VIDEO_QA_CHUNK = 128
 
 _caption = dict(inference="generate", metric="cider", max_new_tokens=80, min_new_tokens=9, length_penalty=1.0,
                 repetition_penalty=1.0)
@@ -60,9 +91,11 @@ TASKS = {t.name: t for t in [
     Task("textvqa", "OCR tokens: {ocr_tokens}. Question: {question} Short answer:", metric="vqa", **_qa,
          split="val", split_note="val, 5,000 questions (common practice; not in LAVIS configs)"),
     Task("ivqa", QA_PROMPT, metric="ivqa", frames=4, **_qa, split="test", split_note="test.csv (just-ask)"),
-    Task("msvd_qa", QA_PROMPT, inference="rank", metric="accuracy", frames=4, split="test",
+    Task("msvd_qa", QA_PROMPT, inference="rank", metric="accuracy", frames=4, candidate_chunk=VIDEO_QA_CHUNK,
+         split="test",
          split_note="test (LAVIS yaml valid_splits); candidates LAVIS's 2,423-answer list (ALPRO config, #333)"),
-    Task("msrvtt_qa", QA_PROMPT, inference="rank", metric="accuracy", frames=4, split="test",
+    Task("msrvtt_qa", QA_PROMPT, inference="rank", metric="accuracy", frames=4, candidate_chunk=VIDEO_QA_CHUNK,
+         split="test",
          split_note="test (LAVIS yaml valid_splits); candidates LAVIS's 1,500-answer list (ALPRO)"),
     Task("iconqa", "Question: {question} Options: {options}. Short answer:", inference="rank", metric="accuracy",
          split="test", split_note="test, choose_txt (LAVIS download_iconqa.py)"),
@@ -77,6 +110,13 @@ TASKS = {t.name: t for t in [
                     "split rewrite, af55c2c); record the commit of the split file used"),
     Task("visdial", "Dialog history: {history}\n Question: {question} Short answer:", inference="rank",
          metric="mrr", split="val", split_note="v1.0 val, 100 options, MRR"),
+    # --- variants of held-out tasks (not more datasets): the expanded verbalizer sets (see the module docstring) ---
+    Task("hateful_memes_verbalizers", 'This is an image with: "{text}" written on it. Is it hateful? Answer:',
+         inference="rank", metric="auc", candidates=("no", "yes"), class_words=(("no", "false"), ("yes", "true")),
+         positive=1, held_out=False, split="dev_seen", split_note="as hateful_memes"),
+    Task("vsr_verbalizers", 'Based on the image, is this statement true or false? "{caption}" Answer:',
+         inference="rank", metric="accuracy", candidates=("false", "true"),
+         class_words=(("false", "no"), ("true", "yes")), held_out=False, split="test", split_note="as vsr"),
     # --- held-in validation splits ---
     Task("coco_caption", "A short image caption:", held_out=False, **_caption),
     Task("textcaps", "A short image caption:", held_out=False, **_caption),
@@ -113,6 +153,30 @@ def render_prompt(task: Task, record: dict) -> str:
   except KeyError as e:
     raise ValueError(f"task {task.name}: record {record.get('id', '?')!r} has no field {e} needed by its prompt "
                      f"{task.prompt!r}") from None
+
+
+def class_scores(task: Task, word_scores) -> list[float]:
+  """Per-class scores from the scores of `rank_candidates(task, record)`: each class's words combined by logsumexp
+  (the log of their summed likelihoods); the scores themselves when the task has no class_words."""
+  scores = [float(x) for x in word_scores]
+  if not task.class_words:
+    return scores
+  out, i = [], 0
+  for group in task.class_words:
+    out.append(float(np.logaddexp.reduce(scores[i:i + len(group)])))
+    i += len(group)
+  return out
+
+
+def rank_candidates(task: Task, record: dict) -> list[str]:
+  """What a ranking task scores for `record`: its class words (flattened, class by class), the task's fixed
+  candidates, or the record's own."""
+  if task.class_words:
+    return [w for group in task.class_words for w in group]
+  cands = task.candidates or record.get("candidates")
+  if not cands:
+    raise ValueError(f"task {task.name}: record {record.get('id')!r} has no 'candidates' to rank")
+  return list(cands)
 
 
 def get(name: str) -> Task:
