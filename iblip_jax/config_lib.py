@@ -39,7 +39,7 @@ def base(model: dict) -> ml_collections.ConfigDict:
   # (--config.model.vision.dtype=bfloat16 --config.model.text.dtype=bfloat16 --config.model.text.remat=True, the
   # TPU setup). A frozen tower stores its weights in its compute dtype.
   model["vision"] = {"dtype": "float32", **model.get("vision", {})}
-  model["text"] = {"dtype": "float32", "remat": False, **model.get("text", {})}
+  model["text"] = {"dtype": "float32", "remat": False, "remat_policy": "full", **model.get("text", {})}
   config.model = ml_collections.ConfigDict(model)
   config.model_init = ""   # local Hugging Face InstructBLIP directory with the pretrained weights
   # With a BLIP-2 stage-2 directory as model_init (Blip2ForConditionalGeneration, the paper's starting point): the

@@ -144,8 +144,10 @@ def test_compiled_step_has_no_vision_backward():
 
 
 @pytest.mark.slow
-def test_remat_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch"])
+def test_remat_gives_the_same_loss_and_gradients(policy):
   config = train_helper.train_config()
+  config.model.text.remat_policy = policy
   batch = train_helper.make_batch()
   def loss_and_grads(remat):
     config.model.text.remat = remat

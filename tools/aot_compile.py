@@ -164,12 +164,14 @@ def parse_mesh(text: str) -> dict[str, int]:
 Shapes = train_state.Lengths   # the batch's sequence lengths (the tokenizers' longest buckets by default)
 
 
-def tpu_model_config(config, *, frozen_dtype: str = "bfloat16", remat: bool = True):
+def tpu_model_config(config, *, frozen_dtype: str = "bfloat16", remat: bool = True, remat_policy: str | None = None):
   """The model config TPU training uses: frozen towers (ViT, LLM) in `frozen_dtype`, the trainable side as
-  configured (float32), LLM blocks rematerialised."""
+  configured (float32), LLM blocks rematerialised with `remat_policy` (default: config.model.text.remat_policy)."""
   d = config.model.to_dict()
   d["vision"] = dict(d.get("vision", {}), dtype=frozen_dtype, param_dtype=frozen_dtype)
   d["text"] = dict(d.get("text", {}), dtype=frozen_dtype, param_dtype=frozen_dtype, remat=remat)
+  if remat_policy:
+    d["text"]["remat_policy"] = remat_policy
   return model_configs.from_dict(d)
 
 

@@ -75,6 +75,7 @@ class T5Config:
   bos_token_id: int = 1
   decoder_start_token_id: int = 0
   remat: bool = False  # rematerialise each block in the backward pass (training through the frozen LLM)
+  remat_policy: str = "full"  # what remat keeps: REMAT_POLICIES below
   scan_unroll: int = 1  # blocks per scan iteration in the compiled loop (same parameters either way)
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -102,6 +103,7 @@ class LlamaConfig:
   bos_token_id: int = 2              # LAVIS prepends </s> as BOS
   eos_token_id: int = 2
   remat: bool = False
+  remat_policy: str = "full"  # what remat keeps: REMAT_POLICIES below
   scan_unroll: int = 1
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -251,6 +253,8 @@ def validate(cfg: InstructBlipConfig) -> None:
   if cfg.num_query_tokens < 1:
     problems.append(f"model.num_query_tokens={cfg.num_query_tokens} must be >= 1")
   problems += _validate_llama(cfg.text) if cfg.decoder_only else _validate_t5(cfg.text)
+  if cfg.text.remat_policy not in REMAT_POLICIES:
+    problems.append(f"model.text.remat_policy={cfg.text.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
   for name, tower in (("vision", v), ("qformer", q), ("text", cfg.text)):
     for field in ("dtype", "param_dtype"):
       if getattr(tower, field) not in ("float32", "bfloat16", "float16"):
@@ -287,3 +291,9 @@ def _validate_llama(t: LlamaConfig) -> list[str]:
 
 
 TEXT_MODELS = {"t5": T5Config, "llama": LlamaConfig}
+
+# What a rematerialised LLM block keeps for the backward pass (MaxText's names where they exist): "full" keeps only
+# the block's input and recomputes everything; "save_dots" keeps every matmul output (no matmul recomputed, the most
+# memory); "save_dots_no_batch" keeps the matmuls with no batch dimension (the weight projections; attention's
+# scores and outputs are recomputed).
+REMAT_POLICIES = ("full", "save_dots", "save_dots_no_batch")

@@ -55,6 +55,13 @@ def layer_norm(eps: float, *, dtype: Any, param_dtype: Any, axis_name: str = "em
   )
 
 
+def remat(block, policy: str):
+  """nn.remat of a block with a named policy (configs.REMAT_POLICIES)."""
+  policies = {"full": None, "save_dots": jax.checkpoint_policies.checkpoint_dots,
+              "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+  return nn.remat(block, prevent_cse=False, policy=policies[policy])
+
+
 def constrain(x: Array, axes: Sequence[str | None]) -> Array:
   """Logical sharding constraint on an activation (a no-op without axis rules)."""
   return nn.with_logical_constraint(x, tuple(axes))

@@ -148,7 +148,7 @@ class Llama(nn.Module):
                                  param_dtype=dtype_of(cfg.param_dtype),
                                  embedding_init=nn.with_logical_partitioning(layers.default_kernel_init,
                                                                              ("vocab", "embed")))
-    block = nn.remat(LlamaBlock, prevent_cse=False) if cfg.remat else LlamaBlock
+    block = layers.remat(LlamaBlock, cfg.remat_policy) if cfg.remat else LlamaBlock
     self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast, nn.broadcast),
                           length=cfg.num_hidden_layers,

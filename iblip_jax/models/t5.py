@@ -174,7 +174,7 @@ class T5Stack(nn.Module):
     cfg = self.config
     block = T5Block
     if cfg.remat:
-      block = nn.remat(block, prevent_cse=False)
+      block = layers.remat(block, cfg.remat_policy)
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast, nn.broadcast),
                       length=cfg.num_decoder_layers if self.decoder else cfg.num_layers,
