@@ -1,0 +1,252 @@
+"""Sampling (temperature, top-k, top-p), best-of-n and token streaming over the model's generation interface.
+
+Greedy and beam search live in iblip_jax.decoding (token-exact with transformers); this module adds what an
+interactive user needs on the same interface (InstructBlip.prefill / step, the LLM class's repeat_cache):
+
+- The scores of each step are processed in transformers' order (generation/utils.py _get_logits_processor):
+  repetition penalty on the raw logits (divide positive, multiply negative scores of every token generated or, for a
+  decoder-only LLM, in the prompt), EOS blocked while fewer than `min_new_tokens` were generated, then temperature,
+  top-k, top-p; the next token is drawn from the softmax of what remains. `greedy=True` takes the argmax of the
+  penalised scores instead (decoding's greedy rule), which is what streaming greedy answers uses.
+- The knobs (temperature, top_k, top_p, repetition penalty, lengths, seeds) are traced values, not compile-time
+  constants: one compiled program per batch shape and token budget (`width`) serves every setting, so moving a slider
+  in the web demo does not recompile.
+- Randomness: row r draws with key fold_in(fold_in(key(seed_r), j), t) for its sample j and step t, so an item's
+  samples depend on its seed alone, never on the batch it shares or on padding rows.
+- Every row also accumulates its sequence log-probability under the model (log-softmax of the raw logits, before
+  any processing), EOS included: best-of-n ranks samples by it.
+- Streaming: each step hands (t, tokens, finished) to a host callback (jax.debug.callback). The callback is part of
+  every compiled program and does nothing unless a listener is registered for the call, so a streamed call and a
+  plain one run the same executable and produce the same tokens by construction.
+"""
+import dataclasses
+import functools
+import itertools
+import queue
+import threading
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iblip_jax.models.instructblip import InstructBlip
+
+# --- logits processors (each matches its transformers namesake; tests/test_sampling.py checks them) ---------------
+
+
+def repetition_penalty(scores, seen, penalty):
+  """RepetitionPenaltyLogitsProcessor: scores of seen tokens divided (positive) or multiplied (negative) by penalty."""
+  return jnp.where(seen, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+def block_eos(scores, generated, min_new_tokens, eos: int):
+  """MinNewTokensLengthLogitsProcessor: EOS impossible while fewer than min_new_tokens tokens were generated."""
+  return jnp.where(generated < min_new_tokens, scores.at[..., eos].set(-jnp.inf), scores)
+
+
+def apply_temperature(scores, temperature):
+  """TemperatureLogitsWarper."""
+  return scores / temperature
+
+
+def top_k_filter(scores, k):
+  """TopKLogitsWarper: scores below the k-th largest become -inf (ties with it stay); k <= 0 keeps everything.
+  `k` may be traced: the threshold is read from a sorted copy instead of lax.top_k's static k."""
+  vocab = scores.shape[-1]
+  k = jnp.where(k <= 0, vocab, jnp.minimum(k, vocab))
+  kth = jnp.take_along_axis(jnp.sort(scores, axis=-1), jnp.broadcast_to(vocab - k, scores.shape[:-1])[..., None],
+                            axis=-1)
+  return jnp.where(scores < kth, -jnp.inf, scores)
+
+
+def top_p_filter(scores, p):
+  """TopPLogitsWarper: in ascending order, tokens whose cumulative probability is <= 1 - p become -inf; the most
+  likely token always stays. p >= 1 keeps everything (transformers then adds no warper)."""
+  order = jnp.argsort(scores, axis=-1)
+  ascending = jnp.take_along_axis(scores, order, axis=-1)
+  remove = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1) <= 1 - p
+  remove = remove.at[..., -1].set(False)
+  rows = jnp.arange(scores.shape[0])[:, None]
+  remove = jnp.zeros_like(remove).at[rows, order].set(remove)   # back to vocabulary order
+  return jnp.where((p < 1) & remove, -jnp.inf, scores)
+
+
+def warp(scores, temperature, top_k, top_p):
+  """The sampling warpers after the processors, in transformers' order: temperature, top-k, top-p."""
+  return top_p_filter(top_k_filter(apply_temperature(scores, temperature), top_k), top_p)
+
+
+def draw(keys, scores):
+  """One token per row from softmax(scores), row r with its own key."""
+  return jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
+
+
+# --- streaming listeners: host callbacks keyed by a traced call id (0 = nobody listens) --------------------------
+
+_LISTENERS: dict[int, Callable] = {}
+_IDS = itertools.count(1)
+_LOCK = threading.Lock()
+
+
+def _emit(listener, t, tokens, finished):
+  fn = _LISTENERS.get(int(listener))
+  if fn is not None:
+    fn(int(t), np.asarray(tokens), np.asarray(finished))
+
+
+def _register(fn: Callable | None) -> int:
+  if fn is None:
+    return 0
+  with _LOCK:
+    listener = next(_IDS)
+    _LISTENERS[listener] = fn
+  return listener
+
+
+def _unregister(listener: int) -> None:
+  with _LOCK:
+    _LISTENERS.pop(listener, None)
+
+
+# --- the decoding loop ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("model", "width", "greedy", "copies"))
+def _decode(model: InstructBlip, params, inputs: dict, knobs: dict, *, width: int, greedy: bool, copies: int):
+  text = model.config.text
+  eos, pad = text.eos_token_id, text.pad_token_id
+  start, cache, seen = model.apply({"params": params}, inputs["pixel_values"], inputs["qformer_input_ids"],
+                                   inputs["qformer_attention_mask"], inputs["input_ids"], inputs["attention_mask"],
+                                   width, method="prefill")
+  if copies > 1:   # rows i * copies + j: sample j of item i (the image, Q-Former and prompt ran once per item)
+    start, seen = jnp.repeat(start, copies), jnp.repeat(seen, copies, axis=0)
+    cache = model.llm_class.repeat_cache(cache, copies)
+  rows = start.shape[0]
+  keys = jax.vmap(lambda s, j: jax.random.fold_in(jax.random.key(s), j))(knobs["seeds"], knobs["sample"])
+  limit = jnp.minimum(knobs["max_new_tokens"], width)
+
+  def cond(state):
+    t, _, _, _, _, done, _, _ = state
+    return (t < limit) & ~jnp.all(done)
+
+  def body(state):
+    t, last, tokens, seen, cache, done, logprob, length = state
+    logits, cache = model.apply({"params": params}, last, t, cache, method="step")
+    scores = block_eos(repetition_penalty(logits, seen, knobs["repetition_penalty"]), t, knobs["min_new_tokens"],
+                       eos)
+    if greedy:
+      nxt = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    else:
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
+      nxt = draw(step_keys, warp(scores, knobs["temperature"], knobs["top_k"], knobs["top_p"]))
+    nxt = jnp.where(done, pad, nxt)
+    token_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
+    logprob = logprob + jnp.where(done, 0.0, token_logp)
+    length = length + (~done).astype(jnp.int32)
+    jax.debug.callback(_emit, knobs["listener"], t, nxt, done, ordered=True)
+    seen = seen.at[jnp.arange(rows), nxt].set(True)
+    return t + 1, nxt, tokens.at[:, t].set(nxt), seen, cache, done | (nxt == eos), logprob, length
+
+  state = (jnp.int32(0), start, jnp.full((rows, width), pad, jnp.int32), seen, cache, jnp.zeros((rows,), bool),
+           jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.int32))
+  _, _, tokens, _, _, _, logprob, length = jax.lax.while_loop(cond, body, state)
+  return tokens, logprob, length
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+  """tokens (R, max_new_tokens): after the start token (FlanT5) or the prompt (decoder-only), EOS included, then pad;
+  logprob (R,): each row's sequence log-probability under the model (EOS included); length (R,): its tokens.
+  R = batch x num_return_sequences, sample j of item i in row i * num_return_sequences + j."""
+  tokens: np.ndarray
+  logprob: np.ndarray
+  length: np.ndarray
+
+
+def check(*, max_new_tokens: int, min_new_tokens: int, temperature: float, top_k: int, top_p: float,
+          repetition_penalty: float, num_return_sequences: int) -> None:
+  """ValueError naming the first setting out of range."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if min_new_tokens < 0:
+    raise ValueError(f"min_new_tokens={min_new_tokens} must be >= 0")
+  if not temperature > 0:
+    raise ValueError(f"temperature={temperature} must be > 0 for sampling (temperature 0 is greedy decoding)")
+  if top_k < 0:
+    raise ValueError(f"top_k={top_k} must be >= 0 (0 switches top-k off)")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} must be in (0, 1] (1 switches top-p off)")
+  if not repetition_penalty > 0:
+    raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 switches it off)")
+  if num_return_sequences < 1:
+    raise ValueError(f"num_return_sequences={num_return_sequences} must be >= 1")
+
+
+def sample(model: InstructBlip, params, *, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
+           attention_mask=None, max_new_tokens: int = 30, min_new_tokens: int = 1, temperature: float = 1.0,
+           top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0, num_return_sequences: int = 1,
+           seed=0, greedy: bool = False, width: int | None = None, on_token: Callable | None = None) -> Samples:
+  """Samples num_return_sequences answers per item (or, greedy=True, the greedy one).
+
+  seed: an int for every item, or one per item. width: the compiled token budget (>= max_new_tokens; callers that
+  want few compiled programs pass a bucket). on_token(t, tokens (R,), finished (R,)) is called from JAX's runtime
+  thread after every step, `finished` marking rows that had ended before it (their token is padding).
+  """
+  check(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences)
+  width = max_new_tokens if width is None else width
+  if width < max_new_tokens:
+    raise ValueError(f"width={width} is smaller than max_new_tokens={max_new_tokens}")
+  b, n = input_ids.shape[0], num_return_sequences
+  seeds = np.broadcast_to(np.asarray(seed, np.int64) % 2**32, (b,)).astype(np.uint32)
+  inputs = dict(pixel_values=pixel_values, qformer_input_ids=qformer_input_ids,
+                qformer_attention_mask=qformer_attention_mask, input_ids=input_ids,
+                attention_mask=np.ones_like(input_ids) if attention_mask is None else attention_mask)
+  listener = _register(on_token)
+  knobs = dict(seeds=np.repeat(seeds, n), sample=np.tile(np.arange(n, dtype=np.int32), b),
+               temperature=np.float32(temperature), top_k=np.int32(top_k), top_p=np.float32(top_p),
+               repetition_penalty=np.float32(repetition_penalty), min_new_tokens=np.int32(min_new_tokens),
+               max_new_tokens=np.int32(max_new_tokens), listener=np.int32(listener))
+  try:
+    tokens, logprob, length = jax.block_until_ready(
+        _decode(model, params, inputs, knobs, width=width, greedy=greedy, copies=n))
+  finally:
+    _unregister(listener)
+  return Samples(np.asarray(tokens)[:, :max_new_tokens], np.asarray(logprob), np.asarray(length))
+
+
+_DONE = object()
+
+
+def stream(fn: Callable[[Callable], Samples]) -> Iterator:
+  """Runs fn(on_token) in a thread and yields (t, tokens, finished) for every step as it is made, then the final
+  Samples as the last item. An exception in fn is raised here, after the steps it made."""
+  steps: queue.Queue = queue.Queue()
+  outcome = {}
+
+  def run():
+    try:
+      outcome["samples"] = fn(lambda t, tokens, finished: steps.put((t, tokens, finished)))
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, who raises it
+      outcome["error"] = e
+    finally:
+      steps.put(_DONE)
+
+  worker = threading.Thread(target=run, name="iblip-stream", daemon=True)
+  worker.start()
+  while (item := steps.get()) is not _DONE:
+    yield item
+  worker.join()
+  if "error" in outcome:
+    raise outcome["error"]
+  yield outcome["samples"]
+
+
+def best_of(samples: Samples, n: int, keep: int, length_penalty: float = 1.0) -> Samples:
+  """Of each item's n consecutive samples, the `keep` best by logprob / length ** length_penalty (beam search's
+  length normalisation), best first."""
+  score = samples.logprob / np.maximum(samples.length, 1).astype(np.float64) ** length_penalty
+  order = np.argsort(-score.reshape(-1, n), axis=1, kind="stable")[:, :keep]
+  rows = (order + np.arange(order.shape[0])[:, None] * n).reshape(-1)
+  return Samples(samples.tokens[rows], samples.logprob[rows], samples.length[rows])
