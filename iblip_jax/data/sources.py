@@ -2,6 +2,7 @@
 ArrayRecord dataset (iblip_jax.data.tfds_builder). One `Source` per entry of config.data.datasets / config.evals.
 """
 import dataclasses
+import inspect
 import os
 
 from etils import epath
@@ -18,6 +19,15 @@ class Source:
   tfds_name: str = ""       # its name there (default: format)
   split: str = "train"      # the prepared dataset's split
   task: str = ""            # the evaluation task (evaluations)
+  # keyword arguments of the reader beyond the path (split="val", image_dir=..., ann_file=...); a config's dict is
+  # kept as sorted (key, value) pairs so that a Source stays hashable
+  reader_args: tuple = ()
+
+  def __post_init__(self):
+    args = self.reader_args
+    if not isinstance(args, tuple):
+      args = args.to_dict() if hasattr(args, "to_dict") else dict(args)
+      object.__setattr__(self, "reader_args", tuple(sorted(args.items())))
 
 
 def _readers():
@@ -40,6 +50,14 @@ def problems(source: Source) -> list[str]:
                  f"{source.tfds_data_dir})")
   elif not os.path.exists(source.path):
     out.append(f"{source.where}.path={source.path!r} does not exist")
+  if source.reader_args and source.format in readers:
+    if source.tfds_data_dir:
+      out.append(f"{source.where}.reader_args: a prepared dataset (tfds_data_dir) is not read by a reader")
+    else:
+      try:
+        inspect.signature(readers[source.format]).bind(source.path, **dict(source.reader_args))
+      except TypeError as e:
+        out.append(f"{source.where}.reader_args={dict(source.reader_args)}: {e} (reader {source.format!r})")
   return out
 
 
@@ -62,7 +80,7 @@ def read_records(source: Source) -> list[dict]:
   if source.tfds_data_dir:
     from iblip_jax.data import tfds_builder
     return [tfds_builder.open_media(r) for r in record_source(source)]
-  records = list(_readers()[source.format](source.path))
+  records = list(_readers()[source.format](source.path, **dict(source.reader_args)))
   if not records:
     raise ValueError(f"{source.where}: {source.path} has no records")
   return records

@@ -13,4 +13,8 @@ def run(s: Settings) -> dict:
   results = common.run_evals(s, model, params, tok, common.eval_dir(s.workdir, step), mesh, rules)
   if distributed.is_primary():
     print(json.dumps({"step": step, **results}, indent=2))
+    if s.paper_model:   # beside the paper's Table 1 (config.paper_model): table1.md and table1.png
+      from iblip_jax.evaluation import report
+      print(report.write_table1(results, {e.name: e.task for e in s.evals}, s.paper_model,
+                                common.eval_dir(s.workdir, step), run=f"this run (step {step})"))
   return results

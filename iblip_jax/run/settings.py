@@ -70,6 +70,7 @@ class Settings:
   workdir: str | None
   model: InstructBlipConfig
   model_init: str                  # "" = freshly initialised from config.model (smoke tests)
+  model_init_required: bool        # refuse to run (but summary) without model_init
   model_init_stage1: str           # BLIP-2 stage 1 (the Q-Former's text side) when model_init is a BLIP-2 stage 2
   tokenizer: str                   # defaults to model_init
   trainable: tuple[str, ...]
@@ -97,6 +98,8 @@ class Settings:
   export_dir: str
   predict: Predict
   baselines: dict[str, float]      # chance levels per evaluation, for the final table
+  best_checkpoint_metrics: tuple[str, ...]   # "<eval>/<metric>": training keeps workdir/best by their mean (best.py)
+  paper_model: str                 # eval mode: the paper's LLM to set the results beside (Table 1); "" = none
   config_json: str                 # the whole config, written to workdir/config.json by training
 
 
@@ -165,6 +168,14 @@ def _instruction_format(config) -> list[str]:
   return []
 
 
+def _paper_model(config) -> list[str]:
+  from iblip_jax.evaluation import paper_numbers
+  value = config.get("paper_model") or ""
+  if value and value not in paper_numbers.MODELS:
+    return [f"config.paper_model={value!r} is not one of the paper's models ({', '.join(paper_numbers.MODELS)})"]
+  return []
+
+
 def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
   """The checked settings of `config` for `mode` (default: config.mode). Raises ConfigError listing every problem.
   Needs JAX's devices (the mesh is checked against them): call after distributed start-up."""
@@ -178,6 +189,9 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
   if mode in ("train", "eval", "export") and not workdir:
     problems.append(f"--workdir is required for mode {mode}")
   model = _model(config, problems)
+  if config.get("model_init_required") and not config.model_init and mode != "summary":
+    problems.append("config.model_init is empty, and this config needs pretrained weights (model_init_required): "
+                    "name them with --config.model_init=... (see the config file's docstring)")
   tokenizer = config.get("tokenizer") or config.model_init
   if mode in ("train", "eval", "predict") and (not tokenizer or not os.path.isdir(tokenizer)):
     problems.append(f"config.tokenizer={tokenizer!r}: not a directory with the LLM tokenizer (and "
@@ -211,11 +225,17 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
       if source.task not in tasks.TASKS:
         problems.append(f"{source.where}.task={source.task!r} is not a known task ({', '.join(sorted(tasks.TASKS))})")
       problems += source_problems(source)
+  problems += _paper_model(config)
+  from iblip_jax.run import best
+  best_keys, best_problems = best.selection_keys(config.get("best_checkpoint_metrics") or (), evals)
+  if mode == "train":
+    problems += best_problems
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
   return Settings(
       mode=mode, workdir=workdir, model=model, model_init=config.model_init,
       model_init_stage1=config.get("model_init_stage1") or "", tokenizer=tokenizer,
+      model_init_required=bool(config.get("model_init_required")),
       trainable=tuple(config.trainable), reinit_trainable=config.reinit_trainable, seed=config.seed,
       total_steps=config.total_steps, batch_size=config.batch_size, dropout=config.dropout,
       optim=Optim(**config.optim.to_dict()), mesh=mesh, sharding_rules=tuple(tuple(r) for r in config.sharding_rules),
@@ -230,6 +250,7 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
       checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
       fresh_start_if_unreadable=config.fresh_start_if_unreadable, export_dir=config.export_dir,
       predict=Predict(**config.predict.to_dict()), baselines=dict(config.get("baselines") or {}),
+      paper_model=config.get("paper_model") or "", best_checkpoint_metrics=tuple(best_keys),
       config_json=config.to_json_best_effort(indent=2))
 
 

@@ -16,6 +16,7 @@ from iblip_jax import checkpoints, distributed, optim, sharding
 from iblip_jax.data import mixture, pipeline, sources
 from iblip_jax.errors import UserError
 from iblip_jax.models.instructblip import InstructBlip
+from iblip_jax.run import best as best_lib
 from iblip_jax.run import common
 from iblip_jax.run import logger as logger_lib
 from iblip_jax.run import workdir_lock
@@ -102,11 +103,16 @@ def _train(s: Settings) -> dict:
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
 
+  # validation-based selection (config.best_checkpoint_metrics): the best evaluation's state kept in workdir/best
+  keeper = best_lib.BestKeeper(workdir, s.best_checkpoint_metrics) if s.best_checkpoint_metrics and s.evals else None
+
   def evaluate_now(step):
     results = common.run_evals(s, model, trainable_lib.merge(trainable, frozen), tok, common.eval_dir(workdir, step),
                                mesh, rules)
     log.metrics(step, {f"eval/{k}": v for k, v in results.items()})
     log.plot()
+    if keeper is not None:
+      log.text(keeper.consider(step, results, {"trainable": trainable, "opt_state": opt_state}))
     return results
 
   # --- loop -----------------------------------------------------------------------------------------------
