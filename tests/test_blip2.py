@@ -46,14 +46,18 @@ def _rerandomise(model, seed: int):
   return model.eval()
 
 
-def stage2_model(seed: int = 0) -> Blip2ForConditionalGeneration:
+def stage2_model(seed: int = 0, llama: bool = False) -> Blip2ForConditionalGeneration:
+  """FlanT5, or with `llama` a LLaMA language model: the paper's Vicuna BLIP-2 (not released, LAVIS #292)."""
   vision, qformer, text = _configs()
+  if llama:
+    text = oracle.tiny_hf_llama_config().text_config.to_dict()
   cfg = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,
                     num_query_tokens=oracle.NUM_QUERY, image_token_index=oracle.IMAGE_TOKEN)
   model = Blip2ForConditionalGeneration(cfg)
   model.set_attn_implementation("eager")
-  lm = model.language_model   # a separate head, as the released FlanT5 checkpoints have
-  lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.shared.weight))
+  if not llama:   # a separate head, as the released FlanT5 checkpoints have
+    lm = model.language_model
+    lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.shared.weight))
   return _rerandomise(model, seed)
 
 
@@ -78,24 +82,31 @@ def _t(x) -> np.ndarray:
   return x.detach().float().numpy()
 
 
-def test_stage2_query_side_equals_blip2(dirs):
+@pytest.mark.parametrize("llm", ["t5", "llama"])
+def test_stage2_query_side_equals_blip2(dirs, tmp_path, llm):
   """instruction_aware=False: BLIP-2's Q-Former (queries only). Query outputs, projected visual tokens and the
   LLM's logits equal transformers' Blip2ForConditionalGeneration on the same image; no stage 1 is needed."""
   root, two, _ = dirs
+  if llm == "llama":
+    two = stage2_model(seed=3, llama=True)
+    two.save_pretrained(tmp_path / "stage2")
+    root = tmp_path
   model, params = iblip_jax.from_pretrained(str(root / "stage2"), instruction_aware=False)
+  assert model.config.decoder_only == (llm == "llama")
   batch = oracle.tiny_batch()
   ours = model.apply({"params": params}, jnp.asarray(batch["pixel_values"]), method="image_features")
   with torch.no_grad():
     hf = two.get_image_features(pixel_values=torch.from_numpy(batch["pixel_values"]).permute(0, 3, 1, 2))
   np.testing.assert_allclose(np.asarray(ours["query_output"]), _t(hf.qformer_outputs.last_hidden_state), atol=2e-5)
   np.testing.assert_allclose(np.asarray(ours["language_inputs"]), _t(hf.pooler_output), atol=2e-5)
-  logits = model.apply({"params": params}, *(jnp.asarray(batch[k]) for k in (
-      "pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask")),
-      decoder_input_ids=jnp.asarray(batch["decoder_input_ids"]),
-      decoder_attention_mask=jnp.asarray(batch["decoder_attention_mask"]))
-  hf_batch = {k: v for k, v in batch.items() if not k.startswith("qformer_")}
-  want = oracle.hf_forward(two, hf_batch).logits
-  np.testing.assert_allclose(np.asarray(logits), _t(want), atol=5e-5)
+  if llm == "llama":   # [visual][prompt] logits; padded prompt positions are not compared
+    batch = {k: v for k, v in batch.items() if not k.startswith("decoder")}
+  logits = np.asarray(model.apply({"params": params}, **{k: jnp.asarray(v) for k, v in batch.items()}))
+  want = _t(oracle.hf_forward(two, {k: v for k, v in batch.items() if not k.startswith("qformer_")}).logits)
+  if llm == "llama":
+    real = np.concatenate([np.ones((3, oracle.NUM_QUERY)), batch["attention_mask"]], 1).astype(bool)
+    logits, want = logits[real], want[real]
+  np.testing.assert_allclose(logits, want, atol=5e-5)
 
 
 def _text_side_leaves(params) -> dict[str, np.ndarray]:
@@ -214,7 +225,8 @@ def test_wrong_combinations_name_the_file_and_the_fix(dirs, tmp_path):
                      match=r"qformer_config.intermediate_size = 40 but the stage-2 checkpoint's Q-Former has 37"):
     pretrained.load_config(str(root / "stage2"), stage1=str(tmp_path / "other_stage1"))
   with pytest.raises(hf_checkpoint.CheckpointError, match=r"model.qformer.vocab_size=30523 but .*BLIP-2.* says 99"):
-    pretrained.load_config(str(root / "stage2"), stage1=str(root / "stage1"), overrides={"qformer": {"vocab_size": 30523}})
+    pretrained.load_config(str(root / "stage2"), stage1=str(root / "stage1"),
+                           overrides={"qformer": {"vocab_size": 30523}})
 
 
 def test_the_main_job_settings_take_a_blip2_start(dirs):

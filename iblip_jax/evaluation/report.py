@@ -51,8 +51,8 @@ def table1_markdown(ours: dict[str, float], model: str, *, run: str = "this run"
   def row(title, values):
     return "| " + " | ".join([title] + [_fmt(values.get(c)) for c in columns]) + " |"
   diff = {c: ours[c] - paper[c] for c in columns if c in ours and paper.get(c) is not None}
-  lines = [f"## Zero-shot results on the held-out datasets: {run} vs the paper's Table 1 ({paper_numbers.MODELS[model]})",
-           "",
+  title = f"## Zero-shot results on the held-out datasets: {run} vs the paper's Table 1 ({paper_numbers.MODELS[model]})"
+  lines = [title, "",
            "| | " + " | ".join(paper_numbers.TITLES[c] for c in columns) + " |",
            "|---" * (len(columns) + 1) + "|",
            "| metric | " + " | ".join(metric[c] for c in columns) + " |",

@@ -58,7 +58,8 @@ def _data(s: Settings, tok, model, mesh):
     raise ValueError(f"this process's devices hold rows {rows} of the global batch, not {want}: the mesh does not "
                      "order devices by process; use config.mesh sizes that make_mesh can lay out by host")
   return pipeline.build(mixed, tok, batch_size=local_batch, image_size=model.config.vision.image_size, seed=s.seed,
-                        train=s.data.random_crop, render=sources.renderer(s.data.instruction_format), workers=s.data.workers,
+                        train=s.data.random_crop, render=sources.renderer(s.data.instruction_format),
+                        workers=s.data.workers,
                         per_step=per_step, process_index=jax.process_index(), process_count=jax.process_count(),
                         probe=datasets), probs
 

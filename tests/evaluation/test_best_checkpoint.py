@@ -17,6 +17,7 @@ from iblip_jax.demo import shapes, word_tokenizers
 from iblip_jax.run import best
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
 def _state(value: float) -> dict:
@@ -76,7 +77,7 @@ def test_the_main_job_keeps_the_best(tmp_path):
   out = subprocess.run([sys.executable, "-m", "iblip_jax.main", "--config", "configs/demo.py", "--workdir",
                         str(workdir), *[f"--config.{k}={v}" for k, v in settings.items()]], cwd=ROOT,
                        capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                       env=ENV)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   scores = {}
   for line in open(workdir / "metrics.jsonl"):

@@ -21,6 +21,7 @@ from iblip_jax.models import configs as model_configs
 from iblip_jax.run import best
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
 def test_the_table_and_chart_from_results():
@@ -91,7 +92,7 @@ def test_the_table1_command_on_tiny_data(tmp_path):
            *_size_flags(config, ckpt), *[f"--config.evals.{task}.path={path}" for task, path in paths.items()]]
   out = subprocess.run([sys.executable, "-m", "iblip_jax.main", "--config", "configs/paper/table1_flant5xl.py",
                         "--workdir", str(workdir), *flags], cwd=ROOT, capture_output=True, text=True, timeout=1200,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                       env=ENV)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert f"using the trainable weights of {workdir} at step 7" in out.stdout   # the selected checkpoint
   step_dir = workdir / "eval" / "step_7"
