@@ -16,7 +16,7 @@ The package, by layer (a module imports only from the layers above it):
   decoding, ranking             generation (greedy, beam) and candidate ranking over the model's interface
   checkpoints                   orbax checkpoints with verification
   data/                         preprocessing, tokenisation, templates, readers, sources, mixture, input pipeline
-  evaluation/                   metrics, the task table, the evaluator on a mesh
+  evaluation/                   metrics, the task table, the evaluator on a mesh, the paper's numbers, the Table 1 report
   run/                          the main job: settings, command line, one module per mode, logger, workdir lock
   demo/                         the embedded demo's shapes dataset and word-level tokenizers (not the library)
 """

@@ -244,6 +244,9 @@ def test_the_main_job_settings_take_a_blip2_start(dirs):
       {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])))
   np.testing.assert_array_equal(np.asarray(params["qformer"]["position_embeddings"]["embedding"]),
                                 _t(one.state_dict()["embeddings.position_embeddings.weight"]))
+  # a BLIP-2 directory has the LLM's tokenizer only: training names the directory that has both
+  with pytest.raises(settings.ConfigError, match="has no qformer_tokenizer/ .a BLIP-2 directory"):
+    settings.resolve(config, str(root / "w"), "eval")
   config.model_init = ""
   with pytest.raises(settings.ConfigError, match="model_init_stage1=.* but config.model_init is empty"):
     settings.resolve(config, None, "summary")

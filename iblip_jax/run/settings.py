@@ -196,6 +196,10 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
   if mode in ("train", "eval", "predict") and (not tokenizer or not os.path.isdir(tokenizer)):
     problems.append(f"config.tokenizer={tokenizer!r}: not a directory with the LLM tokenizer (and "
                     "qformer_tokenizer/); it defaults to config.model_init")
+  elif mode in ("train", "eval", "predict") and not os.path.isdir(os.path.join(tokenizer, "qformer_tokenizer")):
+    problems.append(f"config.tokenizer={tokenizer!r} has no qformer_tokenizer/ (a BLIP-2 directory has the LLM's "
+                    "tokenizer only): point config.tokenizer at the LLM tokenizer with the Q-Former's in "
+                    "qformer_tokenizer/, e.g. the tokenizer files of an InstructBLIP release (configs/paper/README.md)")
   try:
     datasets = _sources(config.data.datasets, "config.data.datasets")
     evals = _sources(config.evals, "config.evals")
