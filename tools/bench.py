@@ -1,12 +1,24 @@
 """Side-by-side benchmark: iblip_jax against transformers' PyTorch InstructBLIP, same weights, same process.
 
-  python tools/bench.py [--repeats 5] [--only train,greedy,beam5,rank] [--gpu]
+  python tools/bench.py [--repeats 7] [--only train,train_dropout,greedy,beam5,rank16] [--torch_variants eager,sdpa,compile]
+                        [--shape base|xl_ratio] [--gpu]
 
-Base-size config (ViT-B/16 224 px, BERT-base Q-Former, 32 queries, T5 512-d 8+8 layers 6 heads d_ff 1024, vocab
-32128), batch 8, instruction 24 tokens, prompt 24, target 8. Prints median step times, the ratio
-transformers / iblip_jax, compile times apart, peak RSS, and the train step's model-FLOPs utilisation against this
-machine's f32 matmul peak measured in the same run. `--gpu` runs both frameworks on the GPU (JAX's default
-device and torch's "cuda"), both in full f32 (no TF32 in either), for the same comparison on an accelerator.
+Protocol (what a sceptical reader asks for):
+- transformers runs with eager attention and with SDPA (and, where it works on this machine, torch.compile on top of
+  SDPA); generation and ranking under torch.inference_mode; each variant on its own copy of the same weights.
+- A/B interleaved: every repeat runs iblip_jax, then each transformers variant, so that a slow minute of a shared
+  machine hits all of them alike; printed as median and spread (min-max) of the repeats, compile and first call
+  apart. The load average is printed before and after.
+- Each framework's own f32 matmul peak on this machine (XLA's dot and torch.matmul, 2048^3), so that model-FLOPs
+  utilisation is against what that framework can do here.
+- Workloads: the training step without and with dropout (the path real training takes), greedy and 5-beam
+  generation (10 new tokens) and their time ratio, ranking of 16 candidates per sample.
+
+Shapes: `base` is the base-size config (ViT-B/16 224 px, BERT-base Q-Former, 32 queries, T5 512-d 8+8 layers 6 heads
+d_ff 1024, vocab 32128), batch 8, instruction 24 tokens, prompt 24, target 8. `xl_ratio` keeps FlanT5-XL's
+proportions in a CPU-sized model (d_ff = 2.5 d_model, 64-wide heads, as many decoder layers as encoder layers), where
+beam search's share of cross-attention work is what it is at real size. `--gpu` runs both frameworks on the GPU
+(JAX's default device and torch's "cuda"), in full f32 (no TF32 in either).
 """
 import argparse
 import copy
@@ -28,8 +40,12 @@ from iblip_jax import config_lib, optim
 from iblip_jax import trainable as trainable_lib
 from iblip_jax.train_step import make_train_step
 
-BATCH, INSTR, PROMPT, TARGET, NEW_TOKENS, CANDIDATES = 8, 24, 24, 8, 10, 4
+BATCH, INSTR, PROMPT, TARGET, NEW_TOKENS, CANDIDATES, CANDIDATE_TOKENS = 8, 24, 24, 8, 10, 16, 4
 TORCH_DEVICE = "cpu"   # "cuda" with --gpu
+SHAPES = {
+    "base": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6),
+    "xl_ratio": dict(d_model=512, d_kv=64, d_ff=1280, num_layers=8, num_heads=8),
+}
 
 
 def sync():
@@ -38,19 +54,20 @@ def sync():
     torch.cuda.synchronize()
 
 
-def hf_model(seed: int = 0) -> InstructBlipForConditionalGeneration:
+def hf_model(shape: str, seed: int = 0) -> InstructBlipForConditionalGeneration:
   vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                 image_size=224, patch_size=16, initializer_range=0.02)
   qformer = dict(vocab_size=30523, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, cross_attention_frequency=2)
-  text = dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
-              num_decoder_layers=8, num_heads=6, feed_forward_proj="gated-gelu", dense_act_fn="gelu",
-              tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  t = SHAPES[shape]
+  text = dict(model_type="t5", vocab_size=32128, d_model=t["d_model"], d_kv=t["d_kv"], d_ff=t["d_ff"],
+              num_layers=t["num_layers"], num_decoder_layers=t["num_layers"], num_heads=t["num_heads"],
+              feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=False,
+              decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
   cfg = InstructBlipConfig(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=32,
                            image_token_index=32100)
   torch.manual_seed(seed)
   model = InstructBlipForConditionalGeneration(cfg).eval()
-  model.set_attn_implementation("eager")
   lm = model.language_model
   lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.shared.weight))
   with torch.no_grad():
@@ -65,6 +82,18 @@ def hf_model(seed: int = 0) -> InstructBlipForConditionalGeneration:
   return model.to(TORCH_DEVICE)
 
 
+def torch_variants(hf, names: list[str]) -> dict:
+  """{name: model}: eager attention, SDPA, and torch.compile of the forward over SDPA."""
+  out = {}
+  for name in names:
+    m = copy.deepcopy(hf)
+    m.set_attn_implementation("eager" if name == "eager" else "sdpa")
+    if name == "compile":  # the forward compiled (training, ranking and generate all call it)
+      m.forward = torch.compile(m.forward)
+    out[name] = m
+  return out
+
+
 def inputs(seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   ones = lambda n: np.ones((BATCH, n), np.int32)
@@ -74,7 +103,7 @@ def inputs(seed: int = 0) -> dict[str, np.ndarray]:
               qformer_attention_mask=ones(INSTR),
               input_ids=rng.integers(2, 32000, (BATCH, PROMPT)).astype(np.int32), attention_mask=ones(PROMPT),
               labels=labels, decoder_attention_mask=ones(TARGET),
-              candidates=rng.integers(2, 32000, (BATCH, CANDIDATES, 4)).astype(np.int32))
+              candidates=rng.integers(2, 32000, (BATCH, CANDIDATES, CANDIDATE_TOKENS)).astype(np.int32))
 
 
 def hf_inputs(x: dict) -> dict:
@@ -87,93 +116,120 @@ def hf_inputs(x: dict) -> dict:
   return {k: v.to(TORCH_DEVICE) for k, v in out.items()}
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-  """(first call seconds, median of `repeats` further calls)."""
-  t0 = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
+def interleaved(fns: dict, repeats: int) -> dict:
+  """{name: (first call s, median s, min s, max s)}: one first call each, then `repeats` rounds that run every
+  function once, in turn (A/B interleaving)."""
+  first, times = {}, {name: [] for name in fns}
+  for name, fn in fns.items():
     t0 = time.perf_counter()
     fn()
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times)
+    first[name] = time.perf_counter() - t0
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {n: (first[n], statistics.median(t), min(t), max(t)) for n, t in times.items()}
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-  """Measured f32 matmul FLOP/s of JAX's default device (XLA's dot), the MFU denominator."""
+def jax_peak(n: int = 2048, repeats: int = 10) -> float:
+  """f32 matmul FLOP/s of JAX's default device (XLA's dot)."""
   a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  best = min(timed(lambda: f(a).block_until_ready(), 1)[1] for _ in range(repeats))
+  best = min(_seconds(lambda: f(a).block_until_ready()) for _ in range(repeats))
   return 2 * n ** 3 / best
 
 
-def bench_train(hf, model, params, x, repeats):
-  config = config_lib.base({})
-  config.optim.warmup_steps = 1
-  trainable, frozen = trainable_lib.split(params, config.trainable)
-  trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; `params` stays usable for the others
-  tx = optim.make(config.optim, 1000)
-  step = jax.jit(make_train_step(model, tx, dropout=False), donate_argnums=(0, 1))
-  batch = {k: jnp.asarray(v) for k, v in x.items() if k != "candidates"}
-  state = {"t": trainable, "o": tx.init(trainable)}
+def torch_peak(n: int = 2048, repeats: int = 10) -> float:
+  """f32 matmul FLOP/s of torch.matmul on the same device."""
+  a = torch.randn(n, n, device=TORCH_DEVICE)
+  (a @ a).sum().item()
+  best = min(_seconds(lambda: (a @ a, sync())) for _ in range(repeats))
+  return 2 * n ** 3 / best
 
-  def ours():
-    state["t"], state["o"], m = step(state["t"], state["o"], frozen, batch, jax.random.key(0))
-    m["loss"].block_until_ready()
 
-  # XLA's cost analysis counts a loop body once: count FLOPs on the same step with the layer loops unrolled.
+def _seconds(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def _train_flops(model, tx, trainable, frozen, batch) -> float:
+  """XLA's cost analysis counts a loop body once: count FLOPs on the same step with the layer loops unrolled."""
   c = model.config
   unrolled = model.clone(config=c.replace(vision=dataclasses.replace(c.vision, scan_unroll=c.vision.num_hidden_layers),
                                           text=dataclasses.replace(c.text, scan_unroll=c.text.num_layers)))
-  flops = jax.jit(make_train_step(unrolled, tx, dropout=False)).lower(
+  return jax.jit(make_train_step(unrolled, tx, dropout=False)).lower(
       trainable, tx.init(trainable), frozen, batch, jax.random.key(0)).compile().cost_analysis()["flops"]
-  first, median = timed(ours, repeats)
 
-  # transformers: the same step (frozen ViT and T5, AdamW on ln_vision, query tokens, Q-Former, projection), on a
-  # copy so that the other workloads still see the weights iblip_jax has
-  hf = copy.deepcopy(hf)
-  train_names = ("vision_model.post_layernorm", "query_tokens", "qformer.", "language_projection")
-  trainables = []
-  for name, p in hf.named_parameters():
-    p.requires_grad_(name.startswith(train_names))
-    if p.requires_grad:
-      trainables.append(p)
-  opt = torch.optim.AdamW(trainables, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+
+def bench_train(variants, model, params, x, repeats, *, dropout: bool):
+  config = config_lib.base({})
+  config.optim.warmup_steps = 1
+  trainable, frozen = trainable_lib.split(params, config.trainable)
+  tx = optim.make(config.optim, 1000)
+  step = jax.jit(make_train_step(model, tx, dropout=dropout), donate_argnums=(0, 1))
+  batch = {k: jnp.asarray(v) for k, v in x.items() if k != "candidates"}
+  state = {"t": jax.tree.map(jnp.copy, trainable), "o": tx.init(trainable), "i": 0}
+
+  def ours():
+    state["i"] += 1
+    state["t"], state["o"], m = step(state["t"], state["o"], frozen, batch, jax.random.key(state["i"]))
+    m["loss"].block_until_ready()
+
+  fns = {"iblip_jax": ours}
   t = hf_inputs(x)
   labels = torch.from_numpy(x["labels"].astype(np.int64)).to(TORCH_DEVICE)
+  train_names = ("vision_model.post_layernorm", "query_tokens", "qformer.", "language_projection")
+  for name, hf in variants.items():
+    if isinstance(hf, str):
+      continue
+    hf = copy.deepcopy(hf)  # its own weights to update
+    hf.train(dropout)
+    trainables = []
+    for pname, p in hf.named_parameters():
+      p.requires_grad_(pname.startswith(train_names))
+      if p.requires_grad:
+        trainables.append(p)
+    opt = torch.optim.AdamW(trainables, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
 
-  def theirs():
-    opt.zero_grad(set_to_none=True)
-    loss = hf(**t, labels=labels, decoder_attention_mask=torch.ones_like(labels)).loss
-    loss.backward()
-    opt.step()
-    sync()
+    def theirs(hf=hf, opt=opt):
+      opt.zero_grad(set_to_none=True)
+      loss = hf(**t, labels=labels, decoder_attention_mask=torch.ones_like(labels)).loss
+      loss.backward()
+      opt.step()
+      sync()
+    fns[f"transformers {name}"] = theirs
+  out = interleaved(fns, repeats)
+  out["flops"] = _train_flops(model, tx, trainable, frozen, batch)
+  return out
 
-  hf_first, hf_median = timed(theirs, repeats)
-  return dict(ours=median, ours_first=first, theirs=hf_median, flops=flops)
 
-
-def bench_generate(hf, model, params, x, repeats, num_beams):
+def bench_generate(variants, model, params, x, repeats, num_beams):
   keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask")
   batch = {k: jnp.asarray(x[k]) for k in keys}
   settings = dict(num_beams=num_beams, max_new_tokens=NEW_TOKENS, min_new_tokens=0)
-  out = {}
+  tokens = {}
 
   def ours():
-    out["ours"] = np.asarray(iblip_jax.generate(model, params, **batch, **settings))
+    tokens["iblip_jax"] = np.asarray(iblip_jax.generate(model, params, **batch, **settings))
 
-  first, median = timed(ours, repeats)
+  fns = {"iblip_jax": ours}
   t = hf_inputs(x)
+  for name, hf in variants.items():
+    if isinstance(hf, str):
+      continue
 
-  def theirs():
-    with torch.no_grad():
-      out["theirs"] = hf.generate(**t, do_sample=False, **settings).cpu().numpy()[:, 1:]
-
-  _, hf_median = timed(theirs, repeats)
-  same = np.mean([_same_tokens(a, b) for a, b in zip(out["ours"], out["theirs"])])
-  return dict(ours=median, ours_first=first, theirs=hf_median, same_tokens=same)
+    def theirs(hf=hf, name=name):
+      with torch.inference_mode():
+        tokens[name] = hf.generate(**t, do_sample=False, **settings).cpu().numpy()[:, 1:]
+      sync()
+    fns[f"transformers {name}"] = theirs
+  out = interleaved(fns, repeats)
+  out["same_tokens"] = {n: float(np.mean([_same_tokens(a, b) for a, b in zip(tokens["iblip_jax"], v)]))
+                        for n, v in tokens.items() if n != "iblip_jax"}
+  return out
 
 
 def _same_tokens(ours: np.ndarray, theirs: np.ndarray, eos: int = 1) -> bool:
@@ -182,7 +238,7 @@ def _same_tokens(ours: np.ndarray, theirs: np.ndarray, eos: int = 1) -> bool:
   return bool(np.array_equal(ours[:n], theirs[:n]))
 
 
-def bench_rank(hf, model, params, x, repeats):
+def bench_rank(variants, model, params, x, repeats):
   keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask")
   batch = {k: jnp.asarray(x[k]) for k in keys}
   cands = jnp.asarray(x["candidates"])
@@ -190,30 +246,44 @@ def bench_rank(hf, model, params, x, repeats):
   def ours():
     iblip_jax.rank(model, params, **batch, candidate_labels=cands)[0].block_until_ready()
 
-  first, median = timed(ours, repeats)
+  fns = {"iblip_jax": ours}
   t = hf_inputs(x)
   labels = torch.from_numpy(x["candidates"].astype(np.int64)).reshape(BATCH * CANDIDATES, -1).to(TORCH_DEVICE)
+  for name, hf in variants.items():
+    if isinstance(hf, str):
+      continue
+    def theirs(base=hf):  # LAVIS's recipe: encoder once, decoder over the repeated encoder states
+      with torch.inference_mode():
+        feats = base.get_image_features(t["pixel_values"], t["qformer_input_ids"], t["qformer_attention_mask"],
+                                        return_dict=True).pooler_output
+        embeds = torch.cat([feats, base.get_input_embeddings()(t["input_ids"][:, 32:])], 1)
+        enc = base.language_model.encoder(inputs_embeds=embeds, attention_mask=t["attention_mask"]).last_hidden_state
+        logits = base.language_model(encoder_outputs=(enc.repeat_interleave(CANDIDATES, 0),),
+                                     attention_mask=t["attention_mask"].repeat_interleave(CANDIDATES, 0),
+                                     labels=labels).logits
+        torch.log_softmax(logits, -1).gather(-1, labels[..., None]).sum((1, 2))
+      sync()
+    fns[f"transformers {name}"] = theirs
+  return interleaved(fns, repeats)
 
-  def theirs():  # LAVIS's recipe in transformers: encoder once, decoder over the repeated encoder states
-    with torch.no_grad():
-      feats = hf.get_image_features(t["pixel_values"], t["qformer_input_ids"], t["qformer_attention_mask"],
-                                    return_dict=True).pooler_output
-      embeds = torch.cat([feats, hf.get_input_embeddings()(t["input_ids"][:, 32:])], 1)
-      enc = hf.language_model.encoder(inputs_embeds=embeds, attention_mask=t["attention_mask"]).last_hidden_state
-      logits = hf.language_model(encoder_outputs=(enc.repeat_interleave(CANDIDATES, 0),),
-                                 attention_mask=t["attention_mask"].repeat_interleave(CANDIDATES, 0),
-                                 labels=labels).logits
-      torch.log_softmax(logits, -1).gather(-1, labels[..., None]).sum((1, 2))
-    sync()
 
-  _, hf_median = timed(theirs, repeats)
-  return dict(ours=median, ours_first=first, theirs=hf_median)
+def _row(what: str, r: dict, notes: str = "") -> str:
+  ours = r["iblip_jax"][1]
+  lines = [f"{what:<14} {'iblip_jax':<24} {ours:>8.3f} s [{r['iblip_jax'][2]:.3f}-{r['iblip_jax'][3]:.3f}]"
+           f"  first {r['iblip_jax'][0]:.1f} s  {notes}"]
+  for name, (first, median, lo, hi) in r.items():
+    if name.startswith("transformers"):
+      lines.append(f"{'':<14} {name:<24} {median:>8.3f} s [{lo:.3f}-{hi:.3f}]  first {first:.1f} s  "
+                   f"iblip_jax {median / ours:.2f}x faster")
+  return "\n".join(lines)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--only", default="train,greedy,beam5,rank")
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--only", default="train,train_dropout,greedy,beam5,rank16")
+  parser.add_argument("--torch_variants", default="eager,sdpa,compile")
+  parser.add_argument("--shape", choices=sorted(SHAPES), default="base")
   parser.add_argument("--gpu", action="store_true", help="both frameworks on the GPU, full f32")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
@@ -224,34 +294,48 @@ def main():
       raise SystemExit(f"--gpu: JAX's default device is {jax.devices()[0].platform}, not a GPU")
     jax.config.update("jax_default_matmul_precision", "highest")          # no TF32 in XLA's f32 dots
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-  print(f"machine: {os.cpu_count()} CPUs; jax {jax.__version__} ({jax.devices()[0].device_kind}), torch "
-        f"{torch.__version__} ({TORCH_DEVICE}), transformers {__import__('transformers').__version__}")
-  hf = hf_model()
+  print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; jax {jax.__version__} "
+        f"({jax.devices()[0].device_kind}), torch {torch.__version__} ({TORCH_DEVICE}), transformers "
+        f"{__import__('transformers').__version__}; shape {args.shape}, {args.repeats} interleaved repeats")
+  hf = hf_model(args.shape)
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
     model, params = iblip_jax.from_pretrained(d)
+  variants = torch_variants(hf, args.torch_variants.split(","))
+  for name, v in variants.items():
+    if isinstance(v, str):
+      print(f"transformers {name}: {v}")
   x = inputs()
-  peak = matmul_peak(8192 if args.gpu else 2048)
-  print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-  print(f"{'workload':<10} {'iblip_jax s':>12} {'transformers s':>15} {'ratio':>7} {'compile+1st s':>14}  notes")
+  n = 8192 if args.gpu else 2048
+  peaks = {"iblip_jax": jax_peak(n), "transformers": torch_peak(n)}
+  print(f"measured f32 matmul peak ({n}^3): XLA {peaks['iblip_jax'] / 1e9:.1f} GFLOP/s, torch "
+        f"{peaks['transformers'] / 1e9:.1f} GFLOP/s")
+  print("workload       who                         median [min-max]  (compile + first call apart)")
+  medians = {}
   for what in args.only.split(","):
-    if what == "train":
-      r = bench_train(hf, model, params, x, args.repeats)
-      mfu = r["flops"] / r["ours"] / peak
-      notes = f"{r['flops'] / 1e9:.1f} GFLOP/step, MFU {100 * mfu:.0f}% of measured peak"
-      if args.gpu:  # XLA's GPU cost analysis counted 43.7 GFLOP for this 653 GFLOP step (H200, jax 0.11.2)
-        notes = "MFU not computed: XLA's GPU cost analysis undercounts this step's FLOPs"
+    if what in ("train", "train_dropout"):
+      r = bench_train(variants, model, params, x, args.repeats, dropout=what == "train_dropout")
+      flops = r.pop("flops")
+      mfu = {n: flops / r[n][1] / peaks["iblip_jax" if n == "iblip_jax" else "transformers"] for n in r}
+      notes = (f"{flops / 1e9:.1f} GFLOP/step; MFU of each against its framework's peak: "
+               + ", ".join(f"{n.replace('transformers ', '')} {100 * m:.0f}%" for n, m in mfu.items()))
     elif what in ("greedy", "beam5"):
-      r = bench_generate(hf, model, params, x, args.repeats, 1 if what == "greedy" else 5)
-      notes = f"{NEW_TOKENS} new tokens; rows equal to transformers' tokens: {100 * r['same_tokens']:.0f}%"
-    elif what == "rank":
-      r = bench_rank(hf, model, params, x, args.repeats)
-      notes = f"{CANDIDATES} candidates x 4 tokens"
+      r = bench_generate(variants, model, params, x, args.repeats, 1 if what == "greedy" else 5)
+      same = r.pop("same_tokens")
+      notes = f"{NEW_TOKENS} new tokens; rows equal to transformers': " + ", ".join(
+          f"{n} {100 * v:.0f}%" for n, v in same.items())
+    elif what == "rank16":
+      r = bench_rank(variants, model, params, x, args.repeats)
+      notes = f"{CANDIDATES} candidates x {CANDIDATE_TOKENS} tokens per sample"
     else:
       raise SystemExit(f"unknown workload {what!r}")
-    print(f"{what:<10} {r['ours']:>12.3f} {r['theirs']:>15.3f} {r['theirs'] / r['ours']:>6.2f}x "
-          f"{r['ours_first']:>14.1f}  {notes}", flush=True)
-  print(f"peak RSS (whole process, both frameworks): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    medians[what] = r
+    print(_row(what, r, notes), flush=True)
+  if "greedy" in medians and "beam5" in medians:
+    ratio = lambda n: medians["beam5"][n][1] / medians["greedy"][n][1]
+    print("beam-5 / greedy time: " + ", ".join(f"{n} {ratio(n):.2f}x" for n in medians["greedy"]))
+  print(f"load average at the end {os.getloadavg()[0]:.2f}; peak RSS (whole process, every framework): "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
-"""Input pipeline throughput against the train step it feeds, on this machine.
+"""Input pipeline throughput against the train step it feeds, on this machine; and padding on the paper's mixture.
 
   python tools/bench_pipeline.py [--batch 32] [--workers 0,1,2] [--batches 12] [--steps 3] [--images 256]
+  python tools/bench_pipeline.py --padding [--batch 192] [--windows 16] [--buckets 4]
+
+`--padding`: the share of padded tokens (instruction, prompt and target together) in the batches the pipeline
+builds from a length distribution modelled on the paper's 13 held-in datasets (MIXTURE below: sizes, mixed by
+sqrt(size), and the word counts of their instructions and answers, each with its source), for today's batching
+(stream order, power-of-two buckets), grouped by length, and grouped by length with buckets fitted to the data.
+Texts only: the pipeline's own grouping (pipeline.length_grouped) and collation tokenise them; no image is made.
 
 Generates `--images` JPEGs of 480x640 (a smooth random field plus grain, quality 90: ~75 KiB each) and a
 JSONL of VQA-style instruction/answer pairs in a temporary directory, then times the full training pipeline
@@ -40,6 +47,72 @@ BASE = dict(
     text=dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6,
               dense_act_fn="gelu"),
     num_query_tokens=32)
+
+
+# (dataset, training examples, instruction words (mean, sd), answer words (mean, sd)). Sizes: LAVIS's X-InstructBLIP
+# mixture config (lavis/projects/xinstruct_blip/train/vicuna7b/image_train.yaml, the sqrt-proportional ratios of the
+# team's reference notes), TextCaps' 109,765 training captions (Sidorov et al. 2020); the question-generation sets
+# are their QA sets turned around. Word counts: COCO captions 10.5 (Chen et al. 2015), web/CapFilt captions ~9
+# (BLIP's synthetic captions are shorter), TextCaps 12.4 (Sidorov et al.), VQAv2 questions 6.2 and answers 1.1
+# words (Antol et al. 2015; 89% one word), OK-VQA 8.1 / 1.3 (Marino et al. 2019), A-OKVQA 8.8 / 1.3 (Schwenk et al.
+# 2022), OCR-VQA answers are titles, authors, genres (~3 words, our estimate); LLaVA-Instruct-150K answers mix
+# conversations, detailed descriptions and complex reasoning: ~100 words with a wide spread (our estimate from the
+# released file's kinds; the LLaVA paper gives no mean). Instructions: the dataset's templates (~6-12 words) around
+# the question. Words become ~1.3 T5 sentencepiece tokens each (CODE below draws whole tokens).
+MIXTURE = (
+    ("coco_caption", 566_747, (7, 2), (10.5, 2.5)), ("web_capfilt", 13_873_136, (7, 2), (9, 2.5)),
+    ("textcaps", 109_765, (7, 2), (12.4, 3.5)), ("vqav2", 658_104, (12, 2.5), (1.1, 0.4)),
+    ("okvqa", 9_009, (14, 3), (1.3, 0.6)), ("aokvqa", 17_056, (15, 3), (1.3, 0.6)),
+    ("ocrvqa", 1_002_146, (12, 2), (3, 1.5)), ("vqg_vqav2", 658_104, (12, 2), (6.2, 2)),
+    ("vqg_okvqa", 9_009, (12, 2), (8.1, 2.5)), ("vqg_aokvqa", 17_056, (12, 2), (8.8, 2.5)),
+    ("llava_instruct", 394_276, (16, 6), (100, 50)),
+)
+TOKENS_PER_WORD = 1.3
+
+
+def padding_report(batch: int, windows: int, buckets: int, batches: int = 128, seed: int = 0) -> None:
+  """Padded share of tokens for the modelled mixture under three batchings (see the module docstring)."""
+  import grain
+  words = [f"w{i}" for i in range(400)]
+  with tempfile.TemporaryDirectory() as d:
+    from iblip_jax.demo import word_tokenizers
+    word_tokenizers.build(words, d)
+    tok = tokenize.load_tokenizers(d)
+  rng = np.random.default_rng(seed)
+  draw = lambda mean, sd: " ".join(rng.choice(words, max(1, int(round(rng.normal(mean, sd) * TOKENS_PER_WORD)))))
+  n_each = batch * batches // 4
+  datasets = {name: mixture.source([{"text_input": draw(*ins), "text_output": draw(*out)} for _ in range(n_each)])
+              for name, _, ins, out in MIXTURE}
+  probs = mixture.weights({name: size for name, size, _, _ in MIXTURE})
+  stream = mixture.mix(datasets, probs, seed=seed)
+  render = pipeline.record_texts
+  groups = pipeline.indexed_batches(stream, batch, per_step=False)
+  keys = lambda members: pipeline.length_keys(members, tok, render, seed)
+  fitted = pipeline.fit_tokenizer_buckets(tok, groups, keys, windows=2 * windows, max_buckets=buckets)
+  grouped = lambda t: pipeline.length_grouped(groups, windows, keys, seed, (t.buckets, t.out_buckets))
+  plans = {"stream order, power-of-two buckets": (groups, tok),
+           f"grouped by length (windows of {windows} batches)": (grouped(tok), tok),
+           f"grouped, {buckets} fitted buckets per field": (grouped(fitted), fitted)}
+  print(f"modelled mixture: {', '.join(f'{n} {100 * p:.1f}%' for n, p in sorted(probs.items()))}")
+  lengths = keys([x for k in range(batches) for x in groups[k]])
+  floor = 1 - lengths.sum() / (-(-lengths // 8) * 8).sum()
+  print(f"floor: every example padded alone to a multiple of 8 (the TPU's tile; what any bucketing pays at least): "
+        f"{100 * floor:.1f}% of tokens")
+  print(f"fitted buckets: instruction/prompt {fitted.buckets}, target {fitted.out_buckets}")
+  print(f"\n{'batching':<46} {'padded tokens':>14} {'of which target':>16}  (global batch {batch}, "
+        f"{batches} batches)")
+  for name, (g, t) in plans.items():
+    real = padded = real_t = padded_t = 0
+    for k in range(batches):
+      members = g[k]
+      b = tokenize.encode_training(t, [r["text_input"] for _, r in members], [r["text_output"] for _, r in members])
+      for m in ("qformer_attention_mask", "attention_mask", "decoder_attention_mask"):
+        real += int(b[m].sum())
+        padded += b[m].size
+      real_t += int(b["decoder_attention_mask"].sum())
+      padded_t += b["decoder_attention_mask"].size
+    print(f"{name:<46} {100 * (1 - real / padded):>13.1f}% {100 * (1 - real_t / padded_t):>15.1f}%")
+  del grain
 
 
 def make_data(directory: str, n: int) -> str:
@@ -114,7 +187,12 @@ def main():
   parser.add_argument("--steps", type=int, default=3, help="timed train steps (after the first)")
   parser.add_argument("--images", type=int, default=256)
   parser.add_argument("--skip_train", action="store_true")
+  parser.add_argument("--padding", action="store_true", help="report padding on the modelled mixture, then stop")
+  parser.add_argument("--windows", type=int, default=64, help="--padding: global batches per length-grouping window")
+  parser.add_argument("--buckets", type=int, default=8, help="--padding: fitted bucket lengths per field")
   args = parser.parse_args()
+  if args.padding:
+    return padding_report(args.batch, args.windows, args.buckets)
   import grain
   import jax
   import tensorflow_datasets as tfds

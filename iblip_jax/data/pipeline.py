@@ -322,19 +322,18 @@ def _load_share(groups: grain.MapDataset, k: int, load, *, batch_size: int, proc
                 process_count: int, seed: int) -> dict:
   """Process `process_index`'s rows of global batch k, loaded: {"examples": batch_size good examples, "skipped":
   [reasons], "rows": [(dataset, skip reason or None, why or None)] of the share's own rows, "failures": the rows
-  tried, own and nearby, when none was good}. Example i of global batch k is loaded with its own generator seeded
-  by (seed, k * B + i), so crops and template choices do not depend on how many processes share the batch. Skipped
+  tried, own and nearby, when none was good}. Each record is loaded with its own generator seeded by (seed, its
+  place in the stream), so crops and template choices depend neither on how many processes share the batch nor on
+  how batches are grouped. Skipped
   examples are replaced by repeats of the share's good ones (the batch keeps its size and, per step, its dataset); a
   share without any is filled from the nearest batch that has some, so every process yields a batch at every step,
   deterministically."""
   def load_rows(j):
-    group = groups[j]
+    group = groups[j]   # [(index in the stream, record)] of global batch j
     if len(group) != batch_size * process_count:
       raise ValueError(f"a global batch has {len(group)} records, expected {batch_size} x {process_count} processes")
     start = process_index * batch_size
-    base = j * len(group) + start
-    return [(_dataset(r), *load(r, np.random.default_rng([seed, base + i])))
-            for i, r in enumerate(group[start:start + batch_size])]
+    return [(_dataset(r), *load(r, np.random.default_rng([seed, i]))) for i, r in group[start:start + batch_size]]
 
   loaded = load_rows(k)
   rows = [(d, e.get(SKIP), why) for d, e, why in loaded]
@@ -357,10 +356,79 @@ def _load_share(groups: grain.MapDataset, k: int, load, *, batch_size: int, proc
           "failures": []}
 
 
+def indexed_batches(examples: grain.MapDataset, global_batch: int, *, per_step: bool) -> grain.MapDataset:
+  """Global batches as lists of (index in the stream, record): the index seeds the record's generator."""
+  if per_step:  # already global batches
+    return examples.map_with_index(lambda k, g: [(k * global_batch + j, r) for j, r in enumerate(g)])
+  return examples.map_with_index(lambda i, r: (i, r)).batch(global_batch, drop_remainder=True, batch_fn=list)
+
+
+def length_keys(members: Sequence[tuple[int, dict]], tok: tokenize.Tokenizers, render, seed: int) -> np.ndarray:
+  """(N, 3) token counts (instruction, prompt, target) of (index, record) pairs, rendered with the generator the
+  pipeline will use for them (texts only: no image is opened); a record that does not render counts as empty."""
+  texts_in, texts_out = [], []
+  for i, r in members:
+    try:
+      a, b = render(r, np.random.default_rng([seed, i]))
+    except Exception:  # noqa: BLE001 - the pipeline skips and counts it; here it only needs a length
+      a = b = ""
+    texts_in.append(_text(a) or "")
+    texts_out.append(_text(b) or "")
+  return tokenize.lengths(tok, texts_in, texts_out)
+
+
+def length_grouped(groups: grain.MapDataset, window: int, keys, seed: int,
+                   buckets: tuple[Sequence[int], Sequence[int]] | None = None) -> grain.MapDataset:
+  """Global batches regrouped by length within windows of `window` batches: a window's examples are sorted by the
+  padded shape each would have alone (its target, prompt and instruction lengths rounded up to `buckets` =
+  (instruction and prompt buckets, target buckets); raw lengths without), cut into batches again, and the batches
+  put in an order shuffled per window. Examples of one shape are then together, and a batch pads little.
+  Deterministic from the texts (`keys`: members -> (N, 3) lengths), so every process computes the same batches;
+  resuming needs only the batch index."""
+  cache = {}
+
+  def shape(lengths):
+    if buckets is None:
+      return lengths
+    rounded = [np.searchsorted(np.asarray(b), lengths[:, c]) for c, b in ((0, buckets[0]), (1, buckets[0]),
+                                                                          (2, buckets[1]))]
+    return np.stack(rounded, axis=1)
+
+  def batch(m: int):
+    w, j = divmod(m, window)
+    if w not in cache:
+      cache.clear()
+      members = [x for k in range(w * window, (w + 1) * window) for x in groups[k]]
+      lengths = keys(members)
+      padded = shape(lengths)
+      index = np.array([i for i, _ in members])
+      order = np.lexsort((index, lengths[:, 0], lengths[:, 1], lengths[:, 2], padded[:, 0], padded[:, 1],
+                          padded[:, 2]))
+      size = len(members) // window
+      cut = [[members[i] for i in order[b * size:(b + 1) * size]] for b in range(window)]
+      cache[w] = [cut[p] for p in np.random.default_rng([seed, w, 1]).permutation(window)]
+    return cache[w][j]
+  return grain.MapDataset.range(len(groups) // window * window).map(batch)
+
+
+def fit_tokenizer_buckets(tok: tokenize.Tokenizers, groups: grain.MapDataset, keys, *, windows: int,
+                          max_buckets: int) -> tokenize.Tokenizers:
+  """The tokenizers with bucket lengths fitted to the lengths of the first `windows` global batches: one set for
+  instructions and prompts, one for targets."""
+  members = [x for k in range(min(windows, len(groups))) for x in groups[k]]
+  lengths = keys(members)
+  largest_in = tok.max_input_len
+  largest_out = tok.max_output_len + (tok.max_input_len if tok.decoder_only else 0)   # decoder-only: whole rows
+  return dataclasses.replace(
+      tok, buckets=tokenize.fit_buckets(lengths[:, :2].reshape(-1), max_buckets, largest_in),
+      target_buckets=tokenize.fit_buckets(lengths[:, 2], max_buckets, largest_out))
+
+
 def build(examples: grain.MapDataset, tok: tokenize.Tokenizers, *, batch_size: int, image_size: int, seed: int,
           train: bool = True, render=record_texts, workers: int = 0, process_index: int = 0,
           process_count: int = 1, per_step: bool = False, check_first: int = 32,
-          probe: Mapping[str, Sequence] | None = None, skip_window: int = 100) -> Pipeline:
+          probe: Mapping[str, Sequence] | None = None, skip_window: int = 100, group_by_length: int = 0,
+          fitted_buckets: int = 0) -> Pipeline:
   """examples: a (possibly mixed, infinite) MapDataset of records, or with `per_step` of global batches (lists of
   batch_size x process_count records, mixture.mix(..., batch_size=, batch_fn=list)). Yields this process's
   batches of `batch_size` rows with pixel_values, Q-Former/LLM inputs, labels, decoder mask.
@@ -373,11 +441,23 @@ def build(examples: grain.MapDataset, tok: tokenize.Tokenizers, *, batch_size: i
   A dataset that cannot train stops the run, in seconds, with BadDatasetError naming it, the count and the first
   reasons: `probe` ({name: records} before mixing) is checked now (check_datasets: the same on every process);
   and while iterating, a dataset whose first `check_first` examples on this process all fail stops it (0: off).
-  `skip_window`: the batches SkipCounter's recent rate covers."""
+  `skip_window`: the batches SkipCounter's recent rate covers.
+
+  Padding: `group_by_length` = W > 0 regroups the stream's examples by length within windows of W global batches
+  (length_grouped); `fitted_buckets` = K > 0 replaces the tokenizers' bucket lengths by at most K per field fitted
+  to the first 2W batches' lengths (tokenize.fit_buckets). Both are computed from texts alone, the same on every
+  process, so the hosts still agree on every batch."""
   if probe:
     check_datasets(probe, image_size=image_size, render=render, check_first=check_first or 32, seed=seed)
   load = lambda r, rng: _load_example(r, rng, image_size=image_size, train=train, render=render)
-  groups = examples if per_step else examples.batch(batch_size * process_count, drop_remainder=True, batch_fn=list)
+  groups = indexed_batches(examples, batch_size * process_count, per_step=per_step)
+  if group_by_length:
+    if per_step:
+      raise ValueError("grouping batches by length mixes datasets in a batch: it needs mixing='example'")
+    key = lambda members: length_keys(members, tok, render, seed)
+    if fitted_buckets:
+      tok = fit_tokenizer_buckets(tok, groups, key, windows=2 * group_by_length, max_buckets=fitted_buckets)
+    groups = length_grouped(groups, group_by_length, key, seed, (tok.buckets, tok.out_buckets))
   ds = groups.map_with_index(lambda k, _: _load_share(groups, k, load, batch_size=batch_size,
                                                       process_index=process_index, process_count=process_count,
                                                       seed=seed))

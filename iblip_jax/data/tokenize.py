@@ -32,6 +32,11 @@ class Tokenizers:
   buckets: tuple[int, ...] = BUCKETS
   decoder_only: bool = False   # the LLM is decoder-only: prompt and target form one sequence
   qformer_max_len: int | None = None  # the Q-Former's max_position_embeddings: a cap on its tokens, padding included
+  target_buckets: tuple[int, ...] | None = None  # for targets (decoder-only: whole sequences); None = `buckets`
+
+  @property
+  def out_buckets(self) -> tuple[int, ...]:
+    return self.target_buckets or self.buckets
 
 
 def load_tokenizers(path: str, *, qformer_path: str | None = None, max_input_len: int = 128,
@@ -58,6 +63,30 @@ def bucket(length: int, buckets: Sequence[int]) -> int:
     if length <= b:
       return b
   return -(-length // buckets[-1]) * buckets[-1]
+
+
+def fit_buckets(lengths: Sequence[int], max_buckets: int, largest: int, multiple: int = 8) -> tuple[int, ...]:
+  """At most `max_buckets` bucket lengths that follow the data: the set (multiples of `multiple`, always ending at
+  `largest`, what truncation allows) that minimises the padded tokens of `lengths` padded one by one (dynamic
+  programming over the distinct rounded lengths). Fewer buckets, fewer compiled programs."""
+  rounded = np.minimum(-(-np.maximum(np.asarray(lengths, np.int64), 1) // multiple) * multiple, largest)
+  values, counts = np.unique(np.append(rounded, largest), return_counts=True)
+  counts[-1] -= 1   # `largest` was added to be a candidate, not as data
+  n = len(values)
+  below = np.concatenate([[0], np.cumsum(counts)])            # examples up to each value
+  tokens = np.concatenate([[0], np.cumsum(counts * values)])  # their real (rounded) tokens
+
+  def waste(i, j):  # values[i..j] padded to values[j]
+    return values[j] * (below[j + 1] - below[i]) - (tokens[j + 1] - tokens[i])
+  best = {(0, j): (waste(0, j), (j,)) for j in range(n)}
+  for k in range(1, max_buckets):
+    for j in range(n):
+      options = [(best[(k - 1, i)][0] + waste(i + 1, j), best[(k - 1, i)][1] + (j,))
+                 for i in range(j) if (k - 1, i) in best]
+      if options:
+        best[(k, j)] = min(options)
+  cost, chosen = min(best[(k, n - 1)] for k in range(max_buckets) if (k, n - 1) in best)
+  return tuple(int(values[j]) for j in chosen)
 
 
 def _pad(rows: list[list[int]], pad: int, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +130,7 @@ def _encode_qformer(tok: Tokenizers, texts: Sequence[str]) -> dict:
 def encode_targets(tok: Tokenizers, texts: Sequence[str]) -> dict:
   """labels (B, T) with -100 on padding, decoder_attention_mask (B, T)."""
   rows = _target_ids(tok, texts)
-  ids, mask = _pad(rows, tok.llm.pad_token_id, bucket(max(map(len, rows)), tok.buckets))
+  ids, mask = _pad(rows, tok.llm.pad_token_id, bucket(max(map(len, rows)), tok.out_buckets))
   return dict(labels=np.where(mask == 1, ids, IGNORE).astype(np.int32), decoder_attention_mask=mask)
 
 
@@ -113,12 +142,23 @@ def encode_training(tok: Tokenizers, texts_in: Sequence[str], texts_out: Sequenc
     return dict(encode_prompts(tok, texts_in, qformer_texts), **encode_targets(tok, texts_out))
   prompt_rows, target_rows = _ids(tok.llm, texts_in, tok.max_input_len), _target_ids(tok, texts_out)
   rows = [p + t for p, t in zip(prompt_rows, target_rows)]
-  ids, mask = _pad(rows, tok.llm.pad_token_id, bucket(max(map(len, rows)), tok.buckets))
+  ids, mask = _pad(rows, tok.llm.pad_token_id, bucket(max(map(len, rows)), tok.out_buckets))
   labels = np.full_like(ids, IGNORE)
   for i, (p, t) in enumerate(zip(prompt_rows, target_rows)):
     labels[i, len(p):len(p) + len(t)] = t
   return dict(_encode_qformer(tok, texts_in if qformer_texts is None else qformer_texts), input_ids=ids,
               attention_mask=mask, labels=labels)
+
+
+def lengths(tok: Tokenizers, texts_in: Sequence[str], texts_out: Sequence[str]) -> np.ndarray:
+  """(N, 3) token counts (Q-Former instruction, LLM prompt, target; decoder-only: the whole sequence in the last
+  column) of training examples, as encode_training truncates them: what padding is computed from."""
+  q = [len(r) for r in _ids(tok.qformer, texts_in, tok.max_input_len)]
+  p = [len(r) for r in _ids(tok.llm, texts_in, tok.max_input_len)]
+  t = [len(r) for r in _target_ids(tok, texts_out)]
+  if tok.decoder_only:
+    t = [a + b for a, b in zip(p, t)]
+  return np.array([q, p, t], np.int64).T.reshape(-1, 3)
 
 
 def encode_candidates(tok: Tokenizers, candidates: Sequence[Sequence[str]]) -> np.ndarray:

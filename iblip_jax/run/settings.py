@@ -48,6 +48,8 @@ class Data:
   random_crop: bool    # RandomResizedCrop(0.5-1.0) in training, as LAVIS
   mixing: str          # "example" or "step" (one dataset per global batch, LAVIS)
   max_skip_rate: float # warn above this recent fraction of skipped examples
+  group_by_length: int # windows (global batches) within which examples are regrouped by length; 0 = off
+  fitted_buckets: int  # bucket lengths per field fitted to the data; 0 = the fixed powers of two
   instruction_format: str = "templates"   # or "raw" / "dataset_name": the paper's multitask baselines (templates.py)
 
 
@@ -213,6 +215,9 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
     if not datasets:
       problems.append("config.data.datasets is empty: nothing to train on")
     problems += _batch(config.batch_size, "config.batch_size", mesh)
+    if config.data.group_by_length and config.data.mixing == "step":
+      problems.append("config.data.group_by_length needs config.data.mixing='example' (grouping by length mixes "
+                      "datasets in a batch)")
     if config.data.mixing not in ("example", "step"):
       problems.append(f"config.data.mixing={config.data.mixing!r} must be 'example' (every example drawn from the "
                       "mixture) or 'step' (every global batch from one dataset, as LAVIS)")

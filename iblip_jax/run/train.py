@@ -61,7 +61,8 @@ def _data(s: Settings, tok, model, mesh):
                         train=s.data.random_crop, render=sources.renderer(s.data.instruction_format),
                         workers=s.data.workers,
                         per_step=per_step, process_index=jax.process_index(), process_count=jax.process_count(),
-                        probe=datasets), probs
+                        probe=datasets, group_by_length=s.data.group_by_length,
+                        fitted_buckets=s.data.fitted_buckets), probs
 
 
 def train_and_evaluate(s: Settings) -> dict:

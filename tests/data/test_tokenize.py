@@ -1,4 +1,5 @@
 """Tokenisation: LAVIS's truncation sides, bucketed padding, -100 labels; tokenizers loaded from local files."""
+import numpy as np
 import pytest
 
 from iblip_jax.data import tokenize
@@ -96,3 +97,17 @@ def test_qformer_text_is_held_to_its_position_embeddings(tmp_path):
   # without a cap the Q-Former text is truncated at max_input_len, as before
   plain = tokenize.encode_prompts(tokenize.load_tokenizers(str(tmp_path)), texts)
   assert plain["qformer_input_ids"].shape == (2, 128) and plain["qformer_attention_mask"][0].all()
+
+
+def test_fitted_buckets_minimise_padding_like_brute_force():
+  import itertools
+  rng = np.random.default_rng(0)
+  lengths = np.concatenate([rng.integers(1, 9, 40), rng.integers(20, 40, 15), rng.integers(90, 120, 5)])
+  rounded = np.minimum(-(-lengths // 8) * 8, 128)
+  cost = lambda b: sum(min(v for v in b if v >= x) for x in rounded)
+  for k in (1, 2, 3):
+    got = tokenize.fit_buckets(lengths, k, 128)
+    assert got[-1] == 128 and len(got) <= k and all(v % 8 == 0 for v in got)
+    candidates = sorted(set(rounded.tolist()) | {128})
+    best = min(cost(c + (128,)) for n in range(k) for c in itertools.combinations(candidates[:-1], n))
+    assert cost(got) == best
