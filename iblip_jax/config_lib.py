@@ -54,6 +54,9 @@ def base(model: dict) -> ml_collections.ConfigDict:
   config.total_steps = 10_000
   config.batch_size = 192          # global batch, split over data x fsdp
   config.dropout = True            # LAVIS trains with the Q-Former's and (frozen) T5's dropout active
+  # The random-bit generator of dropout: JAX's default "threefry2x32" (the same bits on any mesh and number of hosts:
+  # the multi-host tests compare runs bit for bit), or the cheaper "rbg" / "unsafe_rbg" (BENCHMARKS.md).
+  config.rng_impl = "threefry2x32"
   config.optim = optim()
   # data/fsdp/tensor within a slice (-1 = the rest); dcn_* across slices of a multi-slice pod.
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))

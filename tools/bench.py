@@ -11,8 +11,9 @@ Protocol (what a sceptical reader asks for):
   apart. The load average is printed before and after.
 - Each framework's own f32 matmul peak on this machine (XLA's dot and torch.matmul, 2048^3), so that model-FLOPs
   utilisation is against what that framework can do here.
-- Workloads: the training step without and with dropout (the path real training takes), greedy and 5-beam
-  generation (10 new tokens) and their time ratio, ranking of 16 candidates per sample.
+- Workloads: the training step without and with dropout (the path real training takes; `train_dropout_rbg`:
+  iblip_jax's dropout bits from the cheaper "rbg" generator, config.rng_impl), greedy and 5-beam generation (10 new
+  tokens) and their time ratio, ranking of 16 candidates per sample.
 
 Shapes: `base` is the base-size config (ViT-B/16 224 px, BERT-base Q-Former, 32 queries, T5 512-d 8+8 layers 6 heads
 d_ff 1024, vocab 32128), batch 8, instruction 24 tokens, prompt 24, target 8. `xl_ratio` keeps FlanT5-XL's
@@ -164,7 +165,7 @@ def _train_flops(model, tx, trainable, frozen, batch) -> float:
       trainable, tx.init(trainable), frozen, batch, jax.random.key(0)).compile().cost_analysis()["flops"]
 
 
-def bench_train(variants, model, params, x, repeats, *, dropout: bool):
+def bench_train(variants, model, params, x, repeats, *, dropout: bool, rng_impl: str = "threefry2x32"):
   config = config_lib.base({})
   config.optim.warmup_steps = 1
   trainable, frozen = trainable_lib.split(params, config.trainable)
@@ -175,7 +176,8 @@ def bench_train(variants, model, params, x, repeats, *, dropout: bool):
 
   def ours():
     state["i"] += 1
-    state["t"], state["o"], m = step(state["t"], state["o"], frozen, batch, jax.random.key(state["i"]))
+    key = jax.random.key(state["i"], impl=rng_impl)   # dropout's bits (config.rng_impl)
+    state["t"], state["o"], m = step(state["t"], state["o"], frozen, batch, key)
     m["loss"].block_until_ready()
 
   fns = {"iblip_jax": ours}
@@ -281,7 +283,7 @@ def _row(what: str, r: dict, notes: str = "") -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--only", default="train,train_dropout,greedy,beam5,rank16")
+  parser.add_argument("--only", default="train,train_dropout,train_dropout_rbg,greedy,beam5,rank16")
   parser.add_argument("--torch_variants", default="eager,sdpa,compile")
   parser.add_argument("--shape", choices=sorted(SHAPES), default="base")
   parser.add_argument("--gpu", action="store_true", help="both frameworks on the GPU, full f32")
@@ -313,8 +315,9 @@ def main():
   print("workload       who                         median [min-max]  (compile + first call apart)")
   medians = {}
   for what in args.only.split(","):
-    if what in ("train", "train_dropout"):
-      r = bench_train(variants, model, params, x, args.repeats, dropout=what == "train_dropout")
+    if what in ("train", "train_dropout", "train_dropout_rbg"):
+      r = bench_train(variants if what != "train_dropout_rbg" else {}, model, params, x, args.repeats,
+                      dropout=what != "train", rng_impl="rbg" if what == "train_dropout_rbg" else "threefry2x32")
       flops = r.pop("flops")
       mfu = {n: flops / r[n][1] / peaks["iblip_jax" if n == "iblip_jax" else "transformers"] for n in r}
       notes = (f"{flops / 1e9:.1f} GFLOP/step; MFU of each against its framework's peak: "

@@ -81,6 +81,7 @@ class Settings:
   total_steps: int
   batch_size: int
   dropout: bool
+  rng_impl: str                    # dropout's random-bit generator (jax.random.key impl)
   optim: Optim
   mesh: dict[str, int]
   sharding_rules: tuple[tuple, ...]
@@ -188,6 +189,8 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
   unknown = sorted(set(config.keys()) - _TOP_LEVEL)
   if unknown:
     problems.append(f"unknown config keys {unknown}: not settings of iblip_jax (typo?)")
+  if config.rng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
+    problems.append(f"config.rng_impl={config.rng_impl!r}: expected 'threefry2x32', 'rbg' or 'unsafe_rbg'")
   if mode in ("train", "eval", "export") and not workdir:
     problems.append(f"--workdir is required for mode {mode}")
   model = _model(config, problems)
@@ -246,7 +249,7 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
       model_init_stage1=config.get("model_init_stage1") or "", tokenizer=tokenizer,
       model_init_required=bool(config.get("model_init_required")),
       trainable=tuple(config.trainable), reinit_trainable=config.reinit_trainable, seed=config.seed,
-      total_steps=config.total_steps, batch_size=config.batch_size, dropout=config.dropout,
+      total_steps=config.total_steps, batch_size=config.batch_size, dropout=config.dropout, rng_impl=config.rng_impl,
       optim=Optim(**config.optim.to_dict()), mesh=mesh, sharding_rules=tuple(tuple(r) for r in config.sharding_rules),
       max_replicated_bytes=int(config.max_replicated_mb * 2**20),
       data=Data(datasets=datasets, balanced=config.data.balanced, workers=config.data.workers,

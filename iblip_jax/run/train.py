@@ -136,7 +136,7 @@ def _train(s: Settings) -> dict:
     with sharding.context(mesh, rules):
       while step < s.total_steps:
         batch = sharding.global_batch(next(data_it), mesh)
-        rng = jax.random.fold_in(jax.random.key(s.seed), step)
+        rng = jax.random.fold_in(jax.random.key(s.seed, impl=s.rng_impl), step)
         trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng)
         step += 1
         done_in_window += 1
