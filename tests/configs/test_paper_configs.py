@@ -92,6 +92,9 @@ def test_without_weights_or_data_a_run_is_refused_naming_everything(tmp_path):
   assert "model_init is empty, and this config needs pretrained weights" in text
   assert "config.data.datasets.web_capfilt.path='data/capfilt' does not exist" in text
   assert "config.evals.coco_val.path='data/coco' does not exist" in text
+  config.evals.coco_val.reader_args = {"splt": "val"}   # a reader's own arguments are checked against it
+  with pytest.raises(settings.ConfigError, match=r"coco_val.reader_args=\{'splt': 'val'\}: got an unexpected keyword"):
+    settings.resolve(config, str(tmp_path), "train")
   config.data.instruction_format = "none"
   with pytest.raises(settings.ConfigError, match="instruction_format='none' must be one of templates, raw"):
     settings.resolve(config, str(tmp_path), "train")
