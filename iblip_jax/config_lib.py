@@ -74,8 +74,11 @@ def base(model: dict) -> ml_collections.ConfigDict:
   # max_skip_rate: warn when more than this fraction of recent examples is skipped as bad (per dataset, with reasons).
   # instruction_format: "templates" (instruction tuning), or the paper's multitask baselines without instructions:
   # "raw" (the question alone, an empty instruction for captions) or "dataset_name" ("[Task:Dataset] question").
+  # group_by_length: regroup examples by padded shape within windows of this many global batches (0 = off);
+  # fitted_buckets: at most this many bucket lengths per field fitted to the data (0 = the fixed powers of two).
   config.data = ml_collections.ConfigDict(dict(datasets={}, balanced=True, workers=0, random_crop=True,
-                                               mixing="example", max_skip_rate=0.1, instruction_format="templates"))
+                                               mixing="example", max_skip_rate=0.1, instruction_format="templates",
+                                               group_by_length=0, fitted_buckets=0))
   # Evaluations: {name: {"task": an iblip_jax.evaluation.tasks name, "format": ..., "path": ...}}
   config.evals = ml_collections.ConfigDict()
   config.eval_every = 1000
