@@ -314,6 +314,14 @@ def _single_device_mesh():
   return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
 
 
+def _onto_one_device(params):
+  """Leaf by leaf through host memory (one leaf's copy at a time): jax.device_put of an array sharded over a mesh
+  keeps that mesh in the array's type (jax 0.10), and tracing under the one-device mesh then fails with
+  "use_abstract_mesh cannot change the size of the mesh"."""
+  device = jax.local_devices()[0]
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x), device), params)
+
+
 def _is_workdir(path: str) -> bool:
   """A training workdir has checkpoints/ or a config.json written by the main job (a Hugging Face directory's
   config.json has "model_type" instead)."""
@@ -397,7 +405,7 @@ class Pipeline:
     if _is_workdir(path):
       model, params, tok, step = _restore_workdir(path, dtype, model_init, tokenizer)
       if mesh is None:   # restored in the training layout; gathered onto one device for interactive use
-        params = jax.device_put(params, jax.local_devices()[0])
+        params = _onto_one_device(params)
       log.info("answering with %s at step %d", path, step)
     else:
       model, params = pretrained.from_pretrained(path, jnp.float32 if dtype is None else dtype, mesh=mesh,
