@@ -164,3 +164,37 @@ def test_shellcheck():
   scripts = sorted(glob.glob(os.path.join(TPU, "*.sh")))
   out = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True)
   assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _maxtext_libtpu_flags() -> str:
+  """tools/aot_compile.py's MAXTEXT_LIBTPU_FLAGS: what the AOT estimate compiles with."""
+  import importlib.util  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location("aot_compile", os.path.join(ROOT, "tools", "aot_compile.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.MAXTEXT_LIBTPU_FLAGS
+
+
+def test_launch_passes_maxtext_libtpu_flags(env):
+  """By default the job gets LIBTPU_INIT_ARGS = MaxText's collective-overlap flags, the very string the AOT tool
+  compiles with; the worker puts it in the job's environment."""
+  flags = _maxtext_libtpu_flags()
+  assert "--xla_tpu_enable_async_collective_fusion=true" in flags
+  (line,) = lines("launch.sh", "--config", "configs/tiny.py", "--workdir", "gs://b/r", "--env", "A=1", env=env)
+  assert line == (f"{SSH} --command='bash iblip_jax/tools/tpu/worker.sh start --env "
+                  f"'\\''LIBTPU_INIT_ARGS={flags}'\\'' --env A=1 -- --config configs/tiny.py --workdir gs://b/r'")
+  (job,) = lines("worker.sh", "start", "--env", f"LIBTPU_INIT_ARGS={flags}", "--", "--config", "configs/tiny.py",
+                 env=dict(env, WORKER_ENDPOINTS="10.0.0.2"))
+  assert f" env PYTHONUNBUFFERED=1 'LIBTPU_INIT_ARGS={flags}' {ROOT}/.venv/bin/python -m iblip_jax.main " in job
+
+
+@pytest.mark.parametrize("args, extra_env, expected", [
+    (["--libtpu-flags", "--xla_a=true --xla_b=1"], {}, "--env '\\''LIBTPU_INIT_ARGS=--xla_a=true --xla_b=1'\\'' --"),
+    (["--libtpu-flags="], {}, "worker.sh start -- --config"),                       # none
+    ([], {"LIBTPU_FLAGS": "--xla_c=2"}, "--env LIBTPU_INIT_ARGS=--xla_c=2 --"),
+    (["--env", "LIBTPU_INIT_ARGS=--xla_d=3"], {}, "worker.sh start --env LIBTPU_INIT_ARGS=--xla_d=3 --"),  # replaces
+])
+def test_launch_libtpu_flags_can_be_changed(env, args, extra_env, expected):
+  (line,) = lines("launch.sh", "--config", "configs/tiny.py", "--workdir", "gs://b/r", *args,
+                  env=dict(env, **extra_env))
+  assert expected in line and line.count("LIBTPU_INIT_ARGS") <= 1
