@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo install clean
+.PHONY: test test-fast test-browser demo serve install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,19 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m iblip_jax.demo.shapes runs/demo/data
 	$(PY) -m iblip_jax.main --config configs/demo.py --workdir runs/demo
+
+# The local web demo (gradio) on the demo checkpoint, at http://127.0.0.1:7860; MODEL=DIR serves a Hugging Face
+# InstructBLIP directory or a training workdir instead.
+serve: $(STAMP)
+	$(PY) -m iblip_jax.serve $(if $(MODEL),--model $(MODEL))
+
+# The web demo driven by a headless Chromium (Debian's chromium and chromium-driver, installed here if missing; the
+# browser test skips without them). The screenshot goes to runs/test-artifacts/.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
+	$(PY) -m pytest -q -p no:xdist tests/test_serve_browser.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
