@@ -103,7 +103,7 @@ def base(model: dict) -> ml_collections.ConfigDict:
   config.export_dir = ""
   config.predict = ml_collections.ConfigDict(dict(
       images="", prompt="A short image description:", output="", batch_size=8, num_beams=5, max_new_tokens=30,
-      min_new_tokens=1, length_penalty=1.0, repetition_penalty=1.5))
+      min_new_tokens=1, length_penalty=1.0, repetition_penalty=1.5, attention_maps=""))
   return config
 
 

@@ -5,7 +5,9 @@
   --config.predict.images=pairs.jsonl --config.predict.output=answers.jsonl   (lines {"image": ..., "prompt": ...})
 `images` is a file, a folder (its .jpg/.jpeg/.png/.webp/.bmp files, sorted), a comma-separated list, or a JSONL
 file of (image, prompt) pairs (a line without "prompt" takes config.predict.prompt; relative image paths are
-relative to the JSONL file). Images are split over the processes; the answers are gathered and written once, in
+relative to the JSONL file). --config.predict.attention_maps=FOLDER also draws each answer's attention overlay there
+(the Q-Former's cross-attention for that instruction and the answer's relevance map; PNGs, named in the output).
+Images are split over the processes; the answers are gathered and written once, in
 input order. An image that cannot be read is reported (an "error" line in the output) and the others are answered.
 With --workdir, the latest training checkpoint there answers, and a workdir without checkpoints is an error (a
 mistyped path must not silently answer with the pretrained weights).
@@ -14,7 +16,9 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from iblip_jax import checkpoints, distributed
 from iblip_jax.evaluation import evaluator, tasks
@@ -77,9 +81,41 @@ def run(s: Settings) -> list[dict]:
                                 progress=len(records) > p.batch_size)
   out = [{"image": r["image"], "prompt": r["prompt"], **({"answer": q["prediction"]} if "prediction" in q else q)}
          for r, q in zip(records, predictions)]
+  if p.attention_maps:
+    _write_attention_maps(p.attention_maps, out, model, params, tok, mesh, rules, p.batch_size)
   if distributed.is_primary():
     _report(out, p.output)
   return out
+
+
+def _write_attention_maps(folder: str, rows: list[dict], model, params, tok, mesh, rules, batch_size: int) -> None:
+  """Each answered row's attention overlay (iblip_jax.attention_maps: the Q-Former's cross-attention and the answer's
+  relevance, drawn on the image) as <folder>/<row>_<image name>.png, named in the row as "attention_map". The model
+  is sharded over every process, so all of them compute; process 0 writes."""
+  from iblip_jax import attention_maps as maps_lib, inference, sharding
+  if not model.config.instruction_aware:
+    raise ConfigError("config.predict.attention_maps: this model's Q-Former does not see the instruction "
+                      "(config.model.instruction_aware=False), so there is no instruction-aware map to draw")
+  answered = [(i, r) for i, r in enumerate(rows) if "answer" in r]
+  root = epath.Path(folder)
+  if distributed.is_primary():
+    root.mkdir(parents=True, exist_ok=True)
+  size = model.config.vision.image_size
+  with tqdm(total=len(answered), desc="attention maps", unit="image", disable=not distributed.is_primary()) as bar:
+    for start in range(0, len(answered), batch_size):
+      chunk = answered[start:start + batch_size]
+      prepared = [inference.prepare(r["image"], size) for _, r in chunk]   # these images were read once already
+      with sharding.context(mesh, rules):
+        maps = maps_lib.compute(model, params, tok, np.stack([im.pixels for im in prepared]),
+                                [r["prompt"] for _, r in chunk], [r["answer"] for _, r in chunk])
+      for (i, row), image, m in zip(chunk, prepared, maps):
+        path = root / f"{i:05d}_{os.path.splitext(os.path.basename(row['image']))[0]}.png"
+        if distributed.is_primary():
+          path.write_bytes(maps_lib.render(image.image, [m]))
+        row["attention_map"] = str(path)
+      bar.update(len(chunk))
+  if distributed.is_primary():
+    print(f"wrote {len(answered)} attention overlays to {folder}", flush=True)
 
 
 def _report(rows: list[dict], output: str) -> None:

@@ -64,6 +64,7 @@ class Predict:
   min_new_tokens: int
   length_penalty: float
   repetition_penalty: float
+  attention_maps: str = ""   # a folder (local or gs://): each answer's attention overlay as a PNG
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The main job end to end on a tiny checkpoint and tiny shapes data: resume after SIGKILL, restore on another
 mesh, corrupt-checkpoint fallback, non-finite guard, config errors, predict, export."""
+import io
 import json
 import os
 import re
@@ -156,13 +157,26 @@ def test_predict_folder_and_export_to_transformers(assets, tmp_path):
   (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
   predict = {"predict.images": str(images), "predict.output": str(tmp_path / "a.jsonl"), "predict.batch_size": 4,
              "predict.max_new_tokens": 4, "predict.num_beams": 2}
-  out = _run(_flags(assets, tmp_path / "w", mode="predict", **predict))
+  out = _run(_flags(assets, tmp_path / "w", mode="predict", **predict,
+                    **{"predict.attention_maps": str(tmp_path / "maps")}))
   rows = [json.loads(l) for l in open(tmp_path / "a.jsonl")]
   assert [os.path.basename(r["image"]) for r in rows] == sorted(names + ["broken.png"])
   assert [r for r in rows if "error" in r] == [{"image": str(images / "broken.png"),
                                                 "prompt": "A short image description:", "error": "unreadable image"}]
   assert all(isinstance(r["answer"], str) for r in rows if "error" not in r)
   assert "using the trainable weights" in out.stdout and "1 images that could not be read" in out.stdout
+  # each answer's overlay, named in its line: the maps the Python API draws for the same image, prompt and answer
+  answered = [r for r in rows if "answer" in r]
+  assert sorted(os.listdir(tmp_path / "maps")) == sorted(os.path.basename(r["attention_map"]) for r in answered)
+  from PIL import Image
+  from iblip_jax import attention_maps
+  from iblip_jax.inference import Pipeline
+  pipe = Pipeline.from_pretrained(str(tmp_path / "w"))
+  row = answered[0]
+  maps = pipe.attention_maps(row["image"], [row["prompt"]], [row["answer"]])
+  want = np.asarray(Image.open(io.BytesIO(attention_maps.render(pipe.prepare(row["image"]).image, maps))))
+  got = np.asarray(Image.open(row["attention_map"]))
+  assert got.shape == want.shape and np.mean(np.abs(got.astype(int) - want.astype(int)) > 2) < 1e-3
   # a mistyped workdir must not silently answer with the pretrained weights; a zero batch is a config error
   out = _run(_flags(assets, tmp_path / "w_typo", mode="predict", **predict), check=False)
   assert out.returncode == 1 and "has no checkpoints/" in out.stderr and "Traceback" not in out.stderr
