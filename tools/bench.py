@@ -1,11 +1,11 @@
 """Side-by-side benchmark: iblip_jax against transformers' PyTorch InstructBLIP, same weights, same process.
 
-  python tools/bench.py [--repeats 7] [--only train,train_dropout,greedy,beam5,rank16] [--torch_variants eager,sdpa,compile]
+  python tools/bench.py [--repeats 7] [--only train,train_dropout,greedy,beam5,rank16] [--torch_variants eager,sdpa]
                         [--shape base|xl_ratio] [--gpu]
 
 Protocol (what a sceptical reader asks for):
-- transformers runs with eager attention and with SDPA (and, where it works on this machine, torch.compile on top of
-  SDPA); generation and ranking under torch.inference_mode; each variant on its own copy of the same weights.
+- transformers runs with eager attention and with SDPA (and, with --torch_variants ...,compile, torch.compile on
+  top of SDPA); generation and ranking under torch.inference_mode; each variant on its own copy of the same weights.
 - A/B interleaved: every repeat runs iblip_jax, then each transformers variant, so that a slow minute of a shared
   machine hits all of them alike; printed as median and spread (min-max) of the repeats, compile and first call
   apart. The load average is printed before and after.
@@ -93,6 +93,15 @@ def torch_variants(hf, names: list[str]) -> dict:
       m.forward = torch.compile(m.forward)
     out[name] = m
   return out
+
+
+def _release_compiled(variants: dict) -> None:
+  """Frees what a workload compiled for the torch.compile variant (dynamo keeps each compiled graph, and the
+  deep copies a train workload compiles, until reset)."""
+  if "compile" in variants:
+    import gc
+    torch._dynamo.reset()  # noqa: SLF001 (the documented way to drop dynamo's caches)
+    gc.collect()
 
 
 def inputs(seed: int = 0) -> dict[str, np.ndarray]:
@@ -284,7 +293,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--only", default="train,train_dropout,train_dropout_rbg,greedy,beam5,rank16")
-  parser.add_argument("--torch_variants", default="eager,sdpa,compile")
+  # compile is opt-in: on this 2-core CPU it ran the train step slower than SDPA (6.8 s vs 3.8 s, 105 s to compile)
+  # and the compiled copies made the default run of every workload pass 24 GiB (BENCHMARKS.md)
+  parser.add_argument("--torch_variants", default="eager,sdpa", help="eager, sdpa, compile")
   parser.add_argument("--shape", choices=sorted(SHAPES), default="base")
   parser.add_argument("--gpu", action="store_true", help="both frameworks on the GPU, full f32")
   args = parser.parse_args()
@@ -334,6 +345,7 @@ def main():
       raise SystemExit(f"unknown workload {what!r}")
     medians[what] = r
     print(_row(what, r, notes), flush=True)
+    _release_compiled(variants)
   if "greedy" in medians and "beam5" in medians:
     ratio = lambda n: medians["beam5"][n][1] / medians["greedy"][n][1]
     print("beam-5 / greedy time: " + ", ".join(f"{n} {ratio(n):.2f}x" for n in medians["greedy"]))
