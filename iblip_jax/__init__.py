@@ -4,39 +4,41 @@
     logits = model.apply({"params": params}, pixel_values, qformer_input_ids, qformer_attention_mask,
                          input_ids, attention_mask, decoder_input_ids=..., decoder_attention_mask=...)
     iblip_jax.save_pretrained(model, params, out_dir)
+    pipe = iblip_jax.Pipeline.from_pretrained(path); pipe("photo.jpg", "What is in it?")
 
-The package, by layer (a module imports only from the layers above it):
+The package, by layer, bottom to top: a module imports only from its own layer and the layers below it
+(tests/test_layers.py checks it on every module):
+  errors, extras, prompts       exception types; optional packages; the prompt catalogue
+  losses                        token losses and log-likelihoods
   models/                       the Flax modules (ViT, Q-Former, T5, LLaMA, InstructBlip with one interface over
-                                both LLMs: target_logits, prefill/step, candidate_logits) and their config dataclasses
-  losses, trainable, optim      token losses; the trainable/frozen split; AdamW with LAVIS's schedule
-  sharding, distributed         the device mesh and logical axis rules; multi-process start-up and host exchanges
-  safetensors_io, hf_checkpoint, pretrained
-                                the Hugging Face format: region reads, the name table, from_pretrained/save_pretrained
-  train_step, train_state       the step's maths; the training state built once (shardings, jit, abstract form)
-  decoding, ranking, sampling   generation (greedy, beam; sampling, best-of-n, streaming) and candidate ranking over
-                                the model's interface
-  checkpoints                   orbax checkpoints with verification
-  data/                         preprocessing, tokenisation, templates, readers, sources, mixture, input pipeline
-  evaluation/                   metrics, the task table, the evaluator on a mesh, the paper's numbers, the Table 1 report
-  run/                          the main job: settings, command line, one module per mode, logger, workdir lock
+                                both LLMs: target_logits, prefill/step, candidate_logits), their configs, init
+  trainable, optim, sharding, distributed
+                                the trainable/frozen split; AdamW with LAVIS's schedule; the device mesh and logical
+                                axis rules; multi-process start-up and host exchanges
+  hf/                           the Hugging Face format: name table, safetensors, config.json, params, BLIP-2 start,
+                                from_pretrained / save_pretrained
+  train_step, train_state, checkpoints
+                                the step's maths; the training state built once; orbax checkpoints, verified
+  sampling, decoding, ranking   the decoding loop (greedy, sampling, streaming), beam search and the Decoding
+                                settings, candidate ranking
+  data/                         images (the one image path), preprocessing, tokenisation, templates, conversations,
+                                readers, sources, mixture, the training input pipeline
+  attention_maps                the Q-Former's attention and answer-relevance maps
+  engine                        the inference engine: items in, answers or scores out, on a device, mesh or pod
+  evaluation/                   metrics, the task table, the evaluator, the paper's numbers, the Table 1 report
+  run/, config_lib              the main job: settings, command line, one module per mode, logger, workdir lock;
+                                what config files share
+  inference/, serve             for people: Pipeline, Chat, the terminal; the local web demo
+  aot/                          ahead-of-time compilation for TPU topologies and the step model (tools/aot_compile.py)
   demo/                         the embedded demo's shapes dataset and word-level tokenizers (not the library)
-  inference, attention_maps, serve
-                                for people: Pipeline (images + instructions -> answers, streaming, chat), the
-                                Q-Former's attention and answer-relevance maps, the local web demo
 """
-from iblip_jax.hf_checkpoint import CheckpointError
-from iblip_jax.models.configs import InstructBlipConfig, LlamaConfig, QFormerConfig, T5Config, VisionConfig
-from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.decoding import generate
-from iblip_jax.pretrained import from_pretrained, params_shape, save_pretrained
+from iblip_jax.errors import CheckpointError
+from iblip_jax.hf import from_pretrained, save_pretrained
+from iblip_jax.inference import Pipeline
+from iblip_jax.models.configs import InstructBlipConfig, LlamaConfig, QFormerConfig, T5Config, VisionConfig
+from iblip_jax.models.instructblip import InstructBlip, params_shape
 from iblip_jax.ranking import rank
 
 __all__ = ["CheckpointError", "generate", "rank", "InstructBlip", "InstructBlipConfig", "LlamaConfig", "QFormerConfig",
            "T5Config", "VisionConfig", "from_pretrained", "params_shape", "save_pretrained", "Pipeline"]
-
-
-def __getattr__(name):  # the one-call API (inference.py) imports transformers' tokenizers (~3 s): only when used
-  if name == "Pipeline":
-    from iblip_jax.inference import Pipeline
-    return Pipeline
-  raise AttributeError(f"module 'iblip_jax' has no attribute {name!r}")

@@ -44,7 +44,7 @@ def base(model: dict) -> ml_collections.ConfigDict:
   config.model_init = ""   # local Hugging Face InstructBLIP directory with the pretrained weights
   # With a BLIP-2 stage-2 directory as model_init (Blip2ForConditionalGeneration, the paper's starting point): the
   # BLIP-2 stage-1 directory (Blip2ForImageTextRetrieval) that gives the Q-Former's text side, as LAVIS does. Empty:
-  # the documented fallback, with a warning (iblip_jax/hf_checkpoint.py, BLIP-2 section).
+  # the documented fallback, with a warning (iblip_jax/hf/blip2.py).
   config.model_init_stage1 = ""
   # True: train/eval/predict/export refuse to run without model_init (the paper configs: their weights are named on
   # the command line, and random towers would be a silent waste of a pod).

@@ -1,4 +1,5 @@
-"""Greedy and beam-search generation with a KV cache, token-for-token equal to transformers' `generate`.
+"""Generation with a KV cache, token-for-token equal to transformers' `generate`: beam search here, greedy through
+the loop it shares with sampling (iblip_jax.sampling); and `Decoding`, the settings every caller passes.
 
 The vision tower, Q-Former and T5 encoder run once; the decoder runs one token per step over an explicit cache
 pytree inside a `jax.lax.while_loop`, all under one `jax.jit` (compiled once per shape and decoding setting).
@@ -18,25 +19,84 @@ repeat_cache / reorder_cache). Decoder-only LLMs (Vicuna): the prompt is left-al
 the loops are fed the last prompt token first. Only the new tokens are returned (transformers returns the prompt
 too).
 """
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iblip_jax import sampling
+from iblip_jax.errors import BadInput
 from iblip_jax.models.instructblip import InstructBlip
 
 NEG = -1.0e9  # transformers' "impossible" score in beam search
 
 
-def _repetition_penalty(scores, seen, penalty: float):
-  if penalty == 1.0:
-    return scores
-  return jnp.where(seen, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """How answers are produced, with LAVIS's defaults (5 beams, repetition penalty 1.5, up to 30 tokens): the one
+  place they are written (the Python API, the main job's predict and annotate settings, the evaluation tasks, the
+  servers start from here). Without do_sample: beam search (num_beams > 1) or greedy (num_beams=1). With do_sample:
+  temperature, top_k (0 = off), top_p (1 = off), one seed for the call (an item's samples depend on the seed and the
+  item only), best_of samples per answer of which the num_return_sequences likeliest (log-probability / length **
+  length_penalty) are returned; do_sample with temperature 0 is greedy. Lengths count generated tokens (EOS
+  included)."""
+  do_sample: bool = False
+  num_beams: int | None = None       # None: 5 for beam search (LAVIS), 1 when sampling
+  max_new_tokens: int = 30
+  min_new_tokens: int = 1
+  length_penalty: float = 1.0
+  repetition_penalty: float = 1.5
+  temperature: float = 1.0
+  top_k: int = 50
+  top_p: float = 1.0
+  num_return_sequences: int = 1
+  best_of: int | None = None
+  seed: int = 0
 
+  @property
+  def sampling(self) -> bool:
+    return self.do_sample and self.temperature != 0
 
-def _block_eos(scores, generated: jax.Array, min_new_tokens: int, eos: int):
-  return jnp.where(generated < min_new_tokens, scores.at[..., eos].set(-jnp.inf), scores)
+  @property
+  def beams(self) -> int:
+    return (1 if self.do_sample else 5) if self.num_beams is None else self.num_beams
+
+  def checked(self) -> "Decoding":
+    """self, or BadInput naming every setting that cannot work."""
+    problems = []
+    if self.sampling and self.beams != 1:
+      problems.append(f"num_beams={self.num_beams} with do_sample: beam sampling is not supported; use num_beams=1")
+    if self.beams < 1:
+      problems.append(f"num_beams={self.num_beams} must be >= 1")
+    if self.best_of is not None and not self.sampling:
+      problems.append("best_of needs do_sample=True (beam search already returns its best)")
+    if self.best_of is not None and self.best_of < self.num_return_sequences:
+      problems.append(f"best_of={self.best_of} must be >= num_return_sequences={self.num_return_sequences}")
+    if not self.sampling and not 1 <= self.num_return_sequences <= self.beams:
+      problems.append(f"num_return_sequences={self.num_return_sequences} must be between 1 and num_beams="
+                      f"{self.beams} (or sample: do_sample=True)")
+    if self.temperature < 0:
+      problems.append(f"temperature={self.temperature} must be >= 0")
+    try:
+      sampling.check(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+                     temperature=self.temperature or 1.0, top_k=self.top_k, top_p=self.top_p,
+                     repetition_penalty=self.repetition_penalty, num_return_sequences=self.num_return_sequences)
+    except ValueError as e:
+      problems.append(str(e))
+    if problems:
+      raise BadInput("decoding settings: " + "; ".join(problems))
+    return self
+
+  @classmethod
+  def of(cls, settings: dict, base: "Decoding | None" = None) -> "Decoding":
+    """`base` (default: LAVIS's) with `settings` replaced, checked; an unknown setting is named (not a TypeError)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+      raise BadInput(f"unknown decoding settings {unknown}; known: {', '.join(sorted(known))}")
+    return dataclasses.replace(base or cls(), **settings).checked()
 
 
 def _prefill(model: InstructBlip, params, inputs: dict, num_beams: int, max_new_tokens: int):
@@ -45,35 +105,12 @@ def _prefill(model: InstructBlip, params, inputs: dict, num_beams: int, max_new_
   start, cache, seen = model.apply({"params": params}, inputs["pixel_values"], inputs["qformer_input_ids"],
                                    inputs["qformer_attention_mask"], inputs["input_ids"], inputs["attention_mask"],
                                    max_new_tokens, method="prefill")
-  return start, (cache if num_beams == 1 else model.llm_class.repeat_cache(cache, num_beams)), seen
+  return start, model.llm_class.repeat_cache(cache, num_beams), seen
 
 
 def _step(model: InstructBlip, params, token, t, cache):
   """Feeds `token` (B,) as the t-th decoding input -> (next-token logits (B, V) f32, cache)."""
   return model.apply({"params": params}, token, t, cache, method="step")
-
-
-def _greedy(model, params, inputs, *, max_new_tokens, min_new_tokens, repetition_penalty):
-  text = model.config.text
-  b = inputs["input_ids"].shape[0]
-  start, cache, seen = _prefill(model, params, inputs, 1, max_new_tokens)
-  tokens = jnp.full((b, max_new_tokens), text.pad_token_id, jnp.int32)
-
-  def cond(state):
-    t, _, _, _, _, done = state
-    return (t < max_new_tokens) & ~jnp.all(done)
-
-  def body(state):
-    t, last, tokens, seen, cache, done = state
-    logits, cache = _step(model, params, last, t, cache)
-    scores = _block_eos(_repetition_penalty(logits, seen, repetition_penalty), t, min_new_tokens,
-                        text.eos_token_id)
-    nxt = jnp.where(done, text.pad_token_id, jnp.argmax(scores, axis=-1).astype(jnp.int32))
-    seen = seen.at[jnp.arange(b), nxt].set(True)
-    return t + 1, nxt, tokens.at[:, t].set(nxt), seen, cache, done | (nxt == text.eos_token_id)
-
-  state = (jnp.int32(0), start, tokens, seen, cache, jnp.zeros((b,), bool))
-  return jax.lax.while_loop(cond, body, state)[2]
 
 
 def _gather(x, idx):
@@ -109,8 +146,8 @@ def _beam_search(model, params, inputs, *, num_beams, max_new_tokens, min_new_to
       positions = jnp.arange(length)[None, :] <= t
       flat = s["running"].reshape(b * k, length)
       seen = prompt_seen.at[jnp.arange(b * k)[:, None], flat].max(positions)
-      logp = _repetition_penalty(logp, seen, repetition_penalty)
-    logp = _block_eos(logp, t, min_new_tokens, eos)
+      logp = sampling.repetition_penalty(logp, seen, repetition_penalty)
+    logp = sampling.block_eos(logp, t, min_new_tokens, eos)
     total = (logp.reshape(b, k, v) + s["running_scores"][:, :, None]).reshape(b, k * v)
 
     # the best `keep` continuations over all beams
@@ -155,9 +192,6 @@ def _beam_search(model, params, inputs, *, num_beams, max_new_tokens, min_new_to
                                              "length_penalty", "repetition_penalty", "num_return_sequences"))
 def _generate(model, params, inputs, *, num_beams, max_new_tokens, min_new_tokens, length_penalty,
               repetition_penalty, num_return_sequences):
-  if num_beams == 1:
-    return _greedy(model, params, inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                   repetition_penalty=repetition_penalty)
   return _beam_search(model, params, inputs, num_beams=num_beams, max_new_tokens=max_new_tokens,
                       min_new_tokens=min_new_tokens, length_penalty=length_penalty,
                       repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences)
@@ -168,7 +202,7 @@ def generate(model: InstructBlip, params, *, pixel_values, qformer_input_ids, qf
              length_penalty: float = 1.0, repetition_penalty: float = 1.0,
              num_return_sequences: int = 1) -> jax.Array:
   """Generated tokens (B * num_return_sequences, max_new_tokens): after the start token (FlanT5) or the prompt
-  (decoder-only), EOS included, then pad. Prompts may be padded on either side."""
+  (decoder-only), EOS included, then pad. Prompts may be padded on either side. num_beams=1 is greedy search."""
   if not 1 <= num_return_sequences <= num_beams:
     raise ValueError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams={num_beams}")
   if max_new_tokens < 1:
@@ -176,6 +210,9 @@ def generate(model: InstructBlip, params, *, pixel_values, qformer_input_ids, qf
   inputs = dict(pixel_values=pixel_values, qformer_input_ids=qformer_input_ids,
                 qformer_attention_mask=qformer_attention_mask, input_ids=input_ids,
                 attention_mask=np.ones_like(input_ids) if attention_mask is None else attention_mask)
+  if num_beams == 1:
+    return sampling.decode(model, params, inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                           repetition_penalty=repetition_penalty, greedy=True)[0]
   return _generate(model, params, inputs, num_beams=num_beams, max_new_tokens=max_new_tokens,
                    min_new_tokens=min_new_tokens, length_penalty=float(length_penalty),
                    repetition_penalty=float(repetition_penalty), num_return_sequences=num_return_sequences)

@@ -63,6 +63,15 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def gather(x) -> np.ndarray:
+  """An array, whole, as one host array on every process (a collective for a global array spread over several
+  processes; every process must call it)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def gather_json(value) -> list:
   """Every process's JSON-able `value`, in process order, on every process (e.g. per-host skip counts)."""
   if jax.process_count() == 1:

@@ -1,13 +1,12 @@
-"""Sampling (temperature, top-k, top-p), best-of-n and token streaming over the model's generation interface.
-
-Greedy and beam search live in iblip_jax.decoding (token-exact with transformers); this module adds what an
-interactive user needs on the same interface (InstructBlip.prefill / step, the LLM class's repeat_cache):
+"""The token-by-token decoding loop that greedy decoding and sampling share (temperature, top-k, top-p), the logits
+processors, best-of-n and token streaming, over the model's generation interface (InstructBlip.prefill / step, the
+LLM class's repeat_cache). Beam search lives in iblip_jax.decoding (token-exact with transformers).
 
 - The scores of each step are processed in transformers' order (generation/utils.py _get_logits_processor):
   repetition penalty on the raw logits (divide positive, multiply negative scores of every token generated or, for a
   decoder-only LLM, in the prompt), EOS blocked while fewer than `min_new_tokens` were generated, then temperature,
   top-k, top-p; the next token is drawn from the softmax of what remains. `greedy=True` takes the argmax of the
-  penalised scores instead (decoding's greedy rule), which is what streaming greedy answers uses.
+  penalised scores instead.
 - The knobs (temperature, top_k, top_p, repetition penalty, lengths, seeds) are traced values, not compile-time
   constants: one compiled program per batch shape and token budget (`width`) serves every setting, so moving a slider
   in the web demo does not recompile.
@@ -15,9 +14,11 @@ interactive user needs on the same interface (InstructBlip.prefill / step, the L
   samples depend on its seed alone, never on the batch it shares or on padding rows.
 - Every row also accumulates its sequence log-probability under the model (log-softmax of the raw logits, before
   any processing), EOS included: best-of-n ranks samples by it.
-- Streaming: each step hands (t, tokens, finished) to a host callback (jax.debug.callback). The callback is part of
-  every compiled program and does nothing unless a listener is registered for the call, so a streamed call and a
-  plain one run the same executable and produce the same tokens by construction.
+- Streaming: each step hands (t, tokens, finished) to a host callback (jax.debug.callback), compiled into the loop
+  only for streamed calls: a host round trip per step would slow every plain call (on TPU most of all). The loop's
+  maths is the same code either way, so a streamed call produces the plain call's tokens.
+- Greedy decoding is this loop with `greedy=True`; iblip_jax.generate(num_beams=1) runs it (token-exact with
+  transformers' greedy search).
 """
 import dataclasses
 import functools
@@ -112,8 +113,9 @@ def _unregister(listener: int) -> None:
 # --- the decoding loop ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("model", "width", "greedy", "copies"))
-def _decode(model: InstructBlip, params, inputs: dict, knobs: dict, *, width: int, greedy: bool, copies: int):
+@functools.partial(jax.jit, static_argnames=("model", "width", "greedy", "copies", "stream"))
+def _decode(model: InstructBlip, params, inputs: dict, knobs: dict, *, width: int, greedy: bool, copies: int,
+            stream: bool):
   text = model.config.text
   eos, pad = text.eos_token_id, text.pad_token_id
   start, cache, seen = model.apply({"params": params}, inputs["pixel_values"], inputs["qformer_input_ids"],
@@ -144,7 +146,8 @@ def _decode(model: InstructBlip, params, inputs: dict, knobs: dict, *, width: in
     token_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
     logprob = logprob + jnp.where(done, 0.0, token_logp)
     length = length + (~done).astype(jnp.int32)
-    jax.debug.callback(_emit, knobs["listener"], t, nxt, done, ordered=True)
+    if stream:
+      jax.debug.callback(_emit, knobs["listener"], t, nxt, done, ordered=True)
     seen = seen.at[jnp.arange(rows), nxt].set(True)
     return t + 1, nxt, tokens.at[:, t].set(nxt), seen, cache, done | (nxt == eos), logprob, length
 
@@ -183,36 +186,46 @@ def check(*, max_new_tokens: int, min_new_tokens: int, temperature: float, top_k
     raise ValueError(f"num_return_sequences={num_return_sequences} must be >= 1")
 
 
-def sample(model: InstructBlip, params, *, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
-           attention_mask=None, max_new_tokens: int = 30, min_new_tokens: int = 1, temperature: float = 1.0,
-           top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0, num_return_sequences: int = 1,
-           seed=0, greedy: bool = False, width: int | None = None, on_token: Callable | None = None) -> Samples:
-  """Samples num_return_sequences answers per item (or, greedy=True, the greedy one).
-
-  seed: an int for every item, or one per item. width: the compiled token budget (>= max_new_tokens; callers that
-  want few compiled programs pass a bucket). on_token(t, tokens (R,), finished (R,)) is called from JAX's runtime
-  thread after every step, `finished` marking rows that had ended before it (their token is padding).
-  """
+def decode(model: InstructBlip, params, inputs: dict, *, max_new_tokens: int = 30, min_new_tokens: int = 1,
+           temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,
+           num_return_sequences: int = 1, seed=0, greedy: bool = False, width: int | None = None,
+           on_token: Callable | None = None):
+  """The decoding loop on `inputs` (the model's five input arrays; global arrays on a mesh work as they are) ->
+  (tokens (R, width), logprob (R,), length (R,)) as jax arrays, R = batch x num_return_sequences. See sample."""
   check(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences)
   width = max_new_tokens if width is None else width
   if width < max_new_tokens:
     raise ValueError(f"width={width} is smaller than max_new_tokens={max_new_tokens}")
-  b, n = input_ids.shape[0], num_return_sequences
+  b, n = inputs["input_ids"].shape[0], num_return_sequences
   seeds = np.broadcast_to(np.asarray(seed, np.int64) % 2**32, (b,)).astype(np.uint32)
-  inputs = dict(pixel_values=pixel_values, qformer_input_ids=qformer_input_ids,
-                qformer_attention_mask=qformer_attention_mask, input_ids=input_ids,
-                attention_mask=np.ones_like(input_ids) if attention_mask is None else attention_mask)
   listener = _register(on_token)
   knobs = dict(seeds=np.repeat(seeds, n), sample=np.tile(np.arange(n, dtype=np.int32), b),
                temperature=np.float32(temperature), top_k=np.int32(top_k), top_p=np.float32(top_p),
                repetition_penalty=np.float32(repetition_penalty), min_new_tokens=np.int32(min_new_tokens),
                max_new_tokens=np.int32(max_new_tokens), listener=np.int32(listener))
   try:
-    tokens, logprob, length = jax.block_until_ready(
-        _decode(model, params, inputs, knobs, width=width, greedy=greedy, copies=n))
+    return jax.block_until_ready(_decode(model, params, inputs, knobs, width=width, greedy=greedy, copies=n,
+                                         stream=on_token is not None))
   finally:
     _unregister(listener)
+
+
+def sample(model: InstructBlip, params, *, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
+           attention_mask=None, max_new_tokens: int = 30, **settings) -> Samples:
+  """Samples num_return_sequences answers per item (or, greedy=True, the greedy one).
+
+  Settings (decode's): min_new_tokens, temperature, top_k (0 = off), top_p (1 = off), repetition_penalty,
+  num_return_sequences, seed (an int for every item, or one per item), greedy, width (the compiled token budget,
+  >= max_new_tokens; callers that want few compiled programs pass a bucket), on_token(t, tokens (R,), finished (R,)),
+  called from JAX's runtime thread after every step, `finished` marking rows that had ended before it (their token
+  is padding). A call with on_token compiles its own program, with the callback in the loop; the loop's maths is
+  the same code, so its tokens are the plain call's (tests/test_sampling.py checks it).
+  """
+  inputs = dict(pixel_values=pixel_values, qformer_input_ids=qformer_input_ids,
+                qformer_attention_mask=qformer_attention_mask, input_ids=input_ids,
+                attention_mask=np.ones_like(input_ids) if attention_mask is None else attention_mask)
+  tokens, logprob, length = decode(model, params, inputs, max_new_tokens=max_new_tokens, **settings)
   return Samples(np.asarray(tokens)[:, :max_new_tokens], np.asarray(logprob), np.asarray(length))
 
 

@@ -2,7 +2,7 @@
 
 Upload an image, type an instruction, choose the decoding, watch the answer stream in and see where the Q-Former
 looked (its cross-attention and the answer-relevance map, iblip_jax.attention_maps); follow-up questions continue
-the conversation (inference.Conversation); the "Compare instructions" tab answers two instructions about the same
+the conversation (data/conversation.py); the "Compare instructions" tab answers two instructions about the same
 image with their maps side by side. The model is the demo checkpoint (demo_assets/instructblip-demo, configs/demo.py)
 unless --model names a Hugging Face InstructBLIP directory or a training workdir.
 
@@ -22,8 +22,10 @@ import sys
 import numpy as np
 from PIL import Image
 
+from iblip_jax.data.conversation import Conversation
 from iblip_jax.errors import UserError
 from iblip_jax.extras import require
+from iblip_jax.inference import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,6 @@ class Handlers:
   def ask(self, path, prompt, turns, mode, beams, temperature, top_k, top_p, max_new_tokens, repetition_penalty,
           seed, show_maps):
     """Streams (conversation, answer, overlay, turns) as the answer grows; the overlay comes with the last update."""
-    from iblip_jax.inference import Conversation
     prepared = self.image(path)
     prompt = (prompt or "").strip()
     if not prompt:
@@ -226,7 +227,6 @@ def main(argv=None) -> int:
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # nothing leaves this machine
   try:
     gr = _gradio()
-    from iblip_jax.inference import Pipeline
     model = os.path.normpath(args.model)
     if not os.path.isdir(model):
       raise UserError(f"--model={args.model}: no such directory"

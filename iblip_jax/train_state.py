@@ -22,8 +22,7 @@ from iblip_jax import optim as optim_lib
 from iblip_jax import sharding
 from iblip_jax import trainable as trainable_lib
 from iblip_jax.models.configs import InstructBlipConfig
-from iblip_jax.models.instructblip import InstructBlip
-from iblip_jax.pretrained import init_fn, params_shape
+from iblip_jax.models.instructblip import InstructBlip, init_fn, params_shape
 from iblip_jax.train_step import loss_fn, make_train_step
 
 

@@ -16,8 +16,11 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForIm
 import iblip_jax
 import oracle
 import train_helper
-from iblip_jax import hf_checkpoint, pretrained, sharding, train_state
+from iblip_jax import hf, sharding, train_state
 from iblip_jax import trainable as trainable_lib
+from iblip_jax.errors import CheckpointError
+from iblip_jax.hf import blip2 as hf_blip2, params as hf_params
+from iblip_jax.models import instructblip
 
 RULES = [tuple(r) for r in train_helper.load_config("tiny").sharding_rules]
 
@@ -145,15 +148,15 @@ def test_stage1_gives_the_text_side_stage2_everything_else(dirs, caplog):
   assert "loaded" not in caplog.text   # from_pretrained is quiet; the main job's load says where things came from
   # the main job's path: one line names both sources; each file byte it needs is read once, on any mesh
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-  shardings = sharding.logical_shardings(pretrained.params_shape(model, boxed=True), mesh, RULES)
-  reader, origin = pretrained.open_reader(str(root / "stage2"), model, str(root / "stage1"))
-  meshed = hf_checkpoint.load_params(pretrained.params_shape(model), reader, shardings=shardings)
+  shardings = sharding.logical_shardings(instructblip.params_shape(model, boxed=True), mesh, RULES)
+  reader, origin = hf.open_reader(str(root / "stage2"), model, str(root / "stage1"))
+  meshed = hf_params.load_params(instructblip.params_shape(model), reader, shardings=shardings)
   assert reader.bytes_read == sum(reader.nbytes(k) for k in reader.keys())
   assert set(reader.origin.values()) == {"stage 1", "stage 2"}
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(params),
                                jax.tree_util.tree_leaves_with_path(meshed), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
-  pretrained.load_params(str(root / "stage2"), model, progress=True, stage1=str(root / "stage1"))
+  hf.load_params(str(root / "stage2"), model, progress=True, stage1=str(root / "stage1"))
   line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model_init:")]
   assert len(line) == 1 and str(root / "stage2") in line[0] and f"stage 1 {root / 'stage1'}" in line[0], line
 
@@ -206,27 +209,27 @@ def test_without_stage1_the_fallback_is_documented_and_warned(dirs, caplog):
                                   _t(s2[f"qformer.encoder.layer.{i}.output_query.LayerNorm.weight"]))
   words = text["qformer.embeddings.word_embeddings.weight"]
   assert words.shape == (99, 32) and not words[0].any()   # BERT's init: N(0, 0.02), the padding row zero
-  assert abs(words[1:].std() - hf_checkpoint.FALLBACK_INIT_STD) < 0.003
+  assert abs(words[1:].std() - hf_blip2.FALLBACK_INIT_STD) < 0.003
   _, again = iblip_jax.from_pretrained(str(root / "stage2"), overrides=overrides)   # the same on every process
   np.testing.assert_array_equal(np.asarray(again["qformer"]["word_embeddings"]["embedding"]), words)
 
 
 def test_wrong_combinations_name_the_file_and_the_fix(dirs, tmp_path):
   root, _, _ = dirs
-  with pytest.raises(hf_checkpoint.CheckpointError, match="has no language model; pass it as config.model_init_stage1"):
-    pretrained.load_config(str(root / "stage1"))
-  with pytest.raises(hf_checkpoint.CheckpointError, match="must be a BLIP-2 stage-1 checkpoint"):
-    pretrained.load_config(str(root / "stage2"), stage1=str(root / "stage2"))
+  with pytest.raises(CheckpointError, match=r"has no language model; pass it as the stage-1 checkpoint \(stage1=, config.model_init_stage1\)"):
+    hf.load_config(str(root / "stage1"))
+  with pytest.raises(CheckpointError, match="must be a BLIP-2 stage-1 checkpoint"):
+    hf.load_config(str(root / "stage2"), stage1=str(root / "stage2"))
   oracle.tiny_hf_model().save_pretrained(tmp_path / "instructblip")
-  with pytest.raises(hf_checkpoint.CheckpointError, match="applies only when config.model_init is a BLIP-2"):
-    pretrained.load_config(str(tmp_path / "instructblip"), stage1=str(root / "stage1"))
+  with pytest.raises(CheckpointError, match="applies only to a BLIP-2 stage-2 directory"):
+    hf.load_config(str(tmp_path / "instructblip"), stage1=str(root / "stage1"))
   stage1_model(intermediate_size=40).save_pretrained(tmp_path / "other_stage1")
-  with pytest.raises(hf_checkpoint.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r"qformer_config.intermediate_size = 40 but the stage-2 checkpoint's Q-Former has 37"):
-    pretrained.load_config(str(root / "stage2"), stage1=str(tmp_path / "other_stage1"))
-  with pytest.raises(hf_checkpoint.CheckpointError, match=r"model.qformer.vocab_size=30523 but .*BLIP-2.* says 99"):
-    pretrained.load_config(str(root / "stage2"), stage1=str(root / "stage1"),
-                           overrides={"qformer": {"vocab_size": 30523}})
+    hf.load_config(str(root / "stage2"), stage1=str(tmp_path / "other_stage1"))
+  with pytest.raises(CheckpointError, match=r"model.qformer.vocab_size=30523 but .*BLIP-2.* says 99"):
+    hf.load_config(str(root / "stage2"), stage1=str(root / "stage1"),
+                   overrides={"qformer": {"vocab_size": 30523}})
 
 
 def test_the_main_job_settings_take_a_blip2_start(dirs):

@@ -12,7 +12,8 @@ from transformers import InstructBlipForConditionalGeneration
 
 import iblip_jax
 import oracle
-from iblip_jax import hf_checkpoint
+from iblip_jax.errors import CheckpointError
+from iblip_jax.hf import config as hf_config, names as hf_names, params as hf_params
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,9 @@ def test_round_trip_through_transformers(tmp_path, untie):
 
 def test_sharded_index_is_read_and_written(tmp_path, hf_dir):
   model, params = iblip_jax.from_pretrained(str(hf_dir))
-  hf_checkpoint.save_hf(model.config, params, str(tmp_path / "sharded"), max_shard_bytes=20_000)
+  hf_params.save_hf(model.config, params, str(tmp_path / "sharded"), max_shard_bytes=20_000)
   files = os.listdir(tmp_path / "sharded")
-  assert hf_checkpoint.INDEX_NAME in files and sum(f.endswith(".safetensors") for f in files) > 2
+  assert hf_names.INDEX_NAME in files and sum(f.endswith(".safetensors") for f in files) > 2
   _, params2 = iblip_jax.from_pretrained(str(tmp_path / "sharded"))
   np.testing.assert_array_equal(params["language_model"]["lm_head"]["kernel"],
                                 params2["language_model"]["lm_head"]["kernel"])
@@ -187,8 +188,8 @@ def test_bad_config_field_names_the_file_and_the_field(tmp_path, hf_dir, field, 
   msg = _error(d)
   assert str(d / "config.json") in msg and f"{field} = {json.dumps(value)}" in msg
   # a dict handed to config_from_hf directly is checked the same way
-  with pytest.raises(hf_checkpoint.CheckpointError, match=re.escape(f"x/config.json: invalid config:\n  {field} = ")):
-    hf_checkpoint.config_from_hf(json.loads((d / "config.json").read_text()), tied_head=False, source="x/config.json")
+  with pytest.raises(CheckpointError, match=re.escape(f"x/config.json: invalid config:\n  {field} = ")):
+    hf_config.config_from_hf(json.loads((d / "config.json").read_text()), tied_head=False, source="x/config.json")
 
 
 @pytest.mark.parametrize("field,value", [("text_config.num_key_value_heads", "2"), ("text_config.rope_parameters", []),
@@ -213,24 +214,24 @@ def test_null_is_accepted_where_transformers_gives_it_a_meaning(hf_dir):
   config = json.loads((hf_dir / "config.json").read_text())
   for field in ("text_config.num_decoder_layers", "text_config.bos_token_id", "image_token_index"):
     _set(config, field, None)
-  cfg = hf_checkpoint.config_from_hf(config, tied_head=False)
+  cfg = hf_config.config_from_hf(config, tied_head=False)
   assert cfg.text.num_decoder_layers == config["text_config"]["num_layers"] == 2  # T5Config: None = num_layers
   assert cfg.image_token_index is None and cfg.text.bos_token_id == 1
-  cfg = hf_checkpoint.config_from_hf(dict(config, vision_config=None), tied_head=False)
+  cfg = hf_config.config_from_hf(dict(config, vision_config=None), tied_head=False)
   assert cfg.vision.hidden_size == 1408  # a null sub-config takes transformers' defaults, as transformers does
 
 
 def test_unknown_fields_are_reported_but_not_transformers_own(tmp_path, hf_dir, hf_llama_dir, caplog):
   caplog.set_level("WARNING")
   for d in (hf_dir, hf_llama_dir):  # config.json as transformers writes it (T5 and LLaMA)
-    hf_checkpoint.read_config(str(d))
-  cfg = hf_checkpoint.config_from_hf(hf_checkpoint.read_config(str(hf_dir)), tied_head=False)
+    hf_config.read_config(str(d))
+  cfg = hf_config.config_from_hf(hf_config.read_config(str(hf_dir)), tied_head=False)
   out = tmp_path / "ours"
   out.mkdir()
-  (out / "config.json").write_text(json.dumps(hf_checkpoint.config_to_hf(cfg)))  # as save_hf writes it
-  hf_checkpoint.read_config(str(out))
+  (out / "config.json").write_text(json.dumps(hf_config.config_to_hf(cfg)))  # as save_hf writes it
+  hf_config.read_config(str(out))
   assert not [r for r in caplog.records if r.levelname == "WARNING"]
   d = _with_config(hf_dir, tmp_path / "d", lambda c: _set(_set(c, "vision_config.patch_sise", 2), "flavour", "x"))
-  hf_checkpoint.read_config(str(d))
+  hf_config.read_config(str(d))
   [record] = [r for r in caplog.records if r.levelname == "WARNING"]
   assert str(d / "config.json") in record.getMessage() and "flavour, vision_config.patch_sise" in record.getMessage()

@@ -217,19 +217,19 @@ def test_bad_inputs_are_named(pipes, tmp_path):
 def test_cmyk_and_animated_images_are_used_with_a_note(tmp_path):
   cmyk = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).convert("CMYK")
   cmyk.save(tmp_path / "cmyk.jpg")
-  rgb, notes = inference.load_image(str(tmp_path / "cmyk.jpg"))
+  rgb, notes = inference.open_image(str(tmp_path / "cmyk.jpg"))
   assert rgb.mode == "RGB" and rgb.size == (30, 20) and "CMYK" in notes[0]
   frames = [Image.new("RGB", (16, 12), c) for c in ("red", "blue", "green")]
   frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
-  rgb, notes = inference.load_image(str(tmp_path / "anim.gif"))
+  rgb, notes = inference.open_image(str(tmp_path / "anim.gif"))
   assert "first of its 3 frames" in notes[0]
   assert np.asarray(rgb)[0, 0].tolist() == [255, 0, 0]    # the first frame
   with open(tmp_path / "anim.gif", "rb") as f:
-    assert inference.load_image(f.read())[1] == notes     # bytes, as an upload arrives
+    assert inference.open_image(f.read())[1] == notes     # bytes, as an upload arrives
   truncated = io.BytesIO()
   Image.new("RGB", (64, 64), "red").save(truncated, "PNG")
   with pytest.raises(BadInput, match="cannot be decoded|cannot be read"):
-    inference.load_image(truncated.getvalue()[:60])
+    inference.open_image(truncated.getvalue()[:60])
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ import pytest
 import iblip_jax
 import oracle
 import train_helper
-from iblip_jax import hf_checkpoint, pretrained, safetensors_io, sharding
+from iblip_jax import hf, sharding
+from iblip_jax.hf import names as hf_names, params as hf_params, safetensors as hf_safetensors
 
 RULES = [tuple(r) for r in train_helper.load_config("tiny").sharding_rules]
 
@@ -24,7 +25,7 @@ def sharded_dir(tmp_path_factory):
 
 
 def test_mesh_load_equals_one_device_and_each_device_holds_its_shard(sharded_dir):
-  assert (sharded_dir / hf_checkpoint.INDEX_NAME).exists()
+  assert (sharded_dir / hf_names.INDEX_NAME).exists()
   _, single = iblip_jax.from_pretrained(str(sharded_dir))
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   _, meshed = iblip_jax.from_pretrained(str(sharded_dir), mesh=mesh, rules=RULES)
@@ -45,12 +46,12 @@ def test_mesh_load_equals_one_device_and_each_device_holds_its_shard(sharded_dir
 
 def test_every_tensor_byte_is_read_once(sharded_dir, monkeypatch):
   readers = []
-  original = hf_checkpoint.SafetensorsReader.__init__
+  original = hf_safetensors.SafetensorsReader.__init__
 
   def spy(self, directory):
     original(self, directory)
     readers.append(self)
-  monkeypatch.setattr(hf_checkpoint.SafetensorsReader, "__init__", spy)
+  monkeypatch.setattr(hf_safetensors.SafetensorsReader, "__init__", spy)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   iblip_jax.from_pretrained(str(sharded_dir), mesh=mesh, rules=RULES)
   loader = readers[-1]   # the one that read the weights (load_config's only reads headers)
@@ -75,20 +76,20 @@ def test_region_reads_equal_numpy_slices(tmp_path):
   rng = np.random.default_rng(0)
   tensors = {"a": rng.standard_normal((7, 5, 3)).astype(np.float32),
              "b": rng.standard_normal((4, 6)).astype(ml_dtypes.bfloat16), "s": np.array(3, np.int64)}
-  safetensors_io.write(tmp_path / "x.safetensors", list(tensors.items()), metadata={"format": "pt"})
-  f = safetensors_io.File(str(tmp_path / "x.safetensors"))
+  hf_safetensors.write(tmp_path / "x.safetensors", list(tensors.items()), metadata={"format": "pt"})
+  f = hf_safetensors.File(str(tmp_path / "x.safetensors"))
   assert f.metadata == {"format": "pt"}
   for region in [(slice(2, 5), slice(0, 5), slice(0, 3)), (slice(0, 7), slice(1, 4), slice(2, 3)),
                  (slice(6, 7), slice(0, 1), slice(0, 3))]:
     got, n = f.read("a", region)
     np.testing.assert_array_equal(got, tensors["a"][region])
     assert n == (region[0].stop - region[0].start) * 5 * 3 * 4   # whole rows, nothing twice
-  old = safetensors_io.CHUNK_BYTES
+  old = hf_safetensors.CHUNK_BYTES
   try:
-    safetensors_io.CHUNK_BYTES = 24   # two rows per chunk: the chunked path
+    hf_safetensors.CHUNK_BYTES = 24   # two rows per chunk: the chunked path
     got, _ = f.read("b", (slice(1, 4), slice(2, 5)))
   finally:
-    safetensors_io.CHUNK_BYTES = old
+    hf_safetensors.CHUNK_BYTES = old
   np.testing.assert_array_equal(got, tensors["b"][1:4, 2:5])
   np.testing.assert_array_equal(f.read("s")[0], tensors["s"])
 
@@ -105,26 +106,26 @@ def test_a_truncated_shard_names_the_file(tmp_path, sharded_dir):
 
 
 def test_overrides_apply_settings_and_refuse_contradictions(sharded_dir):
-  cfg = pretrained.load_config(str(sharded_dir), overrides={
+  cfg = hf.load_config(str(sharded_dir), overrides={
       "vision": {"dtype": "bfloat16", "hidden_size": 32}, "text": {"remat": True, "model_type": "t5"},
       "instruction_aware": False})
   assert cfg.vision.dtype == cfg.vision.param_dtype == "bfloat16"   # a frozen tower stores what it computes in
   assert cfg.text.remat and not cfg.instruction_aware and cfg.qformer.dtype == "float32"
   with pytest.raises(iblip_jax.CheckpointError) as e:
-    pretrained.load_config(str(sharded_dir), overrides={"text": {"d_model": 2048, "colour": "red"},
-                                                        "num_query_tokens": 32})
+    hf.load_config(str(sharded_dir), overrides={"text": {"d_model": 2048, "colour": "red"},
+                                                "num_query_tokens": 32})
   msg = str(e.value)
   assert "model.text.d_model=2048 but" in msg and "config.json says 32" in msg
   assert "model.num_query_tokens=32 but" in msg and "says 10" in msg
   assert "model.text.colour: no such field" in msg
   with pytest.raises(iblip_jax.CheckpointError, match="holds a t5 language model"):
-    pretrained.load_config(str(sharded_dir), overrides={"text": {"model_type": "llama"}})
+    hf.load_config(str(sharded_dir), overrides={"text": {"model_type": "llama"}})
 
 
 def test_export_from_a_sharded_state_round_trips(tmp_path, sharded_dir):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   model, params = iblip_jax.from_pretrained(str(sharded_dir), mesh=mesh, rules=RULES)
-  hf_checkpoint.save_hf(model.config, params, str(tmp_path / "out"), max_shard_bytes=50_000)
+  hf_params.save_hf(model.config, params, str(tmp_path / "out"), max_shard_bytes=50_000)
   assert len(list((tmp_path / "out").glob("*.safetensors"))) > 2
   _, again = iblip_jax.from_pretrained(str(tmp_path / "out"))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):

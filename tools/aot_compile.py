@@ -52,7 +52,7 @@ from iblip_jax import decoding, optim, sharding, train_state  # noqa: E402
 from iblip_jax import trainable as trainable_lib  # noqa: E402
 from iblip_jax.models import configs as model_configs  # noqa: E402
 from iblip_jax.models.instructblip import InstructBlip  # noqa: E402
-from iblip_jax.pretrained import params_shape  # noqa: E402
+from iblip_jax.models.instructblip import params_shape  # noqa: E402
 from iblip_jax.run import settings  # noqa: E402
 from iblip_jax.train_step import make_train_step  # noqa: E402
 

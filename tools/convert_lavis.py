@@ -46,7 +46,11 @@ import sys
 import ml_dtypes
 import numpy as np
 
-from iblip_jax import hf_checkpoint, safetensors_io
+from iblip_jax import hf
+from iblip_jax.errors import CheckpointError
+from iblip_jax.hf import config as hf_config, names as hf_names, params as hf_params
+from iblip_jax.hf import safetensors as hf_safetensors
+from iblip_jax.models import instructblip
 
 
 class ConversionError(ValueError):
@@ -300,7 +304,7 @@ class Plan:
 class _Lazy:
   """A tensor of the --frozen-from directory, read when it is written (one at a time, never all in memory)."""
 
-  def __init__(self, reader: hf_checkpoint.SafetensorsReader, key: str):
+  def __init__(self, reader: hf_safetensors.SafetensorsReader, key: str):
     self.reader, self.key = reader, key
     self.dtype, self.shape = reader.dtype(key), reader.shape(key)
     self.nbytes = reader.nbytes(key)
@@ -324,12 +328,12 @@ def plan(lavis_files, frozen_from: str | None = None, config_path: str | None = 
   tensors = dict(converted)
   base, base_source = None, None
   if frozen_from:
-    reader = hf_checkpoint.SafetensorsReader(frozen_from)
+    reader = hf_safetensors.SafetensorsReader(frozen_from)
     taken = [k for k in reader.keys() if FROZEN.fullmatch(k) and k not in converted]
     tensors.update({k: _Lazy(reader, k) for k in taken})
     for name in taken:
       origin.setdefault(part_of(name), frozen_from)
-    base, base_source = hf_checkpoint.read_config(frozen_from), os.path.join(frozen_from, hf_checkpoint.CONFIG_NAME)
+    base, base_source = hf_config.read_config(frozen_from), os.path.join(frozen_from, hf_names.CONFIG_NAME)
   if config_path:
     with open(config_path, encoding="utf-8") as f:
       base, base_source = json.load(f), config_path
@@ -381,19 +385,19 @@ def write(p: Plan, out: str, frozen_from: str | None = None, max_shard_bytes: in
       size = 0
     shards[-1].append(name)
     size += p.tensors[name].nbytes
-  files = [hf_checkpoint.WEIGHTS_NAME] if len(shards) == 1 else [
+  files = [hf_names.WEIGHTS_NAME] if len(shards) == 1 else [
       f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
   for file, shard in zip(files, shards):
-    safetensors_io.write(os.path.join(out, file), [(k, p.tensors[k]) for k in shard], metadata={"format": "pt"})
+    hf_safetensors.write(os.path.join(out, file), [(k, p.tensors[k]) for k in shard], metadata={"format": "pt"})
   if len(files) > 1:
     index = {"metadata": {"total_size": sum(p.tensors[k].nbytes for k in names)},
              "weight_map": {k: f for f, shard in zip(files, shards) for k in shard}}
-    with open(os.path.join(out, hf_checkpoint.INDEX_NAME), "w") as f:
+    with open(os.path.join(out, hf_names.INDEX_NAME), "w") as f:
       json.dump(index, f, indent=2)
   if p.config is not None:
-    with open(os.path.join(out, hf_checkpoint.CONFIG_NAME), "w") as f:
+    with open(os.path.join(out, hf_names.CONFIG_NAME), "w") as f:
       json.dump(p.config, f, indent=2)
-    files.append(hf_checkpoint.CONFIG_NAME)
+    files.append(hf_names.CONFIG_NAME)
   if frozen_from:
     files += _copy_tokenizers(frozen_from, out)
   return files
@@ -416,12 +420,11 @@ def _copy_tokenizers(src: str, out: str) -> list[str]:
 
 def verify(out: str) -> None:
   """The directory loads as iblip_jax loads it: every parameter's tensor present with its shape, nothing left over."""
-  from iblip_jax import pretrained
   from iblip_jax.models.instructblip import InstructBlip
-  model = InstructBlip(pretrained.load_config(out))
-  reader = hf_checkpoint.SafetensorsReader(out)
+  model = InstructBlip(hf.load_config(out))
+  reader = hf_safetensors.SafetensorsReader(out)
   try:
-    hf_checkpoint.check_params(pretrained.params_shape(model), reader)
+    hf_params.check_params(instructblip.params_shape(model), reader)
   finally:
     reader.close()
 
@@ -458,7 +461,7 @@ def main(argv=None) -> int:
       p.close()
     if p.config is not None:
       verify(args.out)
-  except (ConversionError, hf_checkpoint.CheckpointError, OSError, json.JSONDecodeError) as e:
+  except (ConversionError, CheckpointError, OSError, json.JSONDecodeError) as e:
     print(f"convert_lavis: error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {args.out}: {', '.join(files)}\n{summary(p)}")

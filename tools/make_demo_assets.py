@@ -27,12 +27,12 @@ import optax
 import flax.linen as nn
 from PIL import Image
 
-from iblip_jax import config_lib, losses, optim, pretrained, sharding, train_state
+from iblip_jax import config_lib, hf, losses, optim, sharding, train_state
 from iblip_jax import trainable as trainable_lib
 from iblip_jax.data import mixture, pipeline, tokenize
 from iblip_jax.demo import shapes, word_tokenizers
 from iblip_jax.data.readers import READERS
-from iblip_jax.models import configs as model_configs
+from iblip_jax.models import configs as model_configs, instructblip
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.models.t5 import T5
 
@@ -153,7 +153,7 @@ def main():
   rules = list(config_lib.SHARDING_RULES)
   with tempfile.TemporaryDirectory() as data_dir:
     files = shapes.generate(data_dir, train=4000, val=0, seed=1000 + args.seed)  # not the demo's own images
-    params = jax.tree.map(np.asarray, nn.meta.unbox(jax.jit(pretrained.init_fn(model))(jax.random.key(args.seed))))
+    params = jax.tree.map(np.asarray, nn.meta.unbox(jax.jit(instructblip.init_fn(model))(jax.random.key(args.seed))))
     # Stage A, the "LLM pretraining": T5 alone, on text (question answering and captions over written captions).
     params["language_model"] = train_text(model, params["language_model"], tok, files["pretrain_text"],
                                           args.steps_text, args.batch, args.seed)
@@ -181,7 +181,7 @@ def main():
           print(f"stage B step {i + 1}/{args.steps}: loss {float(m['loss']):.4f} ({time.time() - t0:.0f} s)",
                 flush=True)
     trainable = trainable_lib.merge(jax.tree.map(np.asarray, trainable), jax.tree.map(np.asarray, frozen))
-  pretrained.save_pretrained(model, trainable, args.out)
+  hf.save_pretrained(model, trainable, args.out)
   size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)
              if os.path.isfile(os.path.join(args.out, f)))
   print(f"wrote {args.out} ({size / 2**20:.1f} MiB)")

@@ -3,9 +3,9 @@
 Bad examples never stop training: an example whose image is missing, unreadable, truncated or too large to decode
 (whatever PIL raises), whose record does not render, or whose text is empty or not valid UTF-8 (including lone
 surrogates; an instruction that a renderer returns as exactly "" is meant empty, as the untemplated captions of
-templates' "raw" format, and is kept), is skipped and counted by reason and dataset (`SkipCounter`: reported in the logs and metrics,
-`summary()` for people, `report(threshold)` for a skip rate that stays high); odd images (grayscale, RGBA, CMYK,
-palette, 16-bit, EXIF-rotated) are converted (see preprocess.to_rgb). A bad *dataset* does stop it, at once and by
+templates' "raw" format, and is kept), is skipped and counted by reason and dataset (`SkipCounter`: reported in the
+logs and metrics, `summary()` for people, `report(threshold)` for a skip rate that stays high); odd images
+(grayscale, RGBA, CMYK, palette, 16-bit, EXIF-rotated) are converted (see preprocess.to_rgb). A bad *dataset* does stop it, at once and by
 name (BadDatasetError): one whose first records all fail has a wrong format or path, and would otherwise be
 silently replaced by the other datasets' examples for the whole run.
 Image decoding runs in worker processes (grain mp_prefetch); skipping, batching and tokenisation run in the
@@ -20,12 +20,10 @@ on the same dataset at the same step.
 import collections
 import dataclasses
 import functools
-import io
 import math
 import multiprocessing
 import os
 import threading
-import warnings
 from typing import Callable, Mapping, Sequence
 
 import grain
@@ -33,7 +31,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from iblip_jax.data import preprocess, tokenize
+from iblip_jax.data import images, preprocess, tokenize
 from iblip_jax.errors import UserError
 
 SKIP = "_skip"
@@ -73,21 +71,6 @@ def _text(value) -> str | None:
   return value or None
 
 
-def _open(path_or_image) -> Image.Image:
-  if isinstance(path_or_image, (Image.Image, np.ndarray)):
-    return path_or_image if isinstance(path_or_image, Image.Image) else Image.fromarray(path_or_image)
-  if isinstance(path_or_image, bytes):  # an encoded file from a prepared dataset
-    path_or_image = io.BytesIO(path_or_image)
-  # PIL warns about images between MAX_IMAGE_PIXELS and twice that (89M-179M pixels) and raises beyond. Below the
-  # limit the image is usable, so the warning is silenced: under `-W error` it would turn a good image into a skip.
-  # (catch_warnings is not thread-safe before Python 3.14; a race can at worst leave this one filter in place.)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    image = Image.open(path_or_image)
-    image.load()  # decode now: a truncated file fails here, inside the worker, not later
-  return image
-
-
 def load_example(record: dict, rng: np.random.Generator, *, image_size: int, train: bool,
                  render: Callable[[dict, np.random.Generator], tuple[str, str]]) -> dict:
   """record -> {"pixel_values", "text_input", "text_output"} or {SKIP: reason}."""
@@ -110,13 +93,14 @@ def _load_example(record: dict, rng: np.random.Generator, *, image_size: int, tr
     which = "text_input" if text_input is None else "text_output"
     return {SKIP: "empty_or_invalid_text"}, f"{name}: {which} is empty or not valid UTF-8"
   source = _image_source(record)
-  if source is None or (isinstance(source, str) and not os.path.exists(source)):
-    return {SKIP: "missing_image"}, f"{name}: {'no image or frames' if source is None else source + ' not found'}"
+  if source is None:
+    return {SKIP: "missing_image"}, f"{name}: no image or frames"
   try:
-    image = preprocess.to_rgb(_open(source))
-  except Exception as e:  # noqa: BLE001
-    # Whatever decoding raises is this one file's problem, never the run's: OSError/SyntaxError (truncated, corrupt),
-    # DecompressionBombError (over 179M pixels, not an OSError), ValueError, MemoryError, a plugin's own errors.
+    image, _ = images.open_image(source, max_pixels=None)
+  except images.BadImage as e:
+    missing = e.reason == "missing_image" and isinstance(source, str)
+    return {SKIP: e.reason}, f"{name}: {f'{source} not found' if missing else _clip(e)}"
+  except Exception as e:  # noqa: BLE001 - whatever else decoding raises (MemoryError, ...) is this file's problem
     where = f" {source}" if isinstance(source, str) else ""
     return {SKIP: "unreadable_image"}, f"{name}:{where} {type(e).__name__}: {_clip(e)}"
   if train:
@@ -306,7 +290,8 @@ def collate(tok: tokenize.Tokenizers) -> Callable[[Sequence[dict]], dict]:
 
 
 @dataclasses.dataclass
-class Pipeline:
+class Batches:
+  """What build() returns: this process's batches (a grain IterDataset, checkpointable) and its skip counts."""
   dataset: grain.IterDataset
   skipped: SkipCounter
 
@@ -428,7 +413,7 @@ def build(examples: grain.MapDataset, tok: tokenize.Tokenizers, *, batch_size: i
           train: bool = True, render=record_texts, workers: int = 0, process_index: int = 0,
           process_count: int = 1, per_step: bool = False, check_first: int = 32,
           probe: Mapping[str, Sequence] | None = None, skip_window: int = 100, group_by_length: int = 0,
-          fitted_buckets: int = 0) -> Pipeline:
+          fitted_buckets: int = 0) -> Batches:
   """examples: a (possibly mixed, infinite) MapDataset of records, or with `per_step` of global batches (lists of
   batch_size x process_count records, mixture.mix(..., batch_size=, batch_fn=list)). Yields this process's
   batches of `batch_size` rows with pixel_values, Q-Former/LLM inputs, labels, decoder mask.
@@ -467,7 +452,7 @@ def build(examples: grain.MapDataset, tok: tokenize.Tokenizers, *, batch_size: i
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=exit_with_parent)
   counter = SkipCounter(window=skip_window, check_first=check_first)
-  return Pipeline(it.map(functools.partial(_count_and_collate, counter, collate(tok))), counter)
+  return Batches(it.map(functools.partial(_count_and_collate, counter, collate(tok))), counter)
 
 
 def exit_with_parent(worker_index: int, worker_count: int) -> None:

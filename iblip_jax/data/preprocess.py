@@ -52,10 +52,13 @@ def sample_frame_indices(num_frames: int, n: int = 4) -> np.ndarray:
   return np.minimum(np.arange(0, num_frames, num_frames / n).astype(int)[:n], num_frames - 1)
 
 
+def video_frame_indices(num_frames: int, n: int = 4) -> np.ndarray:
+  """The n frames a video input uses: sample_frame_indices, with the last one repeated when the video has fewer."""
+  idx = sample_frame_indices(num_frames, n)
+  return np.concatenate([idx, np.full(n - len(idx), idx[-1])]) if len(idx) < n else idx
+
+
 def preprocess_video(frames, n: int = 4, size: int = 224) -> np.ndarray:
   """A sequence of frames (PIL images or arrays, RGB) -> (n, size, size, 3), n frames sampled uniformly."""
   frames = list(frames)
-  idx = sample_frame_indices(len(frames), n)
-  if len(idx) < n:  # fewer frames than asked: repeat the last one
-    idx = np.concatenate([idx, np.full(n - len(idx), idx[-1])])
-  return np.stack([preprocess_image(frames[i], size) for i in idx])
+  return np.stack([preprocess_image(frames[i], size) for i in video_frame_indices(len(frames), n)])

@@ -5,7 +5,7 @@ tests/data/test_templates.py compares these lists with a snapshot of the team's 
 writes every template after a leading `<Image>`; here the visual tokens are not part of the text (the model
 prepends the query outputs), so the templates start at the instruction.
 
-The zero-shot evaluation prompts are not here: they live in iblip_jax/evaluation/tasks.py (TASKS).
+The zero-shot evaluation prompts are not here: they live in the prompt catalogue (iblip_jax/prompts.py).
 
 Rendering (`render`) follows LAVIS / X-InstructBLIP's instruction datasets: a template drawn at random per sample;
 captioning targets are one of the image's captions, VQA targets one of the annotators' answers (duplicates kept, so
@@ -20,12 +20,12 @@ choices, by task type:
 - captioning (NoCaps, Flickr30K) and open-ended QA (GQA, VizWiz, TextVQA, the video QA sets) use the caption / VQA
   templates, as their held-in counterparts do;
 - multiple choice ("mc": ScienceQA-IMG, IconQA choose_txt, A-OKVQA as "aokvqa_mc") is VQA with the options listed
-  after the question, "{question} Options: (a) x (b) y" (LAVIS's option rendering, evaluation.tasks.options_text,
+  after the question, "{question} Options: (a) x (b) y" (LAVIS's option rendering, prompts.options_text,
   worded as the zero-shot IconQA / ScienceQA prompts), inside the VQA templates, which the paper uses for A-OKVQA;
   the target is the correct option's text (what ranking scores). ScienceQA's hint goes first as "Context: {hint} "
   (the zero-shot prompt's wording) when there is one. An IconQA fill_in_blank record (no options) is plain VQA;
 - yes/no-like classification and dialogue (VSR, Hateful Memes, Visual Dialog) have no template family in the paper:
-  the instruction is the dataset's zero-shot prompt (evaluation.tasks.TASKS), so fine-tuning and evaluation agree,
+  the instruction is the dataset's zero-shot prompt (prompts.ZERO_SHOT), so fine-tuning and evaluation agree,
   and the target is the candidate that ranking scores as right ("true"/"false", "yes"/"no", the ground-truth
   answer among the dialog round's options);
 - video QA records train on one frame, the middle one (pipeline.load_example): LAVIS's training forward() has no
@@ -48,7 +48,7 @@ from typing import Sequence
 
 import numpy as np
 
-from iblip_jax.evaluation import tasks as eval_tasks
+from iblip_jax import prompts
 
 # Image captioning (13). "Short"/"briefly" are already part of the paper's wording.
 CAPTION_TEMPLATES = (
@@ -146,7 +146,7 @@ OCR_DATASETS = frozenset({"textcaps", "ocrvqa", "textvqa"})
 # LAVIS fills a prompt's OCR slot with ", ".join(ocr_tokens[:30]) (generate() L307-309, predict_answers()
 # L431-436). Uncertain (reference doc, section 8): how OCR tokens were written into the *training* instructions and
 # whether OCR-VQA had any (its released annotations carry none). We prefix the instruction with the wording of the
-# TextVQA zero-shot prompt ("OCR tokens: {}. Question: ..." in evaluation/tasks.py), so training and evaluation
+# TextVQA zero-shot prompt ("OCR tokens: {}. Question: ..." in prompts.py), so training and evaluation
 # present OCR the same way.
 MAX_OCR_TOKENS = 30
 OCR_PREFIX = "OCR tokens: {}. "
@@ -172,7 +172,7 @@ def templates_for(dataset: str) -> tuple[str, ...]:
   """The templates `dataset` draws from; () for datasets used as is; its zero-shot prompt for "prompt" datasets."""
   task = _task(dataset)
   if task == "prompt":
-    return (eval_tasks.get(dataset).prompt,)
+    return (prompts.ZERO_SHOT[dataset],)
   return TASK_TEMPLATES[task] if task else ()
 
 
@@ -251,7 +251,7 @@ def _render_mc(dataset: str, record: dict, template: str) -> tuple[str, str]:
   """A multiple-choice record in a VQA template: the question with its options, the correct option as target."""
   candidates = [str(c) for c in _nonempty(dataset, record, "candidates")]
   question = MC_QUESTION.format(question=_field(dataset, record, "question").strip(),
-                                options=eval_tasks.options_text(candidates))
+                                options=prompts.options_text(candidates))
   text_input = template.replace("{Question}", question)
   if record.get("context"):
     text_input = CONTEXT_PREFIX.format(str(record["context"]).strip()) + text_input
@@ -261,10 +261,11 @@ def _render_mc(dataset: str, record: dict, template: str) -> tuple[str, str]:
 def _render_prompt(dataset: str, record: dict) -> tuple[str, str]:
   """The zero-shot prompt, and as target the candidate ranking scores as right: the task's fixed candidates
   indexed by the record's label (VSR, Hateful Memes), else the record's own (Visual Dialog)."""
-  task = eval_tasks.get(dataset)
-  candidates = list(task.candidates) or [str(c) for c in _nonempty(dataset, record, "candidates")]
+  candidates = list(prompts.LABEL_WORDS.get(dataset, ()))
+  candidates = candidates or [str(c) for c in _nonempty(dataset, record, "candidates")]
   key = "answer_index" if "answer_index" in record else "label"
-  return eval_tasks.render_prompt(task, record), _indexed(dataset, record, candidates, key)
+  prompt = prompts.render(prompts.ZERO_SHOT[dataset], record, f"task {dataset}")
+  return prompt, _indexed(dataset, record, candidates, key)
 
 
 def _indexed(dataset: str, record: dict, candidates: list, key: str) -> str:

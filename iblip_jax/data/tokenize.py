@@ -12,13 +12,18 @@ and the Q-Former's in `qformer_tokenizer/`.
 """
 import copy
 import dataclasses
+import logging
 import os
 from typing import Any, Sequence
 
 import numpy as np
-from transformers import AutoTokenizer
 
-IGNORE = -100
+from iblip_jax.errors import UserError
+from iblip_jax.losses import IGNORE
+from iblip_jax.models.instructblip import InstructBlip
+
+log = logging.getLogger(__name__)
+
 BUCKETS = (8, 16, 32, 64, 128, 256)
 
 
@@ -49,12 +54,38 @@ def load_tokenizers(path: str, *, qformer_path: str | None = None, max_input_len
     if not os.path.isdir(p):
       raise FileNotFoundError(f"{p}: no tokenizer directory (a Hugging Face InstructBLIP directory has the LLM "
                               "tokenizer at its top level and the Q-Former's in qformer_tokenizer/)")
+  # imported here: transformers' tokenizer machinery takes seconds to import, and `import iblip_jax` should not
+  from transformers import AutoTokenizer
   qformer = AutoTokenizer.from_pretrained(qformer_path, truncation_side="left")
   llm = AutoTokenizer.from_pretrained(path, truncation_side="left")
   targets = copy.deepcopy(llm)
   targets.truncation_side = "right"
   return Tokenizers(qformer, llm, targets, max_input_len, max_output_len, tuple(sorted(buckets)), decoder_only,
                     qformer_max_len)
+
+
+def for_model(path: str, model: InstructBlip) -> tuple[InstructBlip, Tokenizers]:
+  """The tokenizers of `path`, checked against the model (an id past an embedding table would silently read NaN),
+  and the model with the tokenizer's EOS as the one generation stops at (see align_eos)."""
+  tok = load_tokenizers(path, decoder_only=model.config.decoder_only,
+                        qformer_max_len=model.config.qformer.max_position_embeddings)
+  for name, size, vocab in (("Q-Former", len(tok.qformer), model.config.qformer.vocab_size),
+                            ("LLM", len(tok.llm), model.config.text.vocab_size)):
+    if size > vocab:
+      raise UserError(f"the {name} tokenizer in {path} has {size} tokens but the model's vocabulary has {vocab}: "
+                      "tokenizer and checkpoint do not belong together")
+  return align_eos(model, tok.llm.eos_token_id, path), tok
+
+
+def align_eos(model: InstructBlip, eos: int | None, where: str) -> InstructBlip:
+  """Targets end with the tokenizer's EOS, so generation must stop there. The Vicuna checkpoints' text_config says
+  eos_token_id=1 while their tokenizer's </s> (which LAVIS trains and stops on) is 2: the tokenizer wins, loudly."""
+  text = model.config.text
+  if eos is None or eos == text.eos_token_id:
+    return model
+  log.warning("%s: the tokenizer's EOS id is %d but the model config says %d; generation stops at %d",
+              where, eos, text.eos_token_id, eos)
+  return model.clone(config=model.config.replace(text=dataclasses.replace(text, eos_token_id=eos)))
 
 
 def bucket(length: int, buckets: Sequence[int]) -> int:

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from iblip_jax.evaluation.tasks import options_text
+from iblip_jax.prompts import options_text
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),

@@ -181,3 +181,25 @@ class InstructBlip(nn.Module):
     encoded, mask = self.encode(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
                                 attention_mask, deterministic)
     return self.language_model.decode(decoder_input_ids, encoded, mask, decoder_attention_mask, deterministic)
+
+
+def dummy_inputs(cfg: InstructBlipConfig, batch: int = 1) -> dict[str, jax.Array]:
+  """Smallest inputs that touch every parameter (for init and eval_shape)."""
+  size = cfg.vision.image_size
+  one = jnp.ones((batch, 1), jnp.int32)
+  return dict(pixel_values=jnp.zeros((batch, size, size, cfg.vision.num_channels), jnp.float32),
+              qformer_input_ids=one, qformer_attention_mask=one, input_ids=one, attention_mask=one,
+              decoder_input_ids=None if cfg.decoder_only else one)
+
+
+def init_fn(model: InstructBlip):
+  """rng -> boxed params (with logical axis metadata), for jax.eval_shape or a sharded jax.jit."""
+  def init(rng):
+    return model.init(rng, **dummy_inputs(model.config))["params"]
+  return init
+
+
+def params_shape(model: InstructBlip, *, boxed: bool = False):
+  """The parameter tree as ShapeDtypeStructs, without allocating anything."""
+  shape = jax.eval_shape(init_fn(model), jax.random.key(0))
+  return shape if boxed else nn.meta.unbox(shape)

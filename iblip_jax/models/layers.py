@@ -159,6 +159,27 @@ def rows_attention(q: Array, *, shared=None, own=None, ancestry: Array | None = 
   return out.reshape(r, lq, h, d).astype(ref.dtype)
 
 
+def repeat_cache(cache: dict, n: int, own: Sequence[str], batch: int) -> dict:
+  """n rows per sample (beams, samples drawn) of a decoding cache: each row gets its own copy of the `own` arrays
+  (keys/values of new tokens, (layers, B, T, ...) -> (layers, B * n, T, ...)); everything else (the encoder's or the
+  prompt's keys/values) stays once per sample and its rows share it (rows_attention). With n > 1, an ancestry table
+  (B, n, T) says which row holds each position of a row's history, so that reorder_cache moves no keys/values."""
+  if n == 1:
+    return cache
+  t = cache[own[0]].shape[2]
+  out = dict(cache, **{name: jnp.repeat(cache[name], n, axis=1) for name in own})
+  out["ancestry"] = jnp.broadcast_to(jnp.arange(n)[None, :, None], (batch, n, t)).astype(jnp.int32)
+  return out
+
+
+def reorder_cache(cache: dict, rows: Array) -> dict:
+  """Rows take the histories of `rows` (R,) (beam search): only the ancestry table changes, each row keeps reading
+  its history where it was written."""
+  ancestry = cache["ancestry"]
+  b, g, t = ancestry.shape
+  return dict(cache, ancestry=ancestry.reshape(b * g, t)[rows].reshape(b, g, t))
+
+
 def padding_mask(attention_mask: Array) -> Array:
   """(B, Lk) 0/1 key mask -> bool (B, 1, 1, Lk) attention mask."""
   return attention_mask.astype(bool)[:, None, None, :]

@@ -243,19 +243,7 @@ class Llama(nn.Module):
 
   @staticmethod
   def repeat_cache(cache: dict, n: int) -> dict:
-    """n rows per sample (beams, samples drawn): each row gets its own keys/values for the new tokens; the prompt's
-    stay once per sample and its rows share them. With n > 1, an ancestry table (B, n, T) says which row holds each
-    position of a row's history, so that reorder_cache moves no keys/values."""
-    if n == 1:
-      return cache
-    b, t = cache["last_position"].shape[0], cache["k"].shape[2]
-    out = dict(cache, k=jnp.repeat(cache["k"], n, axis=1), v=jnp.repeat(cache["v"], n, axis=1))
-    out["ancestry"] = jnp.broadcast_to(jnp.arange(n)[None, :, None], (b, n, t)).astype(jnp.int32)
-    return out
+    """n rows per sample: each with its own keys/values for the new tokens; the prompt's stay once per sample."""
+    return layers.repeat_cache(cache, n, ("k", "v"), cache["last_position"].shape[0])
 
-  @staticmethod
-  def reorder_cache(cache: dict, rows) -> dict:
-    """Rows take the histories of `rows` (R,): only the ancestry table changes."""
-    ancestry = cache["ancestry"]
-    b, g, t = ancestry.shape
-    return dict(cache, ancestry=ancestry.reshape(b * g, t)[rows].reshape(b, g, t))
+  reorder_cache = staticmethod(layers.reorder_cache)

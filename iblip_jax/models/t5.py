@@ -269,23 +269,10 @@ class T5(nn.Module):
 
   @staticmethod
   def repeat_cache(cache: dict, n: int) -> dict:
-    """n rows per sample (beams, samples drawn): each row gets its own self-attention cache; the encoder's
-    keys/values stay once per sample and its rows share them. With n > 1, an ancestry table (B, n, T) says which
-    row holds each position of a row's history, so that reorder_cache moves no keys/values."""
-    if n == 1:
-      return cache
-    b, t = cache["encoded_mask"].shape[0], cache["self_k"].shape[2]
-    out = dict(cache, self_k=jnp.repeat(cache["self_k"], n, axis=1), self_v=jnp.repeat(cache["self_v"], n, axis=1))
-    out["ancestry"] = jnp.broadcast_to(jnp.arange(n)[None, :, None], (b, n, t)).astype(jnp.int32)
-    return out
+    """n rows per sample: each with its own self-attention cache; the encoder's keys/values stay once per sample."""
+    return layers.repeat_cache(cache, n, ("self_k", "self_v"), cache["encoded_mask"].shape[0])
 
-  @staticmethod
-  def reorder_cache(cache: dict, rows) -> dict:
-    """Rows take the histories of `rows` (R,) (beam search): only the ancestry table changes (each beam keeps
-    reading its history where it was written); the encoder's keys/values are shared anyway."""
-    ancestry = cache["ancestry"]
-    b, g, t = ancestry.shape
-    return dict(cache, ancestry=ancestry.reshape(b * g, t)[rows].reshape(b, g, t))
+  reorder_cache = staticmethod(layers.reorder_cache)
 
   def logits(self, x):
     cfg = self.config

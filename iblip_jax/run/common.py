@@ -1,22 +1,17 @@
 """What the modes share, all from the resolved settings (run/settings.py): the mesh, the training state's
 shardings, the parameters placed straight into them, the tokenizers, the configured evaluations on the mesh."""
-import dataclasses
 import logging
 
 import jax
 from etils import epath
 
-from iblip_jax import pretrained, sharding, train_state
+from iblip_jax import hf, sharding, train_state
 from iblip_jax.data import sources, tokenize
 from iblip_jax.evaluation import evaluator, tasks
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def mesh_and_rules(s: Settings) -> tuple[jax.sharding.Mesh, tuple]:
-  return sharding.make_mesh(s.mesh), s.sharding_rules
 
 
 def setup(s: Settings, model: InstructBlip, mesh=None) -> train_state.TrainSetup:
@@ -31,35 +26,15 @@ def load_params(s: Settings, model: InstructBlip, setup_: train_state.TrainSetup
   """The model's parameters as global arrays in their shardings: read from the checkpoint (each process reads its
   devices' part of each tensor), or initialised in place from the seed without one (smoke tests)."""
   if s.model_init:
-    return pretrained.load_params(s.model_init, model, shardings=setup_.param_shardings, progress=True,
-                                  stage1=s.model_init_stage1 or None)
+    return hf.load_params(s.model_init, model, shardings=setup_.param_shardings, progress=True,
+                          stage1=s.model_init_stage1 or None)
   from iblip_jax import trainable as trainable_lib
   return trainable_lib.merge(*setup_.init_random(jax.random.key(s.seed)))
 
 
 def load_tokenizers(s: Settings, model: InstructBlip) -> tuple[InstructBlip, tokenize.Tokenizers]:
-  """The tokenizers, checked against the model: an id past an embedding table would silently read NaN. Returns
-  the model with the tokenizer's EOS as the one generation stops at (see align_eos)."""
-  tok = tokenize.load_tokenizers(s.tokenizer, decoder_only=model.config.decoder_only,
-                                 qformer_max_len=model.config.qformer.max_position_embeddings)
-  for name, size, vocab in (("Q-Former", len(tok.qformer), model.config.qformer.vocab_size),
-                            ("LLM", len(tok.llm), model.config.text.vocab_size)):
-    if size > vocab:
-      from iblip_jax.run.settings import ConfigError
-      raise ConfigError(f"the {name} tokenizer in {s.tokenizer} has {size} tokens but the model's vocabulary has "
-                        f"{vocab}: tokenizer and checkpoint do not belong together")
-  return align_eos(model, tok.llm.eos_token_id, s.tokenizer), tok
-
-
-def align_eos(model: InstructBlip, eos: int | None, where: str) -> InstructBlip:
-  """Targets end with the tokenizer's EOS, so generation must stop there. The Vicuna checkpoints' text_config says
-  eos_token_id=1 while their tokenizer's </s> (which LAVIS trains and stops on) is 2: the tokenizer wins, loudly."""
-  text = model.config.text
-  if eos is None or eos == text.eos_token_id:
-    return model
-  log.warning("%s: the tokenizer's EOS id is %d but the model config says %d; generation stops at %d",
-              where, eos, text.eos_token_id, eos)
-  return model.clone(config=model.config.replace(text=dataclasses.replace(text, eos_token_id=eos)))
+  """config.tokenizer's tokenizers, checked against the model (tokenize.for_model)."""
+  return tokenize.for_model(s.tokenizer, model)
 
 
 def eval_dir(workdir: str, step) -> str:

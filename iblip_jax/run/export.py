@@ -6,7 +6,7 @@ import os
 
 from etils import epath
 
-from iblip_jax import distributed, pretrained
+from iblip_jax import distributed, hf
 from iblip_jax.run import restore
 from iblip_jax.run.settings import ConfigError, Settings
 
@@ -17,7 +17,7 @@ def run(s: Settings) -> str:
   if not s.export_dir:
     raise ConfigError("config.export_dir is empty: where should the Hugging Face checkpoint go?")
   model, params, step, _, _ = restore.inference_state(s)
-  pretrained.save_pretrained(model, params, s.export_dir)
+  hf.save_pretrained(model, params, s.export_dir)
   if distributed.is_primary() and s.tokenizer and os.path.isdir(s.tokenizer):
     _copy_tree(epath.Path(s.tokenizer), epath.Path(s.export_dir))   # the export is self-contained
     print(f"exported step {step} to {s.export_dir}")

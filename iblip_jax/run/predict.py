@@ -12,18 +12,23 @@ input order. An image that cannot be read is reported (an "error" line in the ou
 With --workdir, the latest training checkpoint there answers, and a workdir without checkpoints is an error (a
 mistyped path must not silently answer with the pretrained weights).
 """
-import dataclasses
 import json
+import logging
 import os
 
 import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from iblip_jax import checkpoints, distributed
-from iblip_jax.evaluation import evaluator, tasks
+from iblip_jax import attention_maps as maps_lib
+from iblip_jax import checkpoints, distributed, sharding
+from iblip_jax.data import images
+from iblip_jax.decoding import Decoding
+from iblip_jax.engine import Engine, Item
 from iblip_jax.run import common, restore
 from iblip_jax.run.settings import ConfigError, Settings
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -74,13 +79,17 @@ def run(s: Settings) -> list[dict]:
     print(f"using the pretrained weights of {s.model_init}" if s.model_init else
           "using freshly initialised weights (no config.model_init): the answers mean nothing", flush=True)
   model, tok = common.load_tokenizers(s, model)
-  task = dataclasses.replace(tasks.get("caption"), name="predict", prompt="{prompt}", num_beams=p.num_beams,
-                             max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
-                             length_penalty=p.length_penalty, repetition_penalty=p.repetition_penalty)
-  predictions = evaluator.infer(task, records, model, params, tok, batch_size=p.batch_size, mesh=mesh, rules=rules,
-                                progress=len(records) > p.batch_size)
-  out = [{"image": r["image"], "prompt": r["prompt"], **({"answer": q["prediction"]} if "prediction" in q else q)}
-         for r, q in zip(records, predictions)]
+  engine = Engine(model, params, tok, mesh=mesh, rules=rules, batch_size=p.batch_size)
+  decoding = Decoding(num_beams=p.num_beams, max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
+                      length_penalty=p.length_penalty, repetition_penalty=p.repetition_penalty).checked()
+  outputs = engine.generate([Item(r["image"], r["prompt"]) for r in records], decoding,
+                            progress="predict" if len(records) > p.batch_size else None)
+  out = []
+  for r, o in zip(records, outputs):
+    if o.error:
+      log.warning("%s: cannot read the image (%s)", r["image"], o.error)
+    out.append({"image": r["image"], "prompt": r["prompt"],
+                **({"error": "unreadable image"} if o.error else {"answer": o.answers[0].text})})
   if p.attention_maps:
     _write_attention_maps(p.attention_maps, out, model, params, tok, mesh, rules, p.batch_size)
   if distributed.is_primary():
@@ -92,7 +101,6 @@ def _write_attention_maps(folder: str, rows: list[dict], model, params, tok, mes
   """Each answered row's attention overlay (iblip_jax.attention_maps: the Q-Former's cross-attention and the answer's
   relevance, drawn on the image) as <folder>/<row>_<image name>.png, named in the row as "attention_map". The model
   is sharded over every process, so all of them compute; process 0 writes."""
-  from iblip_jax import attention_maps as maps_lib, inference, sharding
   if not model.config.instruction_aware:
     raise ConfigError("config.predict.attention_maps: this model's Q-Former does not see the instruction "
                       "(config.model.instruction_aware=False), so there is no instruction-aware map to draw")
@@ -104,7 +112,7 @@ def _write_attention_maps(folder: str, rows: list[dict], model, params, tok, mes
   with tqdm(total=len(answered), desc="attention maps", unit="image", disable=not distributed.is_primary()) as bar:
     for start in range(0, len(answered), batch_size):
       chunk = answered[start:start + batch_size]
-      prepared = [inference.prepare(r["image"], size) for _, r in chunk]   # these images were read once already
+      prepared = [images.prepare(r["image"], size, max_pixels=None) for _, r in chunk]   # read once already
       with sharding.context(mesh, rules):
         maps = maps_lib.compute(model, params, tok, np.stack([im.pixels for im in prepared]),
                                 [r["prompt"] for _, r in chunk], [r["answer"] for _, r in chunk])

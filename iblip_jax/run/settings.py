@@ -3,7 +3,7 @@ settings that every mode takes, so nothing downstream re-reads raw keys.
 
 Every problem is collected and reported at once, each naming the field (`config.x.y=value` and what is expected),
 before anything is loaded or compiled. The model config is resolved here too: the checkpoint's config.json with
-config.model's settings on top (iblip_jax.pretrained.load_config), or config.model alone without a checkpoint.
+config.model's settings on top (iblip_jax.hf.load_config), or config.model alone without a checkpoint.
 """
 import dataclasses
 import os
@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from iblip_jax import pretrained, sharding
+from iblip_jax import hf, sharding
 from iblip_jax.data.sources import Source, problems as source_problems
 from iblip_jax.errors import UserError
 from iblip_jax.evaluation import tasks
@@ -155,8 +155,8 @@ def _model(config, problems) -> InstructBlipConfig | None:
     return None
   try:
     if config.model_init:
-      return pretrained.load_config(config.model_init, overrides=config.model.to_dict(),
-                                    stage1=config.get("model_init_stage1") or None)
+      return hf.load_config(config.model_init, overrides=config.model.to_dict(),
+                            stage1=config.get("model_init_stage1") or None)
     return model_configs.from_dict(config.model.to_dict())
   except ValueError as e:
     problems.append(str(e))

@@ -3,8 +3,7 @@ import math
 
 import jax
 
-from iblip_jax.models.instructblip import InstructBlip
-from iblip_jax.pretrained import params_shape
+from iblip_jax.models.instructblip import InstructBlip, params_shape
 from iblip_jax.run.settings import Settings
 from iblip_jax.trainable import trainable_mask
 

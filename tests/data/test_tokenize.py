@@ -1,9 +1,16 @@
-"""Tokenisation: LAVIS's truncation sides, bucketed padding, -100 labels; tokenizers loaded from local files."""
+"""Tokenisation: LAVIS's truncation sides, bucketed padding, -100 labels; tokenizers loaded from local files and
+checked against the model (EOS)."""
+import dataclasses
+import logging
+
 import numpy as np
 import pytest
 
+import train_helper
 from iblip_jax.data import tokenize
 from iblip_jax.demo import word_tokenizers
+from iblip_jax.models import configs as model_configs
+from iblip_jax.models.instructblip import InstructBlip
 
 WORDS = "a photo of the cat dog sits on mat what is in image short answer question caption".split()
 
@@ -111,3 +118,23 @@ def test_fitted_buckets_minimise_padding_like_brute_force():
     candidates = sorted(set(rounded.tolist()) | {128})
     best = min(cost(c + (128,)) for n in range(k) for c in itertools.combinations(candidates[:-1], n))
     assert cost(got) == best
+
+
+def _vicuna_like(eos: int) -> InstructBlip:
+  cfg = model_configs.from_dict(train_helper.load_config("tiny_vicuna").model.to_dict())
+  return InstructBlip(cfg.replace(text=dataclasses.replace(cfg.text, eos_token_id=eos)))
+
+
+def test_tokenizer_eos_wins_with_a_warning(caplog):
+  """The Vicuna hub config says eos 1; its tokenizer's </s> is 2 (what LAVIS stops on)."""
+  with caplog.at_level(logging.WARNING):
+    model = tokenize.align_eos(_vicuna_like(eos=1), 2, "ckpt")
+  assert model.config.text.eos_token_id == 2
+  assert "EOS id is 2 but the model config says 1" in caplog.text
+
+
+def test_matching_eos_leaves_the_model_alone(caplog):
+  model = _vicuna_like(eos=2)
+  with caplog.at_level(logging.WARNING):
+    assert tokenize.align_eos(model, 2, "ckpt") is model
+  assert not caplog.text

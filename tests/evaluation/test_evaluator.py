@@ -9,6 +9,8 @@ import iblip_jax
 import oracle
 from iblip_jax.data import preprocess, tokenize
 from iblip_jax.demo import word_tokenizers
+from iblip_jax import prompts
+from iblip_jax.decoding import Decoding
 from iblip_jax.evaluation import evaluator, metrics, tasks
 
 WORDS = ("question short answer what color is the cat dog yes no red blue true false hateful image with written "
@@ -29,7 +31,8 @@ def setup(tmp_path_factory):
 
 def test_generation_task(setup, tmp_path):
   model, params, tok, images = setup
-  task = tasks.Task("toy_vqa", tasks.QA_PROMPT, inference="generate", metric="vqa", num_beams=2, max_new_tokens=3)
+  task = tasks.Task("toy_vqa", prompts.QA, inference="generate", metric="vqa",
+                    decoding=Decoding(num_beams=2, max_new_tokens=3, min_new_tokens=0, length_penalty=-1.0))
   records = [{"id": i, "image": im, "question": "what color is the cat", "answers": ["red"] * 10}
              for i, im in enumerate(images)]
   result = evaluator.evaluate(task, records, model, params, tok, out_dir=str(tmp_path), batch_size=2,

@@ -9,6 +9,7 @@ import iblip_jax
 import oracle
 from iblip_jax.data import preprocess, readers, tokenize
 from iblip_jax.demo import word_tokenizers
+from iblip_jax import prompts
 from iblip_jax.evaluation import evaluator, metrics, tasks
 
 WORDS = ("question short answer what color is the cat dog yes no red blue true false green big small a an of "
@@ -38,7 +39,7 @@ def _records(images):
 
 
 def _task(**kw):
-  return tasks.Task("toy_rank", tasks.QA_PROMPT, inference="rank", metric="accuracy", **kw)
+  return tasks.Task("toy_rank", prompts.QA, inference="rank", metric="accuracy", **kw)
 
 
 @pytest.mark.slow   # three ranking programs compiled (~15 s on 2 cores)

@@ -12,7 +12,7 @@ from PIL import Image
 
 import oracle
 from evaluation import heldout_files   # tests/ is on sys.path (conftest.py)
-from iblip_jax import config_lib, pretrained, sharding, train_state
+from iblip_jax import config_lib, hf, sharding, train_state
 from iblip_jax import trainable as trainable_lib
 from iblip_jax.demo import word_tokenizers
 from iblip_jax.evaluation import paper_numbers, report, tasks
@@ -49,7 +49,7 @@ def test_the_table_and_chart_from_results():
 def _size_flags(config, ckpt: str) -> list[str]:
   """--config.model.* overrides that restate the tiny checkpoint's sizes wherever the real-size config states a
   size (a contradiction would be refused), so that the real Table 1 config runs on the tiny model."""
-  tiny = pretrained.load_config(ckpt)
+  tiny = hf.load_config(ckpt)
   flags = []
   for section, fields in config.model.to_dict().items():
     if isinstance(fields, dict):
@@ -64,7 +64,7 @@ def _size_flags(config, ckpt: str) -> list[str]:
 def _best_checkpoint(ckpt: str, workdir, step: int, patterns) -> dict:
   """A workdir/best as training's validation-based selection leaves it (run/best.py), with a trainable tree that
   differs from the pretrained one, so that evaluating it is visibly not evaluating model_init."""
-  model, params = pretrained.from_pretrained(ckpt)
+  model, params = hf.from_pretrained(ckpt)
   rules = [tuple(r) for r in config_lib.SHARDING_RULES]
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   setup = train_state.build(model, patterns=patterns, optim=config_lib.optim(), total_steps=10, mesh=mesh,

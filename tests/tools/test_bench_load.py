@@ -10,6 +10,9 @@ import sys
 
 import torch
 
+from iblip_jax.hf import params as hf_params
+from iblip_jax.models import instructblip
+
 pytestmark = pytest.mark.integration   # launches the main job as a user does
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -55,7 +58,6 @@ def test_tiny_names_are_what_transformers_saves(tmp_path):
 def test_real_layout_is_what_the_loader_expects():
   """Every name and shape of the real-size listing is a parameter of configs/instructblip_flant5xl.py's model, and
   nothing is missing (check_params; nothing allocated): the released layout with its own lm_head."""
-  from iblip_jax import hf_checkpoint, pretrained
   from iblip_jax.models import configs as model_configs
   from iblip_jax.models.instructblip import InstructBlip
   xl = _load("instructblip_flant5xl", "configs/instructblip_flant5xl.py").get_config()
@@ -65,7 +67,7 @@ def test_real_layout_is_what_the_loader_expects():
   assert not any("embed_tokens" in n for n in names)
   assert sum(math.prod(s) for s in names.values()) == 4_022_969_088   # "4.02B parameters" (the config's docstring)
   model = InstructBlip(model_configs.from_dict(xl.model.to_dict()))
-  hf_checkpoint.check_params(pretrained.params_shape(model), _Names(specs))
+  hf_params.check_params(instructblip.params_shape(model), _Names(specs))
   assert len(bench.shard_plan(specs, bench.SIZES["real"]["shard_bytes"])) == 5
 
 

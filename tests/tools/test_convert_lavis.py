@@ -118,7 +118,7 @@ def _load_hf(out):
 def _assert_every_tensor_arrived(lavis: dict, out, skip=()):
   """Every LAVIS tensor that is not ignored (q/v biases apart) is, unchanged, exactly one written tensor: the
   values are random, so equal bytes mean the right tensor, and a mapping that transposed or swapped would show."""
-  reader = iblip_jax.hf_checkpoint.SafetensorsReader(str(out))
+  reader = iblip_jax.hf.safetensors.SafetensorsReader(str(out))
   fingerprints = {}
   for name in reader.keys():
     value = reader.get(name)
@@ -257,7 +257,7 @@ def test_missing_parts_are_named_and_partial_writes_what_there_is(tmp_path, caps
   assert convert_lavis.main(["--lavis", path, "--out", str(tmp_path / "out"), "--partial"]) == 0
   assert "partial: no config.json; missing:" in capsys.readouterr().out
   assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors"]
-  reader = iblip_jax.hf_checkpoint.SafetensorsReader(str(tmp_path / "out"))
+  reader = iblip_jax.hf.safetensors.SafetensorsReader(str(tmp_path / "out"))
   assert {k.split(".")[0] for k in reader.keys()} == {"qformer", "query_tokens", "vision_model",
                                                       "language_projection"}
   with pytest.raises(iblip_jax.CheckpointError, match="no config.json"):

@@ -8,34 +8,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iblip_jax import hf_checkpoint, sharding
+from iblip_jax import sharding
+from iblip_jax.errors import CheckpointError
+from iblip_jax.hf import blip2, params as hf_params
+from iblip_jax.hf.config import config_from_hf, parse_config, read_config
+from iblip_jax.hf.names import CONFIG_NAME
+from iblip_jax.hf.safetensors import SafetensorsReader
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.configs import InstructBlipConfig
-from iblip_jax.models.instructblip import InstructBlip
+from iblip_jax.models.instructblip import InstructBlip, params_shape
 
 log = logging.getLogger(__name__)
-
-
-def dummy_inputs(cfg: InstructBlipConfig, batch: int = 1) -> dict[str, jax.Array]:
-  """Smallest inputs that touch every parameter (for init and eval_shape)."""
-  size = cfg.vision.image_size
-  one = jnp.ones((batch, 1), jnp.int32)
-  return dict(pixel_values=jnp.zeros((batch, size, size, cfg.vision.num_channels), jnp.float32),
-              qformer_input_ids=one, qformer_attention_mask=one, input_ids=one, attention_mask=one,
-              decoder_input_ids=None if cfg.decoder_only else one)
-
-
-def init_fn(model: InstructBlip):
-  """rng -> boxed params (with logical axis metadata), for jax.eval_shape or a sharded jax.jit."""
-  def init(rng):
-    return model.init(rng, **dummy_inputs(model.config))["params"]
-  return init
-
-
-def params_shape(model: InstructBlip, *, boxed: bool = False):
-  """The parameter tree as ShapeDtypeStructs, without allocating anything."""
-  shape = jax.eval_shape(init_fn(model), jax.random.key(0))
-  return shape if boxed else nn.meta.unbox(shape)
 
 
 def _with_dtype(cfg: InstructBlipConfig, dtype) -> InstructBlipConfig:
@@ -48,54 +31,52 @@ def _with_dtype(cfg: InstructBlipConfig, dtype) -> InstructBlipConfig:
 def load_config(path: str, dtype=jnp.float32, *, instruction_aware: bool = True,
                 overrides: dict | None = None, stage1: str | None = None) -> InstructBlipConfig:
   """The model config of a local Hugging Face InstructBLIP directory, or of a BLIP-2 stage-2 directory (with its
-  stage-1 directory in `stage1`; see hf_checkpoint's BLIP-2 section): the config.json is the source of truth for
-  the architecture; `dtype` and `instruction_aware` are applied, then `overrides` (a nested dict like
-  `config.model.to_dict()`). An override that contradicts the weights' shapes raises a CheckpointError naming
-  the field and both values."""
-  _check_dir(path, "")
-  hf_config = hf_checkpoint.parse_config(path)
-  source = os.path.join(path, hf_checkpoint.CONFIG_NAME)
-  if hf_checkpoint.is_blip2(hf_config):
+  stage-1 directory in `stage1`; see hf/blip2.py): the config.json is the source of truth for the architecture;
+  `dtype` and `instruction_aware` are applied, then `overrides` (a nested dict like `config.model.to_dict()`).
+  An override that contradicts the weights' shapes raises a CheckpointError naming the field and both values."""
+  _check_dir(path, "InstructBLIP or BLIP-2")
+  hf_config = parse_config(path)
+  source = os.path.join(path, CONFIG_NAME)
+  if blip2.is_blip2(hf_config):
     if stage1:
-      _check_dir(stage1, "_stage1")
+      _check_dir(stage1, "BLIP-2 stage-1")
     text_sizes = ((overrides or {}).get("qformer") or {}) if not stage1 else None
-    hf_config = hf_checkpoint.blip2_config(path, stage1, text_sizes=text_sizes)
+    hf_config = blip2.blip2_config(path, stage1, text_sizes=text_sizes)
     source = f"{source} (BLIP-2 stage 2{' + stage 1 ' + stage1 if stage1 else ''})"
   else:
     if stage1:
-      raise hf_checkpoint.CheckpointError(
+      raise CheckpointError(
           f"{path}: an InstructBLIP checkpoint has its Q-Former's text side already; a stage-1 checkpoint "
-          f"({stage1}) applies only when config.model_init is a BLIP-2 stage-2 directory")
-    hf_config = hf_checkpoint.read_config(path)
-  reader = hf_checkpoint.SafetensorsReader(path)
+          f"({stage1}) applies only to a BLIP-2 stage-2 directory")
+    hf_config = read_config(path)
+  reader = SafetensorsReader(path)
   # A checkpoint without lm_head has a head tied to the shared embedding (transformers 5 writes tied heads so).
   tied = "language_model.lm_head.weight" not in reader.keys()
   reader.close()
-  cfg = hf_checkpoint.config_from_hf(hf_config, tied_head=tied, source=source)
+  cfg = config_from_hf(hf_config, tied_head=tied, source=source)
   cfg = _with_dtype(cfg, dtype).replace(instruction_aware=instruction_aware)
   if overrides:
     try:
       cfg = model_configs.with_overrides(cfg, overrides, source)
     except ValueError as e:
-      raise hf_checkpoint.CheckpointError(str(e)) from None
+      raise CheckpointError(str(e)) from None
   return cfg
 
 
-def _check_dir(path: str, suffix: str) -> None:
+def _check_dir(path: str, what: str) -> None:
   if not os.path.isdir(path):
-    raise hf_checkpoint.CheckpointError(f"config.model_init{suffix}={path!r}: not a directory (expected a local "
-                                        "Hugging Face InstructBLIP or BLIP-2 checkpoint directory; nothing is "
-                                        "downloaded)")
+    raise CheckpointError(f"{path!r}: not a directory (expected a local Hugging Face {what} checkpoint directory; "
+                          "nothing is downloaded)")
 
 
 def open_reader(path: str, model: InstructBlip, stage1: str | None = None):
   """The tensors of `path` under InstructBLIP's names: the directory itself (InstructBLIP) or a BLIP-2 start
-  (hf_checkpoint.Blip2Reader). Returns (reader, what it holds in one line)."""
-  if hf_checkpoint.is_blip2(hf_checkpoint.parse_config(path)):
-    reader = hf_checkpoint.Blip2Reader(path, stage1, model.config.qformer,
-                                       text_side=model.config.instruction_aware)
+  (hf.blip2.Blip2Reader). Returns (reader, what it holds in one line)."""
+  if blip2.is_blip2(parse_config(path)):
+    reader = blip2.Blip2Reader(path, stage1, model.config.qformer,
+                               text_side=model.config.instruction_aware)
     return reader, reader.describe()
-  return hf_checkpoint.SafetensorsReader(path), f"InstructBLIP {path} (every part)"
+  return SafetensorsReader(path), f"InstructBLIP {path} (every part)"
 
 
 def load_params(path: str, model: InstructBlip, *, shardings=None, progress: bool = False,
@@ -108,8 +89,8 @@ def load_params(path: str, model: InstructBlip, *, shardings=None, progress: boo
   reader, origin = open_reader(path, model, stage1)
   start = time.perf_counter()
   try:
-    params = hf_checkpoint.load_params(params_shape(model), reader, shardings=shardings,
-                                       instruction_aware=model.config.instruction_aware, progress=progress)
+    params = hf_params.load_params(params_shape(model), reader, shardings=shardings,
+                                   instruction_aware=model.config.instruction_aware, progress=progress)
     jax.block_until_ready(params)
   finally:
     reader.close()
@@ -134,7 +115,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = T
   `path` may also be a BLIP-2 stage-2 directory (transformers' Blip2ForConditionalGeneration, e.g.
   blip2-flan-t5-xl): the paper's starting point. Its Q-Former text side then comes from `stage1`, a BLIP-2 stage-1
   directory (Blip2ForImageTextRetrieval, blip2-itm-vit-g), as LAVIS does, or from a documented fallback with a
-  warning (hf_checkpoint's BLIP-2 section).
+  warning (iblip_jax/hf/blip2.py).
   """
   model = InstructBlip(load_config(path, dtype, instruction_aware=instruction_aware, overrides=overrides,
                                    stage1=stage1))
@@ -151,4 +132,4 @@ def save_pretrained(model: InstructBlip, params, out_dir: str) -> None:
   if not model.config.instruction_aware:
     raise ValueError("save_pretrained: a model built with instruction_aware=False has no Q-Former text weights, "
                      "so transformers could not load it; rebuild it instruction-aware to export")
-  hf_checkpoint.save_hf(model.config, nn.meta.unbox(params), out_dir)
+  hf_params.save_hf(model.config, nn.meta.unbox(params), out_dir)

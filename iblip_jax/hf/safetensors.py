@@ -1,4 +1,5 @@
-"""The safetensors file format, read by region and written as a stream, local or remote (etils.epath).
+"""The safetensors file format, read by region and written as a stream, local or remote (etils.epath), and a
+checkpoint directory's tensors by name (SafetensorsReader: one file or a sharded set with its index).
 
 A file is an 8-byte little-endian header length N, N bytes of JSON ({name: {"dtype", "shape", "data_offsets":
 [begin, end]}, "__metadata__": {...}}) and the tensors' bytes, row-major, offsets relative to the end of the header.
@@ -19,6 +20,9 @@ from typing import Iterable, Sequence
 import ml_dtypes
 import numpy as np
 from etils import epath
+
+from iblip_jax.errors import CheckpointError
+from iblip_jax.hf.names import INDEX_NAME, PICKLE_NAMES, WEIGHTS_NAME
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
@@ -141,3 +145,84 @@ def write(path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, s
     for _, array in tensors:
       f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
   return 8 + len(blob) + offset
+
+
+class SafetensorsReader:
+  """Name-addressed, region-addressed reads over one safetensors file or a sharded set (index.json).
+
+  `bytes_read` counts the tensor bytes read so far (tools/bench_load.py and the tests check it)."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    index_path = os.path.join(directory, INDEX_NAME)
+    single = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.exists(index_path):
+      files = _index_files(index_path)
+    elif os.path.exists(single):
+      files = [WEIGHTS_NAME]
+    else:
+      pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(directory, n))]
+      if pickles:
+        raise CheckpointError(
+            f"{directory}: only pickle weights found ({', '.join(pickles)}); iblip_jax reads safetensors only, "
+            "because unpickling can run arbitrary code. Convert once with transformers: "
+            "InstructBlipForConditionalGeneration.from_pretrained(dir).save_pretrained(dir)")
+      raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+    self._files: dict[str, File] = {}
+    self._where: dict[str, str] = {}
+    self.bytes_read = 0
+    for name in files:
+      path = os.path.join(directory, name)
+      if not os.path.exists(path):
+        raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
+      try:
+        handle = File(path)
+      except (FormatError, OSError) as e:
+        raise CheckpointError(f"not a readable safetensors file: {e}; is it truncated or corrupt?") from None
+      for key in handle.tensors:
+        if key in self._where:
+          raise CheckpointError(f"{path}: tensor {key!r} is also in {self._where[key]}")
+        self._where[key] = name
+      self._files[name] = handle
+
+  def keys(self) -> list[str]:
+    return list(self._where)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._files[self._where[key]].tensors[key].shape
+
+  def dtype(self, key: str) -> np.dtype:
+    return self._files[self._where[key]].tensors[key].dtype
+
+  def nbytes(self, key: str) -> int:
+    info = self._files[self._where[key]].tensors[key]
+    return info.end - info.begin
+
+  def get(self, key: str, region: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The tensor `key` (or its region: one slice with explicit bounds per dimension), in its stored dtype."""
+    try:
+      array, n = self._files[self._where[key]].read(key, region)
+    except (FormatError, OSError) as e:
+      raise CheckpointError(f"{os.path.join(self.directory, self._where[key])}: cannot read {key!r} ({e})") from None
+    self.bytes_read += n
+    return array
+
+  def close(self) -> None:
+    for handle in self._files.values():
+      handle.close()
+
+
+def _index_files(index_path: str) -> list[str]:
+  try:
+    with open(index_path) as f:
+      index = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise CheckpointError(f"{index_path}: expected an object with a 'weight_map' object of tensor name -> file "
+                          f"name, got {type(weight_map if isinstance(index, dict) else index).__name__}")
+  bad = sorted({v for v in weight_map.values() if os.path.basename(v) != v})
+  if bad:
+    raise CheckpointError(f"{index_path}: weight_map names files outside the directory: {bad[:3]}")
+  return sorted(set(weight_map.values()))
