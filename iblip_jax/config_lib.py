@@ -1,6 +1,10 @@
 """Pieces every config file shares (big_vision's configs/common.py idea). Config files stay flat `get_config()`s."""
+import importlib.util
+import os
+
 import ml_collections
 
+from iblip_jax.evaluation import tasks
 from iblip_jax.trainable import INSTRUCTION_TUNING
 
 # The released InstructBLIP towers: EVA-CLIP ViT-g/14 (39 blocks, LAVIS drops the 40th) and a BERT-base Q-Former
@@ -136,7 +140,6 @@ HELD_OUT_FOLDERS = {
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """get_config() of another config file (the paper configs start from the model configs in configs/)."""
-  import importlib.util
   spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -163,7 +166,6 @@ def held_in_validation(root: str = PAPER_DATA) -> dict:
 
 def held_out_evals(root: str = PAPER_DATA) -> dict:
   """config.evals of Table 1's 13 held-out datasets, each read at the split its task scores (tasks.Task.split)."""
-  from iblip_jax.evaluation import tasks
   return {task: dict(task=task, format=task, path=f"{root}/{folder}", reader_args=dict(split=tasks.get(task).split))
           for task, folder in HELD_OUT_FOLDERS.items()}
 
@@ -213,7 +215,6 @@ PAPER_MODELS = {"flant5xl": ("instructblip_flant5xl.py", 192), "flant5xxl": ("in
 
 def paper_model_config(configs_dir: str, model: str | None, default: str = "flant5xxl"):
   """(model config, batch size) of a paper model by name ("flant5xxl", "vicuna7b", ...; a config's argument)."""
-  import os
   model = model or default
   if model not in PAPER_MODELS:
     raise ValueError(f"model {model!r}: expected one of {', '.join(PAPER_MODELS)} (configs/paper/X.py:{default})")

@@ -192,6 +192,11 @@ def _beam_search(model, params, inputs, *, num_beams, max_new_tokens, min_new_to
                                              "length_penalty", "repetition_penalty", "num_return_sequences"))
 def _generate(model, params, inputs, *, num_beams, max_new_tokens, min_new_tokens, length_penalty,
               repetition_penalty, num_return_sequences):
+  if num_beams == 1:   # greedy search: the loop sampling shares, taking the argmax
+    settings = sampling.knobs(inputs["input_ids"].shape[0], 1, max_new_tokens=max_new_tokens,
+                              min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
+    return sampling.loop(model, params, inputs, settings, width=max_new_tokens, greedy=True, copies=1,
+                         stream=False)[0]
   return _beam_search(model, params, inputs, num_beams=num_beams, max_new_tokens=max_new_tokens,
                       min_new_tokens=min_new_tokens, length_penalty=length_penalty,
                       repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences)
@@ -210,9 +215,6 @@ def generate(model: InstructBlip, params, *, pixel_values, qformer_input_ids, qf
   inputs = dict(pixel_values=pixel_values, qformer_input_ids=qformer_input_ids,
                 qformer_attention_mask=qformer_attention_mask, input_ids=input_ids,
                 attention_mask=np.ones_like(input_ids) if attention_mask is None else attention_mask)
-  if num_beams == 1:
-    return sampling.decode(model, params, inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                           repetition_penalty=repetition_penalty, greedy=True)[0]
   return _generate(model, params, inputs, num_beams=num_beams, max_new_tokens=max_new_tokens,
                    min_new_tokens=min_new_tokens, length_penalty=float(length_penalty),
                    repetition_penalty=float(repetition_penalty), num_return_sequences=num_return_sequences)

@@ -113,9 +113,20 @@ def _unregister(listener: int) -> None:
 # --- the decoding loop ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("model", "width", "greedy", "copies", "stream"))
-def _decode(model: InstructBlip, params, inputs: dict, knobs: dict, *, width: int, greedy: bool, copies: int,
-            stream: bool):
+def knobs(batch: int, copies: int, *, max_new_tokens: int, min_new_tokens: int = 1, temperature: float = 1.0,
+          top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0, seed=0, listener: int = 0) -> dict:
+  """The loop's traced settings for `batch` items x `copies` rows each (seed: an int, or one per item)."""
+  seeds = np.broadcast_to(np.asarray(seed, np.int64) % 2**32, (batch,)).astype(np.uint32)
+  return dict(seeds=np.repeat(seeds, copies), sample=np.tile(np.arange(copies, dtype=np.int32), batch),
+              temperature=np.float32(temperature), top_k=np.int32(top_k), top_p=np.float32(top_p),
+              repetition_penalty=np.float32(repetition_penalty), min_new_tokens=np.int32(min_new_tokens),
+              max_new_tokens=np.int32(max_new_tokens), listener=np.int32(listener))
+
+
+def loop(model: InstructBlip, params, inputs: dict, settings: dict, *, width: int, greedy: bool, copies: int,
+         stream: bool):
+  """The decoding loop, to be traced inside a jit (_decode here, decoding's greedy generate): prefill, then one
+  token per step until every row has ended or `width` tokens -> (tokens (R, width), logprob (R,), length (R,))."""
   text = model.config.text
   eos, pad = text.eos_token_id, text.pad_token_id
   start, cache, seen = model.apply({"params": params}, inputs["pixel_values"], inputs["qformer_input_ids"],
@@ -125,8 +136,8 @@ def _decode(model: InstructBlip, params, inputs: dict, knobs: dict, *, width: in
     start, seen = jnp.repeat(start, copies), jnp.repeat(seen, copies, axis=0)
     cache = model.llm_class.repeat_cache(cache, copies)
   rows = start.shape[0]
-  keys = jax.vmap(lambda s, j: jax.random.fold_in(jax.random.key(s), j))(knobs["seeds"], knobs["sample"])
-  limit = jnp.minimum(knobs["max_new_tokens"], width)
+  keys = jax.vmap(lambda s, j: jax.random.fold_in(jax.random.key(s), j))(settings["seeds"], settings["sample"])
+  limit = jnp.minimum(settings["max_new_tokens"], width)
 
   def cond(state):
     t, _, _, _, _, done, _, _ = state
@@ -135,19 +146,19 @@ def _decode(model: InstructBlip, params, inputs: dict, knobs: dict, *, width: in
   def body(state):
     t, last, tokens, seen, cache, done, logprob, length = state
     logits, cache = model.apply({"params": params}, last, t, cache, method="step")
-    scores = block_eos(repetition_penalty(logits, seen, knobs["repetition_penalty"]), t, knobs["min_new_tokens"],
+    scores = block_eos(repetition_penalty(logits, seen, settings["repetition_penalty"]), t, settings["min_new_tokens"],
                        eos)
     if greedy:
       nxt = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     else:
       step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
-      nxt = draw(step_keys, warp(scores, knobs["temperature"], knobs["top_k"], knobs["top_p"]))
+      nxt = draw(step_keys, warp(scores, settings["temperature"], settings["top_k"], settings["top_p"]))
     nxt = jnp.where(done, pad, nxt)
     token_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
     logprob = logprob + jnp.where(done, 0.0, token_logp)
     length = length + (~done).astype(jnp.int32)
     if stream:
-      jax.debug.callback(_emit, knobs["listener"], t, nxt, done, ordered=True)
+      jax.debug.callback(_emit, settings["listener"], t, nxt, done, ordered=True)
     seen = seen.at[jnp.arange(rows), nxt].set(True)
     return t + 1, nxt, tokens.at[:, t].set(nxt), seen, cache, done | (nxt == eos), logprob, length
 
@@ -155,6 +166,9 @@ def _decode(model: InstructBlip, params, inputs: dict, knobs: dict, *, width: in
            jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.int32))
   _, _, tokens, _, _, _, logprob, length = jax.lax.while_loop(cond, body, state)
   return tokens, logprob, length
+
+
+_decode = jax.jit(loop, static_argnames=("model", "width", "greedy", "copies", "stream"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,15 +211,13 @@ def decode(model: InstructBlip, params, inputs: dict, *, max_new_tokens: int = 3
   width = max_new_tokens if width is None else width
   if width < max_new_tokens:
     raise ValueError(f"width={width} is smaller than max_new_tokens={max_new_tokens}")
-  b, n = inputs["input_ids"].shape[0], num_return_sequences
-  seeds = np.broadcast_to(np.asarray(seed, np.int64) % 2**32, (b,)).astype(np.uint32)
+  n = num_return_sequences
   listener = _register(on_token)
-  knobs = dict(seeds=np.repeat(seeds, n), sample=np.tile(np.arange(n, dtype=np.int32), b),
-               temperature=np.float32(temperature), top_k=np.int32(top_k), top_p=np.float32(top_p),
-               repetition_penalty=np.float32(repetition_penalty), min_new_tokens=np.int32(min_new_tokens),
-               max_new_tokens=np.int32(max_new_tokens), listener=np.int32(listener))
+  settings = knobs(inputs["input_ids"].shape[0], n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                   seed=seed, listener=listener)
   try:
-    return jax.block_until_ready(_decode(model, params, inputs, knobs, width=width, greedy=greedy, copies=n,
+    return jax.block_until_ready(_decode(model, params, inputs, settings, width=width, greedy=greedy, copies=n,
                                          stream=on_token is not None))
   finally:
     _unregister(listener)

@@ -7,6 +7,8 @@ import os
 
 from etils import epath
 
+from iblip_jax.data import mixture, readers, templates, tfds_builder
+
 
 @dataclasses.dataclass(frozen=True)
 class Source:
@@ -31,7 +33,6 @@ class Source:
 
 
 def _readers():
-  from iblip_jax.data import readers  # imported late: the readers module is large and only some modes need it
   return readers.READERS
 
 
@@ -65,12 +66,10 @@ def record_source(source: Source):
   """The entry's records as a grain MapDataset: a prepared tfds dataset (random access, images as bytes) or the
   reader's records in memory."""
   if source.tfds_data_dir:
-    from iblip_jax.data import tfds_builder
     ds = tfds_builder.data_source(source.tfds_data_dir, source.tfds_name or source.format, source.split)
     if not len(ds):
       raise ValueError(f"{source.where}: the prepared dataset in {source.tfds_data_dir} has no records")
     return ds
-  from iblip_jax.data import mixture
   return mixture.source(read_records(source))
 
 
@@ -78,7 +77,6 @@ def read_records(source: Source) -> list[dict]:
   """The entry's records as a list (images of prepared datasets opened as PIL images, as the evaluator takes
   them)."""
   if source.tfds_data_dir:
-    from iblip_jax.data import tfds_builder
     return [tfds_builder.open_media(r) for r in record_source(source)]
   records = list(_readers()[source.format](source.path, **dict(source.reader_args)))
   if not records:
@@ -90,7 +88,6 @@ def renderer(instruction_format: str = "templates"):
   """(record, rng) -> (text_input, text_output): records that carry their texts keep them; the others get one of
   their dataset's instruction templates, or with `instruction_format` "raw" / "dataset_name" (the paper's multitask
   baselines, config.data.instruction_format) their raw input (see data/templates.py)."""
-  from iblip_jax.data import templates
 
   def render(record, rng):
     if "text_input" in record and "text_output" in record:

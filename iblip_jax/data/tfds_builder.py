@@ -43,6 +43,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from iblip_jax.data import readers
 from iblip_jax.extras import require
 
 tfds = require("tensorflow_datasets", "prepare", "preparing or reading tensorflow-datasets ArrayRecord datasets")
@@ -236,7 +237,6 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def _reader(dataset: str, source: str, reader_args: Mapping | None) -> tuple[Callable[[str | None], Iterable[dict]],
                                                                             str | None]:
   """split -> records, and the reader's default split (None for readers without one, e.g. jsonl)."""
-  from iblip_jax.data import readers  # the large readers module is needed only to prepare
   if dataset not in readers.READERS:
     raise ValueError(f"no reader for dataset {dataset!r}; known: {', '.join(sorted(readers.READERS))}")
   fn = readers.READERS[dataset]
@@ -311,7 +311,6 @@ def _value(text: str):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  from iblip_jax.data import readers
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dataset", required=True, choices=sorted(readers.READERS), help="the reader to use")
   parser.add_argument("--source", required=True, help="what the reader reads (its root directory, or a JSONL file)")

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from iblip_jax.evaluation import vqa_normalize as vn
+from iblip_jax.extras import require
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str], variant: str = "official") -> float:
@@ -84,7 +85,6 @@ def mean_reciprocal_rank(scores: np.ndarray, answer_indices: Sequence[int]) -> f
 
 def caption_metrics(predictions: dict, references: dict) -> dict[str, float]:
   """{"CIDEr", "BLEU-4"} of predictions {id: caption} against references {id: [captions]} (COCO toolkit)."""
-  from iblip_jax.extras import require
   Bleu = require("pycocoevalcap.bleu.bleu", "eval", "captioning metrics (CIDEr, BLEU-4)").Bleu
   Cider = require("pycocoevalcap.cider.cider", "eval", "captioning metrics (CIDEr, BLEU-4)").Cider
   PTBTokenizer = require("pycocoevalcap.tokenizer.ptbtokenizer", "eval", "captioning metrics").PTBTokenizer

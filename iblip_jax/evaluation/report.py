@@ -13,6 +13,7 @@ import logging
 from etils import epath
 
 from iblip_jax.evaluation import paper_numbers, tasks
+from iblip_jax.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ def table1_markdown(ours: dict[str, float], model: str, *, run: str = "this run"
 
 def table1_chart(ours: dict[str, float], model: str, *, run: str = "this run") -> bytes:
   """A grouped bar chart (PNG bytes): per dataset, this run, the paper's InstructBLIP and BLIP-2 (same LLM)."""
-  from iblip_jax.extras import require
   matplotlib = require("matplotlib", "viz", "the Table 1 chart")
   matplotlib.use("Agg")
   plt = require("matplotlib.pyplot", "viz", "the Table 1 chart")

@@ -42,6 +42,13 @@ def dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype:
   )
 
 
+def embed(num: int, features: int, axes: tuple[str, str], *, dtype: Any, param_dtype: Any,
+          init=default_kernel_init, name: str | None = None) -> nn.Embed:
+  """nn.Embed whose table (num, features) carries logical axis names."""
+  return nn.Embed(num, features, dtype=dtype, param_dtype=param_dtype,
+                  embedding_init=nn.with_logical_partitioning(init, axes), name=name)
+
+
 def layer_norm(eps: float, *, dtype: Any, param_dtype: Any, axis_name: str = "embed",
                name: str | None = None) -> nn.LayerNorm:
   """LayerNorm with statistics in f32 (nn.LayerNorm upcasts internally) and named scale/bias."""

@@ -144,10 +144,8 @@ class Llama(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(cfg.dtype),
-                                 param_dtype=dtype_of(cfg.param_dtype),
-                                 embedding_init=nn.with_logical_partitioning(layers.default_kernel_init,
-                                                                             ("vocab", "embed")))
+    self.embed_tokens = layers.embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), dtype=dtype_of(cfg.dtype),
+                                     param_dtype=dtype_of(cfg.param_dtype))
     block = layers.remat(LlamaBlock, cfg.remat_policy) if cfg.remat else LlamaBlock
     self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast, nn.broadcast),

@@ -163,11 +163,9 @@ class T5Stack(nn.Module):
     buckets = relative_position_bucket(rel, bidirectional=not self.decoder,
                                        num_buckets=cfg.relative_attention_num_buckets,
                                        max_distance=cfg.relative_attention_max_distance)
-    table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, dtype=dtype_of(cfg.dtype),
-                     param_dtype=dtype_of(cfg.param_dtype),
-                     embedding_init=nn.with_logical_partitioning(layers.default_kernel_init,
-                                                                 ("relpos_buckets", "heads")),
-                     name="relative_attention_bias")
+    table = layers.embed(cfg.relative_attention_num_buckets, cfg.num_heads, ("relpos_buckets", "heads"),
+                         dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                         name="relative_attention_bias")
     return jnp.transpose(table(buckets), (2, 0, 1))[None]
 
   def _blocks(self, deterministic: bool, cross_kv_only: bool = False):
@@ -214,10 +212,8 @@ class T5(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),
-                           param_dtype=dtype_of(cfg.param_dtype),
-                           embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                                                       ("vocab", "embed")))
+    self.shared = layers.embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), dtype=dtype_of(cfg.dtype),
+                               param_dtype=dtype_of(cfg.param_dtype), init=nn.initializers.normal(1.0))
     self.encoder = T5Stack(cfg, decoder=False)
     self.decoder = T5Stack(cfg, decoder=True)
     if not cfg.tie_word_embeddings:

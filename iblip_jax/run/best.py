@@ -16,6 +16,7 @@ import math
 from etils import epath
 
 from iblip_jax import checkpoints, distributed
+from iblip_jax.evaluation import tasks
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ RECORD = "best.json"
 def selection_keys(names, evals) -> tuple[list[str], list[str]]:
   """(metric keys, problems) for config.best_checkpoint_metrics: "<eval>/<metric>", or "<eval>" for its task's
   headline metric; `evals` are the configured evaluations (Sources)."""
-  from iblip_jax.evaluation import tasks
   by_name = {e.name: e for e in evals}
   keys, problems = [], []
   for entry in names:

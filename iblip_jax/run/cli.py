@@ -7,7 +7,12 @@ import os
 import re
 import sys
 
+import jax
 from absl import flags
+
+from iblip_jax import distributed
+from iblip_jax.errors import UserError
+from iblip_jax.run import evaluate, export, predict, settings, summary, train
 
 
 class _Console(logging.Formatter):
@@ -32,15 +37,12 @@ def before_jax(config) -> None:
   refuses to start once a backend exists, and XLA reads its flags when the backend starts."""
   console_logging()
   _cpu_compiler_flags(config)
-  from iblip_jax import distributed
   distributed.maybe_initialize()
   _warn_cpu_bf16(config)
 
 
 def run(config, workdir: str | None):
   """Resolves the settings and runs the mode; turns the outcome into the exit statuses above."""
-  from iblip_jax.errors import UserError
-  from iblip_jax.run import evaluate, export, predict, settings, summary, train
   modes = {"train": train.train_and_evaluate, "eval": evaluate.run, "predict": predict.run, "export": export.run,
            "summary": summary.run}
   try:
@@ -74,7 +76,6 @@ def _cpu_compiler_flags(config) -> None:
 
 def _warn_cpu_bf16(config) -> None:
   """On a CPU backend nobody asked for by name, the flag could not be set in time: say how."""
-  import jax
   if _bf16(config) and CPU_BF16_FLAG not in os.environ.get("XLA_FLAGS", "") and jax.default_backend() == "cpu":
     print(f"WARNING: bfloat16 towers on CPU: set JAX_PLATFORMS=cpu (or XLA_FLAGS={CPU_BF16_FLAG}); without it "
           "real-size weights need ~2.6x their size in host memory", file=sys.stderr, flush=True)

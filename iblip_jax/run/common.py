@@ -6,6 +6,7 @@ import jax
 from etils import epath
 
 from iblip_jax import hf, sharding, train_state
+from iblip_jax import trainable as trainable_lib
 from iblip_jax.data import sources, tokenize
 from iblip_jax.evaluation import evaluator, tasks
 from iblip_jax.models.instructblip import InstructBlip
@@ -28,7 +29,6 @@ def load_params(s: Settings, model: InstructBlip, setup_: train_state.TrainSetup
   if s.model_init:
     return hf.load_params(s.model_init, model, shardings=setup_.param_shardings, progress=True,
                           stage1=s.model_init_stage1 or None)
-  from iblip_jax import trainable as trainable_lib
   return trainable_lib.merge(*setup_.init_random(jax.random.key(s.seed)))
 
 

@@ -3,6 +3,7 @@ checkpoint in --workdir when there is one. Writes predictions and metrics under 
 import json
 
 from iblip_jax import distributed
+from iblip_jax.evaluation import report
 from iblip_jax.run import common, restore
 from iblip_jax.run.settings import Settings
 
@@ -14,7 +15,6 @@ def run(s: Settings) -> dict:
   if distributed.is_primary():
     print(json.dumps({"step": step, **results}, indent=2))
     if s.paper_model:   # beside the paper's Table 1 (config.paper_model): table1.md and table1.png
-      from iblip_jax.evaluation import report
       print(report.write_table1(results, {e.name: e.task for e in s.evals}, s.paper_model,
                                 common.eval_dir(s.workdir, step), run=f"this run (step {step})"))
   return results

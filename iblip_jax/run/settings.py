@@ -12,11 +12,13 @@ from typing import Any
 import jax
 
 from iblip_jax import hf, sharding
+from iblip_jax.data import templates
 from iblip_jax.data.sources import Source, problems as source_problems
 from iblip_jax.errors import UserError
-from iblip_jax.evaluation import tasks
+from iblip_jax.evaluation import paper_numbers, tasks
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.configs import InstructBlipConfig
+from iblip_jax.run import best
 
 MODES = ("train", "eval", "predict", "export", "summary")
 
@@ -164,7 +166,6 @@ def _model(config, problems) -> InstructBlipConfig | None:
 
 
 def _instruction_format(config) -> list[str]:
-  from iblip_jax.data import templates
   value = config.data.get("instruction_format", "templates")
   if value not in templates.INSTRUCTION_FORMATS:
     return [f"config.data.instruction_format={value!r} must be one of {', '.join(templates.INSTRUCTION_FORMATS)} "
@@ -173,7 +174,6 @@ def _instruction_format(config) -> list[str]:
 
 
 def _paper_model(config) -> list[str]:
-  from iblip_jax.evaluation import paper_numbers
   value = config.get("paper_model") or ""
   if value and value not in paper_numbers.MODELS:
     return [f"config.paper_model={value!r} is not one of the paper's models ({', '.join(paper_numbers.MODELS)})"]
@@ -239,7 +239,6 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
         problems.append(f"{source.where}.task={source.task!r} is not a known task ({', '.join(sorted(tasks.TASKS))})")
       problems += source_problems(source)
   problems += _paper_model(config)
-  from iblip_jax.run import best
   best_keys, best_problems = best.selection_keys(config.get("best_checkpoint_metrics") or (), evals)
   if mode == "train":
     problems += best_problems

@@ -13,6 +13,7 @@ from etils import epath
 from tqdm import tqdm
 
 from iblip_jax import checkpoints, distributed, optim, sharding
+from iblip_jax import trainable as trainable_lib
 from iblip_jax.data import mixture, pipeline, sources
 from iblip_jax.errors import UserError
 from iblip_jax.models.instructblip import InstructBlip
@@ -21,7 +22,6 @@ from iblip_jax.run import common
 from iblip_jax.run import logger as logger_lib
 from iblip_jax.run import workdir_lock
 from iblip_jax.run.settings import Settings
-from iblip_jax import trainable as trainable_lib
 
 
 class NonFiniteLoss(UserError):

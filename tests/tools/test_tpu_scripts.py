@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from iblip_jax.aot.compile import MAXTEXT_LIBTPU_FLAGS
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TPU = os.path.join(ROOT, "tools", "tpu")
 SSH = "gcloud compute tpus tpu-vm ssh t1 --zone=us-west4-a --project=proj --worker=all"
@@ -166,19 +168,10 @@ def test_shellcheck():
   assert out.returncode == 0, out.stdout + out.stderr
 
 
-def _maxtext_libtpu_flags() -> str:
-  """tools/aot_compile.py's MAXTEXT_LIBTPU_FLAGS: what the AOT estimate compiles with."""
-  import importlib.util  # noqa: PLC0415
-  spec = importlib.util.spec_from_file_location("aot_compile", os.path.join(ROOT, "tools", "aot_compile.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.MAXTEXT_LIBTPU_FLAGS
-
-
 def test_launch_passes_maxtext_libtpu_flags(env):
   """By default the job gets LIBTPU_INIT_ARGS = MaxText's collective-overlap flags, the very string the AOT tool
   compiles with; the worker puts it in the job's environment."""
-  flags = _maxtext_libtpu_flags()
+  flags = MAXTEXT_LIBTPU_FLAGS
   assert "--xla_tpu_enable_async_collective_fusion=true" in flags
   (line,) = lines("launch.sh", "--config", "configs/tiny.py", "--workdir", "gs://b/r", "--env", "A=1", env=env)
   assert line == (f"{SSH} --command='bash iblip_jax/tools/tpu/worker.sh start --env "
