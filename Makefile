@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast test-browser demo serve install clean
+.PHONY: test test-fast test-browser chromium demo serve install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,29 +14,32 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# --dist loadgroup: tests that share an expensive session fixture (@pytest.mark.xdist_group) run on one worker.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 # The inner loop: everything but the tests marked slow or integration (those launch the main job or take long).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m "not slow and not integration" tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not integration" tests
 
 # The main job on the embedded demo: procedural data generated here, tiny pretrained towers from demo_assets/.
 demo: $(STAMP)
 	$(PY) -m iblip_jax.demo.shapes runs/demo/data
 	$(PY) -m iblip_jax.main --config configs/demo.py --workdir runs/demo
 
-# The local web demo (gradio) on the demo checkpoint, at http://127.0.0.1:7860; MODEL=DIR serves a Hugging Face
-# InstructBLIP directory or a training workdir instead.
+# The local web demo (gradio) at http://127.0.0.1:7860: the demo `make demo` trained (runs/demo), or before that the
+# demo checkpoint; MODEL=DIR serves a Hugging Face InstructBLIP directory or a training workdir instead.
 serve: $(STAMP)
 	$(PY) -m iblip_jax.serve $(if $(MODEL),--model $(MODEL))
 
 # The web demo driven by a headless Chromium (Debian's chromium and chromium-driver, installed here if missing; the
-# browser test skips without them). The screenshot goes to runs/test-artifacts/.
+# browser test skips without them), on the demo it trains first. The screenshots go to runs/test-artifacts/.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-test-browser: $(STAMP)
+chromium:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-	  ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+test-browser: $(STAMP) chromium
 	$(PY) -m pytest -q -p no:xdist tests/test_serve_browser.py
 
 clean:

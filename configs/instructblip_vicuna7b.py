@@ -4,13 +4,13 @@
   python -m iblip_jax.main --config configs/instructblip_vicuna7b.py --config.mode=eval \
     --config.model_init=weights/instructblip-vicuna-7b --workdir runs/vicuna7b_eval
 """
-from iblip_jax import config_lib as common
+from iblip_jax import config_lib
 
 
 def get_config():
-  config = common.base(dict(
-      vision=common.VIT_G,
-      qformer=common.QFORMER_BASE,
+  config = config_lib.base(dict(
+      vision=config_lib.VIT_G,
+      qformer=config_lib.QFORMER_BASE,
       # lmsys/vicuna-7b-v1.1 with LAVIS's [PAD] row (vocabulary 32001); </s> (2) is BOS and EOS.
       text=dict(model_type="llama", vocab_size=32001, hidden_size=4096, intermediate_size=11008,
                 num_hidden_layers=32, num_attention_heads=32, rms_norm_eps=1e-6, pad_token_id=32000,

@@ -2,11 +2,11 @@
 
   python -m iblip_jax.main --config configs/tiny.py --config.mode=summary
 """
-from iblip_jax import config_lib as common
+from iblip_jax import config_lib
 
 
 def get_config():
-  return common.base(dict(
+  return config_lib.base(dict(
       vision=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
                   patch_size=2),
       qformer=dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,

@@ -28,9 +28,9 @@ The package, by layer, bottom to top: a module imports only from its own layer a
   evaluation/                   metrics, the task table, the evaluator, the paper's numbers, the Table 1 report
   run/, config_lib              the main job: settings, command line, one module per mode, logger, workdir lock;
                                 what config files share
+  demo/                         the embedded demo's shapes dataset and word-level tokenizers (not the library)
   inference/, serve             for people: Pipeline, Chat, the terminal; the local web demo
   aot/                          ahead-of-time compilation for TPU topologies and the step model (tools/aot_compile.py)
-  demo/                         the embedded demo's shapes dataset and word-level tokenizers (not the library)
 """
 from iblip_jax.decoding import generate
 from iblip_jax.errors import CheckpointError

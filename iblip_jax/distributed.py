@@ -1,4 +1,4 @@
-"""Multi-process start-up and the few host-level exchanges the main job needs.
+"""Start-up (the platform, the multi-process runtime) and the few host-level exchanges the main job needs.
 
 `maybe_initialize()` must run before anything else touches JAX's backends (`python -m iblip_jax.main` calls it
 first, in every mode): `jax.distributed.initialize` refuses to start once a backend exists. One code path serves
@@ -8,11 +8,32 @@ first, in every mode): `jax.distributed.initialize` refuses to start once a back
 - a single process: nothing to do.
 Everything downstream keys on jax.process_index() / jax.process_count().
 """
+import glob
 import json
 import os
 
 import jax
 import numpy as np
+
+
+def tpu_chips_here() -> bool:
+  """Whether this host has TPU chips: they show as /dev/accel* (v4, v5e) or /dev/vfio/<n> (v5p, v6e) device files,
+  and a Cloud TPU VM describes its slice in TPU_* variables."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or os.environ.get("TPU_ACCELERATOR_TYPE")
+              or os.environ.get("TPU_WORKER_HOSTNAMES"))
+
+
+def default_platform() -> str | None:
+  """Keeps JAX off the TPU plugin on a host without TPU chips, when nobody chose a platform: with libtpu installed
+  (the test extra brings it) JAX tries the TPU first, prints a block of TPU_WORKER_HOSTNAMES errors, and the job
+  cannot set the CPU compiler's flags in time (see run/cli.py). A GPU host is left to JAX (its CUDA plugin, if
+  installed, is what it should pick). Must run before anything uses a JAX backend; returns the platform chosen,
+  or None when JAX chooses."""
+  if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or tpu_chips_here() or glob.glob("/dev/nvidia[0-9]*"):
+    return None
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  jax.config.update("jax_platforms", "cpu")
+  return "cpu"
 
 
 def maybe_initialize() -> bool:

@@ -3,33 +3,41 @@
 Upload an image, type an instruction, choose the decoding, watch the answer stream in and see where the Q-Former
 looked (its cross-attention and the answer-relevance map, iblip_jax.attention_maps); follow-up questions continue
 the conversation (data/conversation.py); the "Compare instructions" tab answers two instructions about the same
-image with their maps side by side. The model is the demo checkpoint (demo_assets/instructblip-demo, configs/demo.py)
-unless --model names a Hugging Face InstructBLIP directory or a training workdir.
+image with their maps side by side. Without --model it serves the demo: the checkpoint `make demo` trained
+(runs/demo) when there is one, else the demo checkpoint before tuning (demo_assets/instructblip-demo); the page and
+the console say which.
+
+In the page, a person's mistake (a file that is not an image, an empty prompt) is a message in the status line; the
+conversation, answer and map stay as they were, and the server's log gets one line. The answer streams first and
+the map follows as its own step, so a follow-up typed meanwhile is queued behind it, with the history it belongs
+to; "New conversation" cancels an answer still pending. The HTTP API (gradio_client) is /ask, /compare and /upload:
+there a mistake is an error naming it.
 
 Needs gradio (the `serve` extra: pip install 'iblip_jax[serve]'). Binds to 127.0.0.1 only: the demo has no
-authentication and is for the person at this machine (an SSH tunnel shows it elsewhere). A request can fail (a file
-that is not an image, an animated or CMYK image is used with a note, a huge one is refused, an empty prompt), and its
-message is shown; it never takes the server down. The same handlers are the HTTP API (gradio_client): /ask and
-/compare.
+authentication and is for the person at this machine (an SSH tunnel shows it elsewhere).
 """
 import argparse
 import functools
-import io
+import inspect
+import json
 import logging
 import os
 import sys
 
-import numpy as np
 from PIL import Image
 
+from iblip_jax import distributed
 from iblip_jax.data.conversation import Conversation
+from iblip_jax.demo import shapes
 from iblip_jax.errors import UserError
 from iblip_jax.extras import require
 from iblip_jax.inference import Pipeline
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "demo_assets", "instructblip-demo")
+PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+DEMO_MODEL = os.path.normpath(os.path.join(PROJECT, "demo_assets", "instructblip-demo"))
+TRAINED_DEMO = os.path.normpath(os.path.join(PROJECT, "runs", "demo"))   # where `make demo` trains
 MAX_UPLOAD = "25mb"
 MODES = ("greedy", "beam search", "sampling")
 
@@ -51,19 +59,20 @@ def decoding_settings(mode: str, beams, temperature, top_k, top_p, max_new_token
 
 
 def _friendly(fn):
-  """A request's failure becomes a message in the page (gr.Error) and a line in the server's log; the server goes on.
-  A UserError says what to fix; anything else is a bug, logged with its traceback."""
+  """For the HTTP API: a request's failure becomes an error naming it (gr.Error) and the server goes on. A UserError
+  says what to fix (one log line); anything else is a bug, logged with its traceback."""
   gr = _gradio()
 
   def fail(e):
     if isinstance(e, gr.Error):
       raise e
     if isinstance(e, UserError):
+      log.info("request refused: %s", e)
       raise gr.Error(str(e)) from None
     log.exception("request failed")
     raise gr.Error(f"internal error ({type(e).__name__}: {str(e)[:300]}); the server's log has the details") from None
 
-  if getattr(fn, "_generator", False):
+  if inspect.isgeneratorfunction(fn):   # a streaming handler: its failures surface while it is iterated
     @functools.wraps(fn)
     def gen(*args):
       try:
@@ -81,15 +90,24 @@ def _friendly(fn):
   return call
 
 
-def _generator(fn):
-  fn._generator = True
-  return fn
+def _status(e: Exception) -> str:
+  """The status line for a failed request in the page (and one log line)."""
+  if isinstance(e, UserError):
+    log.info("request refused: %s", e)
+    return f"⚠️ {e}"
+  log.exception("request failed")
+  return f"⚠️ internal error ({type(e).__name__}: {str(e)[:300]}); the server's log has the details"
+
+
+def _messages(turns) -> list[dict]:
+  """Alternating question/answer turns -> the chatbot's messages."""
+  return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
 
 
 class Handlers:
   """The app's request handlers over one Pipeline (also what the tests call directly)."""
 
-  def __init__(self, pipe):
+  def __init__(self, pipe: Pipeline):
     self.pipe = pipe
     self._prepared: dict[str, object] = {}
 
@@ -112,13 +130,19 @@ class Handlers:
     notes = [f"{w} x {h} pixels, seen by the model as {self.pipe.image_size} x {self.pipe.image_size}"]
     return prepared.image, "\n".join(f"- {n}" for n in notes + list(prepared.notes)), [], []
 
-  def overlay(self, prepared, prompts, answers) -> Image.Image:
-    return self.pipe.attention_overlay(prepared, prompts, answers)
+  def unknown_words(self, prompt: str) -> list[str]:
+    """Words of `prompt` that a tokenizer only reads as its unknown token (a small vocabulary's blind spots)."""
+    out = []
+    for tok in (self.pipe.tok.llm, self.pipe.tok.qformer):
+      unk = tok.unk_token_id
+      for word in prompt.split():
+        if unk is not None and word not in out and unk in tok(word, add_special_tokens=False)["input_ids"]:
+          out.append(word)
+    return out
 
-  @_generator
-  def ask(self, path, prompt, turns, mode, beams, temperature, top_k, top_p, max_new_tokens, repetition_penalty,
-          seed, show_maps):
-    """Streams (conversation, answer, overlay, turns) as the answer grows; the overlay comes with the last update."""
+  def answer(self, path, prompt, turns, mode, beams, temperature, top_k, top_p, max_new_tokens,
+             repetition_penalty, seed):
+    """Streams (conversation, answer, turns) as the answer grows; the last update has the turns with it."""
     prepared = self.image(path)
     prompt = (prompt or "").strip()
     if not prompt:
@@ -130,14 +154,30 @@ class Handlers:
     if settings.get("num_beams", 1) == 1:
       stream = self.pipe.stream(prepared, conversation, **settings)
       for chunk in stream:
-        yield history + _messages([prompt, chunk.text]), chunk.text, None, turns
+        yield history + _messages([prompt, chunk.text]), chunk.text, turns
       answer = stream.answer.text
     else:   # beam search knows its answer only at the end
-      yield history + _messages([prompt, "…"]), "", None, turns
+      yield history + _messages([prompt, "…"]), "", turns
       answer = self.pipe(prepared, conversation, **settings)
     turns = turns + [prompt, answer]
-    image = self.overlay(prepared, [conversation], [answer]) if show_maps else None
-    yield _messages(turns), answer, image, turns
+    yield _messages(turns), answer, turns
+
+  def last_map(self, path, turns) -> Image.Image:
+    """The attention overlay of the conversation's last question and answer."""
+    *earlier, question, answer = turns
+    return self.pipe.attention_overlay(self.image(path), [Conversation(tuple(earlier) + (question,))], [answer])
+
+  def ask(self, path, prompt, turns, mode, beams, temperature, top_k, top_p, max_new_tokens, repetition_penalty,
+          seed, show_maps):
+    """The API's /ask: streams (conversation, answer, overlay, turns); the overlay comes with the last update."""
+    updates = self.answer(path, prompt, turns, mode, beams, temperature, top_k, top_p, max_new_tokens,
+                          repetition_penalty, seed)
+    last = next(updates)
+    for update in updates:
+      yield last[0], last[1], None, last[2]
+      last = update
+    messages, answer, new_turns = last   # the complete answer, with the map if asked for
+    yield messages, answer, self.last_map(path, new_turns) if show_maps else None, new_turns
 
   def compare(self, path, prompt_a, prompt_b, mode, beams, temperature, top_k, top_p, max_new_tokens,
               repetition_penalty, seed):
@@ -148,28 +188,46 @@ class Handlers:
       raise UserError("type both instructions to compare them")
     settings = decoding_settings(mode, beams, temperature, top_k, top_p, max_new_tokens, repetition_penalty, seed)
     answers = self.pipe(prepared, prompts, **settings)
-    return answers[0], answers[1], self.overlay(prepared, prompts, answers)
+    return answers[0], answers[1], self.pipe.attention_overlay(prepared, prompts, answers)
 
 
-def _messages(turns) -> list[dict]:
-  """Alternating question/answer turns -> the chatbot's messages."""
-  return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+def describe_model(path: str) -> tuple[str, bool]:
+  """(one line for a person saying which weights answer, whether they are the demo's)."""
+  path = os.path.normpath(path)
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    config = {}
+  demo = path == DEMO_MODEL or os.path.normpath(str(config.get("model_init", ""))).endswith("instructblip-demo")
+  steps = sorted(int(n) for n in os.listdir(os.path.join(path, "checkpoints")) if n.isdigit()) \
+      if os.path.isdir(os.path.join(path, "checkpoints")) else []
+  if path == DEMO_MODEL:
+    text = (f"the demo checkpoint before instruction tuning (`{path}`); `make demo` trains it, and the next "
+            "`make serve` serves the trained one")
+  elif demo and steps:
+    text = f"the demo trained by `make demo` (`{path}`, step {steps[-1]})"
+  else:
+    text = f"`{path}`" + (f" (training workdir, step {steps[-1]})" if steps else "")
+  if demo:
+    text += (". A tiny model that knows shapes, colours and a few dozen words (a word-level vocabulary): ask it "
+             "about the shape's colour or kind, as in the examples")
+  return text, demo
 
 
-def build_app(pipe, *, title: str = "InstructBLIP (iblip_jax)"):
+def build_app(pipe: Pipeline, *, title: str = "InstructBLIP (iblip_jax)", model_text: str = "",
+              examples=()):
   """The gradio Blocks app over `pipe` (an iblip_jax Pipeline)."""
   gr = _gradio()
   h = Handlers(pipe)
   with gr.Blocks(title=title) as app:
-    gr.Markdown(f"## {title}\nModel: `{pipe.source or 'in memory'}`. Upload an image, type an instruction, watch the "
-                "answer stream in. Follow-up questions continue the conversation; the maps show where the Q-Former's "
-                "queries looked for this instruction (attention) and what the answer depended on (relevance).")
+    gr.Markdown(f"## {title}\nModel: {model_text or pipe.source or 'in memory'}.", elem_id="model")
     turns = gr.State([])
     with gr.Row():
       with gr.Column(scale=1):
         upload = gr.File(label="Image (JPEG, PNG, WebP, GIF, BMP)", file_types=["image"], type="filepath",
-                         elem_id="upload")
-        preview = gr.Image(label="The image", interactive=False, elem_id="preview", height=240)
+                         elem_id="upload", height=120)
+        preview = gr.Image(label="The image", interactive=False, elem_id="preview", height=200)
         notes = gr.Markdown(elem_id="notes")
         with gr.Accordion("Decoding", open=False):
           mode = gr.Radio(list(MODES), value="greedy", label="Decoding", elem_id="mode")
@@ -181,40 +239,105 @@ def build_app(pipe, *, title: str = "InstructBLIP (iblip_jax)"):
           repetition = gr.Slider(1.0, 2.0, value=1.5, step=0.05, label="Repetition penalty")
           seed = gr.Number(value=0, precision=0, label="Seed (sampling)")
           show_maps = gr.Checkbox(value=True, label="Attention maps")
-      with gr.Column(scale=2):
+      with gr.Column(scale=3):
         with gr.Tab("Ask"):
-          chat = gr.Chatbot(label="Conversation", elem_id="conversation", height=260)
-          prompt = gr.Textbox(label="Instruction", placeholder="What is unusual about this image?", elem_id="prompt")
+          with gr.Row():
+            chat = gr.Chatbot(label="Conversation", elem_id="conversation", height=330)
+            overlay = gr.Image(label="Where the Q-Former looked", interactive=False, elem_id="overlay",
+                               format="png", height=330)
+          prompt = gr.Textbox(label="Instruction", placeholder=examples[0] if examples else
+                              "What is unusual about this image?", elem_id="prompt")
+          if examples:
+            gr.Examples([[e] for e in examples], [prompt], label="Prompts this model knows")
           with gr.Row():
             ask = gr.Button("Ask", variant="primary", elem_id="ask")
             new = gr.Button("New conversation", elem_id="new")
+          status = gr.Markdown(elem_id="status")
           answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
-          overlay = gr.Image(label="Where the Q-Former looked", interactive=False, elem_id="overlay", format="png")
         with gr.Tab("Compare instructions"):
           with gr.Row():
             prompt_a = gr.Textbox(label="Instruction A", elem_id="prompt_a")
             prompt_b = gr.Textbox(label="Instruction B", elem_id="prompt_b")
           compare = gr.Button("Compare", variant="primary", elem_id="compare")
+          compare_status = gr.Markdown(elem_id="compare_status")
           with gr.Row():
             answer_a = gr.Textbox(label="Answer A", interactive=False, elem_id="answer_a")
             answer_b = gr.Textbox(label="Answer B", interactive=False, elem_id="answer_b")
           overlay_ab = gr.Image(label="A and B side by side", interactive=False, elem_id="overlay_ab",
                                 format="png")
     decoding = [mode, beams, temperature, top_k, top_p, max_new, repetition, seed]
-    upload.change(_friendly(h.upload), [upload], [preview, notes, chat, turns], api_name="upload")
+
+    def on_upload(path):
+      """A new image starts a new conversation; a cleared field or a bad file leaves the conversation as it is."""
+      if not path:
+        return None, "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
+      try:
+        return (*h.upload(path), None, "", "")
+      except Exception as e:  # noqa: BLE001 - reported in the page
+        return None, "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), _status(e)
+
+    def on_ask(path, text, old_turns, *settings):
+      """Streams the answer; the Ask button and the prompt box are off meanwhile (the question has moved into the
+      conversation) and back on when the answer is complete, while its map is still being drawn."""
+      try:
+        h.image(path)
+        if not (text or "").strip():
+          raise UserError("the prompt is empty: type an instruction or a question about the image")
+        unknown = h.unknown_words(text)
+        note = (f"The model's vocabulary lacks {', '.join(repr(w) for w in unknown)}: it reads them as unknown "
+                "words." if unknown else "")
+        yield (gr.skip(), gr.skip(), gr.skip(), note or "answering…", gr.update(interactive=False),
+               gr.update(value="", interactive=False))
+        for messages, text_so_far, new_turns in h.answer(path, text, old_turns, *settings):
+          yield messages, text_so_far, new_turns, gr.skip(), gr.skip(), gr.skip()
+        yield gr.skip(), gr.skip(), gr.skip(), note, gr.update(interactive=True), gr.update(interactive=True)
+      except Exception as e:  # noqa: BLE001 - reported in the page; the conversation stays as it was
+        yield (gr.skip(), gr.skip(), gr.skip(), _status(e), gr.update(interactive=True),
+               gr.update(interactive=True))
+
+    def on_map(path, new_turns, wanted):
+      if not wanted or len(new_turns) < 2:
+        return gr.skip(), gr.skip()
+      try:
+        return h.last_map(path, new_turns), gr.skip()
+      except Exception as e:  # noqa: BLE001
+        return gr.skip(), _status(e)
+
+    def on_compare(path, a, b, *settings):
+      try:
+        return (*h.compare(path, a, b, *settings), "")
+      except Exception as e:  # noqa: BLE001
+        return gr.skip(), gr.skip(), gr.skip(), _status(e)
+
+    upload.change(on_upload, [upload], [preview, notes, chat, turns, overlay, answer, status], api_name=False)
+    pending = []
     for trigger in (ask.click, prompt.submit):
-      trigger(_friendly(h.ask), [upload, prompt, turns] + decoding + [show_maps], [chat, answer, overlay, turns],
-              api_name="ask" if trigger == ask.click else False)
-    new.click(lambda: ([], [], "", None), None, [chat, turns, answer, overlay], api_name=False)
-    compare.click(_friendly(h.compare), [upload, prompt_a, prompt_b] + decoding, [answer_a, answer_b, overlay_ab],
-                  api_name="compare")
+      event = trigger(on_ask, [upload, prompt, turns] + decoding, [chat, answer, turns, status, ask, prompt],
+                      api_name=False, trigger_mode="multiple")
+      pending += [event, event.then(on_map, [upload, turns, show_maps], [overlay, status], api_name=False)]
+    new.click(lambda: ([], [], "", None, "", gr.update(interactive=True), gr.update(interactive=True)), None,
+              [chat, turns, answer, overlay, status, ask, prompt], cancels=pending, api_name=False)
+    compare.click(on_compare, [upload, prompt_a, prompt_b] + decoding, [answer_a, answer_b, overlay_ab,
+                                                                       compare_status], api_name=False)
+    # The HTTP API (gradio_client): the same handlers, with errors that name the mistake.
+    api = gr.Button(visible=False)
+    api.click(_friendly(h.upload), [upload], [preview, notes, chat, turns], api_name="upload")
+    api.click(_friendly(h.ask), [upload, prompt, turns] + decoding + [show_maps], [chat, answer, overlay, turns],
+              api_name="ask")
+    api.click(_friendly(h.compare), [upload, prompt_a, prompt_b] + decoding, [answer_a, answer_b, overlay_ab],
+              api_name="compare")
   return app
+
+
+def default_model() -> str:
+  """The demo `make demo` trained, when it has a checkpoint; else the demo checkpoint before tuning."""
+  return TRAINED_DEMO if os.path.isdir(os.path.join(TRAINED_DEMO, "checkpoints")) else DEMO_MODEL
 
 
 def _args(argv):
   p = argparse.ArgumentParser(prog="python -m iblip_jax.serve", description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", default=DEMO_MODEL, help="Hugging Face InstructBLIP directory or training workdir "
-                 "(default: the demo checkpoint)")
+  p.add_argument("--model", default=None, help="Hugging Face InstructBLIP directory or training workdir (default: "
+                 f"the trained demo {TRAINED_DEMO} if `make demo` has run, else {DEMO_MODEL})")
   p.add_argument("--dtype", default=None, help="the frozen towers' dtype: float32 (default) or bfloat16")
   p.add_argument("--port", type=int, default=7860)
   p.add_argument("--max-batch", type=int, default=4)
@@ -223,22 +346,26 @@ def _args(argv):
 
 def main(argv=None) -> int:
   args = _args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  distributed.default_platform()
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+  for noisy in ("httpx", "absl"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # nothing leaves this machine
+  model = os.path.normpath(args.model or default_model())
   try:
-    gr = _gradio()
-    model = os.path.normpath(args.model)
+    _gradio()
     if not os.path.isdir(model):
-      raise UserError(f"--model={args.model}: no such directory"
+      raise UserError(f"--model={model}: no such directory"
                       + (" (the demo checkpoint ships with the repository: run from a source checkout or pass "
-                         "--model)" if args.model == DEMO_MODEL else ""))
+                         "--model)" if model == DEMO_MODEL else ""))
     pipe = Pipeline.from_pretrained(model, args.dtype, max_batch=args.max_batch)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  app = build_app(pipe)
+  text, demo = describe_model(model)
+  app = build_app(pipe, model_text=text, examples=shapes.EXAMPLE_PROMPTS if demo else ())
   app.queue(default_concurrency_limit=1)
-  print(f"serving {model} on http://127.0.0.1:{args.port} (Ctrl-C stops)", flush=True)
+  print(f"serving {text}\non http://127.0.0.1:{args.port} (Ctrl-C stops)", flush=True)
   app.launch(server_name="127.0.0.1", server_port=args.port, max_file_size=MAX_UPLOAD, show_error=True,
              ssr_mode=False, quiet=True)
   return 0

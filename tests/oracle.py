@@ -9,6 +9,10 @@ from transformers import InstructBlipConfig, InstructBlipForConditionalGeneratio
 
 NUM_QUERY = 10
 IMAGE_TOKEN = 98
+# The word-level vocabulary of the evaluator tests' tokenizers (conftest.py tiny_eval): every word their prompts and
+# candidates use.
+EVAL_WORDS = ("question short answer what color is the cat dog yes no red blue true false green big small a an of "
+              "very dark light hateful image with written on it this description options").split()
 
 
 def tiny_hf_config(*, tie: bool = True, cross_attention_frequency: int = 2, num_decoder_layers: int = 2,
@@ -92,3 +96,28 @@ def hf_generate(model, batch: dict[str, np.ndarray], **kw) -> np.ndarray:
   decoder-only: image tokens and prompt first)."""
   with torch.no_grad():
     return model.generate(**hf_inputs(batch), do_sample=False, **kw).numpy()
+
+
+# Generation settings compared token for token with transformers (tests/test_decoding.py, test_decoding_llama.py):
+# greedy, beams, length penalties of both signs, repetition penalty, min_new_tokens, several returned sequences.
+DECODING_SETTINGS = [
+    dict(num_beams=1),
+    dict(num_beams=1, repetition_penalty=1.5, min_new_tokens=4),
+    dict(num_beams=3),
+    dict(num_beams=4, length_penalty=-1.0),
+    dict(num_beams=5, length_penalty=1.0, repetition_penalty=1.5),
+    dict(num_beams=5, length_penalty=-1.0, repetition_penalty=1.5, min_new_tokens=3, num_return_sequences=3),
+    dict(num_beams=3, min_new_tokens=6),
+]
+
+
+def assert_same_tokens(ours, theirs, eos=1, pad=0):
+  """Equal up to and including EOS; after EOS ours is padding (transformers fills with whatever it used)."""
+  ours = np.asarray(ours)
+  assert ours.shape[0] == theirs.shape[0]
+  for row_ours, row_theirs in zip(ours, theirs):
+    n = len(row_theirs)
+    if eos in row_theirs:
+      n = int(np.argmax(row_theirs == eos)) + 1
+    np.testing.assert_array_equal(row_ours[:n], row_theirs[:n])
+    assert (row_ours[n:] == pad).all() or n == len(row_ours)

@@ -41,7 +41,8 @@ def test_explicit_path_only_on_request_and_equal_to_the_fused_kernel(setup):
   assert cross == (0, 2)   # cross_attention_frequency=2 over 3 layers
   assert sorted(state["intermediates"]["qformer"]) == [f"layer_{i}" for i in cross]
   # init is unchanged: parameters only, no perturbations or intermediates
-  init = jax.eval_shape(lambda: model.init(jax.random.key(0), **iblip_jax.models.instructblip.dummy_inputs(model.config)))
+  inputs = iblip_jax.models.instructblip.dummy_inputs(model.config)
+  init = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))
   assert set(init) == {"params"}
 
 

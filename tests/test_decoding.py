@@ -27,35 +27,14 @@ def _hf_generate(hf, batch, **kw):
   return oracle.hf_generate(hf, batch, **kw)[:, 1:]  # drop the decoder start token
 
 
-def _assert_same_tokens(ours, theirs, eos=1, pad=0):
-  """Equal up to and including EOS; after EOS ours is padding (transformers fills with whatever it used)."""
-  ours = np.asarray(ours)
-  assert ours.shape[0] == theirs.shape[0]
-  for row_ours, row_theirs in zip(ours, theirs):
-    n = len(row_theirs)
-    if eos in row_theirs:
-      n = int(np.argmax(row_theirs == eos)) + 1
-    np.testing.assert_array_equal(row_ours[:n], row_theirs[:n])
-    assert (row_ours[n:] == pad).all() or n == len(row_ours)
-
-
 def _inputs():
   b = oracle.tiny_batch(seed=5)
   return {k: v for k, v in b.items() if not k.startswith("decoder")}
 
 
-SETTINGS = [
-    dict(num_beams=1),
-    dict(num_beams=1, repetition_penalty=1.5, min_new_tokens=4),
-    dict(num_beams=3),
-    dict(num_beams=4, length_penalty=-1.0),
-    dict(num_beams=5, length_penalty=1.0, repetition_penalty=1.5),
-    dict(num_beams=5, length_penalty=-1.0, repetition_penalty=1.5, min_new_tokens=3, num_return_sequences=3),
-    dict(num_beams=3, min_new_tokens=6),
-]
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("setting", oracle.DECODING_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_matches_transformers_generate(models, setting):
   hf, model, params = models
   batch = _inputs()
@@ -64,7 +43,7 @@ def test_matches_transformers_generate(models, setting):
                             **{"min_new_tokens": 0, **setting})
   theirs = _hf_generate(hf, batch, max_new_tokens=max_new, **setting)
   assert ours.shape == (3 * setting.get("num_return_sequences", 1), max_new)
-  _assert_same_tokens(ours, theirs)
+  oracle.assert_same_tokens(ours, theirs)
 
 
 def test_some_generations_stop_early(models):
@@ -133,12 +112,13 @@ def test_video_frames_are_encoded_independently_and_concatenated(models):
 
 @pytest.mark.slow
 def test_generation_on_a_sharded_mesh_matches_one_device(models):
-  from iblip_jax import config_lib, sharding
+  from iblip_jax import sharding
+  from iblip_jax.run import settings
   _, model, params = models
   batch = {k: np.concatenate([v, v[:1]]) for k, v in _inputs().items()}  # 4 rows over data x fsdp = 4
   want = iblip_jax.generate(model, params, **batch, num_beams=3, max_new_tokens=6)
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  rules = list(config_lib.SHARDING_RULES)
+  rules = list(settings.SHARDING_RULES)
   sh = sharding.logical_shardings(iblip_jax.params_shape(model, boxed=True), mesh, rules)
   sharded = jax.device_put(params, sh)
   with sharding.context(mesh, rules):

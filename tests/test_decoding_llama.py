@@ -5,7 +5,6 @@ import torch
 
 import iblip_jax
 import oracle
-from test_decoding import SETTINGS, _assert_same_tokens
 
 EOS, PAD = 2, 0
 
@@ -41,7 +40,7 @@ def _hf_generate(hf, batch, **kw):
   return oracle.hf_generate(hf, batch, pad_token_id=PAD, eos_token_id=EOS, **kw)[:, prompt:]  # it returns the prompt too
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("setting", oracle.DECODING_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_matches_transformers_generate(models, setting):
   hf, model, params = models
   batch = _left_padded_inputs()
@@ -49,7 +48,7 @@ def test_matches_transformers_generate(models, setting):
   ours = iblip_jax.generate(model, params, **batch, max_new_tokens=max_new, **{"min_new_tokens": 0, **setting})
   theirs = _hf_generate(hf, batch, max_new_tokens=max_new, **setting)
   assert ours.shape == (3 * setting.get("num_return_sequences", 1), max_new)
-  _assert_same_tokens(ours, theirs, eos=EOS, pad=PAD)
+  oracle.assert_same_tokens(ours, theirs, eos=EOS, pad=PAD)
 
 
 def test_padding_side_does_not_matter(models):

@@ -23,9 +23,9 @@ LAYERS = [
     ("engine",),
     ("evaluation",),
     ("run", "config_lib", "main"),
+    ("demo",),
     ("inference", "serve"),
     ("aot",),
-    ("demo",),
 ]
 # Function-level imports of the package's own modules, each with why it cannot be at the top.
 LAZY = {}

@@ -1,28 +1,18 @@
 """The web demo on the demo checkpoint: its handlers (in process) stream the Pipeline's answer and report bad requests
 as messages; the app started as `python -m iblip_jax.serve` answers through its HTTP API (gradio_client), survives
 bad requests and listens on 127.0.0.1 only."""
-import os
 import socket
 import subprocess
-import sys
-import time
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from iblip_jax.demo import shapes
+import servers
 
 gr = pytest.importorskip("gradio", reason="the web demo needs the serve extra")
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-DEMO = os.path.join(ROOT, "demo_assets", "instructblip-demo")
+DEMO = servers.DEMO
 GREEDY = ("greedy", 5, 1.0, 50, 1.0, 12, 1.5, 0)     # mode, beams, temperature, top_k, top_p, max new, penalty, seed
-
-
-def demo_image(path) -> str:
-  shapes.draw("square", "blue", "yellow", np.random.default_rng(0)).resize((96, 96)).save(path)
-  return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +35,7 @@ def test_handlers_stream_the_pipeline_answer_and_report_bad_requests(pipe, tmp_p
   from iblip_jax.inference import Conversation
   from iblip_jax.serve import Handlers, _friendly
   h = Handlers(pipe)
-  path = demo_image(tmp_path / "square.png")
+  path = servers.demo_image(tmp_path / "square.png")
   preview, notes, _, _ = h.upload(path)
   assert preview.size == (96, 96) and "96 x 96 pixels" in notes
   updates = list(h.ask(path, "what color is the shape?", [], *GREEDY, False))
@@ -74,46 +64,10 @@ def test_handlers_stream_the_pipeline_answer_and_report_bad_requests(pipe, tmp_p
     _friendly(h.compare)(path, "a", "b", "beam search", "five", 1.0, 50, 1.0, 12, 1.5, 0)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _external_address() -> str | None:
-  """An address of this machine other than loopback, if it has one."""
-  with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-    try:
-      s.connect(("10.255.255.255", 1))   # no packet is sent: this only picks the outgoing interface
-      address = s.getsockname()[0]
-    except OSError:
-      return None
-  return None if address.startswith("127.") else address
-
-
-def start_server(port: int, log_path) -> subprocess.Popen:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "GRADIO_ANALYTICS_ENABLED": "False",
-         "PYTHONUNBUFFERED": "1"}
-  log = open(log_path, "w")
-  proc = subprocess.Popen([sys.executable, "-m", "iblip_jax.serve", "--port", str(port)], cwd=ROOT, env=env,
-                          stdout=log, stderr=subprocess.STDOUT)
-  deadline = time.time() + 240
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f"the server exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
-    try:
-      with socket.create_connection(("127.0.0.1", port), timeout=1):
-        return proc
-    except OSError:
-      time.sleep(0.5)
-  proc.kill()
-  raise AssertionError(f"the server did not listen within 240 s:\n{open(log_path).read()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-  port = _free_port()
-  proc = start_server(port, tmp_path_factory.mktemp("serve") / "server.log")
+  port = servers.free_port()
+  proc = servers.start_server(port, tmp_path_factory.mktemp("serve") / "server.log", "--model", servers.DEMO)
   yield f"http://127.0.0.1:{port}/", port, proc
   proc.terminate()
   try:
@@ -129,7 +83,7 @@ def test_app_answers_through_its_http_api(server, pipe, tmp_path):
   client = Client(url, verbose=False)
   assert {"/ask", "/compare", "/upload"} <= set(client.view_api(print_info=False, return_format="dict")
                                                  ["named_endpoints"])
-  path = demo_image(tmp_path / "square.png")
+  path = servers.demo_image(tmp_path / "square.png")
   messages, answer, overlay, = client.predict(handle_file(path), "what color is the shape?", *GREEDY, True,
                                               api_name="/ask")
   assert answer == pipe(path, "what color is the shape?", num_beams=1, max_new_tokens=12, repetition_penalty=1.5)
@@ -145,7 +99,7 @@ def test_app_answers_through_its_http_api(server, pipe, tmp_path):
   assert a == answer and Image.open(both).width > Image.open(overlay).width
   assert proc.poll() is None
   # 127.0.0.1 only
-  external = _external_address()
+  external = servers.external_address()
   if external:
     with pytest.raises(OSError):
       socket.create_connection((external, port), timeout=2).close()

@@ -152,7 +152,8 @@ def test_remat_gives_the_same_loss_and_gradients(policy):
   def loss_and_grads(remat):
     config.model.text.remat = remat
     model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
-    params = jax.jit(lambda r: nn.meta.unbox(model.init(r, **iblip_jax.models.instructblip.dummy_inputs(model.config))))(
+    inputs = iblip_jax.models.instructblip.dummy_inputs(model.config)
+    params = jax.jit(lambda r: nn.meta.unbox(model.init(r, **inputs)))(
         jax.random.key(0))["params"]
     trainable, frozen = trainable_lib.split(params, config.trainable)
     f = lambda t: ts.loss_fn(model, trainable_lib.merge(t, frozen), batch, None)[0]

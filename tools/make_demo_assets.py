@@ -28,6 +28,7 @@ import flax.linen as nn
 from PIL import Image
 
 from iblip_jax import config_lib, hf, losses, optim, sharding, train_state
+from iblip_jax.run import settings
 from iblip_jax import trainable as trainable_lib
 from iblip_jax.data import mixture, pipeline, tokenize
 from iblip_jax.demo import shapes, word_tokenizers
@@ -150,7 +151,7 @@ def main():
   print(f"vocabularies: Q-Former {len(tok.qformer)}, LLM {len(tok.llm)}")
 
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), jax.devices()[:1])
-  rules = list(config_lib.SHARDING_RULES)
+  rules = list(settings.SHARDING_RULES)
   with tempfile.TemporaryDirectory() as data_dir:
     files = shapes.generate(data_dir, train=4000, val=0, seed=1000 + args.seed)  # not the demo's own images
     params = jax.tree.map(np.asarray, nn.meta.unbox(jax.jit(instructblip.init_fn(model))(jax.random.key(args.seed))))

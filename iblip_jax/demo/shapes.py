@@ -4,7 +4,8 @@
 
 Held-in tasks (instruction tuning): captioning, VQA (colours and shape, short generated answers), question
 generation. Held-out task type (zero-shot): multiple choice, the options listed in the prompt and the answer chosen
-by candidate ranking; no image-text training example has that format (the language model met it in text only). Everything is deterministic for a seed. Files: images/*.png, and JSONL files in the generic
+by candidate ranking; no image-text training example has that format (the language model met it in text only).
+Everything is deterministic for a seed. Files: images/*.png, and JSONL files in the generic
 format ({"image": relative path, "text_input", "text_output"}) or with evaluation fields.
 """
 import argparse
@@ -27,6 +28,9 @@ QA_PROMPT = "Question: {} Short answer:"
 QGEN_PROMPT = "Given the image, generate a question whose answer is: {}. Question:"
 SHAPE_QUESTION = "What shape is in the image?"
 MC_PROMPT = "Question: {question} Options: {options}. Short answer:"
+# Prompts the demo model was tuned on, for people trying it (the web demo offers them as examples).
+EXAMPLE_PROMPTS = (QA_PROMPT.format(COLOR_QUESTIONS["shape"]), QA_PROMPT.format(SHAPE_QUESTION),
+                   QA_PROMPT.format(COLOR_QUESTIONS["background"]), CAPTION_PROMPTS[0])
 
 
 def draw(shape: str, color: str, background: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:

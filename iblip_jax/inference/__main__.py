@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from iblip_jax import distributed
 from iblip_jax.errors import UserError
 from iblip_jax.inference.pipeline import Pipeline
 
@@ -52,6 +53,7 @@ def _answer(chat, question: str, streamed: bool) -> None:
 
 def main(argv=None) -> int:
   args = _args(argv)
+  distributed.default_platform()
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
   settings = dict(do_sample=args.sample, num_beams=args.num_beams, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens,

@@ -9,6 +9,7 @@ import sys
 
 import jax
 from absl import flags
+from absl import logging as absl_logging
 
 from iblip_jax import distributed
 from iblip_jax.errors import UserError
@@ -23,19 +24,24 @@ class _Console(logging.Formatter):
 
 def console_logging() -> None:
   """The library logs through `logging` (iblip_jax.*); the job shows its INFO and above on stdout, plainly (absl's
-  handler would put them on stderr behind a timestamp prefix, with INFO hidden)."""
+  handler would put them on stderr behind a timestamp prefix, with INFO hidden); other libraries' INFO is hidden."""
   handler = logging.StreamHandler(sys.stdout)
   handler.setFormatter(_Console())
   logger = logging.getLogger("iblip_jax")
   logger.handlers[:] = [handler]
   logger.setLevel(logging.INFO)
   logger.propagate = False
+  # orbax and grain log every checkpoint's internals at INFO through absl (dozens of lines a save): a console shows
+  # progress, results and real warnings only (--verbosity=0 brings them back)
+  if not flags.FLAGS.is_parsed() or flags.FLAGS["verbosity"].using_default_value:
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def before_jax(config) -> None:
   """What has to happen before anything touches JAX's backends, in every mode: on a pod, jax.distributed.initialize
   refuses to start once a backend exists, and XLA reads its flags when the backend starts."""
   console_logging()
+  distributed.default_platform()
   _cpu_compiler_flags(config)
   distributed.maybe_initialize()
   _warn_cpu_bf16(config)

@@ -1,117 +1,211 @@
-"""The config, read once: `resolve(config, workdir, mode)` turns the ml_collections ConfigDict into typed, checked
-settings that every mode takes, so nothing downstream re-reads raw keys.
+"""The main job's settings, declared once: each is a dataclass field here, with its default and what it means.
+config_lib.base() builds the ml_collections ConfigDict that config files and --config.key=value edit from these
+declarations (config_defaults), and `resolve(config, workdir, mode)` reads it back into them, checked, so that
+nothing downstream reads raw keys.
 
 Every problem is collected and reported at once, each naming the field (`config.x.y=value` and what is expected),
 before anything is loaded or compiled. The model config is resolved here too: the checkpoint's config.json with
 config.model's settings on top (iblip_jax.hf.load_config), or config.model alone without a checkpoint.
 """
 import dataclasses
+import math
 import os
 from typing import Any
 
 import jax
 
-from iblip_jax import hf, sharding
+from iblip_jax import hf, prompts, sharding
 from iblip_jax.data import templates
 from iblip_jax.data.sources import Source, problems as source_problems
+from iblip_jax.decoding import Decoding
 from iblip_jax.errors import UserError
 from iblip_jax.evaluation import paper_numbers, tasks
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.configs import InstructBlipConfig
 from iblip_jax.run import best
+from iblip_jax.trainable import INSTRUCTION_TUNING
 
 MODES = ("train", "eval", "predict", "export", "summary")
+
+# Logical axis -> mesh axes (MaxText/t5x style). Weights: FSDP over their embedding dimension, tensor parallelism
+# over heads and MLP. Activations (act_*) split the batch over data x fsdp.
+SHARDING_RULES = (
+    ("act_batch", ("data", "fsdp")), ("act_length", None), ("act_embed", None), ("act_vocab", "tensor"),
+    ("embed", "fsdp"), ("image_embed", "fsdp"), ("llm_embed", "tensor"),
+    ("mlp", "tensor"), ("heads_joined", "tensor"), ("kv_joined", "tensor"), ("qkv", "tensor"), ("vocab", "tensor"),
+    ("heads", None), ("relpos_buckets", None), ("layers", None),
+)
+LAVIS = Decoding()
 
 
 class ConfigError(UserError):
   """The config (or the command line) asks for something that cannot run; the message lists every problem."""
 
 
+def _config(value, **metadata):
+  """A setting whose config form differs from its typed one (a dict of entries, a list): `value` is the form a
+  config file edits."""
+  return {"config": value, **metadata}
+
+
+NOT_IN_CONFIG = {"in_config": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class Optim:
-  """AdamW and its schedule (iblip_jax.optim reads these by name)."""
-  lr: float
-  warmup_lr: float
-  warmup_steps: int
-  min_lr: float
-  b1: float
-  b2: float
-  eps: float
-  weight_decay: float
-  grad_clip_norm: float
-  grad_accum_steps: int
+  """AdamW and its schedule (iblip_jax.optim reads these by name): the paper's / LAVIS's, warmup from 1e-8 to 1e-5
+  over 1,000 steps, then cosine decay to min_lr."""
+  lr: float = 1e-5
+  warmup_lr: float = 1e-8
+  warmup_steps: int = 1000
+  min_lr: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.05
+  grad_clip_norm: float = 0.0      # 0: no clipping
+  grad_accum_steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  datasets: tuple[Source, ...]
-  balanced: bool       # p ~ sqrt(size) x weight (True) or size x weight
-  workers: int         # grain worker processes decoding images
-  random_crop: bool    # RandomResizedCrop(0.5-1.0) in training, as LAVIS
-  mixing: str          # "example" or "step" (one dataset per global batch, LAVIS)
-  max_skip_rate: float # warn above this recent fraction of skipped examples
-  group_by_length: int # windows (global batches) within which examples are regrouped by length; 0 = off
-  fitted_buckets: int  # bucket lengths per field fitted to the data; 0 = the fixed powers of two
-  instruction_format: str = "templates"   # or "raw" / "dataset_name": the paper's multitask baselines (templates.py)
+  # Training data: {name: {"format": a reader name (iblip_jax.data.readers), "path": ..., "weight": 1.0}}, or a
+  # prepared dataset (iblip_jax.data.tfds_builder): {"format", "tfds_data_dir", "split": "train", "weight"}.
+  datasets: tuple[Source, ...] = dataclasses.field(default=(), metadata=_config({}))
+  balanced: bool = True            # p ~ sqrt(size) x weight (True) or size x weight
+  workers: int = 0                 # grain worker processes decoding images
+  random_crop: bool = True         # RandomResizedCrop(0.5-1.0) in training, as LAVIS (no flip: it breaks left/right)
+  mixing: str = "example"          # "example" (every example drawn from the mixture) or "step" (one dataset per
+                                   # global batch, LAVIS)
+  max_skip_rate: float = 0.1       # warn above this recent fraction of examples skipped as bad
+  # "templates" (instruction tuning), or the paper's multitask baselines without instructions: "raw" (the question
+  # alone, an empty instruction for captions) or "dataset_name" ("[Task:Dataset] question") (templates.py)
+  instruction_format: str = "templates"
+  group_by_length: int = 0         # regroup examples by padded shape within windows of this many global batches
+  fitted_buckets: int = 0          # at most this many bucket lengths per field fitted to the data; 0 = powers of 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Predict:
-  images: str
-  prompt: str
-  output: str
-  batch_size: int
-  num_beams: int
-  max_new_tokens: int
-  min_new_tokens: int
-  length_penalty: float
-  repetition_penalty: float
-  attention_maps: str = ""   # a folder (local or gs://): each answer's attention overlay as a PNG
+  """--config.mode=predict (run/predict.py); decoding as LAVIS's (iblip_jax.decoding.Decoding)."""
+  images: str = ""                 # a file, folder, comma list, or JSONL of {"image", "prompt"}
+  prompt: str = prompts.CAPTION
+  output: str = ""                 # answers.jsonl (local or gs://); "" prints them
+  batch_size: int = 8
+  num_beams: int = LAVIS.beams
+  max_new_tokens: int = LAVIS.max_new_tokens
+  min_new_tokens: int = LAVIS.min_new_tokens
+  length_penalty: float = LAVIS.length_penalty
+  repetition_penalty: float = LAVIS.repetition_penalty
+  attention_maps: str = ""         # a folder (local or gs://): each answer's attention overlay as a PNG
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  mode: str
-  workdir: str | None
-  model: InstructBlipConfig
-  model_init: str                  # "" = freshly initialised from config.model (smoke tests)
-  model_init_required: bool        # refuse to run (but summary) without model_init
-  model_init_stage1: str           # BLIP-2 stage 1 (the Q-Former's text side) when model_init is a BLIP-2 stage 2
-  tokenizer: str                   # defaults to model_init
-  trainable: tuple[str, ...]
-  reinit_trainable: bool
-  seed: int
-  total_steps: int
-  batch_size: int
-  dropout: bool
-  rng_impl: str                    # dropout's random-bit generator (jax.random.key impl)
-  optim: Optim
-  mesh: dict[str, int]
-  sharding_rules: tuple[tuple, ...]
-  max_replicated_bytes: int
-  data: Data
-  evals: tuple[Source, ...]
-  eval_every: int
-  eval_at_start: bool
-  eval_at_end: bool
-  eval_untrained_baseline: bool
-  eval_batch_size: int
-  eval_max_examples: int
-  log_every: int
-  checkpoint_every: int
-  keep_checkpoints: int
-  fresh_start_if_unreadable: bool
-  export_dir: str
-  predict: Predict
-  baselines: dict[str, float]      # chance levels per evaluation, for the final table
-  best_checkpoint_metrics: tuple[str, ...]   # "<eval>/<metric>": training keeps workdir/best by their mean (best.py)
-  paper_model: str                 # eval mode: the paper's LLM to set the results beside (Table 1); "" = none
-  config_json: str                 # the whole config, written to workdir/config.json by training
+  mode: str = "summary"
+  # The model's sizes and switches (models/configs.py field names; config_lib.base fills it). With model_init, the
+  # checkpoint's config.json decides the architecture and config.model adds settings on top; sizes stated there
+  # must then agree with the checkpoint.
+  model: InstructBlipConfig | None = dataclasses.field(default=None, metadata=_config({}))
+  model_init: str = ""             # a local Hugging Face InstructBLIP (or BLIP-2 stage-2) directory; "" = random
+  # With a BLIP-2 stage-2 model_init (Blip2ForConditionalGeneration, the paper's start): the stage-1 directory
+  # (Blip2ForImageTextRetrieval) that gives the Q-Former's text side, as LAVIS does; "" = the documented fallback,
+  # with a warning (iblip_jax/hf/blip2.py).
+  model_init_stage1: str = ""
+  model_init_required: bool = False  # train/eval/predict/export refuse to run without model_init (paper configs)
+  tokenizer: str = ""              # defaults to model_init (its top level + qformer_tokenizer/)
+  trainable: tuple[str, ...] = dataclasses.field(default=INSTRUCTION_TUNING, metadata=_config(list(INSTRUCTION_TUNING)))
+  reinit_trainable: bool = False   # True: the Q-Former side starts from scratch instead of model_init's weights
+  seed: int = 0
+  total_steps: int = 10_000
+  batch_size: int = 192            # global batch, split over data x fsdp
+  dropout: bool = True             # LAVIS trains with the Q-Former's and (frozen) T5's dropout active
+  # The random-bit generator of dropout: "threefry2x32" (the same bits on any mesh and number of hosts: the
+  # multi-host tests compare runs bit for bit), or the cheaper "rbg" / "unsafe_rbg" (BENCHMARKS.md).
+  rng_impl: str = "threefry2x32"
+  optim: Optim = Optim()
+  # data/fsdp/tensor within a slice (-1 = the rest); dcn_* across slices of a multi-slice pod.
+  mesh: dict = dataclasses.field(default_factory=lambda: dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1,
+                                                              dcn_tensor=1))
+  sharding_rules: tuple = dataclasses.field(default=SHARDING_RULES,
+                                            metadata=_config([list(r) for r in SHARDING_RULES]))
+  # A larger replicated tensor is a sharding mistake: fail before compiling. (128: the Q-Former's 94 MB word
+  # embedding has a vocabulary of 30523, which no mesh axis divides, so it stays whole when `fsdp` is 1.)
+  max_replicated_mb: float = 128.0
+  data: Data = Data()
+  # Evaluations: {name: {"task": an iblip_jax.evaluation.tasks name, "format": ..., "path": ...}}
+  evals: tuple[Source, ...] = dataclasses.field(default=(), metadata=_config({}))
+  eval_every: int = 1000
+  eval_at_start: bool = False
+  eval_at_end: bool = True
+  eval_untrained_baseline: bool = False  # also evaluate a randomly initialised trainable side at the start
+  eval_batch_size: int = 8
+  eval_max_examples: int = 0       # 0 = all
+  # Validation-based checkpoint selection (the paper keeps the best on held-in validation): evaluations ("<eval
+  # name>" = its task's headline metric, or "<eval name>/<metric>") whose mean, after every evaluation during
+  # training, decides the checkpoint kept in workdir/best/ (run/best.py). A tuple on the command line:
+  # --config.best_checkpoint_metrics="('coco_val', 'okvqa_val')"
+  best_checkpoint_metrics: tuple[str, ...] = ()
+  # eval mode: the paper's LLM ("flant5xl", "flant5xxl", "vicuna7b", "vicuna13b") to set the results beside, in
+  # table1.md / table1.png under the evaluation's directory (evaluation/report.py); "" = none.
+  paper_model: str = ""
+  baselines: dict = dataclasses.field(default_factory=dict)   # chance level per evaluation, for the final table
+  log_every: int = 50
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  # Checkpoints exist but none can be read: True starts over from model_init instead of stopping (checkpoints.py:
+  # unreadable ones are moved aside, never deleted).
+  fresh_start_if_unreadable: bool = False
+  export_dir: str = ""
+  predict: Predict = Predict()
+  workdir: str | None = dataclasses.field(default=None, metadata=NOT_IN_CONFIG)
+  config_json: str = dataclasses.field(default="", metadata=NOT_IN_CONFIG)  # written to workdir/config.json
+
+  @property
+  def max_replicated_bytes(self) -> int:
+    return int(self.max_replicated_mb * 2**20)
 
 
-# The config's top-level keys: the settings' fields, as config_lib.base names them.
-_TOP_LEVEL = {f.name for f in dataclasses.fields(Settings)} - {"workdir", "config_json", "max_replicated_bytes"} | {
-    "max_replicated_mb"}
+def config_defaults(cls=Settings) -> dict:
+  """The settings' defaults in the form a config edits (nested dicts, lists), for config_lib.base."""
+  out = {}
+  for f in dataclasses.fields(cls):
+    if not f.metadata.get("in_config", True):
+      continue
+    if "config" in f.metadata:
+      out[f.name] = f.metadata["config"]
+    elif dataclasses.is_dataclass(f.default):
+      out[f.name] = config_defaults(type(f.default))
+    else:
+      out[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+  return out
+
+
+def _unknown(config, cls, where: str) -> list[str]:
+  """Keys of `config` that no setting of `cls` declares, at every level of nested settings."""
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("in_config", True)}
+  out = [f"{where}.{k}" for k in sorted(config.keys()) if k not in fields]
+  for name, f in fields.items():
+    if dataclasses.is_dataclass(f.default) and name in config:
+      out += _unknown(config[name], type(f.default), f"{where}.{name}")
+  return out
+
+
+def _read(config, cls, given: dict):
+  """`cls` from `config`: nested settings read the same way, lists as tuples, missing keys at their defaults (a
+  workdir's config.json from an older version), and `given` (the fields resolved apart) as they are."""
+  values = {}
+  for f in dataclasses.fields(cls):
+    if f.name in given:
+      values[f.name] = given[f.name]
+    elif f.metadata.get("in_config", True) and f.name in config:
+      value = config[f.name]
+      if dataclasses.is_dataclass(f.default):
+        value = _read(value, type(f.default), {})
+      elif isinstance(value, list):
+        value = tuple(value)
+      values[f.name] = value
+  return cls(**values)
 
 
 def _sources(entries, where: str) -> tuple[Source, ...]:
@@ -126,10 +220,25 @@ def _sources(entries, where: str) -> tuple[Source, ...]:
   return tuple(out)
 
 
-def _positive(config, keys, problems):
+def _positive(s: Settings, keys, problems):
   for key in keys:
-    if config[key] <= 0:
-      problems.append(f"config.{key}={config[key]} must be positive")
+    if getattr(s, key) <= 0:
+      problems.append(f"config.{key}={getattr(s, key)} must be positive")
+
+
+def _optim_problems(o: Optim) -> list[str]:
+  """Numbers the optimizer cannot train with: a rate or decay that is negative, zero where it must move, or not
+  finite would train for nothing (or backwards) and exit 0."""
+  checks = [("lr", o.lr > 0, "a positive number (the peak learning rate)"),
+            ("warmup_lr", o.warmup_lr >= 0, "a number >= 0 (the rate warmup starts from)"),
+            ("min_lr", 0 <= o.min_lr <= o.lr, f"a number in [0, lr={o.lr}] (where the cosine ends)"),
+            ("warmup_steps", o.warmup_steps >= 0, "an integer >= 0"),
+            ("weight_decay", o.weight_decay >= 0, "a number >= 0"),
+            ("b1", 0 <= o.b1 < 1, "a number in [0, 1)"), ("b2", 0 <= o.b2 < 1, "a number in [0, 1)"),
+            ("eps", o.eps > 0, "a positive number"), ("grad_clip_norm", o.grad_clip_norm >= 0, "a number >= 0 (0: off)"),
+            ("grad_accum_steps", o.grad_accum_steps >= 1, "an integer >= 1")]
+  return [f"config.optim.{name}={getattr(o, name)!r}: expected {what}" for name, ok, what in checks
+          if not ok or not math.isfinite(getattr(o, name))]
 
 
 def _batch(size: int, where: str, mesh: dict) -> list[str]:
@@ -165,106 +274,87 @@ def _model(config, problems) -> InstructBlipConfig | None:
     return None
 
 
-def _instruction_format(config) -> list[str]:
-  value = config.data.get("instruction_format", "templates")
-  if value not in templates.INSTRUCTION_FORMATS:
-    return [f"config.data.instruction_format={value!r} must be one of {', '.join(templates.INSTRUCTION_FORMATS)} "
-            "(instruction templates, or the paper's multitask baselines without them)"]
-  return []
-
-
-def _paper_model(config) -> list[str]:
-  value = config.get("paper_model") or ""
-  if value and value not in paper_numbers.MODELS:
-    return [f"config.paper_model={value!r} is not one of the paper's models ({', '.join(paper_numbers.MODELS)})"]
-  return []
-
-
 def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
   """The checked settings of `config` for `mode` (default: config.mode). Raises ConfigError listing every problem.
   Needs JAX's devices (the mesh is checked against them): call after distributed start-up."""
   mode = mode or config.mode
-  problems = []
   if mode not in MODES:
     raise ConfigError(f"--config.mode={mode!r} is not a mode; available: {', '.join(sorted(MODES))}")
-  unknown = sorted(set(config.keys()) - _TOP_LEVEL)
-  if unknown:
-    problems.append(f"unknown config keys {unknown}: not settings of iblip_jax (typo?)")
-  if config.rng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
-    problems.append(f"config.rng_impl={config.rng_impl!r}: expected 'threefry2x32', 'rbg' or 'unsafe_rbg'")
-  if mode in ("train", "eval", "export") and not workdir:
-    problems.append(f"--workdir is required for mode {mode}")
+  problems = [f"{key}: no such setting of iblip_jax (typo?)" for key in _unknown(config, Settings, "config")]
   model = _model(config, problems)
-  if config.get("model_init_required") and not config.model_init and mode != "summary":
-    problems.append("config.model_init is empty, and this config needs pretrained weights (model_init_required): "
-                    "name them with --config.model_init=... (see the config file's docstring)")
-  tokenizer = config.get("tokenizer") or config.model_init
-  if mode in ("train", "eval", "predict") and (not tokenizer or not os.path.isdir(tokenizer)):
-    problems.append(f"config.tokenizer={tokenizer!r}: not a directory with the LLM tokenizer (and "
-                    "qformer_tokenizer/); it defaults to config.model_init")
-  elif mode in ("train", "eval", "predict") and not os.path.isdir(os.path.join(tokenizer, "qformer_tokenizer")):
-    problems.append(f"config.tokenizer={tokenizer!r} has no qformer_tokenizer/ (a BLIP-2 directory has the LLM's "
-                    "tokenizer only): point config.tokenizer at the LLM tokenizer with the Q-Former's in "
-                    "qformer_tokenizer/, e.g. the tokenizer files of an InstructBLIP release (configs/paper/README.md)")
   try:
     datasets = _sources(config.data.datasets, "config.data.datasets")
     evals = _sources(config.evals, "config.evals")
   except ConfigError as e:
     problems.append(str(e))
     datasets, evals = (), ()
-  mesh = dict(config.mesh.to_dict())
+  best_keys, best_problems = best.selection_keys(config.get("best_checkpoint_metrics") or (), evals)
+  s = _read(config, Settings, dict(
+      mode=mode, workdir=workdir, model=model, tokenizer=config.get("tokenizer") or config.get("model_init", ""),
+      data=_read(config.data, Data, dict(datasets=datasets)), evals=evals, mesh=dict(config.mesh.to_dict()),
+      sharding_rules=tuple(tuple(r) for r in config.get("sharding_rules", SHARDING_RULES)),
+      baselines=dict(config.get("baselines") or {}), best_checkpoint_metrics=tuple(best_keys),
+      config_json=config.to_json_best_effort(indent=2)))
+  if s.rng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
+    problems.append(f"config.rng_impl={s.rng_impl!r}: expected 'threefry2x32', 'rbg' or 'unsafe_rbg'")
+  if mode in ("train", "eval", "export") and not workdir:
+    problems.append(f"--workdir is required for mode {mode}")
+  if s.model_init_required and not s.model_init and mode != "summary":
+    problems.append("config.model_init is empty, and this config needs pretrained weights (model_init_required): "
+                    "name them with --config.model_init=... (see the config file's docstring)")
+  if mode in ("train", "eval", "predict"):
+    problems += _tokenizer_problems(s.tokenizer)
   if mode == "train":
-    if config.total_steps <= 0:
-      problems.append(f"config.total_steps={config.total_steps} must be positive")
-    if not datasets:
-      problems.append("config.data.datasets is empty: nothing to train on")
-    problems += _batch(config.batch_size, "config.batch_size", mesh)
-    if config.data.group_by_length and config.data.mixing == "step":
-      problems.append("config.data.group_by_length needs config.data.mixing='example' (grouping by length mixes "
-                      "datasets in a batch)")
-    if config.data.mixing not in ("example", "step"):
-      problems.append(f"config.data.mixing={config.data.mixing!r} must be 'example' (every example drawn from the "
-                      "mixture) or 'step' (every global batch from one dataset, as LAVIS)")
-    for source in datasets:
-      problems += source_problems(source)
-    problems += _instruction_format(config)
-    _positive(config, ("checkpoint_every", "log_every", "eval_every", "keep_checkpoints"), problems)
-  if mode in ("train", "eval") and evals and config.eval_batch_size <= 0:
-    problems.append(f"config.eval_batch_size={config.eval_batch_size} must be positive")
-  if mode == "predict" and config.predict.batch_size <= 0:
-    problems.append(f"config.predict.batch_size={config.predict.batch_size} must be positive")
+    problems += _train_problems(s, datasets) + best_problems
+  if mode in ("train", "eval") and evals and s.eval_batch_size <= 0:
+    problems.append(f"config.eval_batch_size={s.eval_batch_size} must be positive")
+  if mode == "predict" and s.predict.batch_size <= 0:
+    problems.append(f"config.predict.batch_size={s.predict.batch_size} must be positive")
   if mode in ("train", "eval"):
     for source in evals:
       if source.task not in tasks.TASKS:
         problems.append(f"{source.where}.task={source.task!r} is not a known task ({', '.join(sorted(tasks.TASKS))})")
       problems += source_problems(source)
-  problems += _paper_model(config)
-  best_keys, best_problems = best.selection_keys(config.get("best_checkpoint_metrics") or (), evals)
-  if mode == "train":
-    problems += best_problems
+  if s.paper_model and s.paper_model not in paper_numbers.MODELS:
+    problems.append(f"config.paper_model={s.paper_model!r} is not one of the paper's models "
+                    f"({', '.join(paper_numbers.MODELS)})")
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-  return Settings(
-      mode=mode, workdir=workdir, model=model, model_init=config.model_init,
-      model_init_stage1=config.get("model_init_stage1") or "", tokenizer=tokenizer,
-      model_init_required=bool(config.get("model_init_required")),
-      trainable=tuple(config.trainable), reinit_trainable=config.reinit_trainable, seed=config.seed,
-      total_steps=config.total_steps, batch_size=config.batch_size, dropout=config.dropout, rng_impl=config.rng_impl,
-      optim=Optim(**config.optim.to_dict()), mesh=mesh, sharding_rules=tuple(tuple(r) for r in config.sharding_rules),
-      max_replicated_bytes=int(config.max_replicated_mb * 2**20),
-      data=Data(datasets=datasets, balanced=config.data.balanced, workers=config.data.workers,
-                random_crop=config.data.random_crop, mixing=config.data.mixing,
-                max_skip_rate=config.data.max_skip_rate,
-                instruction_format=config.data.get("instruction_format", "templates"),
-                group_by_length=config.data.group_by_length, fitted_buckets=config.data.fitted_buckets),
-      evals=evals, eval_every=config.eval_every, eval_at_start=config.eval_at_start, eval_at_end=config.eval_at_end,
-      eval_untrained_baseline=config.eval_untrained_baseline, eval_batch_size=config.eval_batch_size,
-      eval_max_examples=config.eval_max_examples, log_every=config.log_every,
-      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-      fresh_start_if_unreadable=config.fresh_start_if_unreadable, export_dir=config.export_dir,
-      predict=Predict(**config.predict.to_dict()), baselines=dict(config.get("baselines") or {}),
-      paper_model=config.get("paper_model") or "", best_checkpoint_metrics=tuple(best_keys),
-      config_json=config.to_json_best_effort(indent=2))
+  return s
+
+
+def _tokenizer_problems(tokenizer: str) -> list[str]:
+  if not tokenizer or not os.path.isdir(tokenizer):
+    return [f"config.tokenizer={tokenizer!r}: not a directory with the LLM tokenizer (and qformer_tokenizer/); it "
+            "defaults to config.model_init"]
+  if not os.path.isdir(os.path.join(tokenizer, "qformer_tokenizer")):
+    return [f"config.tokenizer={tokenizer!r} has no qformer_tokenizer/ (a BLIP-2 directory has the LLM's tokenizer "
+            "only): point config.tokenizer at the LLM tokenizer with the Q-Former's in qformer_tokenizer/, e.g. the "
+            "tokenizer files of an InstructBLIP release (configs/paper/README.md)"]
+  return []
+
+
+def _train_problems(s: Settings, datasets) -> list[str]:
+  problems = []
+  if s.total_steps <= 0:
+    problems.append(f"config.total_steps={s.total_steps} must be positive")
+  if not datasets:
+    problems.append("config.data.datasets is empty: nothing to train on")
+  problems += _batch(s.batch_size, "config.batch_size", s.mesh)
+  if s.data.group_by_length and s.data.mixing == "step":
+    problems.append("config.data.group_by_length needs config.data.mixing='example' (grouping by length mixes "
+                    "datasets in a batch)")
+  if s.data.mixing not in ("example", "step"):
+    problems.append(f"config.data.mixing={s.data.mixing!r} must be 'example' (every example drawn from the "
+                    "mixture) or 'step' (every global batch from one dataset, as LAVIS)")
+  for source in datasets:
+    problems += source_problems(source)
+  if s.data.instruction_format not in templates.INSTRUCTION_FORMATS:
+    problems.append(f"config.data.instruction_format={s.data.instruction_format!r} must be one of "
+                    f"{', '.join(templates.INSTRUCTION_FORMATS)} (instruction templates, or the paper's multitask "
+                    "baselines without them)")
+  _positive(s, ("checkpoint_every", "log_every", "eval_every", "keep_checkpoints"), problems)
+  return problems + _optim_problems(s.optim)
 
 
 def for_tools(config, **overrides: Any) -> Settings:

@@ -34,32 +34,32 @@ def _config(name: str, arg: str | None = None):
 def _all() -> list[tuple[str, str | None]]:
   names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(PAPER, "*.py")))
   out = [(n, None) for n in names]
+  out += [(n, m) for n in names if n in ("instructblip", "table1") for m in COUNTS]
   out += [(n, "vicuna7b") for n in names if n.startswith("finetune_")]
   return out
 
 
 def test_every_paper_config_is_listed_here():
   names = {n for n, _ in _all()}
-  assert names == {f"{kind}_{m}" for kind in ("instructblip", "table1") for m in COUNTS} | {
-      f"finetune_{d}" for d in ("scienceqa", "ocrvqa", "okvqa", "aokvqa")}
+  assert names == {"instructblip", "table1"} | {f"finetune_{d}" for d in ("scienceqa", "ocrvqa", "okvqa", "aokvqa")}
 
 
 @pytest.mark.parametrize("name, arg", _all())
 def test_resolves_in_summary_mode_without_weights_or_data(name, arg):
   config = _config(name, arg)
   s = settings.resolve(config, None, "summary")
-  model = arg or next((m for m in COUNTS if name.endswith(m)), "flant5xxl")
-  if name.startswith("instructblip_"):   # the paper's models, counted from shapes as summary mode prints them
+  model = arg or ("flant5xl" if name in ("instructblip", "table1") else "flant5xxl")
+  if name == "instructblip":   # the paper's models, counted from shapes as summary mode prints them
     rows = summary.count_params(s)
     assert (sum(r[1] for r in rows), sum(r[2] for r in rows)) == COUNTS[model]
   else:   # the others build one of those four models
-    assert s.model == settings.resolve(_config(f"instructblip_{model}"), None, "summary").model
+    assert s.model == settings.resolve(_config("instructblip", model), None, "summary").model
   assert s.model_init_required and s.model.vision.dtype == "bfloat16" and s.model.text.remat
 
 
 @pytest.mark.parametrize("model", sorted(COUNTS))
 def test_the_recipe(model):
-  s = settings.resolve(_config(f"instructblip_{model}"), None, "summary")
+  s = settings.resolve(_config("instructblip", model), None, "summary")
   assert (s.total_steps, s.batch_size, s.eval_every) == (60_000, BATCH[model], 3_000)
   assert (s.optim.lr, s.optim.warmup_lr, s.optim.warmup_steps, s.optim.min_lr, s.optim.weight_decay) == (
       1e-5, 1e-8, 1000, 0.0, 0.05)
@@ -75,7 +75,7 @@ def test_the_recipe(model):
 
 @pytest.mark.parametrize("model", sorted(COUNTS))
 def test_table1_runs_the_13_held_out_tasks_at_their_splits(model):
-  config = _config(f"table1_{model}")
+  config = _config("table1", model)
   s = settings.resolve(config, None, "summary")
   assert config.mode == "eval" and s.paper_model == model
   assert sorted(e.task for e in s.evals) == sorted(paper_numbers.TABLE1_TASKS)
@@ -85,7 +85,7 @@ def test_table1_runs_the_13_held_out_tasks_at_their_splits(model):
 
 
 def test_without_weights_or_data_a_run_is_refused_naming_everything(tmp_path):
-  config = _config("instructblip_flant5xl")
+  config = _config("instructblip", "flant5xl")
   with pytest.raises(settings.ConfigError) as e:
     settings.resolve(config, str(tmp_path), "train")
   text = str(e.value)
@@ -108,7 +108,7 @@ def test_without_weights_or_data_a_run_is_refused_naming_everything(tmp_path):
 
 @pytest.mark.integration   # the command line, as the configs' docstrings give it
 def test_the_summary_command():
-  out = subprocess.run([sys.executable, "-m", "iblip_jax.main", "--config", "configs/paper/instructblip_vicuna7b.py",
+  out = subprocess.run([sys.executable, "-m", "iblip_jax.main", "--config", "configs/paper/instructblip.py:vicuna7b",
                         "--config.mode=summary"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]

@@ -6,31 +6,13 @@ import numpy as np
 import pytest
 
 import iblip_jax
-import oracle
-from iblip_jax.data import preprocess, tokenize
-from iblip_jax.demo import word_tokenizers
 from iblip_jax import prompts
+from iblip_jax.data import preprocess, tokenize
 from iblip_jax.decoding import Decoding
 from iblip_jax.evaluation import evaluator, metrics, tasks
 
-WORDS = ("question short answer what color is the cat dog yes no red blue true false hateful image with written "
-         "on it this a description options").split()
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  path = tmp_path_factory.mktemp("eval")
-  oracle.tiny_hf_model().save_pretrained(path / "hf")
-  model, params = iblip_jax.from_pretrained(str(path / "hf"))
-  word_tokenizers.build(WORDS, str(path / "hf"))
-  tok = tokenize.load_tokenizers(str(path / "hf"))
-  rng = np.random.default_rng(0)
-  images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(5)]
-  return model, params, tok, images
-
-
-def test_generation_task(setup, tmp_path):
-  model, params, tok, images = setup
+def test_generation_task(tiny_eval, tmp_path):
+  model, params, tok, images = tiny_eval
   task = tasks.Task("toy_vqa", prompts.QA, inference="generate", metric="vqa",
                     decoding=Decoding(num_beams=2, max_new_tokens=3, min_new_tokens=0, length_penalty=-1.0))
   records = [{"id": i, "image": im, "question": "what color is the cat", "answers": ["red"] * 10}
@@ -51,8 +33,8 @@ def test_generation_task(setup, tmp_path):
   assert json.load(open(tmp_path / "toy_vqa_metrics.json"))["num_examples"] == 5
 
 
-def test_ranking_tasks(setup, tmp_path):
-  model, params, tok, images = setup
+def test_ranking_tasks(tiny_eval, tmp_path):
+  model, params, tok, images = tiny_eval
   hm = tasks.get("hateful_memes")
   records = [{"id": i, "image": im, "text": "a cat", "label": i % 2} for i, im in enumerate(images)]
   result = evaluator.evaluate(hm, records, model, params, tok, out_dir=str(tmp_path), batch_size=4, progress=False)

@@ -6,27 +6,9 @@ import numpy as np
 import pytest
 
 import iblip_jax
-import oracle
-from iblip_jax.data import preprocess, readers, tokenize
-from iblip_jax.demo import word_tokenizers
 from iblip_jax import prompts
+from iblip_jax.data import preprocess, readers, tokenize
 from iblip_jax.evaluation import evaluator, metrics, tasks
-
-WORDS = ("question short answer what color is the cat dog yes no red blue true false green big small a an of "
-         "very dark light hateful this image with written on it").split()
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  path = tmp_path_factory.mktemp("rank")
-  oracle.tiny_hf_model().save_pretrained(path / "hf")
-  model, params = iblip_jax.from_pretrained(str(path / "hf"))
-  word_tokenizers.build(WORDS, str(path / "hf"))
-  tok = tokenize.load_tokenizers(str(path / "hf"))
-  rng = np.random.default_rng(0)
-  images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(5)]
-  return model, params, tok, images
-
 
 # uneven lists and lengths: 7 candidates for one record, 1 for another
 CANDIDATES = ["red", "blue", "very dark green", "a big cat", "dog", "light blue", "no"]
@@ -43,8 +25,8 @@ def _task(**kw):
 
 
 @pytest.mark.slow   # three ranking programs compiled (~15 s on 2 cores)
-def test_chunked_ranking_equals_unchunked(setup):
-  model, params, tok, images = setup
+def test_chunked_ranking_equals_unchunked(tiny_eval):
+  model, params, tok, images = tiny_eval
   records = _records(images)
   whole = evaluator.infer(_task(), records, model, params, tok, batch_size=4, progress=False)
   # chunks of 3: three calls for the first batch (7 candidates), the last one padded; a record with fewer
@@ -61,8 +43,8 @@ def test_chunked_ranking_equals_unchunked(setup):
   np.testing.assert_allclose(whole[0]["scores"], np.asarray(direct)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_normalisation_divides_by_the_candidate_length(setup):
-  model, params, tok, images = setup
+def test_normalisation_divides_by_the_candidate_length(tiny_eval):
+  model, params, tok, images = tiny_eval
   records = _records(images)[:1]
   summed = evaluator.infer(_task(), records, model, params, tok, batch_size=1, progress=False)[0]["scores"]
   mean = evaluator.infer(_task(normalize=True, candidate_chunk=4), records, model, params, tok, batch_size=1,
@@ -71,8 +53,8 @@ def test_normalisation_divides_by_the_candidate_length(setup):
   np.testing.assert_allclose(mean, np.asarray(summed) / lengths, rtol=1e-5)
 
 
-def test_several_words_per_class_combine_by_logsumexp(setup):
-  model, params, tok, images = setup
+def test_several_words_per_class_combine_by_logsumexp(tiny_eval):
+  model, params, tok, images = tiny_eval
   records = [{"id": i, "image": im, "text": "a cat", "label": i % 2} for i, im in enumerate(images)]
   task = tasks.get("hateful_memes_verbalizers")
   words = evaluator.infer(tasks.Task("words", task.prompt, inference="rank", metric="auc",

@@ -17,7 +17,7 @@ from iblip_jax import trainable as trainable_lib
 from iblip_jax.demo import word_tokenizers
 from iblip_jax.evaluation import paper_numbers, report, tasks
 from iblip_jax.models import configs as model_configs
-from iblip_jax.run import best
+from iblip_jax.run import best, settings
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -65,7 +65,7 @@ def _best_checkpoint(ckpt: str, workdir, step: int, patterns) -> dict:
   """A workdir/best as training's validation-based selection leaves it (run/best.py), with a trainable tree that
   differs from the pretrained one, so that evaluating it is visibly not evaluating model_init."""
   model, params = hf.from_pretrained(ckpt)
-  rules = [tuple(r) for r in config_lib.SHARDING_RULES]
+  rules = [tuple(r) for r in settings.SHARDING_RULES]
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   setup = train_state.build(model, patterns=patterns, optim=config_lib.optim(), total_steps=10, mesh=mesh,
                             rules=rules, max_replicated_bytes=1 << 30)
@@ -83,13 +83,13 @@ def test_the_table1_command_on_tiny_data(tmp_path):
   oracle.tiny_hf_model(untie_head=True, tie=False).save_pretrained(ckpt)
   word_tokenizers.build(heldout_files.WORDS, ckpt)
   paths = heldout_files.write(tmp_path / "data")
-  config = config_lib.load_config_file(os.path.join(ROOT, "configs", "paper", "table1_flant5xl.py"))
+  config = config_lib.load_config_file(os.path.join(ROOT, "configs", "paper", "table1.py"))
   _best_checkpoint(ckpt, tmp_path / "run", 7, list(config.trainable))
   workdir = tmp_path / "run" / "best"
   flags = [f"--config.model_init={ckpt}", "--config.model.vision.dtype=float32", "--config.model.text.dtype=float32",
            "--config.model.text.remat=False", "--config.eval_batch_size=4", "--config.mesh.fsdp=1",
            *_size_flags(config, ckpt), *[f"--config.evals.{task}.path={path}" for task, path in paths.items()]]
-  out = subprocess.run([sys.executable, "-m", "iblip_jax.main", "--config", "configs/paper/table1_flant5xl.py",
+  out = subprocess.run([sys.executable, "-m", "iblip_jax.main", "--config", "configs/paper/table1.py:flant5xl",
                         "--workdir", str(workdir), *flags], cwd=ROOT, capture_output=True, text=True, timeout=1200,
                        env=ENV)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

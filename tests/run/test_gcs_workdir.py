@@ -2,16 +2,13 @@
 train, resume, eval and export all read and write the bucket, and nothing lands in a local `gs:` folder."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from transformers import InstructBlipForConditionalGeneration
 
-import oracle
+import main_job
 from gcs_emulator import gcs_fixture
-from iblip_jax.demo import shapes, word_tokenizers
 
 pytestmark = pytest.mark.integration   # launches the main job as a user does
 
@@ -21,31 +18,16 @@ gcs = gcs_fixture(BUCKET)
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-  root = tmp_path_factory.mktemp("gcsjob")
-  oracle.tiny_hf_model(untie_head=True, tie=False).save_pretrained(root / "ckpt")
-  word_tokenizers.build(shapes.vocabulary(), str(root / "ckpt"))
-  shapes.generate(str(root / "data"), train=32, val=4, seed=0)
-  return root
+def assets(job_assets):
+  return job_assets
 
 
 def _job(assets, cwd, **overrides):
-  data = assets / "data"
-  settings = {
-      "model_init": str(assets / "ckpt"), "total_steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1,
-      "eval_at_start": False, "eval_at_end": True, "eval_batch_size": 4, "eval_max_examples": 4,
-      "data.datasets.caption.path": str(data / "caption.jsonl"), "data.datasets.vqa.path": str(data / "vqa.jsonl"),
-      "data.datasets.qgen.path": str(data / "qgen.jsonl"), "evals.held_in_vqa.path": str(data / "val_vqa.jsonl"),
-      "evals.held_out_mc.path": str(data / "val_mc.jsonl"), "mesh.fsdp": -1,
-      "export_dir": f"gs://{BUCKET}/export", **overrides}
-  args = ["--config", os.path.join(ROOT, "configs", "demo.py"), "--workdir", f"gs://{BUCKET}/run"] + [
-      f"--config.{k}={v}" for k, v in settings.items()]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "PYTHONPATH": ROOT}   # os.environ carries the emulator's variables
-  out = subprocess.run([sys.executable, "-m", "iblip_jax.main", *args], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=600)
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-  return out.stdout
+  args = main_job.flags(assets, f"gs://{BUCKET}/run", **{
+      "total_steps": 4, "batch_size": 4, "eval_at_end": True, "eval_batch_size": 4, "eval_max_examples": 4,
+      "mesh.fsdp": -1, "export_dir": f"gs://{BUCKET}/export", **overrides})
+  # os.environ carries the emulator's variables
+  return main_job.run(args, devices=2, cwd=cwd, timeout=600, PYTHONPATH=ROOT).stdout
 
 
 def test_train_resume_eval_export_in_a_bucket(gcs, assets, tmp_path):

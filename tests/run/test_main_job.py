@@ -16,6 +16,8 @@ from transformers import InstructBlipForConditionalGeneration
 
 import oracle
 from iblip_jax.demo import shapes, word_tokenizers
+from main_job import env as _env, flags as _flags, leaves as _leaves, run as _run, steps as _steps
+from main_job import trainable_at as _final_trainable, wait_for as _wait_for
 
 pytestmark = pytest.mark.integration   # launches the main job as a user does
 
@@ -23,54 +25,11 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-  root = tmp_path_factory.mktemp("job")
-  oracle.tiny_hf_model(untie_head=True, tie=False).save_pretrained(root / "ckpt")
-  word_tokenizers.build(shapes.vocabulary(), str(root / "ckpt"))
-  shapes.generate(str(root / "data"), train=48, val=6, seed=0)
-  return root
+def assets(job_assets):
+  return job_assets
 
 
-def _flags(assets, workdir, **overrides):
-  data = assets / "data"
-  settings = {
-      "model_init": str(assets / "ckpt"), "total_steps": 6, "batch_size": 8, "checkpoint_every": 2,
-      "log_every": 1, "eval_at_start": False, "eval_at_end": False, "eval_every": 1000, "eval_batch_size": 3,
-      "data.datasets.caption.path": str(data / "caption.jsonl"), "data.datasets.vqa.path": str(data / "vqa.jsonl"),
-      "data.datasets.qgen.path": str(data / "qgen.jsonl"),
-      "evals.held_in_vqa.path": str(data / "val_vqa.jsonl"),
-      "evals.held_out_mc.path": str(data / "val_mc.jsonl"), "mesh.data": 1, "mesh.fsdp": 1,
-      "mesh.tensor": 1, "optim.lr": 1e-3, "optim.warmup_steps": 1, "dropout": True, **overrides}
-  return ["--config", os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(workdir)] + [
-      f"--config.{k}={v}" for k, v in settings.items()]
-
-
-def _env(devices=1):
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-
-
-def _run(args, devices=1, check=True):
-  out = subprocess.run([sys.executable, "-m", "iblip_jax.main", *args], cwd=ROOT, env=_env(devices),
-                       capture_output=True, text=True, timeout=900)
-  if check:
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-  return out
-
-
-def _final_trainable(workdir, step):
-  import orbax.checkpoint as ocp
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  state = ocp.StandardCheckpointer().restore(path)
-  return state["trainable"]
-
-
-def _leaves(tree):
-  import jax
-  return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-def test_sigkill_then_rerun_ends_bit_identical(assets, tmp_path):
+def test_sigkill_then_rerun_ends_bit_identical_then_resumes_on_another_mesh(assets, tmp_path):
   _run(_flags(assets, tmp_path / "straight"))
   args = _flags(assets, tmp_path / "killed")
   proc = subprocess.Popen([sys.executable, "-m", "iblip_jax.main", *args], cwd=ROOT, env=_env(),
@@ -92,24 +51,17 @@ def test_sigkill_then_rerun_ends_bit_identical(assets, tmp_path):
   assert [r["step"] for r in rows if "loss" in r][-2:] == [5, 6]
   assert (tmp_path / "killed" / "curves.png").exists()
 
-
-def test_resume_on_another_mesh_and_corrupt_latest_falls_back(assets, tmp_path):
-  _run(_flags(assets, tmp_path / "w", total_steps=4))
-  # corrupt the newest checkpoint: it must be reported and the one before used
-  for root, _, files in os.walk(tmp_path / "w" / "checkpoints" / "4"):
+  # the same workdir on another mesh with its newest checkpoint corrupted: reported, moved aside, the one before used
+  w = tmp_path / "killed"
+  for root, _, files in os.walk(w / "checkpoints" / "6"):
     for f in files:
       if not f.startswith("_"):
         with open(os.path.join(root, f), "wb") as fh:
           fh.write(b"garbage")
-  out = _run(_flags(assets, tmp_path / "w", total_steps=6, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
-             devices=8)
-  assert "step 4 is unreadable" in out.stdout and "at step 2" in out.stdout
-  assert (tmp_path / "w" / "checkpoints" / "6").exists()
-  assert any(p.startswith("unreadable_step_4_") for p in os.listdir(tmp_path / "w" / "checkpoints"))
-
-
-def _steps(workdir):
-  return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+  out = _run(_flags(assets, w, total_steps=8, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), devices=8)
+  assert "step 6 is unreadable" in out.stdout and "at step 4" in out.stdout
+  assert (w / "checkpoints" / "8").exists()
+  assert any(p.startswith("unreadable_step_6_") for p in os.listdir(w / "checkpoints"))
 
 
 def test_a_diverged_state_is_never_saved(assets, tmp_path):
@@ -210,13 +162,6 @@ def test_decoder_only_llm_trains_evaluates_predicts_and_exports(assets, tmp_path
   assert hf.config.use_decoder_only_language_model and hf.config.text_config.model_type == "llama"
   np.testing.assert_array_equal(hf.query_tokens.detach().numpy(),
                                 np.asarray(_final_trainable(tmp_path / "w", 2)["query_tokens"]))
-
-
-def _wait_for(path, proc, timeout=600):
-  deadline = time.time() + timeout
-  while not path.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  assert path.exists(), f"{path} never appeared (exit {proc.poll()})"
 
 
 def test_one_run_per_workdir_and_preemption_exit_status(assets, tmp_path):

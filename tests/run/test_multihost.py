@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from transformers import InstructBlipForConditionalGeneration
 
-import oracle
-from iblip_jax.demo import shapes, word_tokenizers
+import main_job
 
 pytestmark = pytest.mark.integration   # launches the main job as a user does
 
@@ -23,40 +22,19 @@ TIMEOUT = 600   # a job that hangs (hosts disagreeing on a shape) fails here ins
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-  root = tmp_path_factory.mktemp("multihost")
-  oracle.tiny_hf_model(untie_head=True, tie=False).save_pretrained(root / "ckpt")
-  word_tokenizers.build(shapes.vocabulary(), str(root / "ckpt"))
-  shapes.generate(str(root / "data"), train=48, val=6, seed=0)
-  # Instructions of 20+ words next to the shapes data's 4-9: a batch share with one of them pads to a longer
-  # bucket than a share without, so the two hosts' local batches differ in width at some steps.
-  words = [w for w in shapes.vocabulary() if w.isalpha()][:30]
-  with open(root / "data" / "long.jsonl", "w") as f:
-    for i in range(24):
-      text = " ".join(words[(i + j) % len(words)] for j in range(20 + i % 5))
-      f.write(json.dumps({"image": f"images/train_{i:05d}.png", "text_input": text, "text_output": words[i % 7]})
-              + "\n")
-  pairs = [{"image": f"images/val_{i:05d}.png", "prompt": p}
-           for i, p in enumerate(["A short image caption:", "Question: What color is the shape? Short answer:"] * 3)]
-  (root / "data" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-  return root
+def assets(job_assets):
+  return job_assets
 
 
 def _flags(assets, workdir, **overrides):
   data = assets / "data"
-  settings = {
-      "model_init": str(assets / "ckpt"), "total_steps": 6, "batch_size": 8, "checkpoint_every": 2, "log_every": 1,
-      "eval_at_start": False, "eval_at_end": True, "eval_every": 1000, "eval_batch_size": 4,
+  return main_job.flags(assets, workdir, **{
+      "eval_at_end": True, "eval_batch_size": 4,
       "eval_max_examples": 5,   # not a multiple of the batch: the padded tail must be dropped
-      "data.datasets.caption.path": str(data / "caption.jsonl"), "data.datasets.vqa.path": str(data / "vqa.jsonl"),
       "data.datasets.qgen.path": str(data / "long.jsonl"), "data.datasets.qgen.weight": 0.3,
-      "data.random_crop": True,
-      "evals.held_in_vqa.path": str(data / "val_vqa.jsonl"), "evals.held_out_mc.path": str(data / "val_mc.jsonl"),
-      "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1, "optim.lr": 1e-3, "optim.warmup_steps": 1, "dropout": True,
+      "data.random_crop": True, "mesh.fsdp": -1,
       "predict.images": str(data / "pairs.jsonl"), "predict.batch_size": 4, "predict.max_new_tokens": 4,
-      "predict.num_beams": 2, "export_dir": str(workdir) + "_export", **overrides}
-  return ["--config", os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(workdir)] + [
-      f"--config.{k}={v}" for k, v in settings.items()]
+      "predict.num_beams": 2, "export_dir": str(workdir) + "_export", **overrides})
 
 
 def _free_port() -> int:
@@ -70,8 +48,7 @@ def _launch(args, processes: int, devices: int, logdir, tag: str):
   port = _free_port()
   procs = []
   for i in range(processes):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = main_job.env(devices)
     if processes > 1:   # what tools/tpu/worker.sh exports on a multi-host slice
       env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                  JAX_PROCESS_ID=str(i))
