@@ -12,12 +12,14 @@ What a restore trusts, and what it does when it cannot:
   Training moves it aside (renamed, never deleted) and tries the previous one; eval, predict and export only skip
   it, with a warning, and rename nothing.
 - When checkpoints exist but none is readable, training refuses to start from scratch unless told to
-  (`fresh_start_if_unreadable`): the alternative is silently throwing away a run.
+  (`fresh_start_if_unreadable`): the alternative is silently throwing away a run. Checkpoints an earlier run moved
+  aside count as existing, so a scheduler that retries the refused command is refused again, not given a fresh run.
 
 Fingerprints: for every array, the sum over its elements of (bits of the element) x (2654435761 x index + 1),
 wrapping at 2^32, computed on the devices. Integer addition modulo 2^32 does not depend on order, so the value is the
 same on any mesh; a changed bit changes it.
 """
+import contextlib
 import logging
 import os
 import time
@@ -106,12 +108,47 @@ def _names(tree) -> list[str]:
 # --- save ---------------------------------------------------------------------------------------------------------
 
 
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (a full disk, a bucket that refuses writes); the earlier ones are intact."""
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iterator=None, *, force: bool = False) -> None:
-  """state: {"trainable", "opt_state"} (global arrays); data_iterator: a grain DatasetIterator (per process)."""
+  """state: {"trainable", "opt_state"} (global arrays); data_iterator: a grain DatasetIterator (per process). Saves
+  are asynchronous: a failure to write shows here at the next save or in wait(), as a CheckpointWriteError."""
   items = {"state": ocp.args.StandardSave(state), "checks": ocp.args.JsonSave({"fingerprints": fingerprints(state)})}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-  mngr.save(step, args=ocp.args.Composite(**items), force=force)
+  with _write_errors(mngr):
+    mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Until the pending save is written (or a CheckpointWriteError says why it was not)."""
+  with _write_errors(mngr):
+    mngr.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _write_errors(mngr: ocp.CheckpointManager):
+  """orbax's failure to write (raised from its writer threads, often as ValueError("RESOURCE_EXHAUSTED: ...")) as one
+  line saying what failed and what is intact."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 - classified below; anything that is not a write failure is re-raised
+    text = " ".join(str(e).split())
+    if not isinstance(e, OSError) and not any(k in text for k in _WRITE_FAILURES):
+      raise
+    full = "no space left on the device" if any(k in text for k in _FULL) else "the write failed"
+    latest = mngr.latest_step()
+    kept = (f"the last complete checkpoint (step {latest}) is intact" if latest is not None else
+            "no checkpoint was complete yet")
+    raise CheckpointWriteError(f"a checkpoint could not be written to {mngr.directory}: {full} ({text[:160]}); "
+                               f"{kept}. Free space (or fix the destination) and rerun the same command to resume "
+                               "from it") from None
+
+
+_FULL = ("RESOURCE_EXHAUSTED", "No space left", "ENOSPC", "Errno 28")
+_WRITE_FAILURES = _FULL + ("Failed writing", "Error writing", "PERMISSION_DENIED", "Permission denied")
 
 
 # --- restore ------------------------------------------------------------------------------------------------------
@@ -219,9 +256,19 @@ def restore_latest(mngr: ocp.CheckpointManager, target_state: dict, target_shard
             "previous one")
     else:
       _warn(f"checkpoint step {step} is unreadable ({reason}); trying the previous one (nothing renamed)")
-  if unreadable and not fresh_start_if_unreadable:
+  aside = moved_aside(mngr.directory)
+  if (unreadable or aside) and not fresh_start_if_unreadable:
+    found = [f"steps {', '.join(map(str, unreadable))}"] if unreadable else []
+    found += [f"moved aside earlier: {', '.join(p.name for p in aside)}"] if aside else []
     raise NoReadableCheckpoint(
-        f"{mngr.directory} has checkpoints (steps {', '.join(map(str, unreadable))}) but none can be read (see the "
-        "warnings above). Refusing to start from scratch over them: fix or remove them, or pass "
+        f"{mngr.directory} has checkpoints ({'; '.join(found)}) but none can be read (see the warnings above). "
+        "Refusing to start from scratch over them: fix or remove them, or pass "
         "--config.fresh_start_if_unreadable=True to start from the pretrained weights.")
   return 0, None
+
+
+def moved_aside(directory) -> list[epath.Path]:
+  """The checkpoints an earlier run moved aside as unreadable (_move_aside): they still count as work that exists,
+  so that a rerun after a refusal refuses again instead of starting from scratch."""
+  directory = epath.Path(directory)
+  return sorted(p for p in directory.iterdir() if p.name.startswith("unreadable_step_")) if directory.exists() else []

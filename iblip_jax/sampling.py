@@ -21,7 +21,6 @@ LLM class's repeat_cache). Beam search lives in iblip_jax.decoding (token-exact 
   transformers' greedy search).
 """
 import dataclasses
-import functools
 import itertools
 import queue
 import threading

@@ -115,3 +115,20 @@ def test_inference_skips_unreadable_without_renaming_and_nothing_readable_is_ref
   assert (step, state) == (0, None)
   moved = sorted(n.rsplit("_", 1)[0] for n in os.listdir(tmp_path / "checkpoints") if n.startswith("unreadable"))
   assert moved == ["unreadable_step_1", "unreadable_step_2"], os.listdir(tmp_path / "checkpoints")
+
+
+def test_checkpoints_moved_aside_keep_a_rerun_from_starting_over(tmp_path):
+  """Training refuses to start from scratch over checkpoints it cannot read, and moves them aside; the same command
+  run again (a scheduler retrying the failed job) is refused again, naming them, until fresh_start_if_unreadable."""
+  _saved(tmp_path, steps=(1, 2))
+  for step in (1, 2):
+    for f in _data_files(tmp_path, step):
+      f.write_bytes(b"garbage")
+  with pytest.raises(checkpoints.NoReadableCheckpoint, match="steps 2, 1"):
+    checkpoints.restore_latest(_fresh(tmp_path), _state(), _shardings(_state()), move_aside=True)
+  assert not _fresh(tmp_path).all_steps()   # both moved aside
+  with pytest.raises(checkpoints.NoReadableCheckpoint, match=r"moved aside earlier: unreadable_step_1_\d+, "
+                                                             r"unreadable_step_2_\d+.*fresh_start_if_unreadable"):
+    checkpoints.restore_latest(_fresh(tmp_path), _state(), _shardings(_state()), move_aside=True)
+  assert checkpoints.restore_latest(_fresh(tmp_path), _state(), _shardings(_state()), move_aside=True,
+                                    fresh_start_if_unreadable=True) == (0, None)

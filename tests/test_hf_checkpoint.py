@@ -125,6 +125,17 @@ def test_truncated_safetensors_is_reported(tmp_path, hf_dir):
   assert "model.safetensors" in msg and "truncated" in msg
 
 
+def test_an_index_whose_entries_are_not_file_names_names_the_entry(tmp_path, hf_dir):
+  d = _copy(hf_dir, tmp_path / "d")
+  keys = list(load_file(d / "model.safetensors"))
+  index = {"weight_map": {k: "model.safetensors" for k in keys}}
+  index["weight_map"][keys[3]] = ["model.safetensors"]
+  (d / hf_names.INDEX_NAME).write_text(json.dumps(index))
+  msg = _error(d)
+  assert f"weight_map[{keys[3]!r}] is list ([\"model.safetensors\"]); expected the name of the safetensors file" in msg
+  assert "got dict" not in msg
+
+
 def test_missing_config_and_directory(tmp_path, hf_dir):
   assert "not a directory" in _error(tmp_path / "nowhere")
   d = _copy(hf_dir, tmp_path / "d")

@@ -76,3 +76,23 @@ def test_a_config_mistake_is_one_line_and_status_2(args, line):
   assert out.returncode == 2, out.stderr[-3000:]
   assert out.stderr.strip().splitlines() == [line]
   assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_every_command_line_or_config_mistake_is_one_line_and_exit_2(tmp_path):
+  """One rule for "the command line or the config is wrong": one line on stderr, exit status 2, whether it is an
+  unknown key, a value out of range, a mistyped mode, or a config file that does not load."""
+  (tmp_path / "syntax.py").write_text("def get_config(:\n  pass\n")
+  (tmp_path / "raises.py").write_text("def get_config():\n  raise ValueError('no data root configured')\n")
+  cases = [(("--config", str(tmp_path / "syntax.py")), f"--config {tmp_path / 'syntax.py'}: cannot load it: line 1: "
+                                                       "SyntaxError: invalid syntax"),
+           (("--config", str(tmp_path / "raises.py")), f"--config {tmp_path / 'raises.py'}: cannot load it: line 2: "
+                                                       "ValueError: no data root configured"),
+           (("--config", "configs/tiny.py", "--config.mode=dance"), "--config.mode='dance' is not a mode"),
+           (("--config", "configs/tiny.py", "--config.model.qformer.hidden_size=30", "--config.mode=summary"),
+            "model.qformer.hidden_size=30 is not divisible by num_attention_heads=4"),
+           (("--config", "configs/tiny.py", "--config.optimm.lr=1"), "--config.optimm.lr: no such config key")]
+  for args, message in cases:
+    out = _run(*args)
+    assert out.returncode == 2, (args, out.returncode, out.stderr[-2000:])
+    assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr[-2000:])
+    assert len(out.stderr.strip().splitlines()) <= 3, out.stderr   # the message (an invalid config lists its lines)

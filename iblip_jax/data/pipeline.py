@@ -5,17 +5,17 @@ Bad examples never stop training: an example whose image is missing, unreadable,
 surrogates; an instruction that a renderer returns as exactly "" is meant empty, as the untemplated captions of
 templates' "raw" format, and is kept), is skipped and counted by reason and dataset (`SkipCounter`: reported in the
 logs and metrics, `summary()` for people, `report(threshold)` for a skip rate that stays high); odd images
-(grayscale, RGBA, CMYK, palette, 16-bit, EXIF-rotated) are converted (see preprocess.to_rgb). A bad *dataset* does stop it, at once and by
-name (BadDatasetError): one whose first records all fail has a wrong format or path, and would otherwise be
-silently replaced by the other datasets' examples for the whole run.
-Image decoding runs in worker processes (grain mp_prefetch); skipping, batching and tokenisation run in the
-main process, so the counts are exact and batches always have the same size.
+(grayscale, RGBA, CMYK, palette, 16-bit, EXIF-rotated) are converted (see preprocess.to_rgb). A bad *dataset* does
+stop it, at once and by name (BadDatasetError): one whose first records all fail has a wrong format or path, and
+would otherwise be silently replaced by the other datasets' examples for the whole run. Image decoding runs in
+worker processes (grain mp_prefetch); skipping, batching and tokenisation run in the main process, so the counts are
+exact and batches always have the same size.
 
 Records come from any grain MapDataset: the readers' in-memory lists or a prepared tensorflow-datasets source
 (tfds_builder.data_source, images as encoded bytes). Two mixing modes (mixture.py): per example, the stream is
-records and batches are cut from it; per step (`per_step=True`, LAVIS's one dataset per step), the stream is
-global batches of records from one dataset each, every process takes its share of each, so every process trains
-on the same dataset at the same step.
+records and batches are cut from it; per step (`per_step=True`, LAVIS's one dataset per step), the stream is global
+batches of records from one dataset each, every process takes its share of each, so every process trains on the same
+dataset at the same step.
 """
 import collections
 import dataclasses
@@ -81,7 +81,8 @@ def _load_example(record: dict, rng: np.random.Generator, *, image_size: int, tr
                   render) -> tuple[dict, str | None]:
   """load_example's result and, for a skip, why: one line naming the record and what was wrong (for errors and
   reports; the counts go by reason)."""
-  name = f"{record.get('dataset', '?')} record {record.get('id', '?')!r}"
+  name = f"{_dataset(record)} record {record.get('id', '?')!r}" + (f" ({record['source_file']})"
+                                                                  if record.get("source_file") else "")
   try:
     text_input, text_output = render(record, rng)
   except (KeyError, ValueError, IndexError) as e:
@@ -300,7 +301,8 @@ LOOKAROUND = 16  # batches searched on either side for readable examples when a 
 
 
 def _dataset(record) -> str:
-  return str(record.get("dataset", "?")) if isinstance(record, dict) else "?"
+  """The dataset a record is counted under: its config name (sources.tag), else its reader's name."""
+  return str(record.get("source") or record.get("dataset", "?")) if isinstance(record, dict) else "?"
 
 
 def _load_share(groups: grain.MapDataset, k: int, load, *, batch_size: int, process_index: int,

@@ -2,12 +2,14 @@
 ArrayRecord dataset (iblip_jax.data.tfds_builder). One `Source` per entry of config.data.datasets / config.evals.
 """
 import dataclasses
+import functools
 import inspect
 import os
 
 from etils import epath
 
 from iblip_jax.data import mixture, readers, templates, tfds_builder
+from iblip_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,24 +66,30 @@ def problems(source: Source) -> list[str]:
 
 def record_source(source: Source):
   """The entry's records as a grain MapDataset: a prepared tfds dataset (random access, images as bytes) or the
-  reader's records in memory."""
+  reader's records in memory. Every record says where it comes from (tag)."""
   if source.tfds_data_dir:
     ds = tfds_builder.data_source(source.tfds_data_dir, source.tfds_name or source.format, source.split)
     if not len(ds):
-      raise ValueError(f"{source.where}: the prepared dataset in {source.tfds_data_dir} has no records")
-    return ds
+      raise UserError(f"{source.where}: the prepared dataset in {source.tfds_data_dir} has no records")
+    return ds.map(functools.partial(tag, source))
   return mixture.source(read_records(source))
 
 
 def read_records(source: Source) -> list[dict]:
   """The entry's records as a list (images of prepared datasets opened as PIL images, as the evaluator takes
-  them)."""
+  them), each tagged with where it comes from."""
   if source.tfds_data_dir:
     return [tfds_builder.open_media(r) for r in record_source(source)]
-  records = list(_readers()[source.format](source.path, **dict(source.reader_args)))
+  records = [tag(source, r) for r in _readers()[source.format](source.path, **dict(source.reader_args))]
   if not records:
-    raise ValueError(f"{source.where}: {source.path} has no records")
+    raise UserError(f"{source.where}: {source.path} has no records")
   return records
+
+
+def tag(source: Source, record: dict) -> dict:
+  """The record with "source" (the config's name for its dataset: skips are counted by it) and "source_file" (what
+  its messages name): a reader's "dataset" is its format, the same for every JSONL file."""
+  return {**record, "source": source.name, "source_file": source.path or source.tfds_data_dir}
 
 
 def renderer(instruction_format: str = "templates"):

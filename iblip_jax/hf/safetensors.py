@@ -219,9 +219,15 @@ def _index_files(index_path: str) -> list[str]:
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
   weight_map = index.get("weight_map") if isinstance(index, dict) else None
-  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+  if not isinstance(weight_map, dict):
+    got = f"'weight_map' is {type(weight_map).__name__}" if isinstance(index, dict) else type(index).__name__
     raise CheckpointError(f"{index_path}: expected an object with a 'weight_map' object of tensor name -> file "
-                          f"name, got {type(weight_map if isinstance(index, dict) else index).__name__}")
+                          f"name, got {got}")
+  bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str)]
+  if bad:
+    k, v = bad[0]
+    raise CheckpointError(f"{index_path}: weight_map[{k!r}] is {type(v).__name__} ({json.dumps(v)[:80]}); expected "
+                          f"the name of the safetensors file that holds the tensor ({len(bad)} such entries)")
   bad = sorted({v for v in weight_map.values() if os.path.basename(v) != v})
   if bad:
     raise CheckpointError(f"{index_path}: weight_map names files outside the directory: {bad[:3]}")

@@ -90,7 +90,7 @@ class BestKeeper:
     old = [s for s in self.mngr.all_steps() if s != step]
     if step not in self.mngr.all_steps():
       checkpoints.save(self.mngr, step, state, force=True)
-      self.mngr.wait_until_finished()
+      checkpoints.wait(self.mngr)
     self.record = {"step": step, "score": decision["value"], "keys": self.keys,
                    "metrics": {k: results.get(k) for k in self.keys}}
     if distributed.is_primary():

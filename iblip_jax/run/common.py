@@ -8,6 +8,7 @@ from etils import epath
 from iblip_jax import hf, sharding, train_state
 from iblip_jax import trainable as trainable_lib
 from iblip_jax.data import sources, tokenize
+from iblip_jax.errors import UserError
 from iblip_jax.evaluation import evaluator, tasks
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run.settings import Settings
@@ -42,14 +43,31 @@ def eval_dir(workdir: str, step) -> str:
   return str(epath.Path(workdir) / "eval" / (step if isinstance(step, str) else f"step_{step}"))
 
 
-def run_evals(s: Settings, model, params, tok, out_dir: str, mesh, rules) -> dict:
-  """Every configured evaluation on the mesh: {"<name>/<metric>": value}, the same on every process."""
+def read_evals(s: Settings) -> dict[str, list[dict]]:
+  """Every configured evaluation's records (up to config.eval_max_examples), each one's prompt rendered: a bad
+  annotation file or a record its task cannot use stops the job here, naming it, before anything trains."""
   out = {}
   for source in s.evals:
     records = sources.read_records(source)
     if s.eval_max_examples:
       records = records[:s.eval_max_examples]
-    result = evaluator.evaluate(tasks.get(source.task), records, model, params, tok, out_dir=out_dir,
+    task = tasks.get(source.task)
+    for r in records:
+      try:
+        tasks.render_prompt(task, r)
+      except ValueError as e:
+        raise UserError(f"{source.where} ({source.path}): {e}") from None
+    out[source.name] = records
+  return out
+
+
+def run_evals(s: Settings, model, params, tok, out_dir: str, mesh, rules, records=None) -> dict:
+  """Every configured evaluation on the mesh: {"<name>/<metric>": value}, the same on every process. `records`:
+  read_evals' (read once for a run); default: read now."""
+  records = read_evals(s) if records is None else records
+  out = {}
+  for source in s.evals:
+    result = evaluator.evaluate(tasks.get(source.task), records[source.name], model, params, tok, out_dir=out_dir,
                                 batch_size=s.eval_batch_size, mesh=mesh, rules=rules, name=source.name)
     out.update({f"{source.name}/{k}": v for k, v in result.items()})
   return out

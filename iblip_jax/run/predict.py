@@ -25,6 +25,7 @@ from iblip_jax import checkpoints, distributed, sharding
 from iblip_jax.data import images
 from iblip_jax.decoding import Decoding
 from iblip_jax.engine import Engine, Item
+from iblip_jax.errors import BadInput, UserError
 from iblip_jax.run import common, restore
 from iblip_jax.run.settings import ConfigError, Settings
 
@@ -80,8 +81,11 @@ def run(s: Settings) -> list[dict]:
           "using freshly initialised weights (no config.model_init): the answers mean nothing", flush=True)
   model, tok = common.load_tokenizers(s, model)
   engine = Engine(model, params, tok, mesh=mesh, rules=rules, batch_size=p.batch_size)
-  decoding = Decoding(num_beams=p.num_beams, max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
-                      length_penalty=p.length_penalty, repetition_penalty=p.repetition_penalty).checked()
+  try:
+    decoding = Decoding(num_beams=p.num_beams, max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
+                        length_penalty=p.length_penalty, repetition_penalty=p.repetition_penalty).checked()
+  except BadInput as e:
+    raise ConfigError(f"config.predict: {e}") from None
   outputs = engine.generate([Item(r["image"], r["prompt"]) for r in records], decoding,
                             progress="predict" if len(records) > p.batch_size else None)
   out = []
@@ -94,6 +98,9 @@ def run(s: Settings) -> list[dict]:
     _write_attention_maps(p.attention_maps, out, model, params, tok, mesh, rules, p.batch_size)
   if distributed.is_primary():
     _report(out, p.output)
+  if all("error" in r for r in out):
+    raise UserError(f"none of the {len(out)} images could be read (config.predict.images={p.images!r}); see the "
+                    "warnings above")
   return out
 
 

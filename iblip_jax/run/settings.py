@@ -235,7 +235,8 @@ def _optim_problems(o: Optim) -> list[str]:
             ("warmup_steps", o.warmup_steps >= 0, "an integer >= 0"),
             ("weight_decay", o.weight_decay >= 0, "a number >= 0"),
             ("b1", 0 <= o.b1 < 1, "a number in [0, 1)"), ("b2", 0 <= o.b2 < 1, "a number in [0, 1)"),
-            ("eps", o.eps > 0, "a positive number"), ("grad_clip_norm", o.grad_clip_norm >= 0, "a number >= 0 (0: off)"),
+            ("eps", o.eps > 0, "a positive number"),
+            ("grad_clip_norm", o.grad_clip_norm >= 0, "a number >= 0 (0: off)"),
             ("grad_accum_steps", o.grad_accum_steps >= 1, "an integer >= 1")]
   return [f"config.optim.{name}={getattr(o, name)!r}: expected {what}" for name, ok, what in checks
           if not ok or not math.isfinite(getattr(o, name))]

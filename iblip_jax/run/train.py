@@ -32,20 +32,30 @@ PREEMPTED_EXIT = 75   # EX_TEMPFAIL: "try again later", distinct from a failure 
 
 
 class Preempted(Exception):
-  """Stopped by SIGTERM after saving a checkpoint at `step`: rerun to continue."""
+  """Stopped by SIGTERM after saving a checkpoint at `step` (None: during start-up, before anything trained):
+  rerun to continue."""
 
-  def __init__(self, step: int):
-    super().__init__(f"stopped at step {step} after saving a checkpoint")
+  def __init__(self, step: int | None):
+    super().__init__(f"stopped at step {step} after saving a checkpoint" if step is not None else
+                     "stopped during start-up, before the first step (nothing to save; the workdir is released)")
     self.step = step
 
 
+def _stop_starting(signum, frame) -> None:
+  """SIGTERM before the loop runs (loading weights, compiling): stop at once, through the workdir lock's release,
+  with the preemption exit status, rather than die by the signal (143) and leave the lock to go stale."""
+  del signum, frame
+  raise Preempted(None)
+
+
 def _intact(mngr) -> str:
-  return (f"The last good checkpoint in {mngr.directory} (step {mngr.latest_step()}) is intact. Lower "
-          "config.optim.lr, set config.optim.grad_clip_norm, or check the data.")
+  step = mngr.latest_step()
+  where = (f"The last good checkpoint in {mngr.directory} (step {step}) is intact." if step is not None else
+           f"No checkpoint was saved yet in {mngr.directory}: a rerun starts over from the pretrained weights.")
+  return f"{where} Lower config.optim.lr, set config.optim.grad_clip_norm, or check the data."
 
 
-def _data(s: Settings, tok, model, mesh):
-  datasets = {source.name: sources.record_source(source) for source in s.data.datasets}
+def _data(s: Settings, datasets: dict, tok, model, mesh):
   sizes = {name: len(ds) for name, ds in datasets.items()}
   multipliers = {source.name: source.weight for source in s.data.datasets}
   probs = mixture.weights(sizes, multipliers, balanced=s.data.balanced)
@@ -67,14 +77,21 @@ def _data(s: Settings, tok, model, mesh):
 
 def train_and_evaluate(s: Settings) -> dict:
   """Trains; returns the last evaluation's metrics. Raises Preempted after a signal (a checkpoint was saved)."""
-  if jax.process_index() == 0:
-    epath.Path(s.workdir).mkdir(parents=True, exist_ok=True)
-  with workdir_lock.WorkdirLock(s.workdir):   # this run owns the workdir until it exits
-    return _train(s)
+  previous = signal.signal(signal.SIGTERM, _stop_starting)
+  try:
+    if jax.process_index() == 0:
+      epath.Path(s.workdir).mkdir(parents=True, exist_ok=True)
+    with workdir_lock.WorkdirLock(s.workdir):   # this run owns the workdir until it exits
+      return _train(s)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _train(s: Settings) -> dict:
   workdir = s.workdir
+  # every configured file is read before anything loads or trains: a bad line stops the run in seconds, named
+  datasets = {source.name: sources.record_source(source) for source in s.data.datasets}
+  eval_records = common.read_evals(s)
   model, tok = common.load_tokenizers(s, InstructBlip(s.model))
 
   # --- mesh, shardings, state: every parameter read straight into its shard -------------------------------
@@ -86,7 +103,7 @@ def _train(s: Settings) -> dict:
   opt_state = setup.init_opt_state(trainable)
   sh = setup.shardings
 
-  pipe, probs = _data(s, tok, model, mesh)
+  pipe, probs = _data(s, datasets, tok, model, mesh)
   data_it = iter(pipe.dataset)
   mngr = checkpoints.manager(workdir, keep=s.keep_checkpoints)
   start, restored = checkpoints.restore_latest(
@@ -110,7 +127,7 @@ def _train(s: Settings) -> dict:
 
   def evaluate_now(step):
     results = common.run_evals(s, model, trainable_lib.merge(trainable, frozen), tok, common.eval_dir(workdir, step),
-                               mesh, rules)
+                               mesh, rules, eval_records)
     log.metrics(step, {f"eval/{k}": v for k, v in results.items()})
     log.plot()
     if keeper is not None:
@@ -123,7 +140,7 @@ def _train(s: Settings) -> dict:
     if s.eval_untrained_baseline:  # a randomly initialised trainable side, as a stated baseline
       fresh = setup.init_random(jax.random.key(s.seed + 1))[0]
       untrained = common.run_evals(s, model, trainable_lib.merge(fresh, frozen), tok,
-                                   common.eval_dir(workdir, "untrained"), mesh, rules)
+                                   common.eval_dir(workdir, "untrained"), mesh, rules, eval_records)
       log.text("untrained Q-Former side: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(untrained.items())))
       del fresh
     before = evaluate_now(0)
@@ -171,7 +188,7 @@ def _train(s: Settings) -> dict:
                                 f" whose loss on this batch is {probe}; this state is not saved. " + _intact(mngr))
           checkpoints.save(mngr, step, {"trainable": trainable, "opt_state": opt_state}, data_it, force=True)
         if stopping:
-          mngr.wait_until_finished()
+          checkpoints.wait(mngr)
           log.text(f"stopped by a signal at step {step}; checkpoint saved. Exit status {PREEMPTED_EXIT} means: "
                    "rerun the same command to continue")
           log.close()
@@ -181,7 +198,7 @@ def _train(s: Settings) -> dict:
           t0 = time.perf_counter()
   finally:
     bar.close()
-    mngr.wait_until_finished()
+    checkpoints.wait(mngr)
     signal.signal(signal.SIGTERM, previous)
   if s.evals and s.eval_at_end:
     last.update(evaluate_now(step))

@@ -3,6 +3,7 @@ import collections
 import dataclasses
 import contextlib
 import io
+import json
 import math
 import os
 import signal
@@ -521,3 +522,23 @@ def test_length_grouped_batches_are_split_exactly_over_processes(tok):
     for p, part in enumerate(parts):
       share = next(part)
       np.testing.assert_array_equal(share["pixel_values"], w["pixel_values"][2 * p:2 * p + 2])
+
+
+def test_skips_name_the_configured_dataset_and_its_file(tmp_path, tok):
+  """Two JSONL sources are both "jsonl" to their reader: a skip names the dataset as the config does and the file it
+  came from, and counts it under that name."""
+  from iblip_jax.data import sources
+  for name in ("captions", "questions"):
+    rows = [{"image": "gone.png" if i == 1 else "ok.png", "text_input": "a red", "text_output": "red"}
+            for i in range(4)]
+    (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
+  spec = lambda n: sources.Source(n, f"config.data.datasets.{n}", "jsonl", str(tmp_path / f"{n}.jsonl"))
+  records = sources.read_records(spec("questions"))
+  example, why = pipeline._load_example(records[1], np.random.default_rng(0), image_size=8, train=False,
+                                        render=pipeline.record_texts)
+  assert example == {pipeline.SKIP: "missing_image"}
+  assert why == f"questions record 2 ({tmp_path / 'questions.jsonl'}): {tmp_path / 'gone.png'} not found"
+  pipe = pipeline.build(mixture.source(records), tok, batch_size=4, image_size=8, seed=0, check_first=0)
+  next(iter(pipe.dataset))
+  assert pipe.skipped.dataset_counts() == {"questions": [1, 4]}

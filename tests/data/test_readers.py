@@ -597,6 +597,27 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
     list(readers.read_hateful_memes(str(tmp_path)))
 
 
+def test_every_bad_line_is_named_with_its_column_and_byte(tmp_path):
+  """20 bad lines are one error naming the first 10 and counting the rest (not 20 reruns), each with the column and
+  the byte of the file; a line cut short says so plainly; it is a UserError (one line at the command line)."""
+  from iblip_jax.errors import UserError
+  good = json.dumps({"image": "a.png", "text_input": "q", "text_output": "a"})
+  lines = [good] + ['{"image": "b.png", "text_input": "cut' for _ in range(19)] + ['{"text_input": "q"}', good]
+  path = tmp_path / "d.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(UserError) as e:
+    list(readers.read_jsonl(str(path)))
+  text = str(e.value)
+  assert text.startswith(f"{path}: 20 bad lines:") and "... and 10 more" in text
+  second = len(good) + 1   # the byte where line 2 starts
+  assert (f"line 2: malformed JSON (a string that is never closed: is the line cut short?; column 34, byte "
+          f"{second + 33} of the file)") in text   # the string opens at column 34 (byte 33 of its line)
+  assert "line 21" not in text   # beyond the first 10, counted only
+  path.write_text(good + "\n" + '{"text_input": "q", "text_output": "a"}' + "\n")
+  with pytest.raises(UserError, match=r"d\.jsonl: line 2: missing required key 'image'"):
+    list(readers.read_jsonl(str(path)))
+
+
 def test_invalid_utf8_names_file_line_and_byte(tmp_path):
   """A Latin-1 byte (é = 0xe9) in a UTF-8 annotation file: a ValueError naming the file, the line and the byte's
   position in it (counted by hand below), like malformed JSON, instead of the codec's bare 'position 1056'."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iblip_jax.data import mixture, pipeline, readers, tfds_builder, tokenize
+from iblip_jax.data import mixture, pipeline, readers, sources, tfds_builder, tokenize
 from iblip_jax.demo import word_tokenizers
 
 
@@ -220,7 +220,8 @@ def test_training_data_from_the_config_mixes_prepared_and_jsonl_datasets_per_ste
   assert all(not settings.source_problems(source) for source in s.data.datasets)
   model = types.SimpleNamespace(config=types.SimpleNamespace(vision=types.SimpleNamespace(image_size=8)))
   mesh = sharding.make_mesh(s.mesh, jax.devices()[:1])
-  pipe, probs = train._data(s, tok, model, mesh)
+  datasets = {source.name: sources.record_source(source) for source in s.data.datasets}
+  pipe, probs = train._data(s, datasets, tok, model, mesh)
   assert set(probs) == {"coco", "mine"}
   it = iter(pipe.dataset)
   seen = set()

@@ -131,9 +131,18 @@ def test_predict_folder_and_export_to_transformers(assets, tmp_path):
   assert got.shape == want.shape and np.mean(np.abs(got.astype(int) - want.astype(int)) > 2) < 1e-3
   # a mistyped workdir must not silently answer with the pretrained weights; a zero batch is a config error
   out = _run(_flags(assets, tmp_path / "w_typo", mode="predict", **predict), check=False)
-  assert out.returncode == 1 and "has no checkpoints/" in out.stderr and "Traceback" not in out.stderr
+  assert out.returncode == 2 and "has no checkpoints/" in out.stderr and "Traceback" not in out.stderr
   out = _run(_flags(assets, tmp_path / "w", mode="predict", **{**predict, "predict.batch_size": 0}), check=False)
-  assert out.returncode == 1 and "config.predict.batch_size=0 must be positive" in out.stderr
+  assert out.returncode == 2 and "config.predict.batch_size=0 must be positive" in out.stderr
+  # nothing readable at all: the lines are written, and the exit status says the job failed
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  out = _run(_flags(assets, tmp_path / "w", mode="predict", **{**predict, "predict.images": str(broken),
+                                                                "predict.output": str(tmp_path / "b.jsonl")}),
+             check=False)
+  assert out.returncode == 1 and "none of the 1 images could be read" in out.stderr, out.stderr[-2000:]
+  assert "error" in json.loads(open(tmp_path / "b.jsonl").read())
   _run(_flags(assets, tmp_path / "w", mode="export", export_dir=str(tmp_path / "hf")))
   hf = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf")
   trained = _final_trainable(tmp_path / "w", 2)
@@ -222,3 +231,54 @@ def test_a_config_change_is_refused_not_treated_as_corruption(assets, tmp_path):
     assert "in the checkpoint only (60): trainable.qformer.layer_0.ffn.intermediate.bias" in out.stderr
     assert "unreadable" not in out.stdout + out.stderr
     assert sorted(os.listdir(w / "checkpoints")) == before
+
+
+def test_every_configured_file_is_read_before_anything_trains(assets, tmp_path):
+  """A malformed line in an evaluation file stops the run in seconds, before loading or training anything, naming
+  the file and every bad line with its column and byte; exit 1 and one message, no traceback."""
+  bad = tmp_path / "val_vqa.jsonl"
+  lines = open(assets / "data" / "val_vqa.jsonl").read().splitlines()
+  bad.write_text("\n".join(lines[:2] + ['{"image": "images/val_00000.png", "question": "cut'] + lines[2:]) + "\n")
+  w = tmp_path / "w"
+  out = _run(_flags(assets, w, **{"evals.held_in_vqa.path": str(bad)}), check=False)
+  assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+  assert f"error: {bad}: line 3: malformed JSON (a string that is never closed" in out.stderr
+  assert "Traceback" not in out.stderr and "loaded" not in out.stdout   # nothing was loaded
+  assert not (w / "checkpoints").exists() and not (w / "LOCK").exists()
+
+
+def test_sigterm_during_start_up_exits_75_and_releases_the_workdir(assets, tmp_path):
+  """A preemption notice that arrives while the job is still loading: exit status 75 (rerun), the workdir lock
+  released at once (another host is not refused for 10 minutes), nothing trained or saved."""
+  w = tmp_path / "w"
+  proc = subprocess.Popen([sys.executable, "-m", "iblip_jax.main", *_flags(assets, w)], cwd=ROOT, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  _wait_for(w / "LOCK", proc)   # the job holds the workdir and is starting up
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 75, out[-3000:]
+  assert "stopped during start-up, before the first step" in out and "rerun the same command" in out
+  assert not (w / "LOCK").exists() and not (w / "checkpoints" / "2").exists()
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays(assets, tmp_path):
+  """The workdir on a 2 MB filesystem: the third checkpoint does not fit. The job says so in one line (what failed,
+  which checkpoint is intact, what to do), exits 1 and releases the workdir; the intact checkpoint restores."""
+  small = tmp_path / "small"
+  small.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(small)], capture_output=True).returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  try:
+    w = small / "w"
+    out = _run(_flags(assets, w, total_steps=6, checkpoint_every=1), check=False)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-3000:]
+    error = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "a checkpoint could not be written" in error[0] and "no space left" in error[0]
+    assert "is intact" in error[0] and "rerun the same command" in error[0]
+    assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) < 40, out.stderr[-3000:]
+    assert not (w / "LOCK").exists()
+    last = _steps(w)[-1]
+    assert f"(step {last}) is intact" in error[0]
+    assert all(np.isfinite(x).all() for x in _leaves(_final_trainable(w, last)))
+  finally:
+    subprocess.run(["umount", str(small)], capture_output=True)

@@ -1,6 +1,7 @@
 """The main job as a pod runs it: `python -m iblip_jax.main` launched as 2 processes x 2 CPU devices with the
 environment tools/tpu/worker.sh sets (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), against the
-same job as 1 process x 4 devices. Nothing in the test starts JAX before the job does."""
+same job as 1 process x 4 devices; one process killed for real mid-run, the other saying so and stopping with the
+preemption status. Nothing in the test starts JAX before the job does."""
 import json
 import os
 import signal
@@ -130,9 +131,18 @@ def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp
   deadline = time.time() + TIMEOUT
   while not marker.exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
     time.sleep(0.05)
-  for p in procs:
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+  procs[1].send_signal(signal.SIGKILL)   # a lost host: process 0 finds out, says so, and stops with status 75
+  procs[1].wait()
+  try:
+    procs[0].wait(timeout=TIMEOUT)
+  except subprocess.TimeoutExpired:
+    procs[0].kill()
+    pytest.fail("process 0 hung after losing process 1:\n" + _logs(tmp_path, "two_train", 2))
+  log = (tmp_path / "two_train_0.log").read_text()
+  assert procs[0].returncode == 75, log[-3000:]
+  assert (f"error: another process of this job is gone (JAX's distributed runtime lost it), so process 0 stopped "
+          f"too. The last checkpoint in {two} is step 4. Rerun the same command on every host to resume.") in log
+  assert "Check failure stack trace" not in log and "Fatal Python error" not in log
   assert marker.exists(), _logs(tmp_path, "two_train", 2)
   assert not (two / "checkpoints" / "6").exists()
   out = _run(_flags(assets, two), 2, 2, tmp_path, "two_resume")

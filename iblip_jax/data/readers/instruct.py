@@ -3,7 +3,8 @@ import os
 from typing import Iterator
 
 from iblip_jax.data import conversation
-from iblip_jax.data.readers.files import expect, field, iter_jsonl, join_path, load_json, make_record
+from iblip_jax.data.readers.files import (AnnotationError, BadLines, expect, field, iter_jsonl, join_path, load_json,
+                                          make_record)
 
 LLAVA_FILES = {
     "llava_instruct": "llava_instruct_150k.json",  # all three parts in one file
@@ -46,11 +47,17 @@ def read_jsonl(path: str, dataset: str = "jsonl") -> Iterator[dict]:
   directory. Evaluation files carry their task's fields instead of the texts (question, answers, candidates,
   answer_index, captions, label, ...): every other field is kept as it is."""
   base = os.path.dirname(os.path.abspath(path))
-  for lineno, item in iter_jsonl(path):
+  bad = BadLines(path)   # every bad line is named at the end, not the first one per rerun
+  for lineno, item in iter_jsonl(path, bad):
     where = f"line {lineno}"
-    if "text_input" in item or "text_output" in item:  # a training line needs both texts
-      for key in ("text_input", "text_output"):
-        field(item, key, path, where, str)
+    try:
+      if "text_input" in item or "text_output" in item:  # a training line needs both texts
+        for key in ("text_input", "text_output"):
+          field(item, key, path, where, str)
+      image = join_path(base, field(item, "image", path, where, str))
+    except AnnotationError as e:
+      bad.add(str(e))
+      continue
     extra = {k: v for k, v in item.items() if k not in ("id", "image", "dataset")}
-    yield make_record(dataset, item.get("id", lineno), image=join_path(base, field(item, "image", path, where, str)),
-                      **extra)
+    yield make_record(dataset, item.get("id", lineno), image=image, **extra)
+  bad.check()

@@ -120,7 +120,8 @@ def read_textvqa(root: str, split: str = "val", image_dir: str | None = None,
     where = f"record {i}"
     image_id = str(field(entry, "image_id", path, where))
     yield make_record("textvqa", field(entry, "question_id", path, where),
-                      image=join_path(image_dir, f"{image_id}.jpg"), question=field(entry, "question", path, where, str), answers=entry.get("answers"),
+                      image=join_path(image_dir, f"{image_id}.jpg"),
+                      question=field(entry, "question", path, where, str), answers=entry.get("answers"),
                       ocr_tokens=entry.get("ocr_tokens", ocr.get(image_id)))
 
 

@@ -1,0 +1,62 @@
+"""The settings, declared once (run/settings.py): the config a config file edits is built from the declarations,
+read back into them checked, and every mistake is reported at once, naming the field."""
+import json
+import math
+import re
+
+import ml_collections
+import pytest
+
+import train_helper
+from iblip_jax import config_lib
+from iblip_jax.demo import word_tokenizers
+from iblip_jax.run import settings
+
+
+def test_the_config_is_the_declarations():
+  config = config_lib.base({})
+  defaults = settings.config_defaults()
+  assert set(config.keys()) == set(defaults)
+  assert config.optim.to_dict() == settings.config_defaults(settings.Optim)
+  assert config.predict.num_beams == 5 and config.predict.repetition_penalty == 1.5   # LAVIS's, from Decoding
+  s = settings.resolve(config, None, "summary")
+  assert s.optim == settings.Optim() and s.predict == settings.Predict() and s.trainable == settings.Settings().trainable
+  assert s.max_replicated_bytes == 128 * 2**20
+
+
+def _train_config(tmp_path, **optim) -> ml_collections.ConfigDict:
+  config = train_helper.load_config("tiny")
+  (tmp_path / "d.jsonl").write_text(json.dumps({"image": "x.png", "text_input": "a", "text_output": "b"}) + "\n")
+  word_tokenizers.build(["a", "b"], str(tmp_path / "tok"))
+  config.tokenizer = str(tmp_path / "tok")
+  config.data.datasets = {"d": {"format": "jsonl", "path": str(tmp_path / "d.jsonl")}}
+  config.batch_size, config.mesh.fsdp = 8, -1
+  for k, v in optim.items():
+    config.optim[k] = v
+  return config
+
+
+def test_the_optimizer_numbers_are_checked(tmp_path):
+  """A negative or not finite rate or decay would train for nothing, or backwards, and exit 0."""
+  settings.resolve(_train_config(tmp_path), str(tmp_path / "w"), "train")   # the defaults are fine
+  for key, value, expected in (("lr", -1e-4, "a positive number"), ("lr", math.nan, "a positive number"),
+                               ("warmup_lr", -1.0, "a number >= 0"), ("weight_decay", -5.0, "a number >= 0"),
+                               ("min_lr", 1.0, "a number in [0, lr=1e-05]"), ("b2", 1.0, "a number in [0, 1)")):
+    with pytest.raises(settings.ConfigError, match=re.escape(f"config.optim.{key}={value!r}: expected {expected}")):
+      settings.resolve(_train_config(tmp_path, **{key: value}), str(tmp_path / "w"), "train")
+  # every problem at once
+  with pytest.raises(settings.ConfigError) as e:
+    settings.resolve(_train_config(tmp_path, lr=-1.0, weight_decay=-5.0), str(tmp_path / "w"), "train")
+  assert "config.optim.lr=-1.0" in str(e.value) and "config.optim.weight_decay=-5.0" in str(e.value)
+
+
+def test_unknown_keys_are_named_at_every_level(tmp_path):
+  config = _train_config(tmp_path)
+  with config.unlocked():
+    config.data.shuffle = True
+    config.optim.momentum = 0.9
+    config.batchsize = 3
+  with pytest.raises(settings.ConfigError) as e:
+    settings.resolve(config, str(tmp_path / "w"), "train")
+  for key in ("config.batchsize", "config.data.shuffle", "config.optim.momentum"):
+    assert f"{key}: no such setting of iblip_jax" in str(e.value)
