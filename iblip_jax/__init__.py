@@ -21,8 +21,8 @@ The package, by layer, bottom to top: a module imports only from its own layer a
                                 the step's maths; the training state built once; orbax checkpoints, verified
   sampling, decoding, ranking   the decoding loop (greedy, sampling, streaming), beam search and the Decoding
                                 settings, candidate ranking
-  data/                         images (the one image path), preprocessing, tokenisation, templates, conversations,
-                                readers, sources, mixture, the training input pipeline
+  data/                         images (the one image path), preprocessing, tokenisation, templates, LAVIS text cleaning,
+                                conversations, readers, sources, mixture, the training input pipeline
   attention_maps                the Q-Former's attention and answer-relevance maps
   engine                        the inference engine: items in, answers or scores out, on a device, mesh or pod
   evaluation/                   metrics, the task table, the evaluator, the paper's numbers, the Table 1 report

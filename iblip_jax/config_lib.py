@@ -105,25 +105,31 @@ def tpu_precision(config: ml_collections.ConfigDict) -> None:
 
 def paper_recipe(config: ml_collections.ConfigDict, *, batch_size: int, root: str = PAPER_DATA):
   """Instruction tuning as the paper: the 13 held-in datasets with their templates, sqrt-balanced sampling with the
-  manual multipliers, 60K steps at `batch_size`, AdamW with 1,000 warmup steps to 1e-5 and cosine decay, held-in
+  manual multipliers, 60K steps at `batch_size`, AdamW with 1,000 warmup steps to 1e-5 and cosine decay stepped every 3K steps (LAVIS's
+  staircase), held-in
   validation every 3K steps keeping the best checkpoint (workdir/best)."""
   config.mode = "train"
   config.model_init_required = True
   config.total_steps = PAPER_STEPS
   config.batch_size = batch_size
   config.optim = optim()
+  # LAVIS's iteration runner: the cosine steps once per inner epoch, and the inner epoch is the validation interval.
+  config.optim.schedule = "lavis"
+  config.optim.inner_epoch_steps = PAPER_EVAL_EVERY
   config.data.datasets = held_in_datasets(root)
   config.data.balanced = True
   # Per example: LAVIS draws one dataset per step on each of its 16 GPUs, so a global batch mixes ~16 draws; one
   # dataset per global batch ("step") would be coarser than the paper's runs.
   config.data.mixing = "example"
   config.data.instruction_format = "templates"
+  config.text_processing = "lavis"    # LAVIS's blip_caption / blip_question cleaning (data/text.py)
   config.evals = held_in_validation(root)
   config.eval_every = PAPER_EVAL_EVERY
   config.eval_at_start = False
   config.eval_at_end = True
   config.eval_batch_size = 64
   config.best_checkpoint_metrics = tuple(HELD_IN_VALIDATION)
+  config.best_checkpoint_mixing = "relative"   # each validation set weighs the same (run/best.py)
   config.checkpoint_every = 1000
   tpu_precision(config)
   return config
@@ -152,16 +158,20 @@ def finetune_recipe(config: ml_collections.ConfigDict, *, batch_size: int, datas
                     train_size: int, epochs: int, select: tuple[str, ...] = ()):
   """Fine-tuning of the Q-Former side from an InstructBLIP checkpoint (config.model_init): `epochs` over
   `train_size` examples at `batch_size`, warmup over the first 10% of the steps (at most the paper's 1,000), AdamW
-  peak 1e-5 with cosine decay, evaluation every epoch, the best on `select` kept in workdir/best/."""
+  peak 1e-5 with cosine decay stepped once per epoch (LAVIS's), evaluation every epoch, the best on `select` kept in workdir/best/."""
   steps_per_epoch = -(-train_size // batch_size)
   config.mode = "train"
   config.model_init_required = True
   config.total_steps = epochs * steps_per_epoch
   config.batch_size = batch_size
   config.optim = optim()
-  config.optim.warmup_steps = min(1000, max(1, config.total_steps // 10))
+  # LAVIS's epoch runner: the cosine steps once per epoch, warming up within the first.
+  config.optim.schedule = "lavis"
+  config.optim.inner_epoch_steps = steps_per_epoch
+  config.optim.warmup_steps = min(1000, max(1, config.total_steps // 10), steps_per_epoch)
   config.data.datasets = datasets
   config.data.balanced = True
+  config.text_processing = "lavis"
   config.evals = evals
   config.eval_every = steps_per_epoch
   config.eval_at_start = True      # the instruction-tuned model before fine-tuning, as a baseline
@@ -169,5 +179,6 @@ def finetune_recipe(config: ml_collections.ConfigDict, *, batch_size: int, datas
   config.eval_batch_size = 64
   config.checkpoint_every = min(1000, steps_per_epoch)
   config.best_checkpoint_metrics = tuple(select)
+  config.best_checkpoint_mixing = "relative"
   tpu_precision(config)
   return config

@@ -18,6 +18,28 @@ def test_schedule_warmup_then_cosine_to_zero():
   assert float(lr(10_000)) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_lavis_schedule_is_a_staircase():
+  """LAVIS's runner: warmup inside inner epoch 0 (then flat at lr), then one cosine value per inner epoch.
+  Hand-computed for lr 1e-5, warmup 1e-8 over 1,000 steps, 60K steps in inner epochs of 3K (K = 20)."""
+  c = config_lib.optim()
+  c.schedule, c.inner_epoch_steps = "lavis", 3000
+  lr = optim.learning_rate(c, total_steps=60_000)
+  assert float(lr(0)) == pytest.approx(1e-8)
+  assert float(lr(500)) == pytest.approx(1e-8 + (1e-5 - 1e-8) * 500 / 1000, rel=1e-5)
+  assert float(lr(1000)) == pytest.approx(1e-5, rel=1e-6)
+  assert float(lr(2999)) == pytest.approx(1e-5, rel=1e-6)          # no decay inside epoch 0 after warmup
+  step_1 = 1e-5 * 0.5 * (1 + math.cos(math.pi * 1 / 20))
+  assert float(lr(3000)) == pytest.approx(step_1, rel=1e-5)
+  assert float(lr(5999)) == pytest.approx(step_1, rel=1e-5)        # constant through inner epoch 1
+  assert float(lr(30_000)) == pytest.approx(1e-5 * 0.5, rel=1e-5)  # epoch 10 of 20: cos(pi/2) = 0
+  assert float(lr(59_999)) == pytest.approx(1e-5 * 0.5 * (1 + math.cos(math.pi * 19 / 20)), rel=1e-4)
+
+
+def test_paper_recipe_uses_the_staircase():
+  config = config_lib.paper_recipe(config_lib.base({}), batch_size=8)
+  assert (config.optim.schedule, config.optim.inner_epoch_steps) == ("lavis", config_lib.PAPER_EVAL_EVERY)
+
+
 def test_no_weight_decay_for_biases_and_vectors():
   params = {"qformer": {"layer_0": {"attention": {"query": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
                                                   "output_ln": {"scale": jnp.ones(4), "bias": jnp.ones(4)}}}},

@@ -8,7 +8,7 @@ import os
 
 from etils import epath
 
-from iblip_jax.data import mixture, readers, templates, tfds_builder
+from iblip_jax.data import mixture, readers, templates, text, tfds_builder
 from iblip_jax.errors import UserError
 
 
@@ -92,13 +92,16 @@ def tag(source: Source, record: dict) -> dict:
   return {**record, "source": source.name, "source_file": source.path or source.tfds_data_dir}
 
 
-def renderer(instruction_format: str = "templates"):
+def renderer(instruction_format: str = "templates", text_processing: str = "none"):
   """(record, rng) -> (text_input, text_output): records that carry their texts keep them; the others get one of
   their dataset's instruction templates, or with `instruction_format` "raw" / "dataset_name" (the paper's multitask
-  baselines, config.data.instruction_format) their raw input (see data/templates.py)."""
+  baselines, config.data.instruction_format) their raw input (see data/templates.py); with `text_processing`
+  "lavis" (config.text_processing) their captions and question cleaned first as LAVIS's (data/text.py)."""
 
   def render(record, rng):
     if "text_input" in record and "text_output" in record:
       return record["text_input"], record["text_output"]
+    if text_processing == "lavis":
+      record = text.for_training(record)
     return templates.render(record["dataset"], record, rng, instruction_format)
   return render

@@ -11,8 +11,8 @@ Rendering (`render`) follows LAVIS / X-InstructBLIP's instruction datasets: a te
 captioning targets are one of the image's captions, VQA targets one of the annotators' answers (duplicates kept, so
 the draw is frequency-weighted), question generation inverts VQA (the answer goes into the template, the question is
 the target), LLaVA-Instruct-150K is used as is. All randomness comes from the `rng` argument, in a fixed order
-(template first, then target), so the same seed gives the same text. Texts are returned as written in the source;
-lower-casing or BLIP's `pre_caption` cleaning, if wanted, belongs to the input pipeline.
+(template first, then target), so the same seed gives the same text. Texts are returned as given: LAVIS's
+lower-casing and punctuation cleaning (config.text_processing="lavis", data/text.py) runs on the record before.
 
 Every reader's records render, so that any dataset can be fine-tuned on (the paper's Table 3 fine-tunes on
 ScienceQA-IMG and A-OKVQA multiple choice). For the held-out datasets the paper gives no training templates; the
@@ -81,7 +81,9 @@ VQA_TEMPLATES = (
     'The question "{Question}" can be answered using the image. A short answer is',
 )
 
-# Visual question generation (6): the answer is given, the question is the target.
+# Visual question generation (6): the answer is given, the question is the target. The paper's text says "10 to 15
+# templates per task", but its appendix (Table 7, as the team's notes transcribe it and public reimplementations
+# corroborate) prints six for question generation: we keep the six it prints rather than invent more.
 # Uncertain (reference doc, 3.6): the exact " Question:" suffixes; MiniGPT-v2 reuses this list without them. Kept as
 # the document writes them, including the paper's "generate an question".
 VQG_TEMPLATES = (

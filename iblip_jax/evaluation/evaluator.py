@@ -38,7 +38,7 @@ def infer(task: Task, records: Sequence[dict], model, params, tok: tokenize.Toke
            for r in records]   # every prompt is rendered and checked on every process, before any work
   desc = task.name if progress else None
   if task.inference == "generate":
-    outputs = engine.generate(items, task.decoding, progress=desc)
+    outputs = engine.generate(items, task.decoding_for(model.config.decoder_only), progress=desc)
   else:
     outputs = engine.rank(items, [rank_candidates(task, r) for r in records], chunk=task.candidate_chunk,
                           normalize=task.normalize, progress=desc)

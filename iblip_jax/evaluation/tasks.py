@@ -3,7 +3,7 @@
 Prompts come from the prompt catalogue (iblip_jax/prompts.py), decoding settings are iblip_jax.decoding.Decoding's;
 both follow the paper's appendix (Table 8 and Appendix E) and LAVIS's evaluation configs. Decoding lengths are
 written as transformers' `max_new_tokens` / `min_new_tokens`; LAVIS's `min_length=L` for T5 counts the decoder
-start token, so it is `min_new_tokens=L-1` here.
+start token, so it is `min_new_tokens=L-1` here, and L for Vicuna (Task.decoding_for).
 
 `split` / `split_note`: the split a held-out task is scored on (the reader's `split` argument) and the evidence for
 it (the paper, LAVIS's dataset builders, maintainers' answers on the LAVIS issue tracker); "unconfirmed" marks the
@@ -28,10 +28,18 @@ import numpy as np
 from iblip_jax import prompts
 from iblip_jax.decoding import Decoding
 
-# Generation settings by task type: short answers (LAVIS's VQA configs) and captions (its caption configs).
+# Generation settings by task type, as LAVIS evaluates FlanT5 (lavis/tasks/vqa.py and captioning.py with
+# blip2_t5_instruct.py): short answers: VQATask's max_len 10, min_len 1 and predict_answers' length_penalty -1 and
+# generate's repetition_penalty 1.5; captions: the InstructBLIP caption configs' max_len 80, min_len 10, beams 5,
+# length_penalty 1.0 and CaptionTask's repetition_penalty default 1.15 (no InstructBLIP config overrides it).
 QA_DECODING = Decoding(num_beams=5, max_new_tokens=10, min_new_tokens=0, length_penalty=-1.0)
 CAPTION_DECODING = Decoding(num_beams=5, max_new_tokens=80, min_new_tokens=9, length_penalty=1.0,
-                            repetition_penalty=1.0)
+                            repetition_penalty=1.15)
+# Vicuna (blip2_vicuna_instruct.py) is given the same min_len, but a decoder-only generate from inputs_embeds has no
+# start token to count: min_len L is L new tokens (one more than T5's). Its predict_answers' length_penalty default
+# is 0, not -1; captions pass theirs explicitly.
+VICUNA_DECODING = {QA_DECODING: dataclasses.replace(QA_DECODING, min_new_tokens=1, length_penalty=0.0),
+                   CAPTION_DECODING: dataclasses.replace(CAPTION_DECODING, min_new_tokens=10)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +69,20 @@ class Task:
     if self.class_words and (len(self.class_words) != len(self.candidates) or not all(self.class_words)):
       raise ValueError(f"task {self.name}: class_words needs one non-empty group per candidate class "
                        f"({len(self.candidates)}), got {self.class_words}")
+
+  def decoding_for(self, decoder_only: bool) -> Decoding:
+    """The generation settings for the LLM's kind: as written for FlanT5, LAVIS's Vicuna equivalents for a
+    decoder-only LLM (VICUNA_DECODING; a task's own settings get the one extra minimum token)."""
+    if not decoder_only:
+      return self.decoding
+    return VICUNA_DECODING.get(self.decoding) or dataclasses.replace(
+        self.decoding, min_new_tokens=self.decoding.min_new_tokens + 1)
+
+  @property
+  def selection(self) -> tuple[str, ...]:
+    """The metrics LAVIS's `agg_metrics` adds up for checkpoint selection: CIDEr + BLEU-4 for captions
+    (lavis/tasks/captioning.py), the headline metric otherwise (vqa.py: accuracy)."""
+    return ("CIDEr", "BLEU-4") if self.metric == "cider" else (self.headline,)
 
   @property
   def headline(self) -> str:

@@ -7,7 +7,7 @@ from etils import epath
 
 from iblip_jax import hf, sharding, train_state
 from iblip_jax import trainable as trainable_lib
-from iblip_jax.data import sources, tokenize
+from iblip_jax.data import sources, text, tokenize
 from iblip_jax.errors import UserError
 from iblip_jax.evaluation import evaluator, tasks
 from iblip_jax.models.instructblip import InstructBlip
@@ -44,13 +44,16 @@ def eval_dir(workdir: str, step) -> str:
 
 
 def read_evals(s: Settings) -> dict[str, list[dict]]:
-  """Every configured evaluation's records (up to config.eval_max_examples), each one's prompt rendered: a bad
+  """Every configured evaluation's records (up to config.eval_max_examples; questions cleaned as LAVIS's with
+  config.text_processing="lavis"), each one's prompt rendered: a bad
   annotation file or a record its task cannot use stops the job here, naming it, before anything trains."""
   out = {}
   for source in s.evals:
     records = sources.read_records(source)
     if s.eval_max_examples:
       records = records[:s.eval_max_examples]
+    if s.text_processing == "lavis":
+      records = [text.for_evaluation(r) for r in records]
     task = tasks.get(source.task)
     for r in records:
       try:

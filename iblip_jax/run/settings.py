@@ -65,6 +65,10 @@ class Optim:
   weight_decay: float = 0.05
   grad_clip_norm: float = 0.0      # 0: no clipping
   grad_accum_steps: int = 1
+  # "smooth" (optax's warmup + cosine, a new rate every step) or "lavis" (LAVIS's runner: the cosine steps once per
+  # inner epoch of inner_epoch_steps, warmup within the first; what the paper recipe uses); iblip_jax/optim.py
+  schedule: str = "smooth"
+  inner_epoch_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,10 @@ class Settings:
   # The random-bit generator of dropout: "threefry2x32" (the same bits on any mesh and number of hosts: the
   # multi-host tests compare runs bit for bit), or the cheaper "rbg" / "unsafe_rbg" (BENCHMARKS.md).
   rng_impl: str = "threefry2x32"
+  # "none": texts as the files write them; "lavis": LAVIS's blip_caption / blip_question cleaning (lower case, no
+  # . ! " ( ) * # : ; ~, at most 50 words) of training captions and questions and of evaluation questions, as the
+  # paper recipes do (iblip_jax/data/text.py)
+  text_processing: str = "none"
   optim: Optim = Optim()
   # data/fsdp/tensor within a slice (-1 = the rest); dcn_* across slices of a multi-slice pod.
   mesh: dict = dataclasses.field(default_factory=lambda: dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1,
@@ -146,6 +154,9 @@ class Settings:
   # training, decides the checkpoint kept in workdir/best/ (run/best.py). A tuple on the command line:
   # --config.best_checkpoint_metrics="('coco_val', 'okvqa_val')"
   best_checkpoint_metrics: tuple[str, ...] = ()
+  # How several of them combine: "mean" (plain) or "relative" (each in % of its first value, so a CIDEr near 140
+  # does not outweigh an accuracy near 50; the paper recipes); run/best.py
+  best_checkpoint_mixing: str = "mean"
   # eval mode: the paper's LLM ("flant5xl", "flant5xxl", "vicuna7b", "vicuna13b") to set the results beside, in
   # table1.md / table1.png under the evaluation's directory (evaluation/report.py); "" = none.
   paper_model: str = ""
@@ -238,8 +249,15 @@ def _optim_problems(o: Optim) -> list[str]:
             ("eps", o.eps > 0, "a positive number"),
             ("grad_clip_norm", o.grad_clip_norm >= 0, "a number >= 0 (0: off)"),
             ("grad_accum_steps", o.grad_accum_steps >= 1, "an integer >= 1")]
-  return [f"config.optim.{name}={getattr(o, name)!r}: expected {what}" for name, ok, what in checks
-          if not ok or not math.isfinite(getattr(o, name))]
+  out = [f"config.optim.{name}={getattr(o, name)!r}: expected {what}" for name, ok, what in checks
+         if not ok or not math.isfinite(getattr(o, name))]
+  if o.schedule not in ("smooth", "lavis"):
+    out.append(f"config.optim.schedule={o.schedule!r}: expected 'smooth' or 'lavis'")
+  elif o.schedule == "lavis" and not o.inner_epoch_steps >= max(o.warmup_steps, 1):
+    out.append(f"config.optim.inner_epoch_steps={o.inner_epoch_steps}: the 'lavis' schedule steps its cosine once "
+               f"per inner epoch and warms up within the first, so it needs inner epochs of at least warmup_steps="
+               f"{o.warmup_steps} steps")
+  return out
 
 
 def _batch(size: int, where: str, mesh: dict) -> list[str]:
@@ -298,6 +316,12 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
       config_json=config.to_json_best_effort(indent=2)))
   if s.rng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
     problems.append(f"config.rng_impl={s.rng_impl!r}: expected 'threefry2x32', 'rbg' or 'unsafe_rbg'")
+  if s.best_checkpoint_mixing not in best.MIXINGS:
+    problems.append(f"config.best_checkpoint_mixing={s.best_checkpoint_mixing!r}: expected one of "
+                    f"{', '.join(map(repr, best.MIXINGS))}")
+  if s.text_processing not in ("none", "lavis"):
+    problems.append(f"config.text_processing={s.text_processing!r}: expected 'none' (texts as written) or 'lavis' "
+                    "(LAVIS's caption and question cleaning)")
   if mode in ("train", "eval", "export") and not workdir:
     problems.append(f"--workdir is required for mode {mode}")
   if s.model_init_required and not s.model_init and mode != "summary":

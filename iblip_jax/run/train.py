@@ -68,7 +68,7 @@ def _data(s: Settings, datasets: dict, tok, model, mesh):
     raise ValueError(f"this process's devices hold rows {rows} of the global batch, not {want}: the mesh does not "
                      "order devices by process; use config.mesh sizes that make_mesh can lay out by host")
   return pipeline.build(mixed, tok, batch_size=local_batch, image_size=model.config.vision.image_size, seed=s.seed,
-                        train=s.data.random_crop, render=sources.renderer(s.data.instruction_format),
+                        train=s.data.random_crop, render=sources.renderer(s.data.instruction_format, s.text_processing),
                         workers=s.data.workers,
                         per_step=per_step, process_index=jax.process_index(), process_count=jax.process_count(),
                         probe=datasets, group_by_length=s.data.group_by_length,
@@ -123,7 +123,7 @@ def _train(s: Settings) -> dict:
   previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
 
   # validation-based selection (config.best_checkpoint_metrics): the best evaluation's state kept in workdir/best
-  keeper = best_lib.BestKeeper(workdir, s.best_checkpoint_metrics) if s.best_checkpoint_metrics and s.evals else None
+  keeper = best_lib.BestKeeper(workdir, s.best_checkpoint_metrics, s.best_checkpoint_mixing) if s.best_checkpoint_metrics and s.evals else None
 
   def evaluate_now(step):
     results = common.run_evals(s, model, trainable_lib.merge(trainable, frozen), tok, common.eval_dir(workdir, step),

@@ -68,7 +68,10 @@ def test_the_recipe(model):
   assert all(d.format == d.name for d in s.data.datasets)
   assert {n: d.weight for n, d in names.items() if d.weight != 1} == {"okvqa": 2.0, "aokvqa": 0.5}
   assert s.data.balanced and s.data.instruction_format == "templates" and s.model.instruction_aware
-  assert s.best_checkpoint_metrics == ("coco_val/CIDEr", "okvqa_val/vqa", "aokvqa_val/vqa", "textcaps_val/CIDEr")
+  assert s.best_checkpoint_metrics == ("coco_val/CIDEr+BLEU-4", "okvqa_val/vqa", "aokvqa_val/vqa",
+                                       "textcaps_val/CIDEr+BLEU-4")
+  assert s.best_checkpoint_mixing == "relative" and s.text_processing == "lavis"
+  assert (s.optim.schedule, s.optim.inner_epoch_steps) == ("lavis", 3_000)
   assert all(dict(e.reader_args)["split"] == "val" for e in s.evals)
   assert s.trainable == tuple(config_lib.base({}).trainable)   # the Q-Former side only
 

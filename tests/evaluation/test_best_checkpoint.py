@@ -34,7 +34,9 @@ def test_the_best_evaluation_is_kept_across_resumes(tmp_path):
   assert "new best" in lines[0] and "new best" in lines[1] and "new best" not in lines[2]
   assert "best so far 55.00 at step 200" in lines[2] and "no selection score" in lines[3]
   record = json.loads((tmp_path / "best" / "best.json").read_text())
-  assert record == {"step": 200, "score": 55.0, "keys": keys, "metrics": {"coco/CIDEr": 70.0, "okvqa/vqa": 40.0}}
+  assert record == {"step": 200, "score": 55.0, "keys": keys, "mixing": "mean",
+                    "values": {"coco/CIDEr": 70.0, "okvqa/vqa": 40.0},
+                    "reference": {"coco/CIDEr": 50.0, "okvqa/vqa": 30.0}}
   mngr = checkpoints.manager(str(tmp_path / "best"))
   assert mngr.all_steps() == [200]   # one kept: the old best goes once the new one is saved
   step, state = checkpoints.restore_latest(mngr, _state(0.0), jax.tree.map(lambda x: x.sharding, _state(0.0)))
@@ -48,9 +50,31 @@ def test_the_best_evaluation_is_kept_across_resumes(tmp_path):
 def test_selection_keys_name_the_headline_metric_or_the_mistake():
   evals = [Source("coco_val", "config.evals.coco_val", "coco_caption", "x", task="coco_caption"),
            Source("okvqa_val", "config.evals.okvqa_val", "okvqa", "x", task="okvqa")]
-  assert best.selection_keys(["coco_val", "okvqa_val/vqa"], evals) == (["coco_val/CIDEr", "okvqa_val/vqa"], [])
+  # an evaluation's name alone: LAVIS's agg_metrics, CIDEr + BLEU-4 for captions, accuracy for VQA
+  assert best.selection_keys(["coco_val", "okvqa_val", "coco_val/CIDEr"], evals) == (
+      ["coco_val/CIDEr+BLEU-4", "okvqa_val/vqa", "coco_val/CIDEr"], [])
   _, problems = best.selection_keys(["vqav2_val"], evals)
   assert problems and "names no evaluation in config.evals (coco_val, okvqa_val)" in problems[0]
+
+
+def test_relative_mixing_weighs_every_evaluation_alike(tmp_path):
+  """CIDEr + BLEU-4 near 150 against an accuracy near 50: by the plain mean, +6 CIDEr beats +5 accuracy points;
+  relative to the first evaluation, +5 accuracy (+10%) beats +6 on 150 (+4%). Hand-computed."""
+  keys = ["coco/CIDEr+BLEU-4", "okvqa/vqa"]
+  first = {"coco/CIDEr": 110.0, "coco/BLEU-4": 40.0, "okvqa/vqa": 50.0}        # 150 and 50
+  more_cider = {"coco/CIDEr": 116.0, "coco/BLEU-4": 40.0, "okvqa/vqa": 50.0}   # 156 and 50
+  more_vqa = {"coco/CIDEr": 110.0, "coco/BLEU-4": 40.0, "okvqa/vqa": 55.0}     # 150 and 55
+  assert best.score(more_cider, keys) == 103.0 and best.score(more_vqa, keys) == 102.5
+  reference = best.values(first, keys)
+  assert best.score(more_cider, keys, "relative", reference) == pytest.approx((104 + 100) / 2)
+  assert best.score(more_vqa, keys, "relative", reference) == pytest.approx((100 + 110) / 2)
+  keeper = best.BestKeeper(str(tmp_path), keys, "relative")
+  lines = [keeper.consider(step, r, _state(step)) for step, r in ((1, first), (2, more_cider), (3, more_vqa))]
+  assert "score 100.00" in lines[0] and "new best" in lines[1] and "new best" in lines[2]
+  assert json.loads((tmp_path / "best" / "best.json").read_text())["step"] == 3
+  # the reference survives a resume; a changed mixing starts the selection over
+  assert "new best" not in best.BestKeeper(str(tmp_path), keys, "relative").consider(4, more_cider, _state(4.0))
+  assert "new best" in best.BestKeeper(str(tmp_path), keys, "mean").consider(5, first, _state(5.0))
 
 
 def _trainable(checkpoint_dir):

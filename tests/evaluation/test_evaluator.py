@@ -1,6 +1,7 @@
 """The evaluator end to end on the tiny model: predictions equal direct generate/rank calls, files are written,
 metrics are the metric functions of those predictions."""
 import json
+import types
 
 import numpy as np
 import pytest
@@ -62,3 +63,34 @@ def test_prompt_rendering_and_errors():
   with pytest.raises(ValueError, match="unknown evaluation task"):
     tasks.get("imagenet")
   assert sum(t.held_out for t in tasks.TASKS.values()) == 13
+
+
+@pytest.mark.parametrize("task_name", ["nocaps", "gqa"])
+def test_vicuna_gets_lavis_vicuna_lengths(task_name, monkeypatch):
+  """LAVIS passes the same min_len to both LLMs, but T5 counts its decoder start token and Vicuna's generate from
+  inputs_embeds has none: min_len 10 is 9 new tokens for T5 and 10 for Vicuna; Vicuna's predict_answers has
+  length_penalty 0 where T5's has -1 (blip2_vicuna_instruct.py / blip2_t5_instruct.py). The evaluator must hand the
+  engine the settings of the model's own kind."""
+  given = []
+
+  class Recorder:
+    def __init__(self, *a, **kw):
+      pass
+
+    def generate(self, items, decoding, progress=None):
+      given.append(decoding)
+      return [types.SimpleNamespace(error=None, answers=[types.SimpleNamespace(text="a")]) for _ in items]
+
+  monkeypatch.setattr(evaluator, "Engine", Recorder)
+  task = tasks.get(task_name)
+  record = {"id": 0, "image": "x.png", "question": "q?"}
+  for decoder_only in (False, True):
+    model = types.SimpleNamespace(config=types.SimpleNamespace(decoder_only=decoder_only))
+    evaluator.infer(task, [record], model, None, None, progress=False)
+  t5, vicuna = given
+  caption = task.metric == "cider"
+  # LAVIS's numbers, by hand: captions min_len 10, QA min_len 1; T5 counts one token fewer
+  assert (t5.min_new_tokens, vicuna.min_new_tokens) == ((9, 10) if caption else (0, 1))
+  assert (t5.length_penalty, vicuna.length_penalty) == ((1.0, 1.0) if caption else (-1.0, 0.0))
+  assert t5.repetition_penalty == vicuna.repetition_penalty == (1.15 if caption else 1.5)
+  assert t5.max_new_tokens == vicuna.max_new_tokens == (80 if caption else 10)

@@ -44,6 +44,10 @@ def test_the_optimizer_numbers_are_checked(tmp_path):
                                ("min_lr", 1.0, "a number in [0, lr=1e-05]"), ("b2", 1.0, "a number in [0, 1)")):
     with pytest.raises(settings.ConfigError, match=re.escape(f"config.optim.{key}={value!r}: expected {expected}")):
       settings.resolve(_train_config(tmp_path, **{key: value}), str(tmp_path / "w"), "train")
+  for optim, expected in (({"schedule": "steps"}, "config.optim.schedule='steps': expected 'smooth' or 'lavis'"),
+                          ({"schedule": "lavis", "inner_epoch_steps": 10}, "at least warmup_steps=1000 steps")):
+    with pytest.raises(settings.ConfigError, match=re.escape(expected)):
+      settings.resolve(_train_config(tmp_path, **optim), str(tmp_path / "w"), "train")
   # every problem at once
   with pytest.raises(settings.ConfigError) as e:
     settings.resolve(_train_config(tmp_path, lr=-1.0, weight_decay=-5.0), str(tmp_path / "w"), "train")
@@ -60,3 +64,10 @@ def test_unknown_keys_are_named_at_every_level(tmp_path):
     settings.resolve(config, str(tmp_path / "w"), "train")
   for key in ("config.batchsize", "config.data.shuffle", "config.optim.momentum"):
     assert f"{key}: no such setting of iblip_jax" in str(e.value)
+
+
+def test_text_processing_is_checked(tmp_path):
+  config = _train_config(tmp_path)
+  config.text_processing = "blip"
+  with pytest.raises(settings.ConfigError, match=re.escape("config.text_processing='blip': expected 'none'")):
+    settings.resolve(config, str(tmp_path / "w"), "train")
