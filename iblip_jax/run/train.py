@@ -41,11 +41,16 @@ class Preempted(Exception):
     self.step = step
 
 
-def _stop_starting(signum, frame) -> None:
+def _start_up_handler(received: list):
   """SIGTERM before the loop runs (loading weights, compiling): stop at once, through the workdir lock's release,
-  with the preemption exit status, rather than die by the signal (143) and leave the lock to go stale."""
-  del signum, frame
-  raise Preempted(None)
+  with the preemption exit status, rather than die by the signal (143) and leave the lock to go stale. The signal
+  is also noted in `received`: an exception raised in a handler is lost when Python happens to be running a
+  garbage-collection callback (JAX has one), so the loop checks the note before its first step."""
+  def handler(signum, frame):
+    del frame
+    received.append(signum)
+    raise Preempted(None)
+  return handler
 
 
 def _intact(mngr) -> str:
@@ -77,17 +82,18 @@ def _data(s: Settings, datasets: dict, tok, model, mesh):
 
 def train_and_evaluate(s: Settings) -> dict:
   """Trains; returns the last evaluation's metrics. Raises Preempted after a signal (a checkpoint was saved)."""
-  previous = signal.signal(signal.SIGTERM, _stop_starting)
+  received = []
+  previous = signal.signal(signal.SIGTERM, _start_up_handler(received))
   try:
     if jax.process_index() == 0:
       epath.Path(s.workdir).mkdir(parents=True, exist_ok=True)
     with workdir_lock.WorkdirLock(s.workdir):   # this run owns the workdir until it exits
-      return _train(s)
+      return _train(s, received)
   finally:
     signal.signal(signal.SIGTERM, previous)
 
 
-def _train(s: Settings) -> dict:
+def _train(s: Settings, start_up_signals: list) -> dict:
   workdir = s.workdir
   # every configured file is read before anything loads or trains: a bad line stops the run in seconds, named
   datasets = {source.name: sources.record_source(source) for source in s.data.datasets}
@@ -121,6 +127,8 @@ def _train(s: Settings) -> dict:
   schedule = optim.learning_rate(s.optim, s.total_steps)
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+  if start_up_signals:   # a start-up signal whose exception was lost (see _start_up_handler)
+    raise Preempted(None)
 
   # validation-based selection (config.best_checkpoint_metrics): the best evaluation's state kept in workdir/best
   keeper = best_lib.BestKeeper(workdir, s.best_checkpoint_metrics, s.best_checkpoint_mixing) if s.best_checkpoint_metrics and s.evals else None

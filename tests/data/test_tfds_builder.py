@@ -174,7 +174,9 @@ def test_config_entries_read_prepared_data_and_bad_ones_are_named(tmp_path):
   tfds_builder.prepare("coco_caption", root, str(tmp_path / "tfds"))
   spec = sources.Source("coco", "config.data.datasets.coco", "coco_caption", tfds_data_dir=str(tmp_path / "tfds"))
   ds = sources.record_source(spec)
-  assert _by_id(ds[i] for i in range(len(ds))) == _expected(readers.read_coco_caption(root))
+  # each record tagged with the config's name for it and where it came from (what a skip message names)
+  tagged = [{**r, "source": "coco", "source_file": str(tmp_path / "tfds")} for r in readers.read_coco_caption(root)]
+  assert _by_id(ds[i] for i in range(len(ds))) == _expected(tagged)
   evals = sources.read_records(spec)  # the evaluator takes images, not bytes
   assert [isinstance(r["image"], Image.Image) for r in evals] == [True, True]
   missing = sources.Source("x", "config.data.datasets.x", "coco_caption", tfds_data_dir=str(tmp_path / "tfds"),
