@@ -76,3 +76,20 @@ def test_a_config_mistake_is_one_line_and_status_2(args, line):
   assert out.returncode == 2, out.stderr[-3000:]
   assert out.stderr.strip().splitlines() == [line]
   assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_a_host_without_tpu_chips_chooses_the_cpu_itself():
+  """JAX_PLATFORMS unset and libtpu installed (the test extra brings it), on a host with no TPU device files: the job
+  chooses the CPU before JAX starts, so there is no TPU start-up noise and bfloat16 towers get the CPU compiler flag
+  that keeps real-size weights in memory (run/cli.py), with no warning asking for JAX_PLATFORMS."""
+  from iblip_jax import distributed
+  if distributed.tpu_chips_here():
+    pytest.skip("this host has TPU chips")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  code = ("import os, sys; from iblip_jax.run import cli; import jax;"
+          "cli.before_jax(__import__('ml_collections').ConfigDict({'model': {'vision': {'dtype': 'bfloat16'},"
+          "'text': {'dtype': 'bfloat16'}}})); print(jax.default_backend(), os.environ.get('XLA_FLAGS'))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split()[0] == "cpu" and "while-loop-invariant-code-motion" in out.stdout
+  assert "TPU_WORKER_HOSTNAMES" not in out.stderr and "E0000" not in out.stderr and "JAX_PLATFORMS" not in out.stderr
