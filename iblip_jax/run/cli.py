@@ -33,7 +33,7 @@ def console_logging() -> None:
   logger.propagate = False
   # orbax and grain log every checkpoint's internals at INFO through absl (dozens of lines a save): a console shows
   # progress, results and real warnings only (--verbosity=0 brings them back)
-  if not flags.FLAGS.is_parsed() or flags.FLAGS["verbosity"].using_default_value:
+  if not flags.FLAGS.is_parsed() or not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
