@@ -96,3 +96,20 @@ def test_every_command_line_or_config_mistake_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2, (args, out.returncode, out.stderr[-2000:])
     assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr[-2000:])
     assert len(out.stderr.strip().splitlines()) <= 3, out.stderr   # the message (an invalid config lists its lines)
+
+
+def test_a_host_without_tpu_chips_chooses_the_cpu_itself():
+  """JAX_PLATFORMS unset and libtpu installed (the test extra brings it), on a host with no TPU device files: the job
+  chooses the CPU before JAX starts, so there is no TPU start-up noise and bfloat16 towers get the CPU compiler flag
+  that keeps real-size weights in memory (run/cli.py), with no warning asking for JAX_PLATFORMS."""
+  from iblip_jax import distributed
+  if distributed.tpu_chips_here():
+    pytest.skip("this host has TPU chips")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  code = ("import os, sys; from iblip_jax.run import cli; import jax;"
+          "cli.before_jax(__import__('ml_collections').ConfigDict({'model': {'vision': {'dtype': 'bfloat16'},"
+          "'text': {'dtype': 'bfloat16'}}})); print(jax.default_backend(), os.environ.get('XLA_FLAGS'))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split()[0] == "cpu" and "while-loop-invariant-code-motion" in out.stdout
+  assert "TPU_WORKER_HOSTNAMES" not in out.stderr and "E0000" not in out.stderr and "JAX_PLATFORMS" not in out.stderr
