@@ -74,13 +74,15 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 def held_in_datasets(root: str = PAPER_DATA) -> dict:
   """config.data.datasets of the 13 held-in datasets (train splits), with the paper's manual multipliers. Web
-  CapFilt's annotation file must give each caption's image (LAVIS's capfilt14m annotation.json does; BLIP's
-  release lists URLs): its name is reader_args.ann_file."""
+  CapFilt's annotation file is reader_args.ann_file (default BLIP's release, which lists image URLs); the
+  downloaded images are found through reader_args.url_to_path ("basename", or a .json/.tsv file mapping each URL
+  to its file; readers/captions.py), or the file's items give an "image" path (LAVIS's capfilt14m
+  annotation.json): --config.data.datasets.web_capfilt.reader_args.url_to_path=basename."""
   out = {}
   for name, folder in HELD_IN_FOLDERS.items():
     out[name] = dict(format=name, path=f"{root}/{folder}", weight=PAPER_WEIGHTS.get(name, 1.0))
     if name == "web_capfilt":
-      out[name]["reader_args"] = dict(ann_file="ccs_synthetic_filtered_large.json")
+      out[name]["reader_args"] = dict(ann_file="ccs_synthetic_filtered_large.json", url_to_path="")
   return out
 
 

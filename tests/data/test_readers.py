@@ -108,6 +108,32 @@ def test_web_capfilt(tmp_path):
     list(readers.read_web_capfilt(str(tmp_path)))
 
 
+def test_web_capfilt_finds_downloaded_images_by_url(tmp_path, caplog):
+  """url_to_path as a config can write it: "basename", or a .json / .tsv map; URLs with no download are left out."""
+  _json(tmp_path / "ccs_synthetic_filtered_large.json", [
+      {"url": "http://x.org/p/a.jpg?size=2", "caption": "a dog"},
+      {"url": "http://y.org/b.png", "caption": "two cats"},
+      {"url": "http://z.org/dead.jpg", "caption": "gone"}])
+  read = lambda spec: [(r["image"], r["captions"]) for r in readers.read_web_capfilt(str(tmp_path), url_to_path=spec)]
+  assert read("basename") == [(str(tmp_path / "a.jpg"), ["a dog"]), (str(tmp_path / "b.png"), ["two cats"]),
+                              (str(tmp_path / "dead.jpg"), ["gone"])]
+  _json(tmp_path / "urls.json", {"http://x.org/p/a.jpg?size=2": "00000/000000000.jpg",
+                                 "http://y.org/b.png": "00000/000000001.jpg"})
+  (tmp_path / "urls.tsv").write_text("http://x.org/p/a.jpg?size=2\t00000/000000000.jpg\n"
+                                     "http://y.org/b.png\t00000/000000001.jpg\n")
+  want = [(str(tmp_path / "00000" / "000000000.jpg"), ["a dog"]), (str(tmp_path / "00000" / "000000001.jpg"),
+                                                                   ["two cats"])]
+  with caplog.at_level("WARNING"):
+    assert read("urls.json") == want
+  assert "1 records left out" in caplog.text
+  assert read("urls.tsv") == want
+  with pytest.raises(ValueError, match=r"url_to_path='urls\.txt': expected 'basename', a \.json"):
+    read("urls.txt")
+  (tmp_path / "bad.tsv").write_text("http://x.org/a.jpg 0.jpg\n")
+  with pytest.raises(ValueError, match=r"bad\.tsv: line 1: expected 'url<TAB>path'"):
+    read("bad.tsv")
+
+
 def test_textcaps_with_rosetta_ocr(tmp_path):
   def entry(image_id, k):
     return {"image_id": image_id, "image_classes": ["Sign"], "caption_id": k, "caption_str": f"{image_id} cap {k}",

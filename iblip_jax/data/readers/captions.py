@@ -1,10 +1,15 @@
 """Captioning datasets: COCO Caption (Karpathy splits), Flickr30K, Web CapFilt, TextCaps, NoCaps."""
 import collections
 import glob
+import logging
 import os
+import posixpath
+import urllib.parse
 from typing import Callable, Iterator, Sequence
 
 from iblip_jax.data.readers.files import expect, field, first_file, join_path, load_json, make_record, rosetta_ocr
+
+log = logging.getLogger(__name__)
 
 def read_coco_caption(root: str, split: str = "train", image_dir: str | None = None, include_restval: bool = True,
                       dataset: str = "coco_caption") -> Iterator[dict]:
@@ -73,30 +78,74 @@ def _read_karpathy(path: str, split: str, image_dir: str, include_restval: bool,
 
 
 def read_web_capfilt(root: str, ann_file: str = "ccs_synthetic_filtered_large.json", image_dir: str | None = None,
-                     url_to_path: Callable[[str], str] | None = None) -> Iterator[dict]:
+                     url_to_path: str | Callable[[str], str | None] | None = None) -> Iterator[dict]:
   """Web CapFilt: BLIP's bootstrapped captions (github.com/salesforce/BLIP, "Pre-training datasets download"), a JSON
   list of {"url": image URL, "caption": text}; default file the ViT-L CapFilt captions of CC3M+CC12M+SBU. The
-  release has URLs only: pass `url_to_path` (URL -> local file, relative to image_dir) for the images you
-  downloaded, or use a list whose items carry "image" (a path, as BLIP's own pretrain_dataset reads and LAVIS's
-  capfilt14m annotation.json has). Relative paths resolve against image_dir (default root). Uncertain: which BLIP
-  file (and whether COCO/VG images were included) made the paper's 14M "Web CapFilt"."""
+  release has URLs only, so the images you downloaded are found through `url_to_path` (a config's
+  reader_args.url_to_path), relative to image_dir (default root):
+  - "basename": the URL's last path segment ("http://x.org/p/a.jpg?s=1" -> "a.jpg"), as `wget` saves files;
+  - a .json file ({url: path}) or .tsv file (url <TAB> path per line), relative to root: e.g. made from
+    img2dataset's output parquet (its "url" and "key" columns) or your downloader's log. URLs it does not list
+    (dead links, ~10-20% of CC's) are left out, counted in one warning;
+  - in Python, a function URL -> path (None: not downloaded).
+  A list whose items carry "image" (a path, as BLIP's own pretrain_dataset reads and LAVIS's capfilt14m
+  annotation.json has) needs none. Uncertain: which BLIP file (and whether COCO/VG images were included) made the
+  paper's 14M "Web CapFilt"."""
   path = os.path.join(root, ann_file)
   image_dir = image_dir or root
+  mapper = _url_mapper(url_to_path, root)
+  missing = 0
   for i, item in enumerate(expect(load_json(path), list, path, "top level")):
     where = f"record {i}"
     caption = field(item, "caption", path, where, (str, list))
-    yield make_record("web_capfilt", i, image=_capfilt_image(item, path, where, image_dir, url_to_path),
-                      captions=[caption] if isinstance(caption, str) else list(caption))
+    image = _capfilt_image(item, path, where, image_dir, mapper)
+    if image is None:
+      missing += 1
+      continue
+    yield make_record("web_capfilt", i, image=image, captions=[caption] if isinstance(caption, str) else list(caption))
+  if missing:
+    log.warning("%s: %d records left out: url_to_path=%r gives no downloaded image for their URL", path, missing,
+                url_to_path)
 
 
-def _capfilt_image(item: dict, path: str, where: str, image_dir: str, url_to_path) -> str:
+def _url_mapper(spec, root: str) -> Callable[[str], str | None] | None:
+  """url_to_path as a function (see read_web_capfilt); None when not given."""
+  if spec is None or spec == "":
+    return None
+  if callable(spec):
+    return spec
+  if spec == "basename":
+    return lambda url: posixpath.basename(urllib.parse.urlsplit(url).path) or None
+  path = join_path(root, spec)
+  if spec.endswith(".json"):
+    mapping = expect(load_json(path), dict, path, "top level (url_to_path: {url: path})")
+  elif spec.endswith(".tsv"):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: url_to_path file not found")
+    mapping = {}
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          url, tab, local = line.rstrip("\n").partition("\t")
+          if not tab or not local:
+            raise ValueError(f"{path}: line {n}: expected 'url<TAB>path', got {line.strip()[:80]!r}")
+          mapping[url] = local
+  else:
+    raise ValueError(f"url_to_path={spec!r}: expected 'basename', a .json file {{url: path}} or a .tsv file "
+                     "(url<TAB>path per line), relative to the dataset folder")
+  return mapping.get
+
+
+def _capfilt_image(item: dict, path: str, where: str, image_dir: str, url_to_path) -> str | None:
   if "image" in item:
     return join_path(image_dir, field(item, "image", path, where, str))
   url = field(item, "url", path, where, str)
   if url_to_path is None:
     raise ValueError(f"{path}: {where}: has a 'url' but no 'image'; the released BLIP files list image URLs only: "
-                     "download the images and pass url_to_path=, or add an 'image' path to each item")
-  return join_path(image_dir, url_to_path(url))
+                     "download the images and set reader_args.url_to_path ('basename', or a .json/.tsv file mapping "
+                     "each URL to its file), or add an 'image' path to each item")
+  local = url_to_path(url)
+  return None if local is None else join_path(image_dir, local)
 
 
 def read_textcaps(root: str, split: str = "train", image_dir: str | None = None,
