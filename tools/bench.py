@@ -10,7 +10,16 @@ Protocol (what a sceptical reader asks for):
   machine hits all of them alike; printed as median and spread (min-max) of the repeats, compile and first call
   apart. The load average is printed before and after.
 - Each framework's own f32 matmul peak on this machine (XLA's dot and torch.matmul, 2048^3), so that model-FLOPs
-  utilisation is against what that framework can do here.
+  utilisation is against what that framework can do here, and a normalised ratio beside each raw one: the raw
+  speed-up times torch's peak over XLA's, i.e. the speed-up that is left once the two matmul libraries' difference
+  on this host is taken out (above 1: our program does less or wastes less; below 1: the raw speed-up is the
+  library's, not ours).
+- A per-phase split of generation and ranking for both frameworks: the vision tower (with ln_vision), the
+  Q-Former (with the projection), the LLM prefill (the T5 encoder; iblip_jax also computes the decoder's
+  cross-attention keys and values here, transformers in its first step), and the rest (the decode steps, or the
+  candidates' decoder pass). Each phase is timed as a prefix of the call (vision; vision + Q-Former; everything up
+  to the first decoder step) and the split is the difference of consecutive prefixes, the rest the difference to
+  the whole call.
 - Workloads: the training step without and with dropout (the path real training takes; `train_dropout_rbg`:
   iblip_jax's dropout bits from the cheaper "rbg" generator, config.rng_impl), greedy and 5-beam generation (10 new
   tokens) and their time ratio, ranking of 16 candidates per sample.
@@ -37,10 +46,11 @@ import torch
 from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
 import iblip_jax
-from iblip_jax import config_lib, optim
+from iblip_jax import config_lib, distributed, optim
 from iblip_jax import trainable as trainable_lib
 from iblip_jax.train_step import make_train_step
 
+WORKLOADS = ("train", "train_dropout", "train_dropout_rbg", "greedy", "beam5", "rank16")
 BATCH, INSTR, PROMPT, TARGET, NEW_TOKENS, CANDIDATES, CANDIDATE_TOKENS = 8, 24, 24, 8, 10, 16, 4
 TORCH_DEVICE = "cpu"   # "cuda" with --gpu
 SHAPES = {
@@ -281,27 +291,85 @@ def bench_rank(variants, model, params, x, repeats):
   return interleaved(fns, repeats)
 
 
-def _row(what: str, r: dict, notes: str = "") -> str:
+def bench_prefixes(variants, model, params, x, repeats) -> dict:
+  """{who: {"vision", "qformer", "prefill": median s}}: each a prefix of generation (see the module docstring), the
+  three of one framework timed in the same interleaved rounds."""
+  keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask")
+  b = {k: jnp.asarray(x[k]) for k in keys}
+  apply = lambda method: jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method))
+  vision = apply(lambda m, px: m.ln_vision(m.vision(px)))
+  qformer = apply(lambda m, *a: m.image_features(*a)["language_inputs"])
+  prefill = apply(lambda m, *a: jax.tree.leaves(m.prefill(*a, NEW_TOKENS)))
+  fns = {("iblip_jax", "vision"): lambda: vision(params, b["pixel_values"]).block_until_ready(),
+         ("iblip_jax", "qformer"): lambda: qformer(params, *(b[k] for k in keys[:3])).block_until_ready(),
+         ("iblip_jax", "prefill"): lambda: jax.block_until_ready(prefill(params, *b.values()))}
+  t = hf_inputs(x)
+  for name, hf in variants.items():
+    def hf_vision(hf=hf):
+      with torch.inference_mode():
+        hf.vision_model(pixel_values=t["pixel_values"])
+      sync()
+
+    def hf_qformer(hf=hf):
+      with torch.inference_mode():
+        hf.get_image_features(t["pixel_values"], t["qformer_input_ids"], t["qformer_attention_mask"],
+                              return_dict=True)
+      sync()
+
+    def hf_prefill(hf=hf):   # what generate runs before its first decoder step: image tokens spliced, T5 encoder
+      with torch.inference_mode():
+        feats = hf.get_image_features(t["pixel_values"], t["qformer_input_ids"], t["qformer_attention_mask"],
+                                      return_dict=True).pooler_output
+        embeds = torch.cat([feats, hf.get_input_embeddings()(t["input_ids"][:, 32:])], 1)
+        hf.language_model.encoder(inputs_embeds=embeds, attention_mask=t["attention_mask"])
+      sync()
+    fns.update({(f"transformers {name}", "vision"): hf_vision, (f"transformers {name}", "qformer"): hf_qformer,
+                (f"transformers {name}", "prefill"): hf_prefill})
+  out = {}
+  for (who, phase), (_, median, _, _) in interleaved(fns, repeats).items():
+    out.setdefault(who, {})[phase] = median
+  return out
+
+
+def _split(prefix: dict, total: float, rest: str) -> str:
+  """"vision a | Q-Former b | prefill c | <rest> d" from the prefixes' medians and the whole call's."""
+  parts = {"vision": prefix["vision"], "Q-Former": prefix["qformer"] - prefix["vision"],
+           "prefill": prefix["prefill"] - prefix["qformer"], rest: total - prefix["prefill"]}
+  return " | ".join(f"{k} {v:.3f}" for k, v in parts.items())
+
+
+def _row(what: str, r: dict, peaks: dict, notes: str = "", prefixes: dict | None = None, rest: str = "") -> str:
+  """The workload's rows: each framework's median [min-max], first call, the raw and the peak-normalised speed-up
+  (raw x torch's peak / XLA's), and with `prefixes` each framework's phase split (seconds)."""
   ours = r["iblip_jax"][1]
   lines = [f"{what:<14} {'iblip_jax':<24} {ours:>8.3f} s [{r['iblip_jax'][2]:.3f}-{r['iblip_jax'][3]:.3f}]"
            f"  first {r['iblip_jax'][0]:.1f} s  {notes}"]
+  library = peaks["transformers"] / peaks["iblip_jax"]
   for name, (first, median, lo, hi) in r.items():
     if name.startswith("transformers"):
       lines.append(f"{'':<14} {name:<24} {median:>8.3f} s [{lo:.3f}-{hi:.3f}]  first {first:.1f} s  "
-                   f"iblip_jax {median / ours:.2f}x faster")
+                   f"iblip_jax {median / ours:.2f}x faster, {median / ours * library:.2f}x normalised")
+  if prefixes:
+    for name in r:
+      if name in prefixes:
+        lines.append(f"{'':<14} split {name:<18} {_split(prefixes[name], r[name][1], rest)}")
   return "\n".join(lines)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--only", default="train,train_dropout,train_dropout_rbg,greedy,beam5,rank16")
+  parser.add_argument("--only", default=",".join(WORKLOADS))
   # compile is opt-in: on this 2-core CPU it ran the train step slower than SDPA (6.8 s vs 3.8 s, 105 s to compile)
   # and the compiled copies made the default run of every workload pass 24 GiB (BENCHMARKS.md)
   parser.add_argument("--torch_variants", default="eager,sdpa", help="eager, sdpa, compile")
   parser.add_argument("--shape", choices=sorted(SHAPES), default="base")
   parser.add_argument("--gpu", action="store_true", help="both frameworks on the GPU, full f32")
   args = parser.parse_args()
+  distributed.default_platform()   # on a host without TPU chips, the CPU without libtpu's start-up noise
+  unknown = sorted(set(args.only.split(",")) - set(WORKLOADS))
+  if unknown:
+    parser.error(f"--only: unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
   torch.set_num_threads(os.cpu_count())
   if args.gpu:
     global TORCH_DEVICE
@@ -327,8 +395,13 @@ def main():
   print(f"measured f32 matmul peak ({n}^3): XLA {peaks['iblip_jax'] / 1e9:.1f} GFLOP/s, torch "
         f"{peaks['transformers'] / 1e9:.1f} GFLOP/s")
   print("workload       who                         median [min-max]  (compile + first call apart)")
-  medians = {}
+  medians, prefixes = {}, None
   for what in args.only.split(","):
+    if what in ("greedy", "beam5", "rank16") and prefixes is None:
+      prefixes = bench_prefixes({n: v for n, v in variants.items() if not isinstance(v, str)}, model, params, x,
+                                args.repeats)
+      _release_compiled(variants)
+    rest = None
     if what in ("train", "train_dropout", "train_dropout_rbg"):
       r = bench_train(variants if what != "train_dropout_rbg" else {}, model, params, x, args.repeats,
                       dropout=what != "train", rng_impl="rbg" if what == "train_dropout_rbg" else "threefry2x32")
@@ -341,13 +414,15 @@ def main():
       same = r.pop("same_tokens")
       notes = f"{NEW_TOKENS} new tokens; rows equal to transformers': " + ", ".join(
           f"{n} {100 * v:.0f}%" for n, v in same.items())
+      rest = "decode"
     elif what == "rank16":
       r = bench_rank(variants, model, params, x, args.repeats)
       notes = f"{CANDIDATES} candidates x {CANDIDATE_TOKENS} tokens per sample"
+      rest = "candidates"
     else:
       raise SystemExit(f"unknown workload {what!r}")
     medians[what] = r
-    print(_row(what, r, notes), flush=True)
+    print(_row(what, r, peaks, notes, prefixes if rest else None, rest or ""), flush=True)
     _release_compiled(variants)
   if "greedy" in medians and "beam5" in medians:
     ratio = lambda n: medians["beam5"][n][1] / medians["greedy"][n][1]
