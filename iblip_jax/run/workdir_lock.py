@@ -162,6 +162,8 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self._stop.set()
+    if self._thread is not None:
+      self._thread.join()   # a refresh between its read and its write would re-create the lock once deleted
     if distributed.is_primary():
       info = _read(self.path)
       if info is not None and info.get("pid") == self.info["pid"] and info.get("host") == self.info["host"]:
