@@ -1,11 +1,13 @@
 """Attention maps on a tiny model: the explicit cross-attention path computes what the fused kernel computes, maps have
-their shapes and sum to 1, depend on the instruction, and the relevance gradient equals finite differences."""
+their shapes and sum to 1, depend on the instruction, the probabilities, their gradient and the relevance equal
+transformers' (PyTorch autograd on the same checkpoint), and the gradient equals finite differences."""
 import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import iblip_jax
@@ -20,10 +22,18 @@ ANSWERS = ["red", "left of the sky"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def hf(tmp_path_factory):
+  """transformers' model and the directory it was saved to (with word-level tokenizers)."""
   path = tmp_path_factory.mktemp("maps") / "hf"
-  oracle.tiny_hf_model(seed=1).save_pretrained(path)
+  model = oracle.tiny_hf_model(seed=1)
+  model.save_pretrained(path)
   word_tokenizers.build(WORDS, str(path))
+  return model, path
+
+
+@pytest.fixture(scope="module")
+def setup(hf):
+  path = hf[1]
   model, params = iblip_jax.from_pretrained(str(path))
   pixels = np.repeat(oracle.tiny_batch(seed=1, batch=1)["pixel_values"], 2, axis=0)
   return model, params, tokenize.load_tokenizers(str(path)), pixels
@@ -58,8 +68,6 @@ def test_shapes_sums_and_instruction_dependence(setup):
     assert m.mean.shape == m.relevance.shape == (side, side)
     assert m.per_query.shape == (q, side, side) and m.per_layer.shape == (2, side, side)
     np.testing.assert_allclose(m.mean.sum() + m.cls, 1.0, atol=1e-5)
-    np.testing.assert_allclose(m.relevance, np.maximum(m.probs * m.grad, 0)[..., 1:].mean((0, 1, 2))
-                               .reshape(side, side), rtol=1e-6)
     assert (m.relevance >= 0).all() and m.relevance.max() > 0
   # the same image under two instructions: the Q-Former's queries look elsewhere
   uniform = 1 / maps[0].probs.shape[-1]
@@ -68,6 +76,49 @@ def test_shapes_sums_and_instruction_dependence(setup):
     assert np.abs(maps[0].probs[layer] - maps[1].probs[layer]).max() > share * uniform
   assert np.abs(maps[0].mean - maps[1].mean).max() > 0.01 * uniform
   assert np.abs(maps[0].relevance - maps[1].relevance).max() > 0.1 * maps[0].relevance.max()
+
+
+def _hf_maps(hf, batch: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+  """transformers' cross-attention probabilities (B, L, H, Q, N) as its eager attention returns them (the tensor
+  multiplied into the values), their gradient by autograd of the sum of the items' answer log-likelihoods (teacher
+  forced, -100 labels left out), the log-likelihoods (B,) and the cross-attention layers' indices."""
+  layers = [i for i, layer in enumerate(hf.qformer.encoder.layer) if layer.has_cross_attention]
+  probs = []
+  hooks = [hf.qformer.encoder.layer[i].crossattention.attention.register_forward_hook(
+      lambda module, args, out: probs.append(out[1])) for i in layers]
+  try:
+    out = hf(**oracle.hf_inputs({k: v if v.dtype == np.float32 else v.astype(np.int64) for k, v in batch.items()}))
+  finally:
+    for hook in hooks:
+      hook.remove()
+  for p in probs:
+    p.retain_grad()
+  labels = torch.from_numpy(batch["labels"]).long()
+  token_logp = torch.log_softmax(out.logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+  loglik = torch.where(labels != -100, token_logp, 0.0).sum(-1)
+  loglik.sum().backward()   # items are independent: each probability's gradient is its own item's
+  return (torch.stack(probs, 1).detach().numpy(), torch.stack([p.grad for p in probs], 1).numpy(),
+          loglik.detach().numpy(), tuple(layers))
+
+
+def test_probabilities_gradient_and_relevance_equal_transformers(hf, setup):
+  """probs, d log p(answer) / d probs and the relevance map against transformers' PyTorch model on the checkpoint the
+  JAX model was loaded from: its eager cross-attention weights (a forward hook), their gradient by autograd, and the
+  relevance computed from them (mean over layers, heads and queries of max(probs * grad, 0), patches only)."""
+  model, params, tok, pixels = setup
+  maps = attention_maps.compute(model, params, tok, pixels, PROMPTS, ANSWERS)
+  batch = dict(pixel_values=pixels, **tokenize.encode_training(tok, PROMPTS, ANSWERS))
+  probs, grad, loglik, layers = _hf_maps(hf[0], batch)
+  side = model.config.vision.image_size // model.config.vision.patch_size
+  for i, m in enumerate(maps):
+    assert m.layers == layers
+    np.testing.assert_allclose(m.logprob, loglik[i], rtol=1e-5)
+    np.testing.assert_allclose(m.probs, probs[i], rtol=0, atol=1e-6)
+    # tolerances scaled to each array: the gradient is ~1e-2, the relevance ~1e-5
+    np.testing.assert_allclose(m.grad, grad[i], rtol=0, atol=1e-4 * np.abs(grad[i]).max())
+    relevance = np.maximum(probs[i] * grad[i], 0)[..., 1:].mean(axis=(0, 1, 2)).reshape(side, side)
+    assert relevance.max() > 0 and (probs[i] * grad[i] < 0).mean() > 0.1   # the positive part is a real choice
+    np.testing.assert_allclose(m.relevance, relevance, rtol=0, atol=1e-4 * relevance.max())
 
 
 def test_gradient_equals_finite_differences(setup):
