@@ -6,15 +6,18 @@
 Protocol (what a sceptical reader asks for):
 - transformers runs with eager attention and with SDPA (and, with --torch_variants ...,compile, torch.compile on
   top of SDPA); generation and ranking under torch.inference_mode; each variant on its own copy of the same weights.
-- A/B interleaved: every repeat runs iblip_jax, then each transformers variant, so that a slow minute of a shared
-  machine hits all of them alike; printed as median and spread (min-max) of the repeats, compile and first call
-  apart. The load average is printed before and after.
+- A/B alternated in blocks: two rounds, each running iblip_jax's block, then each transformers variant's (one
+  untimed call that settles after the other framework, then half of the timed repeats), so that a slow minute of a
+  shared machine hits all of them alike while every timed call is a steady-state one (see `interleaved`); printed
+  as median and spread (min-max) of the repeats, compile and first call apart. The load average is printed before
+  and after.
 - Each framework's own f32 matmul peak on this machine (XLA's dot and torch.matmul, 2048^3), so that model-FLOPs
   utilisation is against what that framework can do here, and a normalised ratio beside each raw one: the raw
   speed-up times torch's peak over XLA's, i.e. the speed-up that is left once the two matmul libraries' difference
   on this host is taken out (above 1: our program does less or wastes less; below 1: the raw speed-up is the
   library's, not ours).
-- A per-phase split of generation and ranking for both frameworks: the vision tower (with ln_vision), the
+- A per-phase split of the train step (forward | backward | optimizer: the loss alone, then with gradients, then
+  the whole step) and of generation and ranking for both frameworks: the vision tower (with ln_vision), the
   Q-Former (with the projection), the LLM prefill (the T5 encoder; iblip_jax also computes the decoder's
   cross-attention keys and values here, transformers in its first step), and the rest (the decode steps, or the
   candidates' decoder pass). Each phase is timed as a prefix of the call (vision; vision + Q-Former; everything up
@@ -48,11 +51,13 @@ from transformers import InstructBlipConfig, InstructBlipForConditionalGeneratio
 import iblip_jax
 from iblip_jax import config_lib, distributed, optim
 from iblip_jax import trainable as trainable_lib
-from iblip_jax.train_step import make_train_step
+from iblip_jax.train_step import loss_fn, make_train_step
 
 WORKLOADS = ("train", "train_dropout", "train_dropout_rbg", "greedy", "beam5", "rank16")
 BATCH, INSTR, PROMPT, TARGET, NEW_TOKENS, CANDIDATES, CANDIDATE_TOKENS = 8, 24, 24, 8, 10, 16, 4
 TORCH_DEVICE = "cpu"   # "cuda" with --gpu
+# transformers' names of the trainable side (ln_vision is its vision_model.post_layernorm)
+TRAINED = ("vision_model.post_layernorm", "query_tokens", "qformer.", "language_projection")
 SHAPES = {
     "base": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6),
     "xl_ratio": dict(d_model=512, d_kv=64, d_ff=1280, num_layers=8, num_heads=8),
@@ -136,19 +141,29 @@ def hf_inputs(x: dict) -> dict:
   return {k: v.to(TORCH_DEVICE) for k, v in out.items()}
 
 
+ROUNDS = 2
+
+
 def interleaved(fns: dict, repeats: int) -> dict:
-  """{name: (first call s, median s, min s, max s)}: one first call each, then `repeats` rounds that run every
-  function once, in turn (A/B interleaving)."""
+  """{name: (first call s, median s, min s, max s)}: one first call each (compile), then ROUNDS rounds that run
+  every function in turn, each as a block: one untimed settling call, then its share of the `repeats` timed calls.
+  Why blocks and not one call at a time: measured on a 2-core Xeon, iblip_jax's train step right after one of
+  transformers' took 4.2-4.8 s, and 3.6-3.7 s from the second call of a block on (transformers' own first call
+  after ours: +0.1 s): a one-at-a-time alternation timed every call of ours in that state, which neither a
+  training loop nor a server is in."""
   first, times = {}, {name: [] for name in fns}
   for name, fn in fns.items():
     t0 = time.perf_counter()
     fn()
     first[name] = time.perf_counter() - t0
-  for _ in range(repeats):
+  per_round = -(-repeats // ROUNDS)
+  for _ in range(ROUNDS):
     for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
+      fn()   # settles after the other framework's block
+      for _ in range(per_round):
+        t0 = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - t0)
   return {n: (first[n], statistics.median(t), min(t), max(t)) for n, t in times.items()}
 
 
@@ -184,6 +199,41 @@ def _train_flops(model, tx, trainable, frozen, batch) -> float:
       trainable, tx.init(trainable), frozen, batch, jax.random.key(0)).compile().cost_analysis()["flops"]
 
 
+def bench_train_prefixes(variants, model, params, x, repeats) -> dict:
+  """{who: {"forward", "grad": median s}}: the train step's prefixes without dropout: the loss alone (no
+  activations kept for a backward pass: jit of the loss, torch.no_grad) and the loss with the trainable tree's
+  gradients (before the optimizer), for the split forward | backward | optimizer."""
+  config = config_lib.base({})
+  trainable, frozen = trainable_lib.split(params, config.trainable)
+  batch = {k: jnp.asarray(v) for k, v in x.items() if k != "candidates"}
+  frozen_vision = model.clone(stop_vision_gradient=True)
+  # frozen weights and the batch as arguments, as the step takes them (closed over, they would be constants)
+  objective = lambda t, f, b: loss_fn(frozen_vision, trainable_lib.merge(t, f), b, None)[0]
+  forward, grad = jax.jit(objective), jax.jit(jax.grad(objective))
+  fns = {("iblip_jax", "forward"): lambda: forward(trainable, frozen, batch).block_until_ready(),
+         ("iblip_jax", "grad"): lambda: jax.block_until_ready(grad(trainable, frozen, batch))}
+  t = hf_inputs(x)
+  labels = torch.from_numpy(x["labels"].astype(np.int64)).to(TORCH_DEVICE)
+  for name, hf in variants.items():
+    hf = copy.deepcopy(hf).train(False)
+    for pname, p in hf.named_parameters():
+      p.requires_grad_(pname.startswith(TRAINED))
+
+    def hf_forward(hf=hf):
+      with torch.no_grad():
+        hf(**t, labels=labels, decoder_attention_mask=torch.ones_like(labels)).loss.item()
+
+    def hf_grad(hf=hf):
+      hf.zero_grad(set_to_none=True)
+      hf(**t, labels=labels, decoder_attention_mask=torch.ones_like(labels)).loss.backward()
+      sync()
+    fns.update({(f"transformers {name}", "forward"): hf_forward, (f"transformers {name}", "grad"): hf_grad})
+  out = {}
+  for (who, phase), (_, median, _, _) in interleaved(fns, repeats).items():
+    out.setdefault(who, {})[phase] = median
+  return out
+
+
 def bench_train(variants, model, params, x, repeats, *, dropout: bool, rng_impl: str = "threefry2x32"):
   config = config_lib.base({})
   config.optim.warmup_steps = 1
@@ -205,7 +255,6 @@ def bench_train(variants, model, params, x, repeats, *, dropout: bool, rng_impl:
   fns = {"iblip_jax": ours}
   t = hf_inputs(x)
   labels = torch.from_numpy(x["labels"].astype(np.int64)).to(TORCH_DEVICE)
-  train_names = ("vision_model.post_layernorm", "query_tokens", "qformer.", "language_projection")
   for name, hf in variants.items():
     if isinstance(hf, str):
       continue
@@ -213,7 +262,7 @@ def bench_train(variants, model, params, x, repeats, *, dropout: bool, rng_impl:
     hf.train(dropout)
     trainables = []
     for pname, p in hf.named_parameters():
-      p.requires_grad_(pname.startswith(train_names))
+      p.requires_grad_(pname.startswith(TRAINED))
       if p.requires_grad:
         trainables.append(p)
     opt = torch.optim.AdamW(trainables, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
@@ -332,9 +381,14 @@ def bench_prefixes(variants, model, params, x, repeats) -> dict:
 
 
 def _split(prefix: dict, total: float, rest: str) -> str:
-  """"vision a | Q-Former b | prefill c | <rest> d" from the prefixes' medians and the whole call's."""
-  parts = {"vision": prefix["vision"], "Q-Former": prefix["qformer"] - prefix["vision"],
-           "prefill": prefix["prefill"] - prefix["qformer"], rest: total - prefix["prefill"]}
+  """"vision a | Q-Former b | prefill c | <rest> d" (generation, ranking) or "forward a | backward b | optimizer c"
+  (training) from the prefixes' medians and the whole call's."""
+  if rest == "optimizer":
+    parts = {"forward": prefix["forward"], "backward": prefix["grad"] - prefix["forward"],
+             "optimizer": total - prefix["grad"]}
+  else:
+    parts = {"vision": prefix["vision"], "Q-Former": prefix["qformer"] - prefix["vision"],
+             "prefill": prefix["prefill"] - prefix["qformer"], rest: total - prefix["prefill"]}
   return " | ".join(f"{k} {v:.3f}" for k, v in parts.items())
 
 
@@ -380,7 +434,8 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
   print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; jax {jax.__version__} "
         f"({jax.devices()[0].device_kind}), torch {torch.__version__} ({TORCH_DEVICE}), transformers "
-        f"{__import__('transformers').__version__}; shape {args.shape}, {args.repeats} interleaved repeats")
+        f"{__import__('transformers').__version__}; shape {args.shape}; {ROUNDS} alternating rounds of "
+        f"{-(-args.repeats // ROUNDS)} timed calls per framework")
   hf = hf_model(args.shape)
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
@@ -395,7 +450,7 @@ def main():
   print(f"measured f32 matmul peak ({n}^3): XLA {peaks['iblip_jax'] / 1e9:.1f} GFLOP/s, torch "
         f"{peaks['transformers'] / 1e9:.1f} GFLOP/s")
   print("workload       who                         median [min-max]  (compile + first call apart)")
-  medians, prefixes = {}, None
+  medians, prefixes, train_prefixes = {}, None, None
   for what in args.only.split(","):
     if what in ("greedy", "beam5", "rank16") and prefixes is None:
       prefixes = bench_prefixes({n: v for n, v in variants.items() if not isinstance(v, str)}, model, params, x,
@@ -406,6 +461,10 @@ def main():
       r = bench_train(variants if what != "train_dropout_rbg" else {}, model, params, x, args.repeats,
                       dropout=what != "train", rng_impl="rbg" if what == "train_dropout_rbg" else "threefry2x32")
       flops = r.pop("flops")
+      if what == "train":
+        train_prefixes = bench_train_prefixes({n: v for n, v in variants.items() if not isinstance(v, str)}, model,
+                                              params, x, args.repeats)
+        rest = "optimizer"
       mfu = {n: flops / r[n][1] / peaks["iblip_jax" if n == "iblip_jax" else "transformers"] for n in r}
       notes = (f"{flops / 1e9:.1f} GFLOP/step; MFU of each against its framework's peak: "
                + ", ".join(f"{n.replace('transformers ', '')} {100 * m:.0f}%" for n, m in mfu.items()))
@@ -422,7 +481,8 @@ def main():
     else:
       raise SystemExit(f"unknown workload {what!r}")
     medians[what] = r
-    print(_row(what, r, peaks, notes, prefixes if rest else None, rest or ""), flush=True)
+    split = train_prefixes if rest == "optimizer" else prefixes if rest else None
+    print(_row(what, r, peaks, notes, split, rest or ""), flush=True)
     _release_compiled(variants)
   if "greedy" in medians and "beam5" in medians:
     ratio = lambda n: medians["beam5"][n][1] / medians["greedy"][n][1]
