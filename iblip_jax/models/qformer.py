@@ -14,7 +14,7 @@ Attention maps (iblip_jax.attention_maps) are opt-in and change nothing otherwis
 "intermediates" collection mutable or passes a "perturbations" collection, the cross-attention computes its
 probabilities explicitly, sows them as intermediates/.../crossattention/attention_probs (B, H, Q, N) and adds the
 perturbation of the same name (Flax `perturb`, so that jax.grad gives d output / d probabilities). Without either
-collection the fused kernel runs exactly as before.
+collection layers.dot_product_attention runs exactly as before.
 """
 import functools
 
@@ -40,8 +40,8 @@ class QFormerAttention(nn.Module):
             or self.has_variable("perturbations", "attention_probs"))
 
   def _explicit_attention(self, q, k, v, scale: float):
-    """softmax(scale q k^T) v written out (layers.dot_product_attention's reference path, no mask: image tokens
-    are never padded), so that the probabilities can be sown and perturbed."""
+    """softmax(scale q k^T) v with the probabilities as a value (no mask: image tokens are never padded), so that
+    they can be sown and perturbed."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale   # (B, H, Q, N)
     probs = jax.nn.softmax(logits, axis=-1)
     self.sow("intermediates", "attention_probs", probs)
