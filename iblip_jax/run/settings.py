@@ -162,6 +162,11 @@ class Settings:
   paper_model: str = ""
   baselines: dict = dataclasses.field(default_factory=dict)   # chance level per evaluation, for the final table
   log_every: int = 50
+  # Steps to trace with jax.profiler, e.g. --config.profile_steps="(101, 102, 103)": each run of consecutive steps
+  # is one trace under workdir/profile/steps_<first>-<last>/ for TensorBoard's profile plugin or xprof
+  # (run/profiler.py); process 0 only unless profile_all_processes. () = none; the other steps are untouched.
+  profile_steps: tuple[int, ...] = ()
+  profile_all_processes: bool = False
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
   # Checkpoints exist but none can be read: True starts over from model_init instead of stopping (checkpoints.py:
@@ -379,6 +384,10 @@ def _train_problems(s: Settings, datasets) -> list[str]:
                     f"{', '.join(templates.INSTRUCTION_FORMATS)} (instruction templates, or the paper's multitask "
                     "baselines without them)")
   _positive(s, ("checkpoint_every", "log_every", "eval_every", "keep_checkpoints"), problems)
+  bad = [n for n in s.profile_steps if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= s.total_steps]
+  if bad:
+    problems.append(f"config.profile_steps={s.profile_steps!r}: {bad} are not steps of this run (whole numbers "
+                    f"from 1 to total_steps={s.total_steps})")
   return problems + _optim_problems(s.optim)
 
 

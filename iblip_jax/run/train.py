@@ -20,6 +20,7 @@ from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run import best as best_lib
 from iblip_jax.run import common
 from iblip_jax.run import logger as logger_lib
+from iblip_jax.run import profiler as profiler_lib
 from iblip_jax.run import workdir_lock
 from iblip_jax.run.settings import Settings
 
@@ -153,6 +154,7 @@ def _train(s: Settings, start_up_signals: list) -> dict:
       del fresh
     before = evaluate_now(0)
     last.update(before)
+  profiler = profiler_lib.StepProfiler(workdir, s.profile_steps, s.profile_all_processes)
   bar = tqdm(total=s.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   t0, done_in_window, reported_skips = time.perf_counter(), 0, 0
@@ -160,10 +162,14 @@ def _train(s: Settings, start_up_signals: list) -> dict:
   try:
     with sharding.context(mesh, rules):
       while step < s.total_steps:
-        batch = sharding.global_batch(next(data_it), mesh)
-        rng = jax.random.fold_in(jax.random.key(s.seed, impl=s.rng_impl), step)
-        trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng)
+        with profiler.step(step + 1):
+          batch = sharding.global_batch(next(data_it), mesh)
+          rng = jax.random.fold_in(jax.random.key(s.seed, impl=s.rng_impl), step)
+          trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng)
         step += 1
+        traced = profiler.step_done(step, metrics)
+        if traced:
+          log.text(f"step {step}: profiler trace written to {traced}")
         done_in_window += 1
         stopping = distributed.any_process(stop["signal"] is not None)   # all hosts stop at the same step
         is_save = step % s.checkpoint_every == 0 or step == s.total_steps
@@ -206,6 +212,7 @@ def _train(s: Settings, start_up_signals: list) -> dict:
           t0 = time.perf_counter()
   finally:
     bar.close()
+    profiler.close(step)
     checkpoints.wait(mngr)
     signal.signal(signal.SIGTERM, previous)
   if s.evals and s.eval_at_end:

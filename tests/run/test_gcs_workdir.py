@@ -1,5 +1,6 @@
 """The main job with a gs:// workdir and export directory, against a local GCS emulator (tests/gcs_emulator.py):
 train, resume, eval and export all read and write the bucket, and nothing lands in a local `gs:` folder."""
+import gzip
 import json
 import os
 
@@ -35,9 +36,16 @@ def test_train_resume_eval_export_in_a_bucket(gcs, assets, tmp_path):
   cwd.mkdir()
   _job(assets, cwd)
   assert {"run/checkpoints/2", "run/checkpoints/4"} <= {"/".join(n.split("/")[:3]) for n in gcs.list("run/")}
-  out = _job(assets, cwd, total_steps=6)
+  out = _job(assets, cwd, total_steps=6, profile_steps="(5, 6)")
   assert "resumed from gs://" in out and "at step 4" in out
   names = gcs.list("run/")
+  # the profiler trace of steps 5-6 (run/profiler.py), copied into the bucket: steps 5 and 6 marked, no other
+  assert f"step 6: profiler trace written to gs://{BUCKET}/run/profile/steps_5-6" in out
+  traces = [n for n in names if n.startswith("run/profile/")]
+  assert {n.split("/")[2] for n in traces} == {"steps_5-6"} and any(n.endswith(".xplane.pb") for n in traces)
+  [trace] = [n for n in traces if n.endswith(".trace.json.gz")]
+  events = json.loads(gzip.decompress(gcs.read(trace)))["traceEvents"]
+  assert sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train" and "args" in e) == [5, 6]
   assert any(n.startswith("run/checkpoints/6/") for n in names)
   rows = [json.loads(line) for line in gcs.read("run/metrics.jsonl").decode().splitlines()]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]   # rewritten in place, nothing lost

@@ -71,3 +71,14 @@ def test_text_processing_is_checked(tmp_path):
   config.text_processing = "blip"
   with pytest.raises(settings.ConfigError, match=re.escape("config.text_processing='blip': expected 'none'")):
     settings.resolve(config, str(tmp_path / "w"), "train")
+
+
+def test_profile_steps_must_be_steps_of_the_run(tmp_path):
+  config = _train_config(tmp_path)
+  config.total_steps = 10
+  config.profile_steps = (3, 4, 10)
+  assert settings.resolve(config, str(tmp_path / "w"), "train").profile_steps == (3, 4, 10)
+  config.profile_steps = (0, 4, 11)
+  with pytest.raises(settings.ConfigError, match=re.escape("config.profile_steps=(0, 4, 11): [0, 11] are not steps "
+                                                           "of this run (whole numbers from 1 to total_steps=10)")):
+    settings.resolve(config, str(tmp_path / "w"), "train")
