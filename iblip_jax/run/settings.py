@@ -164,7 +164,8 @@ class Settings:
   log_every: int = 50
   # Steps to trace with jax.profiler, e.g. --config.profile_steps="(101, 102, 103)": each run of consecutive steps
   # is one trace under workdir/profile/steps_<first>-<last>/ for TensorBoard's profile plugin or xprof
-  # (run/profiler.py); process 0 only unless profile_all_processes. () = none; the other steps are untouched.
+  # (run/profiler.py); process 0 only unless profile_all_processes. () = none; the other steps are untouched. The
+  # first step after each start compiles: trace later ones.
   profile_steps: tuple[int, ...] = ()
   profile_all_processes: bool = False
   checkpoint_every: int = 1000
