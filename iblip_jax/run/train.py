@@ -132,7 +132,9 @@ def _train(s: Settings, start_up_signals: list) -> dict:
     raise Preempted(None)
 
   # validation-based selection (config.best_checkpoint_metrics): the best evaluation's state kept in workdir/best
-  keeper = best_lib.BestKeeper(workdir, s.best_checkpoint_metrics, s.best_checkpoint_mixing) if s.best_checkpoint_metrics and s.evals else None
+  keeper = None
+  if s.best_checkpoint_metrics and s.evals:
+    keeper = best_lib.BestKeeper(workdir, s.best_checkpoint_metrics, s.best_checkpoint_mixing)
 
   def evaluate_now(step):
     results = common.run_evals(s, model, trainable_lib.merge(trainable, frozen), tok, common.eval_dir(workdir, step),
