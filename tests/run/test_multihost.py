@@ -140,8 +140,11 @@ def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp
     pytest.fail("process 0 hung after losing process 1:\n" + _logs(tmp_path, "two_train", 2))
   log = (tmp_path / "two_train_0.log").read_text()
   assert procs[0].returncode == 75, log[-3000:]
-  assert (f"error: another process of this job is gone (JAX's distributed runtime lost it), so process 0 stopped "
-          f"too. The last checkpoint in {two} is step 4. Rerun the same command on every host to resume.") in log
+  # which of JAX's reports reaches process 0 first is a race: the one naming the lost task (process 1), or a
+  # failed collective that does not say which
+  assert any(f"error: {who} of this job is gone (JAX's distributed runtime lost it), so process 0 stopped too. The "
+             f"last checkpoint in {two} is step 4. Rerun the same command on every host to resume." in log
+             for who in ("another process", "process 1")), log[-3000:]
   assert "Check failure stack trace" not in log and "Fatal Python error" not in log
   assert marker.exists(), _logs(tmp_path, "two_train", 2)
   assert not (two / "checkpoints" / "6").exists()
