@@ -4,6 +4,7 @@ JAX starts (CPU compiler flags, the distributed runtime), resolving the settings
 and shows its traceback); 2 the command line or the config is wrong (an unknown key, a value of the wrong type or
 out of range, a config file that does not load: ConfigError, one line); 75 stopped before finishing, rerun the same
 command to resume (SIGTERM, a lost host)."""
+import asyncio
 import logging
 import os
 import re
@@ -42,6 +43,24 @@ def _quiet_closed_loops(args) -> None:
     threading.__excepthook__(args)
 
 
+_call_soon_threadsafe = asyncio.BaseEventLoop.call_soon_threadsafe
+
+
+def _native_calls_on_closed_loops_drop(loop, callback, *args, **kwargs):
+  """asyncio's call_soon_threadsafe, except that a call from native code (no Python caller) on a closed loop drops
+  the callback without raising. Those calls are tensorstore's futures completing after a failed orbax save closed
+  its event loop; the RuntimeError went to C++, which printed its traceback straight to file descriptor 2 (hundreds
+  of lines by timing, past every Python hook) and dropped the callback anyway. The job reports the failed save itself,
+  in one line; every Python caller still gets the error."""
+  if loop.is_closed():
+    try:
+      sys._getframe(1)
+    except ValueError:   # no Python frame below this one: called from native code
+      logging.getLogger(__name__).debug("dropped %r: its event loop is closed", callback)
+      return None
+  return _call_soon_threadsafe(loop, callback, *args, **kwargs)
+
+
 def console_logging() -> None:
   """The library logs through `logging` (iblip_jax.*); the job shows its INFO and above on stdout, plainly (absl's
   handler would put them on stderr behind a timestamp prefix, with INFO hidden); other libraries' INFO is hidden."""
@@ -56,6 +75,7 @@ def console_logging() -> None:
   for handler in logging.getLogger().handlers:   # absl's: orbax's own errors in one line, without their tracebacks
     handler.addFilter(_one_line_from_orbax)
   threading.excepthook = _quiet_closed_loops
+  asyncio.BaseEventLoop.call_soon_threadsafe = _native_calls_on_closed_loops_drop
   # orbax and grain log every checkpoint's internals at INFO through absl (dozens of lines a save): a console shows
   # progress, results and real warnings only (--verbosity=0 brings them back)
   if not flags.FLAGS.is_parsed() or not flags.FLAGS["verbosity"].present:

@@ -275,14 +275,9 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays(assets, tmp_path)
     error = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "a checkpoint could not be written" in error[0] and "no space left" in error[0]
     assert "is intact" in error[0] and "rerun the same command" in error[0]
-    # No traceback of ours or orbax's. Known and not fixed: tensorstore's futures, completing from C++ threads after
-    # orbax closed its event loop, write "RuntimeError: Event loop is closed" tracebacks (two asyncio frames)
-    # straight to file descriptor 2, past sys.stderr and every Python hook, interleaved, from none to hundreds of
-    # lines depending on timing. Those lines aside, stderr is the short story it must be.
-    noise = ("Traceback (most recent call last):", "asyncio/base_events.py", "self._check_closed()",
-             "raise RuntimeError('Event loop is closed')", "RuntimeError: Event loop is closed")
-    rest = [line for line in out.stderr.splitlines() if not any(n in line for n in noise)]
-    assert not any("Traceback" in line or 'File "' in line for line in rest) and len(rest) < 40, "\n".join(rest[-60:])
+    # no traceback of ours, orbax's or tensorstore's (its futures completing on orbax's closed event loop printed
+    # hundreds of lines straight to fd 2 before the job dropped those calls quietly: run/cli.py)
+    assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) < 40, out.stderr[-4000:]
     assert not (w / "LOCK").exists()
     last = _steps(w)[-1]
     assert f"(step {last}) is intact" in error[0]
