@@ -10,6 +10,10 @@ colour and shape VQA, question generation. Held-out, zero-shot: multiple choice 
 options listed in the prompt and the answer chosen by candidate ranking, a format no image-text training example
 has (the LLM met it in text only). `--config.model.instruction_aware=False` runs the paper's ablation on the same
 data.
+
+Variants (`--config configs/demo.py:<variant>`):
+  lora   LoRA adapters (rank 2) on the Q-Former's attention and the frozen T5's attention (query/value, q/v) train
+         alone; the Q-Former side and both towers stay as loaded.
 """
 from iblip_jax import config_lib
 
@@ -28,7 +32,7 @@ MODEL = dict(
     num_query_tokens=8, instruction_aware=True)
 
 
-def get_config():
+def get_config(variant: str = ""):
   # The architecture comes from the checkpoint's config.json (MODEL above is what built it); the config adds the
   # switches only.
   config = config_lib.base(dict(instruction_aware=True))
@@ -56,4 +60,13 @@ def get_config():
   config.log_every = 20
   config.checkpoint_every = 500
   config.baselines = dict(held_in_vqa=100 / 8, held_out_mc=100 / 3)  # chance: 8 colours; 3 options
+  if variant == "lora":
+    config.trainable = []
+    config.lora.targets = [r"qformer/.*/(query|value)$", r"language_model/.*/(q|v)$"]
+    # rank 2 keeps the adapters under 5% of the Q-Former side's parameters at this toy width (64): 5,120 of 148,416
+    config.lora.rank, config.lora.alpha = 2, 4.0
+    config.optim.lr = 1e-3         # adapters start at zero and have few parameters: the usual LoRA rate
+    config.eval_untrained_baseline = False   # fresh adapters change nothing: "untrained" is the model before tuning
+  elif variant:
+    raise ValueError(f"configs/demo.py:{variant}: no such variant; expected configs/demo.py or configs/demo.py:lora")
   return config

@@ -12,9 +12,10 @@ The package, by layer, bottom to top: a module imports only from its own layer a
   losses                        token losses and log-likelihoods
   models/                       the Flax modules (ViT, Q-Former, T5, LLaMA, InstructBlip with one interface over
                                 both LLMs: target_logits, prefill/step, candidate_logits), their configs, init
-  trainable, optim, sharding, distributed
-                                the trainable/frozen split; AdamW with LAVIS's schedule; the device mesh and logical
-                                axis rules; multi-process start-up and host exchanges
+  trainable, lora, optim, sharding, distributed
+                                the trainable/frozen split; LoRA adapters as parameters (fresh ones, checks, folding);
+                                AdamW with LAVIS's schedule; the device mesh and logical axis rules; multi-process
+                                start-up and host exchanges
   hf/                           the Hugging Face format: name table, safetensors, config.json, params, BLIP-2 start,
                                 from_pretrained / save_pretrained
   train_step, train_state, checkpoints

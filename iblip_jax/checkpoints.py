@@ -20,6 +20,7 @@ wrapping at 2^32, computed on the devices. Integer addition modulo 2^32 does not
 same on any mesh; a changed bit changes it.
 """
 import contextlib
+import json
 import logging
 import os
 import time
@@ -112,10 +113,16 @@ class CheckpointWriteError(UserError):
   """A checkpoint could not be written (a full disk, a bucket that refuses writes); the earlier ones are intact."""
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iterator=None, *, force: bool = False) -> None:
-  """state: {"trainable", "opt_state"} (global arrays); data_iterator: a grain DatasetIterator (per process). Saves
-  are asynchronous: a failure to write shows here at the next save or in wait(), as a CheckpointWriteError."""
-  items = {"state": ocp.args.StandardSave(state), "checks": ocp.args.JsonSave({"fingerprints": fingerprints(state)})}
+def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iterator=None, *, force: bool = False,
+         meaning: dict | None = None) -> None:
+  """state: {"trainable", "opt_state"} (global arrays); data_iterator: a grain DatasetIterator (per process);
+  `meaning`: settings (JSON) that change what the arrays mean without changing their shapes (LoRA's alpha), checked
+  on restore. Saves are asynchronous: a failure to write shows here at the next save or in wait(), as a
+  CheckpointWriteError."""
+  checks = {"fingerprints": fingerprints(state)}
+  if meaning is not None:
+    checks["meaning"] = meaning
+  items = {"state": ocp.args.StandardSave(state), "checks": ocp.args.JsonSave(checks)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
   with _write_errors(mngr):
@@ -213,10 +220,11 @@ def _warn(message: str) -> None:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, target_state: dict, target_shardings: dict, data_iterator=None, *,
-                   move_aside: bool = False, fresh_start_if_unreadable: bool = False):
+                   move_aside: bool = False, fresh_start_if_unreadable: bool = False, meaning: dict | None = None):
   """Restores the newest readable checkpoint into the target shardings. Returns (step, state) or (0, None) when
   there is none. `target_state` gives shapes/dtypes (arrays or ShapeDtypeStructs); the data iterator, if given, is
-  restored in place. `move_aside`: training renames unreadable checkpoints (see the module docstring)."""
+  restored in place. `move_aside`: training renames unreadable checkpoints (see the module docstring). `meaning`:
+  what save() was given; a checkpoint saved with other values is a CheckpointMismatch."""
   steps = sorted(mngr.all_steps(), reverse=True)
   unreadable = []
   for step in steps:
@@ -245,6 +253,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target_state: dict, target_shard
         error = e
       else:
         if why is None:
+          _check_meaning(mngr, step, restored["checks"].get("meaning") if has_checks else None, meaning)
           if unreadable:
             _warn(f"using checkpoint step {step}; newer ones were unreadable: {', '.join(map(str, unreadable))}")
           return step, restored["state"]
@@ -265,6 +274,18 @@ def restore_latest(mngr: ocp.CheckpointManager, target_state: dict, target_shard
         "Refusing to start from scratch over them: fix or remove them, or pass "
         "--config.fresh_start_if_unreadable=True to start from the pretrained weights.")
   return 0, None
+
+
+def _check_meaning(mngr: ocp.CheckpointManager, step: int, stored: dict | None, wanted: dict | None) -> None:
+  wanted = None if wanted is None else json.loads(json.dumps(wanted))   # tuples as JSON lists, as stored
+  if stored is None or wanted is None or stored == wanted:
+    return
+  keys = sorted(set(stored) | set(wanted))
+  differs = [f"{k}: checkpoint {json.dumps(stored.get(k))}, config {json.dumps(wanted.get(k))}" for k in keys
+             if stored.get(k) != wanted.get(k)]
+  raise CheckpointMismatch(f"checkpoint step {step} in {mngr.directory} was written by another config than this one:"
+                           f"\n  {'; '.join(differs)}\nRun with the config that wrote it, or use another --workdir. "
+                           "Nothing was changed.")
 
 
 def moved_aside(directory) -> list[epath.Path]:

@@ -14,7 +14,7 @@ LAYERS = [
     ("errors", "extras", "prompts"),
     ("losses",),
     ("models",),
-    ("trainable", "optim", "sharding", "distributed"),
+    ("trainable", "lora", "optim", "sharding", "distributed"),
     ("hf",),
     ("train_step", "train_state", "checkpoints"),
     ("sampling", "decoding", "ranking"),

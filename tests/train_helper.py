@@ -5,6 +5,7 @@ import os
 import jax
 import numpy as np
 
+from iblip_jax import lora as lora_lib
 from iblip_jax import sharding, train_state
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.instructblip import InstructBlip
@@ -55,13 +56,15 @@ def make_decoder_only_batch(batch: int = 8, seed: int = 0) -> dict[str, np.ndarr
               qformer_attention_mask=t5["qformer_attention_mask"], input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def run_steps(mesh_sizes, num_steps: int = 3, config=None, devices=None, local_rows=None):
-  """Returns (losses, trainable, frozen_before, frozen_after, shardings) after `num_steps` steps."""
+def run_steps(mesh_sizes, num_steps: int = 3, config=None, devices=None, local_rows=None, lora=None):
+  """Returns (losses, trainable, frozen_before, frozen_after, shardings) after `num_steps` steps. `lora` (a
+  LoraConfig): adapters on its targets, trained with config.trainable's parameters (as config.lora does)."""
   config = config or train_config()
-  model = InstructBlip(model_configs.from_dict(config.model.to_dict()))
+  model = InstructBlip(model_configs.with_lora(model_configs.from_dict(config.model.to_dict()), lora))
   rules = [tuple(r) for r in config.sharding_rules]
   mesh = sharding.make_mesh(dict(zip(sharding.AXES, mesh_sizes)), devices)
-  setup = train_state.build(model, patterns=config.trainable, optim=config.optim, total_steps=config.total_steps,
+  patterns = tuple(config.trainable) + ((lora_lib.ADAPTERS,) if lora else ())
+  setup = train_state.build(model, patterns=patterns, optim=config.optim, total_steps=config.total_steps,
                             mesh=mesh, rules=rules, max_replicated_bytes=1 << 20)
   sh = setup.shardings
   trainable, frozen = setup.init_random(jax.random.key(config.seed))

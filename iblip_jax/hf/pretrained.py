@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iblip_jax import sharding
+from iblip_jax import lora, sharding
+from iblip_jax import trainable as trainable_lib
 from iblip_jax.errors import CheckpointError
 from iblip_jax.hf import blip2, params as hf_params
 from iblip_jax.hf.config import config_from_hf, parse_config, read_config
@@ -80,17 +81,23 @@ def open_reader(path: str, model: InstructBlip, stage1: str | None = None):
 
 
 def load_params(path: str, model: InstructBlip, *, shardings=None, progress: bool = False,
-                stage1: str | None = None) -> dict:
+                stage1: str | None = None, adapter_rng=None) -> dict:
   """The weights of a local Hugging Face directory for `model`, as global arrays in `shardings` (a tree like the
   params; default: this process's first device). Each process reads each tensor's part its devices hold, once.
   A BLIP-2 stage-2 directory takes its Q-Former text side from `stage1` (or the documented fallback).
   `progress` shows bytes read with an ETA on process 0 and prints the time and rate at the end; one line says what
-  was initialised from where."""
+  was initialised from where. A model with LoRA adapters (model.config.lora) gets them fresh (lora.init, from
+  `adapter_rng`, default key 0): a Hugging Face checkpoint holds none."""
   reader, origin = open_reader(path, model, stage1)
   start = time.perf_counter()
+  adapters, base_shape = lora.split(params_shape(model))
+  base_shardings = None if shardings is None else lora.split(shardings)[1]
   try:
-    params = hf_params.load_params(params_shape(model), reader, shardings=shardings,
+    params = hf_params.load_params(base_shape, reader, shardings=base_shardings,
                                    instruction_aware=model.config.instruction_aware, progress=progress)
+    if adapters:
+      rng = jax.random.key(0) if adapter_rng is None else adapter_rng
+      params = trainable_lib.merge(params, lora.init(model, rng, shardings))
     jax.block_until_ready(params)
   finally:
     reader.close()

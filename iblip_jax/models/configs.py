@@ -6,9 +6,24 @@ are plain renames and a reader can look a field up in either code base. `dtype` 
 printable in configs.
 """
 import dataclasses
+import re
 from typing import Any
 
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA adapters on the Dense layers whose module path ("language_model/encoder/layers/self_attn/q",
+  "qformer/layer_0/attention/query", "vision/layers/qkv") matches one of `targets` (re.search). Every tower holds
+  the same one; layers.Dense asks it whether to add an adapter."""
+  targets: tuple[str, ...] = ()
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+
+  def targets_path(self, path: str) -> bool:
+    return any(re.search(t, path) for t in self.targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +43,7 @@ class VisionConfig:
   scan_unroll: int = 1      # blocks per scan iteration in the compiled loop (same parameters either way)
   dtype: str = "float32"
   param_dtype: str = "float32"
+  lora: LoraConfig | None = None  # adapters (with_lora sets the same one on every tower)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +64,7 @@ class QFormerConfig:
   encoder_hidden_size: int = 1408  # = vision hidden_size; InstructBlipConfig enforces it
   dtype: str = "float32"
   param_dtype: str = "float32"
+  lora: LoraConfig | None = None  # adapters (with_lora sets the same one on every tower)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +96,7 @@ class T5Config:
   scan_unroll: int = 1  # blocks per scan iteration in the compiled loop (same parameters either way)
   dtype: str = "float32"
   param_dtype: str = "float32"
+  lora: LoraConfig | None = None  # adapters (with_lora sets the same one on every tower)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +125,7 @@ class LlamaConfig:
   scan_unroll: int = 1
   dtype: str = "float32"
   param_dtype: str = "float32"
+  lora: LoraConfig | None = None  # adapters (with_lora sets the same one on every tower)
 
   @property
   def d_model(self) -> int:  # the width the projection maps the queries to (same name as T5's)
@@ -137,6 +156,17 @@ class InstructBlipConfig:
   @property
   def decoder_only(self) -> bool:
     return isinstance(self.text, LlamaConfig)
+
+  @property
+  def lora(self) -> LoraConfig | None:
+    return self.vision.lora
+
+
+def with_lora(cfg: InstructBlipConfig, lora: LoraConfig | None) -> InstructBlipConfig:
+  """`cfg` with LoRA adapters (None: without) on the layers `lora.targets` names, in any tower."""
+  return cfg.replace(vision=dataclasses.replace(cfg.vision, lora=lora),
+                     qformer=dataclasses.replace(cfg.qformer, lora=lora),
+                     text=dataclasses.replace(cfg.text, lora=lora))
 
 
 def dtype_of(name: str) -> Any:

@@ -41,7 +41,7 @@ class InstructBlip(nn.Module):
         (1, cfg.num_query_tokens, q.hidden_size), dtype_of(q.param_dtype))
     self.qformer = QFormer(q)
     self.language_projection = layers.dense(cfg.text.d_model, ("embed", "llm_embed"), dtype=dtype_of(q.dtype),
-                                            param_dtype=dtype_of(q.param_dtype))
+                                            param_dtype=dtype_of(q.param_dtype), lora=q.lora)
     self.language_model = Llama(cfg.text) if cfg.decoder_only else T5(cfg.text)
 
   def image_features(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None,

@@ -28,18 +28,57 @@ def activation(name: str) -> Callable[[Array], Array]:
   }[name]
 
 
+class Dense(nn.Module):
+  """y = x W + b, plus a LoRA update (alpha / r) * dropout(x) A B when `lora` targets this layer's path.
+
+  LoRA (Hu et al., 2021) as PEFT does it: A (in, r) starts uniform in +-1/sqrt(in) (PEFT's kaiming_uniform with
+  a=sqrt(5)), B (r, out) at zero, so a fresh adapter leaves the layer unchanged. A and B carry the kernel's logical
+  axes on their outer sides ("lora_rank" inside, replicated), so they shard with the layer. LoRA dropout acts when
+  a "dropout" rng is given (training), like the towers' own dropout.
+  """
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = default_kernel_init
+  lora: Any = None   # models.configs.LoraConfig or None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                      (self.features,), self.param_dtype) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))   # (..., in) x (in, out)
+    if bias is not None:
+      y = y + bias
+    if self.lora is not None and self.lora.targets_path("/".join(self.path)):
+      y = y + self._lora(x)
+    return y
+
+  def _lora(self, x: Array) -> Array:
+    r, d_in = self.lora.rank, x.shape[-1]
+    bound = 1.0 / np.sqrt(d_in)
+    a = self.param("lora_a", nn.with_logical_partitioning(
+        lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound), (self.axes[0], "lora_rank")),
+        (d_in, r), jnp.float32)
+    b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
+                   (r, self.features), jnp.float32)
+    if self.lora.dropout and self.has_rng("dropout"):
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.lora.dropout), 0)
+    x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=self.dtype)
+    return (x @ a @ b) * (self.lora.alpha / r)                                # (..., in) (in, r) (r, out)
+
+
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype: Any, param_dtype: Any,
-          name: str | None = None, kernel_init=default_kernel_init) -> nn.Dense:
-  """nn.Dense whose kernel (in, out) and bias (out,) carry logical axis names."""
-  return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-      name=name,
-  )
+          name: str | None = None, kernel_init=default_kernel_init, lora=None) -> Dense:
+  """A Dense layer whose kernel (in, out) and bias (out,) carry logical axis names; `lora` (a LoraConfig) adds an
+  adapter when its targets match the layer's path."""
+  return Dense(features, axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+               lora=lora, name=name)
 
 
 def embed(num: int, features: int, axes: tuple[str, str], *, dtype: Any, param_dtype: Any,

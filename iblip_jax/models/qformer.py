@@ -53,7 +53,7 @@ class QFormerAttention(nn.Module):
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     d, h = cfg.hidden_size, cfg.num_attention_heads
-    dense = functools.partial(layers.dense, dtype=dtype, param_dtype=pdtype)
+    dense = functools.partial(layers.dense, dtype=dtype, param_dtype=pdtype, lora=cfg.lora)
     # cross-attention's keys/values project the image embeddings (ViT width), not the Q-Former's hidden states
     kv_axis = "embed" if self.kv_features == d else "image_embed"
     q = dense(d, ("embed", "heads_joined"), name="query")(x).reshape(*x.shape[:2], h, d // h)
@@ -79,10 +79,11 @@ class QFormerFeedForward(nn.Module):
   def __call__(self, x, deterministic: bool):
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    y = layers.dense(cfg.intermediate_size, ("embed", "mlp"), dtype=dtype, param_dtype=pdtype,
+    y = layers.dense(cfg.intermediate_size, ("embed", "mlp"), dtype=dtype, param_dtype=pdtype, lora=cfg.lora,
                      name="intermediate")(x)
     y = layers.activation(cfg.hidden_act)(y)
-    y = layers.dense(cfg.hidden_size, ("mlp", "embed"), dtype=dtype, param_dtype=pdtype, name="output")(y)
+    y = layers.dense(cfg.hidden_size, ("mlp", "embed"), dtype=dtype, param_dtype=pdtype, lora=cfg.lora,
+                     name="output")(y)
     y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
     return layers.layer_norm(cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="output_ln")(y + x)
 

@@ -81,9 +81,10 @@ class BestKeeper:
   """Saves the training state to workdir/best whenever an evaluation beats the best score so far (kept across
   resumes in best.json)."""
 
-  def __init__(self, workdir: str, keys, mixing: str = "mean"):
+  def __init__(self, workdir: str, keys, mixing: str = "mean", meaning: dict | None = None):
     self.keys = list(keys)
     self.mixing = mixing
+    self.meaning = meaning   # checkpoints.save's
     self.dir = epath.Path(workdir) / BEST_DIR
     self.mngr = checkpoints.manager(str(self.dir), keep=None)   # one kept; the old one goes after the new is safe
     self.record = self._read()
@@ -124,7 +125,7 @@ class BestKeeper:
       return decision["line"]
     old = [s for s in self.mngr.all_steps() if s != step]
     if step not in self.mngr.all_steps():
-      checkpoints.save(self.mngr, step, state, force=True)
+      checkpoints.save(self.mngr, step, state, force=True, meaning=self.meaning)
       checkpoints.wait(self.mngr)
     self.record = {"step": step, "score": decision["value"], "keys": self.keys, "mixing": self.mixing,
                    "values": values(results, self.keys), "reference": decision["reference"]}

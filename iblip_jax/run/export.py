@@ -1,12 +1,15 @@
 """`--config.mode=export`: the pretrained model with the latest trained weights of --workdir, written in the
 Hugging Face format (config.export_dir, local or gs://) that transformers' InstructBlipForConditionalGeneration
 loads, tokenizers included. Every process takes part (the sharded parameters are gathered one at a time); process 0
-writes one directory."""
+writes one directory. A LoRA run's adapters are folded into the weights they adapt (W + (alpha / r) A B): the export
+is a plain InstructBLIP."""
 import os
 
 from etils import epath
 
-from iblip_jax import distributed, hf
+from iblip_jax import distributed, hf, lora
+from iblip_jax.models import configs as model_configs
+from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run import restore
 from iblip_jax.run.settings import ConfigError, Settings
 
@@ -17,6 +20,9 @@ def run(s: Settings) -> str:
   if not s.export_dir:
     raise ConfigError("config.export_dir is empty: where should the Hugging Face checkpoint go?")
   model, params, step, _, _ = restore.inference_state(s)
+  if model.config.lora is not None:
+    params = lora.merged(params, model.config.lora)
+    model = InstructBlip(model_configs.with_lora(model.config, None))
   hf.save_pretrained(model, params, s.export_dir)
   if distributed.is_primary() and s.tokenizer and os.path.isdir(s.tokenizer):
     _copy_tree(epath.Path(s.tokenizer), epath.Path(s.export_dir))   # the export is self-contained

@@ -39,7 +39,8 @@ def inference_state(s: Settings):
   step, state = checkpoints.restore_latest(checkpoints.manager(s.workdir), {"trainable": trainable,
                                                                             "opt_state": opt_shape},
                                            {"trainable": setup.shardings.trainable,
-                                            "opt_state": setup.shardings.opt_state})
+                                            "opt_state": setup.shardings.opt_state},
+                                           meaning=s.checkpoint_meaning)
   if state is None:
     return model, params, 0, setup.mesh, setup.rules
   if jax.process_index() == 0:

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from iblip_jax import hf, prompts, sharding
+from iblip_jax import lora as lora_lib
 from iblip_jax.data import templates
 from iblip_jax.data.sources import Source, problems as source_problems
 from iblip_jax.decoding import Decoding
@@ -22,6 +23,7 @@ from iblip_jax.errors import UserError
 from iblip_jax.evaluation import paper_numbers, tasks
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.configs import InstructBlipConfig
+from iblip_jax.models.instructblip import InstructBlip, params_shape
 from iblip_jax.run import best
 from iblip_jax.trainable import INSTRUCTION_TUNING
 
@@ -90,6 +92,18 @@ class Data:
 
 
 @dataclasses.dataclass(frozen=True)
+class Lora:
+  """LoRA adapters (iblip_jax/lora.py, models/layers.Dense) on every linear layer whose module path matches one of
+  `targets` (regexes, re.search), in any tower: e.g. ["qformer/.*/(query|value)$",
+  "language_model/.*/self_attn/(q|v)$"]. [] = none. The adapters join config.trainable's parameters as the trained
+  ones; config.trainable=[] trains the adapters alone."""
+  targets: tuple[str, ...] = ()    # --config.lora.targets="('qformer/.*/query$', ...)"
+  rank: int = 8
+  alpha: float = 16.0              # the update is scaled by alpha / rank (PEFT's lora_alpha)
+  dropout: float = 0.0             # on the adapter's input, in training (PEFT's lora_dropout)
+
+
+@dataclasses.dataclass(frozen=True)
 class Predict:
   """--config.mode=predict (run/predict.py); decoding as LAVIS's (iblip_jax.decoding.Decoding)."""
   images: str = ""                 # a file, folder, comma list, or JSONL of {"image", "prompt"}
@@ -118,8 +132,10 @@ class Settings:
   model_init_stage1: str = ""
   model_init_required: bool = False  # train/eval/predict/export refuse to run without model_init (paper configs)
   tokenizer: str = ""              # defaults to model_init (its top level + qformer_tokenizer/)
-  trainable: tuple[str, ...] = dataclasses.field(default=INSTRUCTION_TUNING, metadata=_config(list(INSTRUCTION_TUNING)))
+  # regexes over parameter paths; a tuple, so that the command line can set it: --config.trainable="()"
+  trainable: tuple[str, ...] = INSTRUCTION_TUNING
   reinit_trainable: bool = False   # True: the Q-Former side starts from scratch instead of model_init's weights
+  lora: Lora = Lora()
   seed: int = 0
   total_steps: int = 10_000
   batch_size: int = 192            # global batch, split over data x fsdp
@@ -181,6 +197,12 @@ class Settings:
   @property
   def max_replicated_bytes(self) -> int:
     return int(self.max_replicated_mb * 2**20)
+
+  @property
+  def checkpoint_meaning(self) -> dict | None:
+    """Settings that change what the checkpointed arrays mean and not their shapes (checkpoints.save): a resumed or
+    evaluated LoRA run must scale its adapters as the run that trained them."""
+    return {"lora": dataclasses.asdict(self.lora)} if self.lora.targets else None
 
 
 def config_defaults(cls=Settings) -> dict:
@@ -320,6 +342,8 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
       sharding_rules=tuple(tuple(r) for r in config.get("sharding_rules", SHARDING_RULES)),
       baselines=dict(config.get("baselines") or {}), best_checkpoint_metrics=tuple(best_keys),
       config_json=config.to_json_best_effort(indent=2)))
+  s, lora_problems = _with_lora(s)
+  problems += lora_problems
   if s.rng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
     problems.append(f"config.rng_impl={s.rng_impl!r}: expected 'threefry2x32', 'rbg' or 'unsafe_rbg'")
   if s.best_checkpoint_mixing not in best.MIXINGS:
@@ -352,6 +376,22 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
   return s
+
+
+def _with_lora(s: Settings) -> tuple[Settings, list[str]]:
+  """config.lora applied: the model config carries it to its layers and the adapters join the trainable
+  patterns; or what is wrong with it."""
+  if not s.lora.targets:
+    return s, []
+  lora = model_configs.LoraConfig(targets=s.lora.targets, rank=s.lora.rank, alpha=s.lora.alpha,
+                                  dropout=s.lora.dropout)
+  if s.model is None:   # the model config itself is wrong (reported already)
+    return s, []
+  bad = lora_lib.problems(lora, params_shape(InstructBlip(s.model)))
+  if bad:
+    return s, bad
+  return dataclasses.replace(s, model=model_configs.with_lora(s.model, lora),
+                             trainable=s.trainable + (lora_lib.ADAPTERS,)), []
 
 
 def _tokenizer_problems(tokenizer: str) -> list[str]:

@@ -115,7 +115,8 @@ def _train(s: Settings, start_up_signals: list) -> dict:
   mngr = checkpoints.manager(workdir, keep=s.keep_checkpoints)
   start, restored = checkpoints.restore_latest(
       mngr, {"trainable": trainable, "opt_state": opt_state}, {"trainable": sh.trainable, "opt_state": sh.opt_state},
-      data_it, move_aside=True, fresh_start_if_unreadable=s.fresh_start_if_unreadable)
+      data_it, move_aside=True, fresh_start_if_unreadable=s.fresh_start_if_unreadable,
+      meaning=s.checkpoint_meaning)
   if restored is not None:
     trainable, opt_state = restored["trainable"], restored["opt_state"]
     if jax.process_index() == 0:
@@ -134,7 +135,8 @@ def _train(s: Settings, start_up_signals: list) -> dict:
   # validation-based selection (config.best_checkpoint_metrics): the best evaluation's state kept in workdir/best
   keeper = None
   if s.best_checkpoint_metrics and s.evals:
-    keeper = best_lib.BestKeeper(workdir, s.best_checkpoint_metrics, s.best_checkpoint_mixing)
+    keeper = best_lib.BestKeeper(workdir, s.best_checkpoint_metrics, s.best_checkpoint_mixing,
+                                 s.checkpoint_meaning)
 
   def evaluate_now(step):
     results = common.run_evals(s, model, trainable_lib.merge(trainable, frozen), tok, common.eval_dir(workdir, step),
@@ -202,7 +204,8 @@ def _train(s: Settings, start_up_signals: list) -> dict:
           if not (finite and math.isfinite(probe)):
             raise NonFiniteLoss(f"step {step}: the update gave {'non-finite parameters' if not finite else 'parameters'}"
                                 f" whose loss on this batch is {probe}; this state is not saved. " + _intact(mngr))
-          checkpoints.save(mngr, step, {"trainable": trainable, "opt_state": opt_state}, data_it, force=True)
+          checkpoints.save(mngr, step, {"trainable": trainable, "opt_state": opt_state}, data_it, force=True,
+                           meaning=s.checkpoint_meaning)
         if stopping:
           checkpoints.wait(mngr)
           log.text(f"stopped by a signal at step {step}; checkpoint saved. Exit status {PREEMPTED_EXIT} means: "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from transformers import InstructBlipForConditionalGeneration
@@ -284,3 +285,36 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays(assets, tmp_path)
     assert all(np.isfinite(x).all() for x in _leaves(_final_trainable(w, last)))
   finally:
     subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_lora_trains_the_adapters_alone_exports_them_folded_and_a_changed_alpha_is_refused(assets, tmp_path):
+  """config.lora with config.trainable=[]: the checkpoint holds adapters only (A and B of every targeted layer, the
+  T5's stacked like its layers) and training moved B off zero; the export is a plain InstructBLIP whose weights are
+  W + (alpha / r) A B (transformers loads it). Resuming with another alpha (same shapes, another meaning) stops
+  naming it; nothing is changed."""
+  w = tmp_path / "w"
+  lora = {"trainable": "()", "lora.targets": '("qformer/.*/(query|value)$", "language_model/.*/(q|v)$")',
+          "lora.rank": 2}
+  _run(_flags(assets, w, total_steps=2, checkpoint_every=2, **lora))
+  trainable = _final_trainable(w, 2)
+  flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(x)
+          for p, x in jax.tree_util.tree_leaves_with_path(trainable)}
+  assert flat and all(p.endswith(("/lora_a", "/lora_b")) for p in flat), sorted(flat)[:5]
+  # 3 Q-Former layers x (self + cross every 2nd) x (query, value) + encoder (q, v) + decoder self and cross (q, v)
+  assert len(flat) == 2 * (3 * 2 + 2 * 2 + 2 + 4)
+  assert flat["language_model/encoder/layers/self_attn/q/lora_a"].shape == (2, 32, 2)
+  assert all(np.any(x) for p, x in flat.items() if p.endswith("lora_b"))
+  _run(_flags(assets, w, mode="export", export_dir=str(tmp_path / "hf"), **lora))
+  exported = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf").state_dict()
+  pretrained = InstructBlipForConditionalGeneration.from_pretrained(assets / "ckpt").state_dict()
+  a, b = (flat[f"language_model/encoder/layers/self_attn/q/lora_{x}"][1] for x in "ab")   # block 1's adapter
+  name = "language_model.encoder.block.1.layer.0.SelfAttention.q.weight"   # torch's Linear: (out, in)
+  np.testing.assert_allclose(exported[name].numpy(), pretrained[name].numpy() + (a @ b * 16.0 / 2).T, atol=1e-6)
+  unchanged = [k for k in pretrained if "SelfAttention.k" in k or "vision_model" in k]
+  assert unchanged and all(np.array_equal(exported[k].numpy(), pretrained[k].numpy()) for k in unchanged)
+  before = sorted(os.listdir(w / "checkpoints"))
+  out = _run(_flags(assets, w, total_steps=3, **lora, **{"lora.alpha": 4.0}), check=False)
+  assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+  assert "checkpoint step 2" in out.stderr and "was written by another config" in out.stderr
+  assert '"alpha": 16.0' in out.stderr and '"alpha": 4.0' in out.stderr
+  assert sorted(os.listdir(w / "checkpoints")) == before
