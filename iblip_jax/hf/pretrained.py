@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from iblip_jax import lora, sharding
 from iblip_jax import trainable as trainable_lib
 from iblip_jax.errors import CheckpointError
-from iblip_jax.hf import blip2, params as hf_params
+from iblip_jax.hf import blip2, peft, params as hf_params
 from iblip_jax.hf.config import config_from_hf, parse_config, read_config
 from iblip_jax.hf.names import CONFIG_NAME
 from iblip_jax.hf.safetensors import SafetensorsReader
@@ -111,7 +111,7 @@ def load_params(path: str, model: InstructBlip, *, shardings=None, progress: boo
 
 
 def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = True, overrides: dict | None = None,
-                    shardings=None, mesh=None, rules=None, stage1: str | None = None):
+                    shardings=None, mesh=None, rules=None, stage1: str | None = None, adapter: str | None = None):
   """Loads a local Hugging Face InstructBLIP directory (config.json + safetensors). Returns (model, params).
 
   `dtype` is the storage and compute dtype of the frozen ViT and LLM (bfloat16 on TPU); the Q-Former side is always
@@ -123,12 +123,19 @@ def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = T
   blip2-flan-t5-xl): the paper's starting point. Its Q-Former text side then comes from `stage1`, a BLIP-2 stage-1
   directory (Blip2ForImageTextRetrieval, blip2-itm-vit-g), as LAVIS does, or from a documented fallback with a
   warning (iblip_jax/hf/blip2.py).
+  `adapter`: a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors, as peft's save_pretrained
+  writes for transformers' InstructBLIP) applied on top: the model gets its adapters (iblip_jax/hf/peft.py).
   """
   model = InstructBlip(load_config(path, dtype, instruction_aware=instruction_aware, overrides=overrides,
                                    stage1=stage1))
+  if adapter:
+    model, _ = peft.load_adapter(model, adapter)   # the adapted model's shapes, for the shardings
   if shardings is None and mesh is not None:
     shardings = sharding.logical_shardings(params_shape(model, boxed=True), mesh, rules or ())
-  return model, load_params(path, model, shardings=shardings, stage1=stage1)
+  params = load_params(path, model, shardings=shardings, stage1=stage1)
+  if adapter:   # the fresh adapters replaced by the loaded ones
+    params = trainable_lib.merge(lora.split(params)[1], peft.load_adapter(model, adapter, shardings)[1])
+  return model, params
 
 
 def save_pretrained(model: InstructBlip, params, out_dir: str) -> None:

@@ -5,7 +5,8 @@ import logging
 import jax
 from etils import epath
 
-from iblip_jax import hf, sharding, train_state
+from iblip_jax import hf, lora, sharding, train_state
+from iblip_jax.hf import peft
 from iblip_jax import trainable as trainable_lib
 from iblip_jax.data import sources, text, tokenize
 from iblip_jax.errors import UserError
@@ -28,8 +29,12 @@ def load_params(s: Settings, model: InstructBlip, setup_: train_state.TrainSetup
   """The model's parameters as global arrays in their shardings: read from the checkpoint (each process reads its
   devices' part of each tensor), or initialised in place from the seed without one (smoke tests)."""
   if s.model_init:
-    return hf.load_params(s.model_init, model, shardings=setup_.param_shardings, progress=True,
-                          stage1=s.model_init_stage1 or None)
+    params = hf.load_params(s.model_init, model, shardings=setup_.param_shardings, progress=True,
+                            stage1=s.model_init_stage1 or None, adapter_rng=jax.random.key(s.seed))
+    if s.model_adapter:   # the fresh adapters replaced by config.model_adapter's
+      adapters = peft.load_adapter(model, s.model_adapter, setup_.param_shardings)[1]
+      params = trainable_lib.merge(lora.split(params)[1], adapters)
+    return params
   return trainable_lib.merge(*setup_.init_random(jax.random.key(s.seed)))
 
 

@@ -2,17 +2,20 @@
 Hugging Face format (config.export_dir, local or gs://) that transformers' InstructBlipForConditionalGeneration
 loads, tokenizers included. Every process takes part (the sharded parameters are gathered one at a time); process 0
 writes one directory. A LoRA run's adapters are folded into the weights they adapt (W + (alpha / r) A B): the export
-is a plain InstructBLIP."""
+is a plain InstructBLIP; they are also written alone in PEFT's format to export_dir/peft_adapter/, for
+`peft.PeftModel.from_pretrained(<config.model_init's model>, that directory)`."""
 import os
 
 from etils import epath
 
 from iblip_jax import distributed, hf, lora
+from iblip_jax.hf import peft as hf_peft
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run import restore
 from iblip_jax.run.settings import ConfigError, Settings
 
+PEFT_ADAPTER = "peft_adapter"
 _WEIGHTS = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
@@ -20,7 +23,8 @@ def run(s: Settings) -> str:
   if not s.export_dir:
     raise ConfigError("config.export_dir is empty: where should the Hugging Face checkpoint go?")
   model, params, step, _, _ = restore.inference_state(s)
-  if model.config.lora is not None:
+  if model.config.lora is not None:   # the adapters alone too, for PEFT over config.model_init's model
+    hf_peft.save_adapter(model, params, str(epath.Path(s.export_dir) / PEFT_ADAPTER))
     params = lora.merged(params, model.config.lora)
     model = InstructBlip(model_configs.with_lora(model.config, None))
   hf.save_pretrained(model, params, s.export_dir)

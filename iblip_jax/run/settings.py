@@ -17,6 +17,7 @@ import jax
 from iblip_jax import hf, prompts, sharding
 from iblip_jax import lora as lora_lib
 from iblip_jax.data import templates
+from iblip_jax.hf import peft as hf_peft
 from iblip_jax.data.sources import Source, problems as source_problems
 from iblip_jax.decoding import Decoding
 from iblip_jax.errors import UserError
@@ -136,6 +137,9 @@ class Settings:
   trainable: tuple[str, ...] = INSTRUCTION_TUNING
   reinit_trainable: bool = False   # True: the Q-Former side starts from scratch instead of model_init's weights
   lora: Lora = Lora()
+  # A PEFT LoRA directory made for model_init (peft's save_pretrained on transformers' InstructBLIP): its adapters
+  # (targets, rank, alpha from its adapter_config.json) go on the model; training goes on from them. "" = none.
+  model_adapter: str = ""
   seed: int = 0
   total_steps: int = 10_000
   batch_size: int = 192            # global batch, split over data x fsdp
@@ -202,7 +206,8 @@ class Settings:
   def checkpoint_meaning(self) -> dict | None:
     """Settings that change what the checkpointed arrays mean and not their shapes (checkpoints.save): a resumed or
     evaluated LoRA run must scale its adapters as the run that trained them."""
-    return {"lora": dataclasses.asdict(self.lora)} if self.lora.targets else None
+    lora = self.model.lora if self.model is not None else None
+    return {"lora": dataclasses.asdict(lora)} if lora is not None else None
 
 
 def config_defaults(cls=Settings) -> dict:
@@ -381,6 +386,8 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
 def _with_lora(s: Settings) -> tuple[Settings, list[str]]:
   """config.lora applied: the model config carries it to its layers and the adapters join the trainable
   patterns; or what is wrong with it."""
+  if s.model_adapter:
+    return _with_adapter(s)
   if not s.lora.targets:
     return s, []
   lora = model_configs.LoraConfig(targets=s.lora.targets, rank=s.lora.rank, alpha=s.lora.alpha,
@@ -392,6 +399,23 @@ def _with_lora(s: Settings) -> tuple[Settings, list[str]]:
     return s, bad
   return dataclasses.replace(s, model=model_configs.with_lora(s.model, lora),
                              trainable=s.trainable + (lora_lib.ADAPTERS,)), []
+
+
+def _with_adapter(s: Settings) -> tuple[Settings, list[str]]:
+  """config.model_adapter applied (its own LoRA settings), or what is wrong with it."""
+  where = f"config.model_adapter={s.model_adapter!r}"
+  if s.lora.targets:
+    return s, [f"{where} and config.lora.targets are both set: the adapter brings its own targets, rank and alpha "
+               "(adapter_config.json); set one of them"]
+  if not s.model_init:
+    return s, [f"{where} needs config.model_init, the model it was made for"]
+  if s.model is None:
+    return s, []
+  try:
+    adapted, _ = hf_peft.load_adapter(InstructBlip(s.model), s.model_adapter)
+  except UserError as e:
+    return s, [f"{where}: {e}"]
+  return dataclasses.replace(s, model=adapted.config, trainable=s.trainable + (lora_lib.ADAPTERS,)), []
 
 
 def _tokenizer_problems(tokenizer: str) -> list[str]:

@@ -290,7 +290,8 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays(assets, tmp_path)
 def test_lora_trains_the_adapters_alone_exports_them_folded_and_a_changed_alpha_is_refused(assets, tmp_path):
   """config.lora with config.trainable=[]: the checkpoint holds adapters only (A and B of every targeted layer, the
   T5's stacked like its layers) and training moved B off zero; the export is a plain InstructBLIP whose weights are
-  W + (alpha / r) A B (transformers loads it). Resuming with another alpha (same shapes, another meaning) stops
+  W + (alpha / r) A B (transformers loads it), and peft over the pretrained model with the exported adapters computes
+  the same. Resuming with another alpha (same shapes, another meaning) stops
   naming it; nothing is changed."""
   w = tmp_path / "w"
   lora = {"trainable": "()", "lora.targets": '("qformer/.*/(query|value)$", "language_model/.*/(q|v)$")',
@@ -312,6 +313,14 @@ def test_lora_trains_the_adapters_alone_exports_them_folded_and_a_changed_alpha_
   np.testing.assert_allclose(exported[name].numpy(), pretrained[name].numpy() + (a @ b * 16.0 / 2).T, atol=1e-6)
   unchanged = [k for k in pretrained if "SelfAttention.k" in k or "vision_model" in k]
   assert unchanged and all(np.array_equal(exported[k].numpy(), pretrained[k].numpy()) for k in unchanged)
+  # the adapters alone, in PEFT's format over the pretrained model: what the folded export computes
+  import peft
+  over_base = peft.PeftModel.from_pretrained(InstructBlipForConditionalGeneration.from_pretrained(assets / "ckpt"),
+                                             str(tmp_path / "hf" / "peft_adapter")).eval()
+  folded = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+  batch = oracle.tiny_batch()
+  np.testing.assert_allclose(oracle.hf_forward(over_base, batch).logits.numpy(),
+                             oracle.hf_forward(folded, batch).logits.numpy(), atol=1e-5, rtol=0)
   before = sorted(os.listdir(w / "checkpoints"))
   out = _run(_flags(assets, w, total_steps=3, **lora, **{"lora.alpha": 4.0}), check=False)
   assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]

@@ -82,3 +82,35 @@ def test_profile_steps_must_be_steps_of_the_run(tmp_path):
   with pytest.raises(settings.ConfigError, match=re.escape("config.profile_steps=(0, 4, 11): [0, 11] are not steps "
                                                            "of this run (whole numbers from 1 to total_steps=10)")):
     settings.resolve(config, str(tmp_path / "w"), "train")
+
+
+def test_a_peft_adapter_brings_its_own_lora_settings_and_trains_on(tmp_path):
+  """config.model_adapter: the model gets the adapter's targets, rank and alpha and the adapters join the trained
+  parameters; with config.lora.targets too, or without model_init, or another model's adapter: named errors."""
+  import peft
+  import oracle
+  oracle.tiny_hf_model().save_pretrained(tmp_path / "hf")
+  peft.get_peft_model(oracle.tiny_hf_model(), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["q", "query"])) \
+      .save_pretrained(str(tmp_path / "adapter"))
+  config = train_helper.load_config()
+  config.mode = "summary"
+  config.model_init, config.model_adapter = str(tmp_path / "hf"), str(tmp_path / "adapter")
+  s = settings.resolve(config, None)
+  assert (s.model.lora.rank, s.model.lora.alpha) == (3, 6.0) and s.trainable[-1] == r"/lora_[ab]$"
+  assert "^language_model/encoder/layers/self_attn/q$" in s.model.lora.targets
+  assert "^qformer/layer_0/crossattention/query$" in s.model.lora.targets
+  assert s.checkpoint_meaning["lora"]["alpha"] == 6.0
+  config.lora.targets = ("query$",)
+  with pytest.raises(settings.ConfigError, match="model_adapter=.* and config.lora.targets are both set"):
+    settings.resolve(config, None)
+  config.lora.targets, config.model_init = (), ""
+  with pytest.raises(settings.ConfigError, match="needs config.model_init"):
+    settings.resolve(config, None)
+  # made for a Q-Former with cross-attention in every layer: layer 1's has no counterpart here
+  peft.get_peft_model(oracle.tiny_hf_model(cross_attention_frequency=1), peft.LoraConfig(
+      r=3, lora_alpha=6, target_modules=["query"])).save_pretrained(str(tmp_path / "other"))
+  config.model_init, config.model_adapter = str(tmp_path / "hf"), str(tmp_path / "other")
+  with pytest.raises(settings.ConfigError, match=r"the adapter does not fit this model(.|\n)*not a linear layer of "
+                                                 r"this model \(2\): base_model.model.qformer.encoder.layer.1."
+                                                 r"crossattention.attention.query.lora_A.weight"):
+    settings.resolve(config, None)
