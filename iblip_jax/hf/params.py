@@ -99,13 +99,15 @@ def _load_leaf(reader: SafetensorsReader, path: tuple[str, ...], leaf, sharding)
 
 
 def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, instruction_aware: bool = True,
-                progress: bool = False) -> dict:
+                progress: bool = False, on_leaf=None) -> dict:
   """Fills a params shape tree (from jax.eval_shape) with global arrays read through `reader`.
 
   `shardings` (a matching tree of jax.sharding.Sharding) places every parameter straight into its devices: a
   process reads only what its devices hold and nothing passes through one device whole. Without it, everything
   goes to this process's first device. Tensors are cast to the tree's dtypes as they are read (the frozen towers
-  to bfloat16 on TPU, say); everything is checked (check_params) before the first byte is read.
+  to bfloat16 on TPU, say); everything is checked (check_params) before the first byte is read. `on_leaf(path,
+  array)`, when given, turns each leaf as it is read into the leaves to keep ({path: array}; quantisation), so that
+  no more than one leaf is ever held in its read form.
   """
   check_params(params_shape, reader, instruction_aware=instruction_aware)
   flat_shape = flat(params_shape)
@@ -121,7 +123,8 @@ def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, inst
             disable=not progress or jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0) as bar:
     for path, leaf in flat_shape.items():
       before = reader.bytes_read
-      out[path] = _load_leaf(reader, path, leaf, flat_sh[path])
+      value = _load_leaf(reader, path, leaf, flat_sh[path])
+      out.update(on_leaf(path, value) if on_leaf is not None else {path: value})
       bar.update(reader.bytes_read - before)
   return unflat(out)
 

@@ -16,6 +16,7 @@ from iblip_jax.hf.config import config_from_hf, parse_config, read_config
 from iblip_jax.hf.names import CONFIG_NAME
 from iblip_jax.hf.safetensors import SafetensorsReader
 from iblip_jax.models import configs as model_configs
+from iblip_jax.models import quantize
 from iblip_jax.models.configs import InstructBlipConfig
 from iblip_jax.models.instructblip import InstructBlip, params_shape
 
@@ -91,10 +92,15 @@ def load_params(path: str, model: InstructBlip, *, shardings=None, progress: boo
   reader, origin = open_reader(path, model, stage1)
   start = time.perf_counter()
   adapters, base_shape = lora.split(params_shape(model))
-  base_shardings = None if shardings is None else lora.split(shardings)[1]
+  if shardings is None:   # one device, as load_params' own default, so that quantising places its output there too
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one, params_shape(model))
+  base_shardings = lora.split(shardings)[1]
+  load_shape, on_leaf = _quantize_on_load(model, base_shape, base_shardings)
   try:
-    params = hf_params.load_params(base_shape, reader, shardings=base_shardings,
-                                   instruction_aware=model.config.instruction_aware, progress=progress)
+    params = hf_params.load_params(load_shape, reader, shardings=base_shardings,
+                                   instruction_aware=model.config.instruction_aware, progress=progress,
+                                   on_leaf=on_leaf)
     if adapters:
       rng = jax.random.key(0) if adapter_rng is None else adapter_rng
       params = trainable_lib.merge(params, lora.init(model, rng, shardings))
@@ -110,8 +116,48 @@ def load_params(path: str, model: InstructBlip, *, shardings=None, progress: boo
   return params
 
 
+def _with_quantize(overrides: dict | None, quantize: str | dict | None) -> dict | None:
+  if not quantize:
+    return overrides
+  per_tower = quantize if isinstance(quantize, dict) else {"vision": quantize, "text": quantize}
+  unknown = sorted(set(per_tower) - {"vision", "text"})
+  if unknown:
+    raise ValueError(f"quantize={quantize!r}: towers {unknown} cannot be quantised; expected 'vision' and/or 'text'")
+  out = dict(overrides or {})
+  for tower, mode in per_tower.items():
+    out[tower] = {**dict(out.get(tower) or {}), "quantize": mode}
+  return out
+
+
+def _quantize_on_load(model: InstructBlip, shape: dict, shardings: dict):
+  """(the shapes to read, a per-leaf hook) for a model with quantised towers: each quantised kernel is read as a
+  float tensor in its tower's compute dtype (its regions, into its shardings, like any leaf) and quantised there and
+  then into the integer kernel and scale, so that a tower never exists whole in floating point."""
+  flat_shape, flat_sh = hf_params.flat(shape), hf_params.flat(shardings)
+  modes = {path: quantize.mode_of(leaf.dtype) for path, leaf in flat_shape.items() if path[-1] == "kernel"}
+  modes = {path: mode for path, mode in modes.items() if mode}
+  if not modes:
+    return shape, None
+  towers = {"vision": model.config.vision}
+  read = {path: (jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(towers.get(path[0], model.config.text).dtype))
+                 if path in modes else leaf)
+          for path, leaf in flat_shape.items() if path[-1] != "kernel_scale" or path[:-1] + ("kernel",) not in modes}
+
+  def on_leaf(path, value):
+    if path not in modes:
+      return {path: value}
+    scale_path = path[:-1] + ("kernel_scale",)
+    group = towers.get(path[0], model.config.text).quantize_group
+    fn = jax.jit(lambda w: quantize.quantize(w, modes[path], group),
+                 out_shardings=(flat_sh[path], flat_sh[scale_path]))
+    q, scale = fn(value)
+    return {path: q, scale_path: scale}
+  return hf_params.unflat(read), on_leaf
+
+
 def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = True, overrides: dict | None = None,
-                    shardings=None, mesh=None, rules=None, stage1: str | None = None, adapter: str | None = None):
+                    shardings=None, mesh=None, rules=None, stage1: str | None = None, adapter: str | None = None,
+                    quantize: str | dict | None = None):
   """Loads a local Hugging Face InstructBLIP directory (config.json + safetensors). Returns (model, params).
 
   `dtype` is the storage and compute dtype of the frozen ViT and LLM (bfloat16 on TPU); the Q-Former side is always
@@ -125,7 +171,10 @@ def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = T
   warning (iblip_jax/hf/blip2.py).
   `adapter`: a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors, as peft's save_pretrained
   writes for transformers' InstructBLIP) applied on top: the model gets its adapters (iblip_jax/hf/peft.py).
+  `quantize`: "int8" or "int4" for both frozen towers, or {"vision": ..., "text": ...}; each linear layer's weight
+  is quantised as it is read (models/quantize.py), the Q-Former side and the LM head stay float.
   """
+  overrides = _with_quantize(overrides, quantize)
   model = InstructBlip(load_config(path, dtype, instruction_aware=instruction_aware, overrides=overrides,
                                    stage1=stage1))
   if adapter:

@@ -44,6 +44,10 @@ class VisionConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   lora: LoraConfig | None = None  # adapters (with_lora sets the same one on every tower)
+  # weight-only quantisation of this frozen tower's linear layers (not the LM head): "", "int8" (a scale per
+  # output channel) or "int4" (a scale per output channel and group of quantize_group inputs); models/quantize.py
+  quantize: str = ""
+  quantize_group: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,10 @@ class T5Config:
   dtype: str = "float32"
   param_dtype: str = "float32"
   lora: LoraConfig | None = None  # adapters (with_lora sets the same one on every tower)
+  # weight-only quantisation of this frozen tower's linear layers (not the LM head): "", "int8" (a scale per
+  # output channel) or "int4" (a scale per output channel and group of quantize_group inputs); models/quantize.py
+  quantize: str = ""
+  quantize_group: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +134,10 @@ class LlamaConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   lora: LoraConfig | None = None  # adapters (with_lora sets the same one on every tower)
+  # weight-only quantisation of this frozen tower's linear layers (not the LM head): "", "int8" (a scale per
+  # output channel) or "int4" (a scale per output channel and group of quantize_group inputs); models/quantize.py
+  quantize: str = ""
+  quantize_group: int = 128
 
   @property
   def d_model(self) -> int:  # the width the projection maps the queries to (same name as T5's)
@@ -285,6 +297,11 @@ def validate(cfg: InstructBlipConfig) -> None:
   problems += _validate_llama(cfg.text) if cfg.decoder_only else _validate_t5(cfg.text)
   if cfg.text.remat_policy not in REMAT_POLICIES:
     problems.append(f"model.text.remat_policy={cfg.text.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+  for name, tower in (("vision", v), ("text", cfg.text)):
+    if tower.quantize not in ("",) + QUANTIZE_MODES:
+      problems.append(f"model.{name}.quantize={tower.quantize!r}; expected '' (none), 'int8' or 'int4'")
+    if tower.quantize_group < 1:
+      problems.append(f"model.{name}.quantize_group={tower.quantize_group} must be >= 1")
   for name, tower in (("vision", v), ("qformer", q), ("text", cfg.text)):
     for field in ("dtype", "param_dtype"):
       if getattr(tower, field) not in ("float32", "bfloat16", "float16"):
@@ -321,6 +338,7 @@ def _validate_llama(t: LlamaConfig) -> list[str]:
 
 
 TEXT_MODELS = {"t5": T5Config, "llama": LlamaConfig}
+QUANTIZE_MODES = ("int8", "int4")   # models/quantize.py
 
 # What a rematerialised LLM block keeps for the backward pass (MaxText's names where they exist): "full" keeps only
 # the block's input and recomputes everything; "save_dots" keeps every matmul output (no matmul recomputed, the most

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iblip_jax.models import quantize as quantize_lib
+
 Array = jax.Array
 
 # Initialisers only matter for fresh (trainable) weights; pretrained ones are loaded over them.
@@ -43,11 +45,16 @@ class Dense(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Callable = default_kernel_init
   lora: Any = None   # models.configs.LoraConfig or None
+  quantize: str = ""  # "" (float kernel), "int8" or "int4": a frozen weight stored as integers (quantize.py)
+  quantize_group: int = 128
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                        (x.shape[-1], self.features), self.param_dtype)
+    if self.quantize:
+      kernel = self._quantized_kernel(x.shape[-1])
+    else:
+      kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                          (x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
                       (self.features,), self.param_dtype) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
@@ -57,6 +64,16 @@ class Dense(nn.Module):
     if self.lora is not None and self.lora.targets_path("/".join(self.path)):
       y = y + self._lora(x)
     return y
+
+  def _quantized_kernel(self, d_in: int) -> Array:
+    """The kernel (in, out) dequantised for the matmul: integers (in, out) times a float32 scale per output column
+    and group of inputs (quantize.py); XLA fuses the product into the dot's operand."""
+    groups = quantize_lib.groups(self.quantize, d_in, self.quantize_group)
+    q = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, self.axes), (d_in, self.features),
+                   quantize_lib.DTYPES[self.quantize])
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("quant_groups", self.axes[1]))
+    scale = self.param("kernel_scale", scale_init, (groups, self.features), jnp.float32)
+    return quantize_lib.dequantize(q, scale, self.dtype)
 
   def _lora(self, x: Array) -> Array:
     r, d_in = self.lora.rank, x.shape[-1]
@@ -74,11 +91,18 @@ class Dense(nn.Module):
 
 
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype: Any, param_dtype: Any,
-          name: str | None = None, kernel_init=default_kernel_init, lora=None) -> Dense:
+          name: str | None = None, kernel_init=default_kernel_init, lora=None, quantize: str = "",
+          quantize_group: int = 128) -> Dense:
   """A Dense layer whose kernel (in, out) and bias (out,) carry logical axis names; `lora` (a LoraConfig) adds an
-  adapter when its targets match the layer's path."""
+  adapter when its targets match the layer's path; `quantize` stores a frozen kernel as int8 / int4."""
   return Dense(features, axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-               lora=lora, name=name)
+               lora=lora, quantize=quantize, quantize_group=quantize_group, name=name)
+
+
+def tower_options(cfg) -> dict:
+  """The Dense options a tower's config sets: its LoRA adapters and, for a frozen tower (ViT, LLM; not their LM
+  head), weight quantisation."""
+  return dict(lora=cfg.lora, quantize=cfg.quantize, quantize_group=cfg.quantize_group)
 
 
 def embed(num: int, features: int, axes: tuple[str, str], *, dtype: Any, param_dtype: Any,

@@ -85,7 +85,7 @@ class LlamaAttention(nn.Module):
     cfg = self.config
     h, g, k = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
     dense = functools.partial(layers.dense, use_bias=cfg.attention_bias, dtype=dtype_of(cfg.dtype),
-                              param_dtype=dtype_of(cfg.param_dtype), lora=cfg.lora)
+                              param_dtype=dtype_of(cfg.param_dtype), **layers.tower_options(cfg))
     b, s = x.shape[:2]
     q = apply_rope(dense(h * k, ("embed", "heads_joined"), name="q_proj")(x).reshape(b, s, h, k), rope)
     key = apply_rope(dense(g * k, ("embed", "kv_joined"), name="k_proj")(x).reshape(b, s, g, k), rope)
@@ -110,7 +110,7 @@ class LlamaMLP(nn.Module):
   def __call__(self, x):
     cfg = self.config
     dense = functools.partial(layers.dense, use_bias=cfg.mlp_bias, dtype=dtype_of(cfg.dtype),
-                              param_dtype=dtype_of(cfg.param_dtype), lora=cfg.lora)
+                              param_dtype=dtype_of(cfg.param_dtype), **layers.tower_options(cfg))
     act = layers.activation(cfg.hidden_act)
     y = act(dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj")(x)) * \
         dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj")(x)

@@ -61,10 +61,11 @@ class T5Attention(nn.Module):
   def setup(self):
     cfg = self.config
     dense = functools.partial(layers.dense, cfg.num_heads * cfg.d_kv, ("embed", "heads_joined"), use_bias=False,
-                              dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), lora=cfg.lora)
+                              dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                              **layers.tower_options(cfg))
     self.q, self.k, self.v = dense(), dense(), dense()
     self.o = layers.dense(cfg.d_model, ("heads_joined", "embed"), use_bias=False, dtype=dtype_of(cfg.dtype),
-                          param_dtype=dtype_of(cfg.param_dtype), lora=cfg.lora)
+                          param_dtype=dtype_of(cfg.param_dtype), **layers.tower_options(cfg))
 
   def _heads(self, x):  # (B, L, H*K) -> (B, L, H, K)
     return x.reshape(*x.shape[:2], self.config.num_heads, self.config.d_kv)
@@ -99,7 +100,7 @@ class T5FeedForward(nn.Module):
   def __call__(self, x, deterministic: bool):
     cfg = self.config
     dense = functools.partial(layers.dense, use_bias=False, dtype=dtype_of(cfg.dtype),
-                              param_dtype=dtype_of(cfg.param_dtype), lora=cfg.lora)
+                              param_dtype=dtype_of(cfg.param_dtype), **layers.tower_options(cfg))
     act = layers.activation(cfg.dense_act_fn)
     if cfg.is_gated_act:
       y = act(dense(cfg.d_ff, ("embed", "mlp"), name="wi_0")(x)) * dense(cfg.d_ff, ("embed", "mlp"), name="wi_1")(x)

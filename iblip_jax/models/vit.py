@@ -86,7 +86,7 @@ class VisionBlock(nn.Module):
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     d, h = cfg.hidden_size, cfg.num_attention_heads
     ln = functools.partial(layers.layer_norm, cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype)
-    dense = functools.partial(layers.dense, dtype=dtype, param_dtype=pdtype, lora=cfg.lora)
+    dense = functools.partial(layers.dense, dtype=dtype, param_dtype=pdtype, **layers.tower_options(cfg))
     x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
 
     y = ln(name="layer_norm1")(x)

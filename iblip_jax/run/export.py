@@ -22,6 +22,11 @@ _WEIGHTS = ("config.json", "model.safetensors", "model.safetensors.index.json")
 def run(s: Settings) -> str:
   if not s.export_dir:
     raise ConfigError("config.export_dir is empty: where should the Hugging Face checkpoint go?")
+  quantized = [f"model.{t}.quantize={getattr(s.model, t).quantize!r}" for t in ("vision", "text")
+               if getattr(s.model, t).quantize]
+  if quantized:
+    raise ConfigError(f"export writes float weights, and {', '.join(quantized)}: export with the towers float (their "
+                      "trained side is the same), then quantise when loading")
   model, params, step, _, _ = restore.inference_state(s)
   if model.config.lora is not None:   # the adapters alone too, for PEFT over config.model_init's model
     hf_peft.save_adapter(model, params, str(epath.Path(s.export_dir) / PEFT_ADAPTER))

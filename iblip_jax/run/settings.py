@@ -10,6 +10,7 @@ config.model's settings on top (iblip_jax.hf.load_config), or config.model alone
 import dataclasses
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -17,12 +18,14 @@ import jax
 from iblip_jax import hf, prompts, sharding
 from iblip_jax import lora as lora_lib
 from iblip_jax.data import templates
+from iblip_jax.hf import names as hf_names
 from iblip_jax.hf import peft as hf_peft
 from iblip_jax.data.sources import Source, problems as source_problems
 from iblip_jax.decoding import Decoding
 from iblip_jax.errors import UserError
 from iblip_jax.evaluation import paper_numbers, tasks
 from iblip_jax.models import configs as model_configs
+from iblip_jax.models import quantize as quantize_lib
 from iblip_jax.models.configs import InstructBlipConfig
 from iblip_jax.models.instructblip import InstructBlip, params_shape
 from iblip_jax.run import best
@@ -348,7 +351,7 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
       baselines=dict(config.get("baselines") or {}), best_checkpoint_metrics=tuple(best_keys),
       config_json=config.to_json_best_effort(indent=2)))
   s, lora_problems = _with_lora(s)
-  problems += lora_problems
+  problems += lora_problems + _quantized_trainable(s)
   if s.rng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
     problems.append(f"config.rng_impl={s.rng_impl!r}: expected 'threefry2x32', 'rbg' or 'unsafe_rbg'")
   if s.best_checkpoint_mixing not in best.MIXINGS:
@@ -399,6 +402,23 @@ def _with_lora(s: Settings) -> tuple[Settings, list[str]]:
     return s, bad
   return dataclasses.replace(s, model=model_configs.with_lora(s.model, lora),
                              trainable=s.trainable + (lora_lib.ADAPTERS,)), []
+
+
+def _quantized_trainable(s: Settings) -> list[str]:
+  """A quantised weight is frozen: a config.trainable pattern that matches one is an error (LoRA adapters over it,
+  QLoRA, are the way to train there)."""
+  if s.model is None or not (s.model.vision.quantize or s.model.text.quantize):
+    return []
+  kernels = ["/".join(p) for p, leaf in hf_names.flat(params_shape(InstructBlip(s.model))).items()
+             if p[-1] == "kernel" and quantize_lib.mode_of(leaf.dtype)]
+  out = []
+  for pattern in s.trainable:
+    hit = [k for k in kernels if re.search(pattern, k)]
+    if hit:
+      out.append(f"config.trainable pattern {pattern!r} matches quantised weights ({len(hit)}, e.g. {hit[0]}; "
+                 f"model.vision.quantize={s.model.vision.quantize!r}, model.text.quantize={s.model.text.quantize!r})"
+                 ": a quantised weight is frozen; train LoRA adapters over it (config.lora) or keep the tower float")
+  return out
 
 
 def _with_adapter(s: Settings) -> tuple[Settings, list[str]]:
