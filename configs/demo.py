@@ -14,6 +14,7 @@ data.
 Variants (`--config configs/demo.py:<variant>`):
   lora   LoRA adapters (rank 2) on the Q-Former's attention and the frozen T5's attention (query/value, q/v) train
          alone; the Q-Former side and both towers stay as loaded.
+  qlora  the same adapters over the ViT and the T5 quantised to int8 (weight-only, models/quantize.py).
 """
 from iblip_jax import config_lib
 
@@ -60,13 +61,16 @@ def get_config(variant: str = ""):
   config.log_every = 20
   config.checkpoint_every = 500
   config.baselines = dict(held_in_vqa=100 / 8, held_out_mc=100 / 3)  # chance: 8 colours; 3 options
-  if variant == "lora":
+  if variant in ("lora", "qlora"):
     config.trainable = []
     config.lora.targets = [r"qformer/.*/(query|value)$", r"language_model/.*/(q|v)$"]
     # rank 2 keeps the adapters under 5% of the Q-Former side's parameters at this toy width (64): 5,120 of 148,416
     config.lora.rank, config.lora.alpha = 2, 4.0
     config.optim.lr = 1e-3         # adapters start at zero and have few parameters: the usual LoRA rate
     config.eval_untrained_baseline = False   # fresh adapters change nothing: "untrained" is the model before tuning
+    if variant == "qlora":
+      config.model.vision.quantize = config.model.text.quantize = "int8"
   elif variant:
-    raise ValueError(f"configs/demo.py:{variant}: no such variant; expected configs/demo.py or configs/demo.py:lora")
+    raise ValueError(f"configs/demo.py:{variant}: no such variant; expected configs/demo.py, configs/demo.py:lora or "
+                     "configs/demo.py:qlora")
   return config

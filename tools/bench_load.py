@@ -1,7 +1,7 @@
 """Loading a real-size checkpoint: the main job's load time, read rate and peak host memory, against a plain read.
 
   python tools/bench_load.py [--size real|tiny] [--dir DIR] [--keep] [--write-only | --skip-write] [--devices 4]
-                             [--mesh fsdp|tensor] [--xla-flags FLAGS] [--trace DIR]
+                             [--mesh fsdp|tensor] [--quantize int8|int4] [--xla-flags FLAGS] [--trace DIR]
 
 1. Writes an InstructBLIP FlanT5-XL checkpoint with random bfloat16 weights through transformers, in the layout of
    the released Salesforce/instructblip-flan-t5-xl: the same tensor names and shapes (language_model.lm_head.weight,
@@ -40,6 +40,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 GIB = 2**30
 TARGET_FACTOR, TARGET_EXTRA = 1.25, 1.5 * GIB
+QUANTIZED_EXTRA = 2 * GIB   # --quantize: peak RSS <= the quantised weights + this
 TARGET_MISSED = 3        # exit status: the report is complete, the memory target was missed
 SAMPLE_SECONDS = 0.2
 PROMPT = "What is in this image?"
@@ -245,12 +246,24 @@ def sequential_read(paths, chunk: int = 64 * 2**20) -> tuple[int, float]:
 MESHES = {"fsdp": ["--config.mesh.fsdp=-1"], "tensor": ["--config.mesh.fsdp=1", "--config.mesh.tensor=-1"]}
 
 
-def job_command(size: str, directory: str, image: str, mesh: str = "fsdp") -> list[str]:
+def job_command(size: str, directory: str, image: str, mesh: str = "fsdp", quantize: str = "") -> list[str]:
   return [sys.executable, "-m", "iblip_jax.main", "--config", SIZES[size]["job_config"], "--config.mode=predict",
           f"--config.model_init={directory}", "--config.model.vision.dtype=bfloat16",
           "--config.model.text.dtype=bfloat16", *MESHES[mesh], f"--config.predict.images={image}",
           f"--config.predict.prompt={PROMPT}", "--config.predict.batch_size=4", "--config.predict.num_beams=1",
-          "--config.predict.max_new_tokens=3"]
+          "--config.predict.max_new_tokens=3", f"--config.model.vision.quantize={quantize}",
+          f"--config.model.text.quantize={quantize}"]
+
+
+def quantized_bytes(directory: str, quantize: str) -> int:
+  """The bytes of the model's parameters as the job holds them: integer kernels and their float32 scales, the rest
+  in bfloat16."""
+  import jax
+  from iblip_jax import hf
+  from iblip_jax.models.instructblip import InstructBlip, params_shape
+  tower = {"dtype": "bfloat16", "quantize": quantize}
+  cfg = hf.load_config(directory, overrides={"vision": tower, "text": tower})
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params_shape(InstructBlip(cfg))))
 
 
 def run_job(command: list[str], xla_flags: str, log_path: str) -> dict:
@@ -330,8 +343,9 @@ def phase_peaks(samples) -> dict[str, tuple[float, int]]:
   return out
 
 
-def report(checkpoint: int, plain: tuple[int, float], cached: tuple, job: dict) -> bool:
-  """Prints the job's numbers; returns whether the memory target was met."""
+def report(checkpoint: int, plain: tuple[int, float], cached: tuple, job: dict, weights: int | None = None) -> bool:
+  """Prints the job's numbers; returns whether the memory target was met. `weights`: the quantised parameters'
+  bytes (--quantize), whose target is those bytes + 2 GiB."""
   plain_bytes, plain_seconds = plain
   print(f"plain sequential read: {gb(plain_bytes)} in {plain_seconds:.1f} s ({plain_bytes / 1e9 / plain_seconds:.2f} "
         f"GB/s), {_percent(cached[0])} of the pages cached before")
@@ -348,6 +362,13 @@ def report(checkpoint: int, plain: tuple[int, float], cached: tuple, job: dict) 
                       ("answer", "compile and answer")):
     if phase in peaks:
       print(f"  RSS {what}: {gb(peaks[phase][1])} (sampled, highest at {peaks[phase][0]:.1f} s)")
+  if weights is not None:
+    target = weights + QUANTIZED_EXTRA
+    met = job["peak"] <= target
+    print(f"peak RSS (ru_maxrss of the job): {gb(job['peak'])} = {job['peak'] / checkpoint:.2f} x the bf16 checkpoint; "
+          f"target <= the quantised weights {gb(weights)} + {QUANTIZED_EXTRA / GIB:.0f} GiB = {gb(target)}: "
+          f"{'met' if met else 'MISSED'}")
+    return met
   target = TARGET_FACTOR * checkpoint + TARGET_EXTRA
   met = job["peak"] <= target
   print(f"peak RSS (ru_maxrss of the job): {gb(job['peak'])} = {job['peak'] / checkpoint:.2f} x checkpoint; target "
@@ -379,6 +400,8 @@ def main():
   parser.add_argument("--mesh", choices=sorted(MESHES), default="fsdp",
                       help="the parameter layout: fsdp (training's) or tensor (tensor-parallel decoding)")
   parser.add_argument("--xla-flags", default="", help="more XLA_FLAGS for the job (after the device count)")
+  parser.add_argument("--quantize", choices=("int8", "int4"), help="the job's ViT and LLM quantised as they load "
+                      "(issue 21's target: peak RSS <= the quantised weights + 2 GiB, and <= 0.6x the bf16 job's)")
   parser.add_argument("--trace", help="a directory for the job's RSS samples (rss.tsv) and stderr (job.log)")
   args = parser.parse_args()
   size = SIZES[args.size]
@@ -421,7 +444,7 @@ def _run(args, directory: str) -> int:
   plain = sequential_read(paths)
   drop_from_cache(paths)
   cached_job = cached_fraction(paths)
-  command = job_command(args.size, directory, image, args.mesh)
+  command = job_command(args.size, directory, image, args.mesh, args.quantize or "")
   xla_flags = f"--xla_force_host_platform_device_count={args.devices} {args.xla_flags}".strip()
   print(f"job: XLA_FLAGS={_quote(xla_flags)} JAX_PLATFORMS=cpu python " + " ".join(_quote(c) for c in command[1:]),
         flush=True)
@@ -431,7 +454,8 @@ def _run(args, directory: str) -> int:
   job = run_job(command, xla_flags, log)
   if args.trace:
     write_trace(os.path.join(args.trace, "rss.tsv"), job["samples"])
-  met = report(checkpoint, plain, (cached_plain, cached_job), job)
+  weights = quantized_bytes(directory, args.quantize) if args.quantize else None
+  met = report(checkpoint, plain, (cached_plain, cached_job), job, weights)
   if job["rc"] != 0:
     with open(log) as f:
       tail = f.read().splitlines()[-30:]

@@ -72,24 +72,25 @@ class Pipeline:
   @classmethod
   def from_pretrained(cls, path: str, dtype=None, *, mesh=None, rules=(), max_batch: int = 8,
                       model_init: str | None = None, tokenizer: str | None = None,
-                      adapter: str | None = None) -> "Pipeline":
+                      adapter: str | None = None, quantize: str | dict | None = None) -> "Pipeline":
     """A Hugging Face InstructBLIP directory (its tokenizers with it, the Q-Former's in qformer_tokenizer/), or a
     training workdir (config.json + checkpoints/: the latest checkpoint's trainable weights on the pretrained model
     its config names; `model_init` / `tokenizer` replace the config's paths when they have moved). `dtype`: the
     frozen towers' dtype (default float32; bfloat16 for TPU/GPU). The model lives on one device, or on `mesh`
-    (sharded by `rules`). `adapter`: a PEFT LoRA directory applied on top of a Hugging Face directory's model."""
+    (sharded by `rules`). `adapter`: a PEFT LoRA directory applied on top of a Hugging Face directory's model.
+    `quantize`: "int8" / "int4" frozen towers (or {"vision": ..., "text": ...}), quantised as they load."""
     if not os.path.isdir(path):
       raise BadInput(f"{path}: not a directory (expected a Hugging Face InstructBLIP directory or a training "
                      "workdir)")
     if restore.is_workdir(path):
-      if adapter:
-        raise BadInput(f"{path} is a training workdir: its checkpoints hold its own adapters; adapter= applies to a "
-                       "Hugging Face directory")
+      if adapter or quantize:
+        raise BadInput(f"{path} is a training workdir: adapter= and quantize= apply to a Hugging Face directory (a "
+                       "workdir's config says both: --config.model.text.quantize, config.lora)")
       model, params, tok, step = restore.from_workdir(path, dtype, model_init, tokenizer, one_device=mesh is None)
       log.info("answering with %s at step %d", path, step)
     else:
       model, params = hf.from_pretrained(path, jnp.float32 if dtype is None else dtype, mesh=mesh, rules=rules,
-                                         adapter=adapter)
+                                         adapter=adapter, quantize=quantize)
       model, tok = tokenize.for_model(tokenizer or path, model)
     return cls(model, params, tok, mesh=mesh, rules=rules, max_batch=max_batch, source=path)
 
