@@ -22,16 +22,25 @@ TARGETS = (r"qformer/.*/(query|value)$", r"language_model/.*/(q|v|q_proj|v_proj)
 LORA = model_configs.LoraConfig(targets=TARGETS, rank=4, alpha=6.0)
 
 
-@pytest.fixture(scope="module", params=["t5", "llama"])
-def base(request, tmp_path_factory):
+def _base(kind, tmp_path_factory):
   """(directory, base model, its params, batch) for a tiny transformers checkpoint."""
-  d = tmp_path_factory.mktemp(request.param) / "hf"
-  oracle.tiny_hf_model(llama=request.param == "llama").save_pretrained(d)
+  d = tmp_path_factory.mktemp(kind) / "hf"
+  oracle.tiny_hf_model(llama=kind == "llama").save_pretrained(d)
   model, params = iblip_jax.from_pretrained(str(d))
   batch = oracle.tiny_batch()
   if model.config.decoder_only:
     batch = {k: v for k, v in batch.items() if not k.startswith("decoder_")}
   return str(d), model, params, batch
+
+
+@pytest.fixture(scope="module", params=["t5", "llama"])
+def base(request, tmp_path_factory):
+  return _base(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory):
+  return _base("t5", tmp_path_factory)
 
 
 def _adapted(directory, model):
@@ -88,8 +97,9 @@ def test_an_adapter_is_the_low_rank_update_folded_into_its_weights(base):
     np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
 
 
-def test_adapter_gradients_match_finite_differences(base):
-  directory, model, _, batch = base
+def test_adapter_gradients_match_finite_differences(t5):
+  """On the encoder-decoder (the same layers' gradients in LLaMA pass through the same Dense)."""
+  directory, model, _, batch = t5
   lora_model, lora_params = _adapted(directory, model)
   adapters, rest = lora_lib.split(_random_b(lora_params))
   batch = dict(batch)

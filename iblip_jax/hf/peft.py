@@ -19,7 +19,7 @@ from etils import epath
 from iblip_jax import distributed, lora as lora_lib
 from iblip_jax.errors import CheckpointError
 from iblip_jax.hf.names import flat, leaf_mapping, unflat
-from iblip_jax.hf.safetensors import File, FormatError, write
+from iblip_jax.hf.safetensors import open_checked, write
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models.instructblip import InstructBlip, params_shape
 
@@ -93,7 +93,7 @@ def read_config(directory: str) -> model_configs.LoraConfig:
   if config.get("peft_type") != "LORA":
     problems.append(f"peft_type={config.get('peft_type')!r}: only LORA adapters are supported")
   for key, plain in _UNSUPPORTED.items():
-    if config.get(key, plain) not in (plain, None, {}, False) or (key == "bias" and config.get(key, "none") != "none"):
+    if config.get(key, plain) not in (plain, None, {}, False):   # absent, null or empty: the plain maths
       problems.append(f"{key}={config.get(key)!r}: only {plain!r} is supported")
   for key in ("r", "lora_alpha"):
     if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
@@ -114,10 +114,7 @@ def load_adapter(model: InstructBlip, directory: str, shardings=None):
   weights = os.path.join(directory, WEIGHTS)
   if not os.path.isfile(weights):
     raise CheckpointError(f"{directory}: no {WEIGHTS} there")
-  try:
-    reader = File(weights)
-  except (FormatError, OSError) as e:
-    raise CheckpointError(f"{weights}: not a readable safetensors file: {e}") from None
+  reader = open_checked(weights)
   try:
     found, unknown, bad = {}, [], []
     for key, info in reader.tensors.items():

@@ -1,5 +1,6 @@
 """`from_pretrained` / `save_pretrained`: the public way in and out of the Hugging Face format."""
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -148,11 +149,15 @@ def _quantize_on_load(model: InstructBlip, shape: dict, shardings: dict):
       return {path: value}
     scale_path = path[:-1] + ("kernel_scale",)
     group = towers.get(path[0], model.config.text).quantize_group
-    fn = jax.jit(lambda w: quantize.quantize(w, modes[path], group),
-                 out_shardings=(flat_sh[path], flat_sh[scale_path]))
-    q, scale = fn(value)
+    q, scale = _quantizer(modes[path], group, flat_sh[path], flat_sh[scale_path])(value)
     return {path: q, scale_path: scale}
   return hf_params.unflat(read), on_leaf
+
+
+@functools.lru_cache(maxsize=64)
+def _quantizer(mode: str, group: int, kernel_sharding, scale_sharding):
+  """quantize.quantize compiled for these shardings (one program per kernel shape, reused across layers)."""
+  return jax.jit(lambda w: quantize.quantize(w, mode, group), out_shardings=(kernel_sharding, scale_sharding))
 
 
 def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = True, overrides: dict | None = None,

@@ -147,6 +147,14 @@ def write(path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, s
   return 8 + len(blob) + offset
 
 
+def open_checked(path: str) -> File:
+  """File(path), or a CheckpointError saying the file cannot be read as safetensors."""
+  try:
+    return File(path)
+  except (FormatError, OSError) as e:
+    raise CheckpointError(f"not a readable safetensors file: {e}; is it truncated or corrupt?") from None
+
+
 class SafetensorsReader:
   """Name-addressed, region-addressed reads over one safetensors file or a sharded set (index.json).
 
@@ -175,10 +183,7 @@ class SafetensorsReader:
       path = os.path.join(directory, name)
       if not os.path.exists(path):
         raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
-      try:
-        handle = File(path)
-      except (FormatError, OSError) as e:
-        raise CheckpointError(f"not a readable safetensors file: {e}; is it truncated or corrupt?") from None
+      handle = open_checked(path)
       for key in handle.tensors:
         if key in self._where:
           raise CheckpointError(f"{path}: tensor {key!r} is also in {self._where[key]}")

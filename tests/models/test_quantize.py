@@ -99,7 +99,8 @@ def test_lora_over_quantised_towers_trains_the_adapters_alone(base):
   batch = dict(batch)
   ids = batch.pop("decoder_input_ids") if "decoder_input_ids" in batch else batch["input_ids"]
   batch["labels"] = np.where(batch.get("decoder_attention_mask", batch["attention_mask"]) == 1, ids, -100)
-  grads = jax.grad(lambda t: train_step.loss_fn(adapted, trainable_lib.merge(t, frozen), batch, None)[0])(adapters)
+  grads = jax.jit(jax.grad(lambda t: train_step.loss_fn(adapted, trainable_lib.merge(t, frozen), batch, None)[0]))(
+      adapters)
   leaves = jax.tree_util.tree_leaves_with_path(grads)
   assert leaves and all(np.isfinite(np.asarray(g)).all() for _, g in leaves)
   # B = 0: A gets no gradient yet, B does (through the int8 kernels' dequantised matmuls)
