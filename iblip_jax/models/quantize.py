@@ -2,7 +2,8 @@
 
   int8  one scale per output column (per-channel, LLM.int8()'s weight side without the outlier split):
         scale = max|w[:, j]| / 127, q = round(w / scale) in [-127, 127]
-  int4  one scale per output column and group of `group` consecutive inputs (GPTQ/AWQ/QLoRA-style group-wise):
+  int4  one scale per output column and group of `group` consecutive inputs (group-wise absmax, as GPTQ/AWQ store
+        int4; QLoRA's NF4 is a non-uniform code book instead):
         scale = max|w[g, j]| / 7, q in [-7, 7]; a width that `group` does not divide gets one group
 
 A kernel (in, out) becomes q (in, out) in int8 / int4 and `kernel_scale` (groups, out) in float32. Nothing here
