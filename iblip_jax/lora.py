@@ -44,8 +44,13 @@ def problems(lora: LoraConfig, params_shape: dict) -> list[str]:
     out.append(f"{where}.alpha={lora.alpha}: expected a positive number (the update is scaled by alpha / rank)")
   if not 0 <= lora.dropout < 1:
     out.append(f"{where}.dropout={lora.dropout}: expected a number in [0, 1)")
-  kernels = {p.removesuffix("/kernel"): leaf.shape[-2:] for p, leaf in _flat(params_shape).items()
-             if p.endswith("/kernel") and len(leaf.shape) >= 2}
+  # Dense kernels are (in, out), or (layers, in, out) in a scanned stack; the ViT's patch embedding is a 4-D
+  # convolution, which gets no adapter, so a target matching only it matches nothing.
+  kernels = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params_shape)[0]:
+    name = trainable_lib.param_path(path)
+    if name.endswith("/kernel") and len(leaf.shape) in (2, 3):
+      kernels[name.removesuffix("/kernel")] = leaf.shape[-2:]
   for target in lora.targets:
     try:
       pattern = re.compile(target)
@@ -62,19 +67,6 @@ def problems(lora: LoraConfig, params_shape: dict) -> list[str]:
       out.append(f"{where}.rank={lora.rank} is larger than the layer{'s' if len(too_small) > 1 else ''} "
                  f"{', '.join(too_small[:5])}{' ...' if len(too_small) > 5 else ''} that {target!r} matches "
                  "(a rank above min(in, out) adds parameters and no expressiveness)")
-  return out
-
-
-def count(tree: dict) -> int:
-  """Adapter parameters in a params (or shape) tree."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(split(tree)[0]))
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    p = f"{prefix}/{k}" if prefix else k
-    out.update(_flat(v, p) if isinstance(v, dict) else {p: v})
   return out
 
 

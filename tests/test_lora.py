@@ -154,6 +154,8 @@ def test_only_adapters_train_and_the_sharded_run_equals_one_device():
     (dict(targets=["qformer/layer_0/attention/query$"], rank=33), "config.lora.rank=33 is larger than the layer "
      "qformer/layer_0/attention/query (32, 32)"),
     (dict(targets=["("]), "config.lora.targets: '(' is not a regular expression"),
+    # the patch embedding is a convolution: it has a kernel, but no adapter would be made for it
+    (dict(targets=["patch_embedding$"]), "config.lora.targets: 'patch_embedding$' matches no linear layer"),
     (dict(targets=["query$"], dropout=1.0), "config.lora.dropout=1.0: expected a number in [0, 1)"),
 ])
 def test_config_mistakes_are_named(lora, message):

@@ -92,10 +92,11 @@ def load_params(path: str, model: InstructBlip, *, shardings=None, progress: boo
   `adapter_rng`, default key 0): a Hugging Face checkpoint holds none."""
   reader, origin = open_reader(path, model, stage1)
   start = time.perf_counter()
-  adapters, base_shape = lora.split(params_shape(model))
+  shape = params_shape(model)
+  adapters, base_shape = lora.split(shape)
   if shardings is None:   # one device, as load_params' own default, so that quantising places its output there too
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: one, params_shape(model))
+    shardings = jax.tree.map(lambda _: one, shape)
   base_shardings = lora.split(shardings)[1]
   load_shape, on_leaf = _quantize_on_load(model, base_shape, base_shardings)
   try:
@@ -182,13 +183,15 @@ def from_pretrained(path: str, dtype=jnp.float32, *, instruction_aware: bool = T
   overrides = _with_quantize(overrides, quantize)
   model = InstructBlip(load_config(path, dtype, instruction_aware=instruction_aware, overrides=overrides,
                                    stage1=stage1))
-  if adapter:
-    model, _ = peft.load_adapter(model, adapter)   # the adapted model's shapes, for the shardings
+  if adapter:   # read and checked before the weights: the adapted model's shapes decide the shardings
+    model, adapters = peft.load_adapter(model, adapter)
   if shardings is None and mesh is not None:
     shardings = sharding.logical_shardings(params_shape(model, boxed=True), mesh, rules or ())
   params = load_params(path, model, shardings=shardings, stage1=stage1)
   if adapter:   # the fresh adapters replaced by the loaded ones
-    params = trainable_lib.merge(lora.split(params)[1], peft.load_adapter(model, adapter, shardings)[1])
+    if shardings is not None:
+      adapters = jax.device_put(adapters, lora.split(shardings)[0])
+    params = trainable_lib.merge(lora.split(params)[1], adapters)
   return model, params
 
 
