@@ -6,6 +6,7 @@ JAX_COMPILATION_CACHE_DIR), so a program compiled by one launch is read back by 
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -69,6 +70,49 @@ def run(args, devices: int = 1, check: bool = True, cwd=ROOT, timeout: int = 900
   if check:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   return out
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch_hosts(args, processes: int, devices: int, logdir, tag: str) -> list[subprocess.Popen]:
+  """The job as `processes` processes of `devices` CPU devices each, as a pod runs it (the environment
+  tools/tpu/worker.sh exports on a multi-host slice); process i logs to logdir/<tag>_<i>.log."""
+  port = _free_port()
+  procs = []
+  for i in range(processes):
+    extra = {}
+    if processes > 1:
+      extra = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+                   JAX_PROCESS_ID=str(i))
+    log = open(logdir / f"{tag}_{i}.log", "w")
+    procs.append(subprocess.Popen([sys.executable, "-m", "iblip_jax.main", *args], cwd=ROOT, env=env(devices, **extra),
+                                  stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def wait_hosts(procs, logdir, tag: str, timeout: int = 600) -> str:
+  """Waits for every process (killing all and failing after `timeout`: hosts that disagree hang), checks they all
+  exited 0, and returns process 0's log."""
+  import pytest
+  deadline = time.time() + timeout
+  for p in procs:
+    try:
+      p.wait(timeout=max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail(f"{tag} hung for {timeout} s:\n" + host_logs(logdir, tag, len(procs)))
+  codes = [p.returncode for p in procs]
+  assert codes == [0] * len(procs), f"{tag} exited {codes}:\n" + host_logs(logdir, tag, len(procs))
+  return (logdir / f"{tag}_0.log").read_text()
+
+
+def host_logs(logdir, tag: str, n: int) -> str:
+  return "\n".join(f"--- process {i}\n" + (logdir / f"{tag}_{i}.log").read_text()[-3000:] for i in range(n))
 
 
 def wait_for(path, proc, timeout: int = 600) -> None:

@@ -105,12 +105,13 @@ def prepare(source, size: int, *, max_pixels: int | None = MAX_PIXELS, name: str
   return PreparedImage(image, preprocess.preprocess_image(image, size), notes)
 
 
-def pixels(source, size: int, *, frames: int = 0, max_pixels: int | None = None) -> np.ndarray:
+def pixels(source, size: int, *, frames: int = 0, max_pixels: int | None = None, name: str | None = None
+           ) -> np.ndarray:
   """Model input of one record: (size, size, 3) for an image, or (frames, size, size, 3) for a video given as its
   frames (a list of image sources; `frames` of them sampled uniformly, preprocess.video_frame_indices). BadImage
   names the image or frame that failed."""
   if not frames:
-    return prepare(source, size, max_pixels=max_pixels).pixels
+    return prepare(source, size, max_pixels=max_pixels, name=name).pixels
   listed = list(source or ())
   if not listed:
     raise BadImage("a video without frames", "missing_image")

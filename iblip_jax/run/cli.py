@@ -18,7 +18,7 @@ from absl import logging as absl_logging
 
 from iblip_jax import checkpoints, distributed
 from iblip_jax.errors import UserError
-from iblip_jax.run import evaluate, export, predict, settings, summary, supervise, train
+from iblip_jax.run import annotate, evaluate, export, predict, settings, summary, supervise, train
 
 
 FAILURE_EXIT, USAGE_EXIT = 1, 2
@@ -94,8 +94,8 @@ def before_jax(config) -> None:
 
 def run(config, workdir: str | None):
   """Resolves the settings and runs the mode; turns the outcome into the exit statuses above."""
-  modes = {"train": train.train_and_evaluate, "eval": evaluate.run, "predict": predict.run, "export": export.run,
-           "summary": summary.run}
+  modes = {"train": train.train_and_evaluate, "eval": evaluate.run, "predict": predict.run, "annotate": annotate.run,
+           "export": export.run, "summary": summary.run}
   try:
     s = settings.resolve(config, workdir)
     return modes[s.mode](s)

@@ -31,7 +31,7 @@ from iblip_jax.models.instructblip import InstructBlip, params_shape
 from iblip_jax.run import best
 from iblip_jax.trainable import INSTRUCTION_TUNING
 
-MODES = ("train", "eval", "predict", "export", "summary")
+MODES = ("train", "eval", "predict", "annotate", "export", "summary")
 
 # Logical axis -> mesh axes (MaxText/t5x style). Weights: FSDP over their embedding dimension, tensor parallelism
 # over heads and MLP. Activations (act_*) split the batch over data x fsdp.
@@ -123,6 +123,23 @@ class Predict:
 
 
 @dataclasses.dataclass(frozen=True)
+class Annotate:
+  """--config.mode=annotate (run/annotate.py): a dataset answered in bulk, resumable; decoding as predict's."""
+  inputs: str = ""                 # globs, files, folders (comma list; local or gs://): tars, JSONL/CSV, images
+  prompts: str = prompts.CAPTION   # one prompt, or a JSON list: '["A short caption:", "What is in the image?"]'
+  output: str = ""                 # a folder (local or gs://): rows/, done/, annotate.json, manifest.json
+  batch_size: int = 8              # global rows (image x prompt) per model call
+  num_beams: int = LAVIS.beams
+  max_new_tokens: int = LAVIS.max_new_tokens
+  min_new_tokens: int = LAVIS.min_new_tokens
+  length_penalty: float = LAVIS.length_penalty
+  repetition_penalty: float = LAVIS.repetition_penalty
+  scores: bool = False             # each answer's log-probability under the model, as "score"
+  rows_per_file: int = 1000        # records per output file: the unit a preemption can lose
+  folder_shard: int = 1000         # image files per shard of an image folder
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
   mode: str = "summary"
   # The model's sizes and switches (models/configs.py field names; config_lib.base fills it). With model_init, the
@@ -198,6 +215,7 @@ class Settings:
   fresh_start_if_unreadable: bool = False
   export_dir: str = ""
   predict: Predict = Predict()
+  annotate: Annotate = Annotate()
   workdir: str | None = dataclasses.field(default=None, metadata=NOT_IN_CONFIG)
   config_json: str = dataclasses.field(default="", metadata=NOT_IN_CONFIG)  # written to workdir/config.json
 
@@ -365,7 +383,7 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
   if s.model_init_required and not s.model_init and mode != "summary":
     problems.append("config.model_init is empty, and this config needs pretrained weights (model_init_required): "
                     "name them with --config.model_init=... (see the config file's docstring)")
-  if mode in ("train", "eval", "predict"):
+  if mode in ("train", "eval", "predict", "annotate"):
     problems += _tokenizer_problems(s.tokenizer)
   if mode == "train":
     problems += _train_problems(s, datasets) + best_problems
@@ -373,6 +391,8 @@ def resolve(config, workdir: str | None, mode: str | None = None) -> Settings:
     problems.append(f"config.eval_batch_size={s.eval_batch_size} must be positive")
   if mode == "predict" and s.predict.batch_size <= 0:
     problems.append(f"config.predict.batch_size={s.predict.batch_size} must be positive")
+  if mode == "annotate":
+    problems += _annotate_problems(s.annotate)
   if mode in ("train", "eval"):
     for source in evals:
       if source.task not in tasks.TASKS:
@@ -436,6 +456,18 @@ def _with_adapter(s: Settings) -> tuple[Settings, list[str]]:
   except UserError as e:
     return s, [f"{where}: {e}"]
   return dataclasses.replace(s, model=adapted.config, trainable=s.trainable + (lora_lib.ADAPTERS,)), []
+
+
+def _annotate_problems(a: Annotate) -> list[str]:
+  out = []
+  if not a.inputs.strip():
+    out.append("config.annotate.inputs is empty: name webdataset tars, JSONL/CSV files or image folders")
+  if not a.output.strip():
+    out.append("config.annotate.output is empty: name a folder (local or gs://) for the rows")
+  for name in ("batch_size", "rows_per_file", "folder_shard"):
+    if getattr(a, name) <= 0:
+      out.append(f"config.annotate.{name}={getattr(a, name)} must be positive")
+  return out
 
 
 def _tokenizer_problems(tokenizer: str) -> list[str]:

@@ -5,9 +5,7 @@ preemption status. Nothing in the test starts JAX before the job does."""
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -38,43 +36,11 @@ def _flags(assets, workdir, **overrides):
       "predict.num_beams": 2, "export_dir": str(workdir) + "_export", **overrides})
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _launch(args, processes: int, devices: int, logdir, tag: str):
-  """Starts the job as `processes` processes of `devices` CPU devices each; returns the Popen objects."""
-  port = _free_port()
-  procs = []
-  for i in range(processes):
-    env = main_job.env(devices)
-    if processes > 1:   # what tools/tpu/worker.sh exports on a multi-host slice
-      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
-                 JAX_PROCESS_ID=str(i))
-    log = open(logdir / f"{tag}_{i}.log", "w")
-    procs.append(subprocess.Popen([sys.executable, "-m", "iblip_jax.main", *args], cwd=ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT))
-  return procs
+_launch, _logs = main_job.launch_hosts, main_job.host_logs
 
 
 def _wait(procs, logdir, tag):
-  deadline = time.time() + TIMEOUT
-  for p in procs:
-    try:
-      p.wait(timeout=max(1, deadline - time.time()))
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail(f"{tag} hung for {TIMEOUT} s:\n" + _logs(logdir, tag, len(procs)))
-  codes = [p.returncode for p in procs]
-  assert codes == [0] * len(procs), f"{tag} exited {codes}:\n" + _logs(logdir, tag, len(procs))
-  return (logdir / f"{tag}_0.log").read_text()
-
-
-def _logs(logdir, tag, n):
-  return "\n".join(f"--- process {i}\n" + (logdir / f"{tag}_{i}.log").read_text()[-3000:] for i in range(n))
+  return main_job.wait_hosts(procs, logdir, tag, TIMEOUT)
 
 
 def _run(args, processes, devices, logdir, tag):

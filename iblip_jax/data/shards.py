@@ -1,0 +1,281 @@
+"""Bulk inputs for annotation (run/annotate.py): which shards an input spec names, and each shard's records as a
+stream, local or gs://.
+
+A spec is a comma list of globs, files and folders. What each becomes:
+  *.tar, *.tar.gz, *.tgz   one shard: a webdataset tar as img2dataset writes it ({key}.jpg|jpeg|png|webp|bmp, and
+                           optional {key}.txt / {key}.json beside it; members of one key are consecutive). Read as a
+                           stream, never extracted or held whole.
+  *.jsonl, *.csv           one shard: rows {"image": path, "prompt"?: text, "key"?: text} (CSV: a header with those
+                           columns). Relative image paths are relative to the file; gs:// paths are read from there.
+  a folder                 its image files, recursively and sorted, in shards of FOLDER_SHARD files (so that a huge
+                           folder splits over hosts and resumes in parts); a folder of tars or JSONL files is those.
+A shard's records come in a fixed order, each with a key unique in the shard. Whatever is wrong with one record (a
+member that is not an image, a missing file, a cut tar) is that record's `error`, never the job's: a tar that
+breaks off midway ends with one error record saying where. A shard that cannot be opened at all raises
+UnreadableShard (the caller reports it and retries it on the next run).
+"""
+import csv
+import dataclasses
+import glob
+import io
+import json
+import os
+import tarfile
+from typing import Iterator
+
+from etils import epath
+
+from iblip_jax.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+TABLE_EXTENSIONS = (".jsonl", ".csv")
+FOLDER_SHARD = 1000
+
+
+class UnreadableShard(Exception):
+  """A shard that cannot be opened or listed (gone, no permission, a network error): retried on the next run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """`name`: unique over the job, used for its output files; `path`: the file (or the folder for a folder's part);
+  `files`: a folder part's image files; `size`: bytes, for progress (0 when unknown)."""
+  name: str
+  path: str
+  kind: str            # "tar" | "jsonl" | "csv" | "folder"
+  files: tuple[str, ...] = ()
+  size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One image of a shard: `image` is the encoded bytes or a path (local or gs://); `prompt` a row's own prompt (None:
+  the job's prompts); `meta` what the shard says of it (a tar's .txt / .json); `error` why it cannot be used."""
+  key: str
+  image: bytes | str | None = None
+  prompt: str | None = None
+  meta: dict | None = None
+  error: str | None = None
+  nbytes: int = 0      # input bytes this record accounts for (progress)
+
+
+def _is(path: str, extensions) -> bool:
+  return path.lower().endswith(extensions)
+
+
+def _expand(part: str) -> list[str]:
+  """One comma-separated part of a spec -> paths (a glob's matches, sorted; a file; a folder)."""
+  if any(c in part for c in "*?["):
+    if part.startswith("gs://"):
+      bucket, _, pattern = part[len("gs://"):].partition("/")
+      found = sorted(str(p) for p in epath.Path(f"gs://{bucket}").glob(pattern))
+    else:
+      found = sorted(glob.glob(part, recursive=True))
+    if not found:
+      raise UserError(f"config.annotate.inputs: {part!r} matches nothing")
+    return found
+  if not epath.Path(part).exists():
+    raise UserError(f"config.annotate.inputs: {part!r}: no such file or folder")
+  return [part]
+
+
+def _walk(folder: str) -> list[str]:
+  """Every file under `folder`, recursively, sorted."""
+  if not folder.startswith("gs://"):
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
+  out, todo = [], [epath.Path(folder)]
+  while todo:   # epath refuses "**" on gs:// (one listing per folder instead)
+    for p in todo.pop().iterdir():
+      (todo if p.is_dir() else out).append(p)
+  return sorted(str(p) for p in out)
+
+
+def find(spec: str, folder_shard: int = FOLDER_SHARD) -> list[Shard]:
+  """The shards of an input spec (module docstring), in a fixed order, with names unique over the job: each shard's
+  path relative to the inputs' common folder ("/" as "__"), a folder's parts suffixed ".part-00003"."""
+  parts = [p.strip() for p in spec.split(",") if p.strip()]
+  if not parts:
+    raise UserError("config.annotate.inputs is empty: name webdataset tars, JSONL/CSV files or image folders "
+                    "(a glob or a comma list, local or gs://)")
+  found: list[tuple[str, str, tuple[str, ...], str]] = []   # (path, kind, files, part suffix)
+  for part in parts:
+    for path in _expand(part):
+      if epath.Path(path).is_dir():
+        path = path.rstrip("/")
+        files = _walk(path)
+        tables = [f for f in files if _is(f, TAR_EXTENSIONS + TABLE_EXTENSIONS)]
+        images = [f for f in files if _is(f, IMAGE_EXTENSIONS)]
+        found += [(f, _kind(f), (), "") for f in tables]
+        found += [(path, "folder", tuple(images[i:i + folder_shard]), f".part-{i // folder_shard:05d}")
+                  for i in range(0, len(images), folder_shard)]
+        if not tables and not images:
+          raise UserError(f"config.annotate.inputs: the folder {path!r} holds no tars, JSONL/CSV files or images")
+      elif _kind(path):
+        found.append((path, _kind(path), (), ""))
+      else:
+        raise UserError(f"config.annotate.inputs: {path!r} is not a webdataset tar (.tar, .tar.gz, .tgz), a JSONL "
+                        f"or CSV file of {{image, prompt}} rows, or a folder")
+  ids = [p + suffix for p, _, _, suffix in found]
+  if len(set(ids)) != len(ids):
+    raise UserError("config.annotate.inputs names some shards twice: "
+                    + ", ".join(sorted({p for p in ids if ids.count(p) > 1})[:5]))
+  # names: paths relative to the folder that holds them all ("/" as "__"), so that equal file names in different
+  # folders stay apart and a name does not change with where the dataset is mounted
+  local = lambda p: p.replace("gs://", "gs:/", 1)
+  common = os.path.commonpath([os.path.dirname(local(p)) for p, _, _, _ in found])
+  out = []
+  for path, kind, files, suffix in found:
+    name = os.path.relpath(local(path), common).replace("/", "__") + suffix
+    # a gs:// folder's files are not each asked for their size (one request apiece): its progress has no total
+    size = (0 if path.startswith("gs://") else sum(_size(f) for f in files)) if kind == "folder" else _size(path)
+    out.append(Shard(name, path, kind, files, size))
+  return out
+
+
+def _kind(path: str) -> str:
+  if _is(path, TAR_EXTENSIONS):
+    return "tar"
+  if _is(path, TABLE_EXTENSIONS):
+    return path.lower().rsplit(".", 1)[1]
+  return ""
+
+
+def _size(path: str) -> int:
+  try:
+    return epath.Path(path).stat().length
+  except (OSError, AttributeError):
+    try:
+      return os.path.getsize(path)
+    except OSError:
+      return 0
+
+
+def read(shard: Shard) -> Iterator[Record]:
+  """The shard's records in order (module docstring). UnreadableShard when it cannot be opened at all."""
+  if shard.kind == "folder":
+    return _folder(shard)
+  try:
+    f = epath.Path(shard.path).open("rb")
+  except Exception as e:  # noqa: BLE001 - any opener's error means the same: retry this shard next time
+    raise UnreadableShard(f"{shard.path}: cannot be opened ({type(e).__name__}: {str(e)[:200]})") from None
+  return {"tar": _tar, "jsonl": _jsonl, "csv": _csv}[shard.kind](shard, f)
+
+
+def _folder(shard: Shard) -> Iterator[Record]:
+  for path in shard.files:
+    key = os.path.relpath(path.replace("gs://", "gs:/", 1), shard.path.replace("gs://", "gs:/", 1))
+    yield Record(key, image=path, nbytes=0 if path.startswith("gs://") else _local_size(path))
+
+
+def _local_size(path: str) -> int:
+  try:
+    return os.path.getsize(path)
+  except OSError:
+    return 0
+
+
+def _tar(shard: Shard, f) -> Iterator[Record]:
+  """Groups consecutive members by key (the name up to its first dot after the last slash): an image member makes a
+  record, .txt and .json members join it as meta. A cut or corrupt tar ends with an error record naming the offset."""
+  key, image, meta, nbytes, last = None, None, {}, 0, 0
+  with f:
+    try:
+      stream = tarfile.open(fileobj=f, mode="r|*")
+    except (tarfile.TarError, OSError, EOFError) as e:
+      yield Record("#unreadable", error=f"{shard.path}: not a tar file ({type(e).__name__}: {e})",
+                   nbytes=shard.size)
+      return
+    try:
+      for member in stream:
+        stream.members = []   # tarfile keeps every member's header it has read: 20k of them are 12 MB
+        if not member.isfile():
+          continue
+        base = member.name.rsplit("/", 1)[-1]
+        stem, _, ext = base.partition(".")
+        k = member.name[:len(member.name) - len(base)] + stem
+        if key is not None and k != key:
+          yield _tar_record(shard, key, image, meta, nbytes)
+          image, meta, nbytes = None, {}, 0
+        key = k
+        data = stream.extractfile(member).read()
+        at = _position(f)
+        nbytes, last = nbytes + at - last, at
+        ext = ext.lower()
+        if "." + ext in IMAGE_EXTENSIONS:
+          image = data
+        elif ext == "txt":
+          meta["txt"] = data.decode("utf-8", "replace")
+        elif ext == "json":
+          try:
+            meta["json"] = json.loads(data)
+          except ValueError:
+            meta["json_error"] = "not JSON"
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+      cut = (f"{shard.path}: the tar is cut or corrupt at {key!r} ({type(e).__name__}: {str(e)[:200]}); the records "
+             "after it cannot be read")
+      if key is not None and image is not None:   # the break came after this record's image: it is whole
+        yield _tar_record(shard, key, image, meta, nbytes)
+        key = None
+      yield Record(key if key is not None else f"#cut@{_tell(f)}", meta=meta or None, error=cut)
+      return
+    if key is not None:
+      yield _tar_record(shard, key, image, meta, nbytes)
+
+
+def _position(f) -> int:
+  """Bytes of the file read so far (progress; a compressed tar counts its compressed bytes)."""
+  try:
+    return f.tell()
+  except (OSError, ValueError, AttributeError):
+    return 0
+
+
+def _tell(f) -> str:
+  return str(_position(f) or "?")
+
+
+def _tar_record(shard: Shard, key: str, image, meta: dict, nbytes: int) -> Record:
+  if image is None:
+    return Record(key, meta=meta or None, error=f"{shard.path}: {key}: no image member "
+                  f"({'/'.join(IMAGE_EXTENSIONS)})", nbytes=nbytes)
+  return Record(key, image=image, meta=meta or None, nbytes=nbytes)
+
+
+def _row_record(shard: Shard, where: str, row, nbytes: int) -> Record:
+  if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
+    return Record(where, error=f"{shard.path}: {where}: expected an \"image\" path, got {str(row)[:200]!r}",
+                  nbytes=nbytes)
+  prompt = row.get("prompt") or None
+  if prompt is not None and not isinstance(prompt, str):
+    return Record(where, error=f"{shard.path}: {where}: \"prompt\" is not text", nbytes=nbytes)
+  image = row["image"]
+  if not image.startswith("gs://") and not os.path.isabs(image):
+    image = f"{shard.path.rsplit('/', 1)[0]}/{image}" if "/" in shard.path else image
+  return Record(str(row.get("key") or where), image=image, prompt=prompt, nbytes=nbytes)
+
+
+def _jsonl(shard: Shard, f) -> Iterator[Record]:
+  with f:
+    for lineno, raw in enumerate(f, 1):
+      if not raw.strip():
+        continue
+      where = f"line {lineno}"
+      try:
+        row = json.loads(raw.decode("utf-8"))
+      except (UnicodeDecodeError, ValueError) as e:
+        yield Record(where, error=f"{shard.path}: {where}: not a JSON object in UTF-8 ({e})", nbytes=len(raw))
+        continue
+      yield _row_record(shard, where, row, len(raw))
+
+
+def _csv(shard: Shard, f) -> Iterator[Record]:
+  with f:
+    text = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
+    reader = csv.DictReader(text)
+    if reader.fieldnames is None or "image" not in reader.fieldnames:
+      yield Record("#header", error=f"{shard.path}: a CSV header with an \"image\" column (and optional \"prompt\", "
+                   f"\"key\") was expected, got {reader.fieldnames}", nbytes=shard.size)
+      return
+    for row in reader:
+      yield _row_record(shard, f"line {reader.line_num}", row, sum(len(v or "") + 1 for v in row.values()))

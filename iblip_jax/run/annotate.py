@@ -1,0 +1,415 @@
+"""`--config.mode=annotate`: a whole dataset answered in bulk, streamed, on the mesh, resumable exactly once.
+
+  --config.annotate.inputs="gs://bucket/laion/*.tar" --config.annotate.output=gs://bucket/captions \
+      --config.annotate.prompts='["A short image caption:", "What is the main object?"]'
+(inputs: globs, files and folders, comma-separated; braces like {00000..00999} are not expanded.)
+
+Inputs are shards (data/shards.py: webdataset tars, JSONL/CSV rows of {image, prompt}, image folders), split over
+the processes (process p takes every P-th unfinished shard); each host streams its own, decoding images in a
+thread pool ahead of the model (at most a few batches held), filling batches across shard boundaries. Every step
+all hosts run one global batch of the same shapes (a host out of records feeds padding rows) and the loop ends when
+no host has records left. Each image is decoded once and asked every prompt (a JSONL/CSV row's own prompt replaces
+them).
+
+Outputs, under config.annotate.output (local or gs://):
+  annotate.json                 what the rows mean (inputs, prompts, decoding, weights): a rerun with other values
+                                is refused, naming them.
+  rows/<shard>.part-NNNNN.jsonl rows {"key", "shard", "prompt", "answer" | "error", ["score"], ["meta"]} of records
+                                [N * rows_per_file, (N + 1) * rows_per_file) of the shard, written whole once all
+                                of them are answered (local: a temporary file renamed; gs://: one object upload).
+  done/<shard>.json             the shard is finished (its record and part counts).
+  manifest.json                 finished and unfinished shards, written at the end of each run.
+Exactly once: a part is the unit of work and its file appears whole or not at all, so a rerun (after SIGTERM, which
+stops after the current batch with exit status 75, or SIGKILL at any moment) skips the parts that exist (their
+records are read but not decoded) and redoes the others from their first record; part boundaries are fixed by
+config.annotate.rows_per_file, which is part of annotate.json.
+A record that cannot be used (not an image, a missing file, a cut tar) is an "error" row; a shard that cannot be
+opened is reported, left unfinished, and the run exits 1 after finishing everything else (rerun to retry it).
+"""
+import dataclasses
+import functools
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from concurrent import futures
+from typing import Iterator
+
+import jax
+import numpy as np
+from etils import epath
+from tqdm import tqdm
+
+from iblip_jax import distributed, sharding
+from iblip_jax.data import images, shards as shards_lib, tokenize
+from iblip_jax.decoding import Decoding
+from iblip_jax.engine import Engine
+from iblip_jax.errors import BadInput, UserError
+from iblip_jax.run import common, restore, train
+from iblip_jax.run.settings import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "annotate.json"
+AHEAD_BATCHES = 3   # batches decoded ahead of the model: the memory bound (with the decode pool's images in flight)
+
+
+class Stopped(train.Preempted):
+  def __init__(self, message: str):
+    Exception.__init__(self, message)
+    self.step = None
+
+
+@dataclasses.dataclass
+class _Row:
+  """A (record, prompt) pair: `pixels` is None for an error row (it takes no place in a batch)."""
+  shard: str
+  part: int
+  key: str
+  prompt: str
+  pixels: np.ndarray | None = None
+  error: str | None = None
+  meta: dict | None = None
+  first: bool = True   # the record's first prompt (images are counted once)
+
+
+@dataclasses.dataclass
+class _Close:
+  """All rows of a shard's part have been emitted (rows: how many); `last`: the shard ends with it."""
+  shard: str
+  part: int
+  rows: int
+  last: bool = False
+  records: int = 0
+  parts: int = 0
+
+
+def prompts_of(a) -> tuple[str, ...]:
+  """config.annotate.prompts: one prompt, or a JSON list of them."""
+  text = a.prompts.strip()
+  if text.startswith("["):
+    try:
+      out = json.loads(text)
+    except ValueError as e:
+      raise ConfigError(f"config.annotate.prompts: starts with '[' but is not a JSON list of strings ({e})") from None
+    if not out or not all(isinstance(p, str) and p.strip() for p in out):
+      raise ConfigError(f"config.annotate.prompts={a.prompts!r}: expected a non-empty list of non-empty strings")
+    return tuple(out)
+  if not text:
+    raise ConfigError("config.annotate.prompts is empty: give a prompt, or a JSON list of prompts")
+  return (a.prompts,)
+
+
+def meaning(s: Settings, found: list[shards_lib.Shard]) -> dict:
+  """What the output rows depend on: a rerun into the same folder must agree on all of it."""
+  a = s.annotate
+  return {"inputs": a.inputs, "shards": {sh.name: sh.size for sh in found}, "prompts": list(prompts_of(a)),
+          "num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens, "min_new_tokens": a.min_new_tokens,
+          "length_penalty": a.length_penalty, "repetition_penalty": a.repetition_penalty, "scores": a.scores,
+          "rows_per_file": a.rows_per_file, "folder_shard": a.folder_shard, "model_init": s.model_init,
+          "model_adapter": s.model_adapter, "workdir": s.workdir or "", "image_size": s.model.vision.image_size}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+  out = []
+  for k in sorted(set(old) | set(new)):
+    if old.get(k) == new.get(k):
+      continue
+    if k == "shards":
+      gone = sorted(set(old[k]) - set(new[k]))
+      added = sorted(set(new[k]) - set(old[k]))
+      resized = sorted(n for n in set(old[k]) & set(new[k]) if old[k][n] != new[k][n])
+      out.append("the input shards differ: " + "; ".join(
+          f"{what} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+          for what, names in (("gone:", gone), ("new:", added), ("changed size:", resized)) if names))
+    else:
+      out.append(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now")
+  return out
+
+
+def _check_output(root: epath.Path, fingerprint: dict, step: int | None) -> None:
+  """On a rerun, refuses a different meaning, naming the differences; on a first run writes annotate.json (once the
+  weights' checkpoint step is known: `step` None checks the rest before the weights load)."""
+  path = root / CONFIG_FILE
+  problems = None
+  if distributed.is_primary():
+    if path.exists():
+      old = json.loads(path.read_text())
+      if step is None:
+        old.pop("checkpoint_step", None)
+      problems = _differences(old, fingerprint if step is None else {**fingerprint, "checkpoint_step": step})
+    elif step is None:
+      problems = []
+    else:
+      fingerprint = {**fingerprint, "checkpoint_step": step}
+      root.mkdir(parents=True, exist_ok=True)
+      (root / "rows").mkdir(exist_ok=True)
+      (root / "done").mkdir(exist_ok=True)
+      _write_whole(path, json.dumps(fingerprint, indent=1, sort_keys=True))
+      problems = []
+  problems = distributed.broadcast_json(problems)
+  if problems:
+    raise ConfigError(f"config.annotate.output={str(root)!r} holds rows made with other settings "
+                      f"({path}):\n  " + "\n  ".join(problems) + "\nUse a new output folder, or the same settings "
+                      "to continue that run")
+
+
+def _write_whole(path: epath.Path, text: str) -> None:
+  """The file appears whole or not at all: locally a temporary file beside it is renamed over it; on gs:// one
+  object upload is atomic already."""
+  if str(path).startswith("gs://"):
+    path.write_text(text)
+    return
+  tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _finished(root: epath.Path) -> tuple[set[str], dict[str, set[int]]]:
+  """(finished shards, each unfinished shard's written parts) from the output folder's listing."""
+  done = {p.name.removesuffix(".json") for p in (root / "done").glob("*.json")}
+  parts: dict[str, set[int]] = {}
+  for p in (root / "rows").glob("*.part-*.jsonl"):
+    shard, _, n = p.name.removesuffix(".jsonl").rpartition(".part-")
+    if n.isdigit():
+      parts.setdefault(shard, set()).add(int(n))
+  return done, parts
+
+
+def _rows(mine: list[shards_lib.Shard], written: dict[str, set[int]], prompts: tuple[str, ...], per_file: int,
+          size: int, pool: futures.Executor, unreadable: list[str], counts: dict) -> Iterator:
+  """This host's shards as a stream of (_Row or _Close, future pixels or None), in order; parts already written are
+  read past without decoding. Decoding runs in `pool`, ahead of the consumer."""
+  for shard in mine:
+    skip = written.get(shard.name, set())
+    n = rows_in_part = 0
+    try:
+      for rec in shards_lib.read(shard):
+        part = n // per_file
+        if n and n % per_file == 0:
+          if part - 1 not in skip:
+            yield _Close(shard.name, part - 1, rows_in_part), None
+          rows_in_part = 0
+        n += 1
+        counts["bytes"] += rec.nbytes
+        if part in skip:
+          continue
+        asked = (rec.prompt,) if rec.prompt else prompts
+        rows_in_part += len(asked)
+        future = None if rec.error else pool.submit(images.pixels, rec.image, size, max_pixels=images.MAX_PIXELS,
+                                                       name=_name(shard, rec))
+        for i, p in enumerate(asked):
+          yield _Row(shard.name, part, rec.key, p, error=rec.error, meta=rec.meta, first=i == 0), future
+    except Exception as e:  # noqa: BLE001 - whatever stops a reader is this shard's problem: reported, retried
+      why = str(e) if isinstance(e, shards_lib.UnreadableShard) else f"{shard.path}: {type(e).__name__}: {e}"
+      unreadable.append(why[:300])
+      log.warning("%s; the shard is left unfinished, for the next run", why)
+      continue
+    if not n:
+      log.warning("%s: the shard holds no records", shard.path)
+    last = max(n - 1, 0) // per_file
+    yield _Close(shard.name, last, -1 if (not n or last in skip) else rows_in_part, last=True, records=n,
+                 parts=-(-n // per_file)), None
+
+
+def _name(shard: shards_lib.Shard, rec: shards_lib.Record) -> str:
+  """How a record is named in its error: shard and key, and the image's path when it has one."""
+  where = f"{shard.name}: {rec.key}"
+  return f"{where} ({rec.image})" if isinstance(rec.image, str) and rec.image != rec.key else where
+
+
+def _ahead(stream: Iterator, depth: int) -> queue.Queue:
+  """Runs `stream` in a thread into a queue of `depth` entries (None ends it): input overlaps compute, memory is
+  bounded by the queue and the decode pool."""
+  q: queue.Queue = queue.Queue(maxsize=depth)
+
+  def work():
+    try:
+      for entry in stream:
+        q.put(entry)
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it in the main thread
+      q.put(("error", e))
+    q.put(None)
+  threading.Thread(target=work, daemon=True, name="annotate-input").start()
+  return q
+
+
+def run(s: Settings) -> dict:
+  a = s.annotate
+  prompts = prompts_of(a)
+  if s.workdir and not (epath.Path(s.workdir) / "checkpoints").exists():
+    raise ConfigError(f"--workdir={s.workdir!r} has no checkpoints/: nothing trained to answer with. Omit --workdir "
+                      f"to answer with the weights of config.model_init={s.model_init!r}")
+  try:
+    decoding = Decoding(num_beams=a.num_beams, max_new_tokens=a.max_new_tokens, min_new_tokens=a.min_new_tokens,
+                        length_penalty=a.length_penalty, repetition_penalty=a.repetition_penalty).checked()
+  except BadInput as e:
+    raise ConfigError(f"config.annotate: {e}") from None
+  found = distributed.broadcast_json(
+      [dataclasses.asdict(x) for x in shards_lib.find(a.inputs, a.folder_shard)] if distributed.is_primary() else None)
+  found = [shards_lib.Shard(**{**x, "files": tuple(x["files"])}) for x in found]
+  root = epath.Path(a.output)
+
+  _check_output(root, meaning(s, found), None)   # before minutes of loading
+  model, params, step, mesh, rules = restore.inference_state(s)
+  _check_output(root, meaning(s, found), step)
+  model, tok = common.load_tokenizers(s, model)
+  engine = Engine(model, params, tok, mesh=mesh, rules=rules, batch_size=a.batch_size)
+
+  done, written = _finished(root)
+  pending = [sh for sh in found if sh.name not in done]
+  mine = pending[jax.process_index()::jax.process_count()]
+  if distributed.is_primary():
+    print(f"annotate: {len(found)} shards, {len(done)} finished before, {len(pending)} to do over "
+          f"{jax.process_count()} process(es); {len(prompts)} prompt(s); output {a.output}", flush=True)
+  start, stop = sharding.process_rows(engine.mesh, engine.batch_size)
+  answer = functools.partial(_answer, engine, decoding, stop - start, prompts[0], a.scores, start)
+  return stream(root, mine, pending, written, prompts, rows_per_file=a.rows_per_file, image_size=engine.image_size,
+                local=stop - start, answer=answer, scores=a.scores)
+
+
+def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: tuple[str, ...], *,
+           rows_per_file: int, image_size: int, local: int, answer, scores: bool) -> dict:
+  """The annotation loop over this host's shards `mine` (of all `pending` ones): `local` rows per step go to
+  `answer` (this host's rows of a global batch -> {id(row): Answer or error text}; every process calls it once per
+  step, with up to `local` rows); parts and finished shards are written as they complete. Returns the totals."""
+  counts = {"bytes": 0}
+  unreadable: list[str] = []
+  pool = futures.ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="annotate-decode")
+  q = _ahead(_rows(mine, written, prompts, rows_per_file, image_size, pool, unreadable, counts),
+             AHEAD_BATCHES * local)
+  parts: dict[tuple[str, int], list[dict]] = {}
+  totals = {"images": 0, "rows": 0, "errors": 0, "parts": 0, "shards": 0}
+  received = {"signal": None}
+  previous = signal.signal(signal.SIGTERM, lambda signum, _: received.update(signal=signum))
+  ended = False
+  bar = tqdm(total=sum(sh.size for sh in pending) or None, unit="B", unit_scale=True, dynamic_ncols=True,
+             desc="annotate", disable=not distributed.is_primary())
+  t0, seen = time.perf_counter(), {"images": 0, "rows": 0, "errors": 0}
+  try:
+    while True:
+      batch, entries = [], []
+      while len(batch) < local and not ended:
+        entry = q.get()
+        if entry is None:
+          ended = True
+          break
+        if entry[0] == "error":
+          raise entry[1]
+        entries.append(entry)
+        if isinstance(entry[0], _Row) and entry[0].error is None:
+          batch.append(entry)
+      step_counts = {"bytes": counts["bytes"], "more": bool(batch), "signal": received["signal"] is not None}
+      every = distributed.gather_json(step_counts)
+      if not any(x["more"] for x in every):
+        _apply(root, entries, {}, parts, totals, scores)
+        break
+      _apply(root, entries, answer(batch), parts, totals, scores)
+      _progress(bar, every, totals, seen, t0)
+      if any(x["signal"] for x in every):
+        raise Stopped(f"stopped by a signal; {totals['parts']} output files were written in this run, and the "
+                      "records of the unfinished ones will be answered again")
+    if distributed.is_primary():
+      bar.update(max(0, (bar.total or 0) - bar.n))
+  finally:
+    bar.close()
+    signal.signal(signal.SIGTERM, previous)
+    pool.shutdown(wait=False, cancel_futures=True)
+  distributed.sync("iblip_jax_annotate_end")
+  every = distributed.gather_json({"totals": totals, "unreadable": unreadable})
+  summed = {k: sum(x["totals"][k] for x in every) for k in totals}
+  lost = [u for x in every for u in x["unreadable"]]
+  if distributed.is_primary():
+    _manifest(root, pending)
+    secs = time.perf_counter() - t0
+    print(f"annotate: {summed['images']} images, {summed['rows']} rows ({summed['errors']} errors) in {secs:.0f} s "
+          f"({summed['images'] / max(secs, 1e-9):.2f} images/s); {summed['shards']} shards finished; "
+          f"{summed['parts']} files written under {root}", flush=True)
+  if lost:
+    raise UserError(f"{len(lost)} shard(s) could not be read and are left unfinished (everything else is written; "
+                    "rerun the same command to retry them):\n  " + "\n  ".join(lost[:10])
+                    + ("\n  ..." if len(lost) > 10 else ""))
+  return summed
+
+
+def _answer(engine: Engine, decoding: Decoding, local: int, pad_prompt: str, scores: bool, start: int,
+            batch: list) -> dict:
+  """This host's rows of one global batch -> their answers (None for padding). Every process calls it."""
+  arrays, bad = [], {}
+  for i, (row, future) in enumerate(batch):
+    try:
+      arrays.append(future.result())
+    except Exception as e:  # noqa: BLE001 - a decoder's error is the record's
+      bad[i] = str(e) if isinstance(e, images.BadImage) else f"{type(e).__name__}: {str(e)[:200]}"
+      arrays.append(None)
+  shape = next((x.shape for x in arrays if x is not None), (engine.image_size, engine.image_size, 3))
+  blank = np.zeros(shape, np.float32)
+  pixels = [blank if x is None else x for x in arrays] + [blank] * (local - len(arrays))
+  texts = [row.prompt for row, _ in batch] + [pad_prompt] * (local - len(batch))
+  inputs = sharding.global_batch(dict(pixel_values=np.stack(pixels), **tokenize.encode_prompts(engine.tok, texts)),
+                                 engine.mesh)
+  answers = engine._answers(inputs, decoding, scores=scores)[start:start + local]
+  return {id(row): (bad[i] if i in bad else answers[i][0]) for i, (row, _) in enumerate(batch)}
+
+
+def _apply(root: epath.Path, entries: list, answers: dict, parts: dict, totals: dict, scores: bool) -> None:
+  """Entries in stream order: rows join their part, a closed part is written, a finished shard marked."""
+  for row, future in entries:
+    if isinstance(row, _Row):
+      out = {"key": row.key, "shard": row.shard, "prompt": row.prompt}
+      result = answers.get(id(row)) if row.error is None else row.error
+      if isinstance(result, str):
+        out["error"] = result
+        totals["errors"] += 1
+      else:
+        out["answer"] = result.text
+        if scores:
+          out["score"] = result.logprob
+      if row.meta:
+        out["meta"] = row.meta
+      parts.setdefault((row.shard, row.part), []).append(out)
+      totals["rows"] += 1
+      totals["images"] += row.first and "answer" in out
+      continue
+    close = row
+    if close.rows >= 0:
+      rows = parts.pop((close.shard, close.part), [])
+      assert len(rows) == close.rows, (close, len(rows))   # the stream's own bookkeeping, not the input's
+      _write_whole(root / "rows" / f"{close.shard}.part-{close.part:05d}.jsonl",
+                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+      totals["parts"] += 1
+    if close.last:
+      _write_whole(root / "done" / f"{close.shard}.json", json.dumps({"records": close.records,
+                                                                      "parts": close.parts}))
+      totals["shards"] += 1
+
+
+def _progress(bar, every: list, totals: dict, seen: dict, t0: float) -> None:
+  if bar.disable:
+    return
+  done_bytes = sum(x["bytes"] for x in every)
+  bar.update(max(0, done_bytes - bar.n))
+  secs = max(time.perf_counter() - t0, 1e-9)
+  bar.set_postfix_str(f"{totals['images'] / secs:.1f} img/s, {totals['rows'] / secs:.1f} prompts/s, "
+                      f"{totals['errors']} errors (this host)", refresh=False)
+
+
+def _manifest(root: epath.Path, pending: list) -> None:
+  done, written = _finished(root)
+  finished = {}
+  for name in sorted(done):
+    try:
+      finished[name] = json.loads((root / "done" / f"{name}.json").read_text())
+    except (OSError, ValueError):
+      finished[name] = None
+  unfinished = sorted(sh.name for sh in pending if sh.name not in done)
+  _write_whole(root / "manifest.json", json.dumps({"finished": finished, "unfinished": unfinished,
+                                                   "parts_of_unfinished": {k: sorted(v) for k, v in written.items()
+                                                                           if k in unfinished}}, indent=1))
