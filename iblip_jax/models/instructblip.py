@@ -47,17 +47,20 @@ class InstructBlip(nn.Module):
   def image_features(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None,
                      deterministic: bool = True):
     """Returns {"image_embeds": (B, N, Dv) after ln_vision, "query_output": (B, Q, Dq),
-    "language_inputs": (B, Q, D_llm)}. pixel_values: (B, H, W, 3), normalised."""
+    "language_inputs": (B, Q, D_llm)}. pixel_values: (B, H, W, 3), normalised; or (B / K, H, W, 3) with K
+    consecutive instructions per image (_per_row)."""
     vision_out = self.vision(pixel_values)
     if self.stop_vision_gradient:
       vision_out = jax.lax.stop_gradient(vision_out)
     image_embeds = self.ln_vision(vision_out)
-    queries = jnp.broadcast_to(self.query_tokens, (pixel_values.shape[0],) + self.query_tokens.shape[1:])
     if not self.config.instruction_aware:
       qformer_input_ids = qformer_attention_mask = None
     elif qformer_input_ids is None:
       raise ValueError("the instruction-aware Q-Former needs qformer_input_ids "
                        "(or build the model with instruction_aware=False)")
+    else:   # several instructions per image: the ViT ran once per image, the Q-Former runs once per instruction
+      image_embeds = _per_row(image_embeds, qformer_input_ids.shape[0])
+    queries = jnp.broadcast_to(self.query_tokens, (image_embeds.shape[0],) + self.query_tokens.shape[1:])
     query_output = self.qformer(queries, image_embeds, qformer_input_ids, qformer_attention_mask, deterministic)
     return {"image_embeds": image_embeds, "query_output": query_output,
             "language_inputs": self.language_projection(query_output)}
@@ -78,7 +81,8 @@ class InstructBlip(nn.Module):
   def llm_inputs(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
                  deterministic: bool = True):
     """[visual tokens][prompt embeddings] (B, V + L, D) and their mask (B, V + L), V = Q (or T*Q for video)."""
-    visual = self.visual_tokens(pixel_values, qformer_input_ids, qformer_attention_mask, deterministic)
+    visual = _per_row(self.visual_tokens(pixel_values, qformer_input_ids, qformer_attention_mask, deterministic),
+                      input_ids.shape[0])
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     embeds = jnp.concatenate([visual.astype(dtype_of(self.config.text.dtype)),
@@ -181,6 +185,17 @@ class InstructBlip(nn.Module):
     encoded, mask = self.encode(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
                                 attention_mask, deterministic)
     return self.language_model.decode(decoder_input_ids, encoded, mask, decoder_attention_mask, deterministic)
+
+
+def _per_row(x, rows: int):
+  """x (N, ...) for N images -> (rows, ...), row r reading image r // (rows / N): a batch may hold each image once
+  and ask it K consecutive prompts (bulk annotation), so that the ViT runs once per image."""
+  n = x.shape[0]
+  if n == rows:
+    return x
+  if rows % n:
+    raise ValueError(f"{n} images for {rows} prompts: each image must have the same number of consecutive rows")
+  return jnp.repeat(x, rows // n, axis=0)
 
 
 def dummy_inputs(cfg: InstructBlipConfig, batch: int = 1) -> dict[str, jax.Array]:

@@ -270,16 +270,24 @@ def run(s: Settings) -> dict:
     print(f"annotate: {len(found)} shards, {len(done)} finished before, {len(pending)} to do over "
           f"{jax.process_count()} process(es); {len(prompts)} prompt(s); output {a.output}", flush=True)
   start, stop = sharding.process_rows(engine.mesh, engine.batch_size)
-  answer = functools.partial(_answer, engine, decoding, stop - start, prompts[0], a.scores, start)
+  # each image once with its prompts (the ViT once per image) when the batch splits into whole images on every
+  # device; else a row per (image, prompt)
+  k = len(prompts)
+  per_image = k if k > 1 and engine.batch_size % (k * engine.split) == 0 else 1
+  if k > 1 and per_image == 1 and distributed.is_primary():
+    print(f"annotate: config.annotate.batch_size={engine.batch_size} is not a multiple of {k} prompts x "
+          f"{engine.split} batch devices: each image goes through the ViT once per prompt", flush=True)
+  answer = functools.partial(_answer, engine, decoding, stop - start, per_image, prompts[0], a.scores, start)
   return stream(root, mine, pending, written, prompts, rows_per_file=a.rows_per_file, image_size=engine.image_size,
-                local=stop - start, answer=answer, scores=a.scores)
+                local=stop - start, answer=answer, scores=a.scores, per_image=per_image)
 
 
 def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: tuple[str, ...], *,
-           rows_per_file: int, image_size: int, local: int, answer, scores: bool) -> dict:
-  """The annotation loop over this host's shards `mine` (of all `pending` ones): `local` rows per step go to
-  `answer` (this host's rows of a global batch -> {id(row): Answer or error text}; every process calls it once per
-  step, with up to `local` rows); parts and finished shards are written as they complete. Returns the totals."""
+           rows_per_file: int, image_size: int, local: int, answer, scores: bool, per_image: int = 1) -> dict:
+  """The annotation loop over this host's shards `mine` (of all `pending` ones). Each step takes up to
+  `local // per_image` groups (the rows of one record, at most `per_image` of them; `per_image` 1: a row each) and
+  gives them to `answer` (groups -> {id(row): Answer or error text}; every process calls it once per step); parts and
+  finished shards are written as they complete. Returns the totals."""
   counts = {"bytes": 0}
   unreadable: list[str] = []
   pool = futures.ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="annotate-decode")
@@ -289,30 +297,37 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
   totals = {"images": 0, "rows": 0, "errors": 0, "parts": 0, "shards": 0}
   received = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, _: received.update(signal=signum))
-  ended = False
+  ended, carry, capacity = False, None, local // per_image
   bar = tqdm(total=sum(sh.size for sh in pending) or None, unit="B", unit_scale=True, dynamic_ncols=True,
              desc="annotate", disable=not distributed.is_primary())
-  t0, seen = time.perf_counter(), {"images": 0, "rows": 0, "errors": 0}
+  t0 = time.perf_counter()
   try:
     while True:
-      batch, entries = [], []
-      while len(batch) < local and not ended:
-        entry = q.get()
+      groups, entries = [], []
+      while not ended:
+        entry, carry = carry or q.get(), None
         if entry is None:
           ended = True
           break
         if entry[0] == "error":
           raise entry[1]
+        row, future = entry
+        if isinstance(row, _Row) and row.error is None:
+          if groups and groups[-1][-1][1] is future and len(groups[-1]) < per_image:
+            groups[-1].append(entry)     # the same image, another prompt
+          elif len(groups) == capacity:
+            carry = entry                # the next batch's first row
+            break
+          else:
+            groups.append([entry])
         entries.append(entry)
-        if isinstance(entry[0], _Row) and entry[0].error is None:
-          batch.append(entry)
-      step_counts = {"bytes": counts["bytes"], "more": bool(batch), "signal": received["signal"] is not None}
+      step_counts = {"bytes": counts["bytes"], "more": bool(groups), "signal": received["signal"] is not None}
       every = distributed.gather_json(step_counts)
       if not any(x["more"] for x in every):
         _apply(root, entries, {}, parts, totals, scores)
         break
-      _apply(root, entries, answer(batch), parts, totals, scores)
-      _progress(bar, every, totals, seen, t0)
+      _apply(root, entries, answer(groups), parts, totals, scores)
+      _progress(bar, every, totals, t0)
       if any(x["signal"] for x in every):
         raise Stopped(f"stopped by a signal; {totals['parts']} output files were written in this run, and the "
                       "records of the unfinished ones will be answered again")
@@ -339,24 +354,35 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
   return summed
 
 
-def _answer(engine: Engine, decoding: Decoding, local: int, pad_prompt: str, scores: bool, start: int,
-            batch: list) -> dict:
-  """This host's rows of one global batch -> their answers (None for padding). Every process calls it."""
+def _answer(engine: Engine, decoding: Decoding, local: int, per_image: int, pad_prompt: str, scores: bool,
+            start: int, groups: list) -> dict:
+  """This host's groups of one global batch -> {id(row): Answer, or why its image could not be used}. With
+  `per_image` > 1 each group is one image and its prompts, padded to `per_image` rows (the model runs the ViT once per
+  image: models/instructblip._per_row); else each group is one row. Every process calls it once per step."""
   arrays, bad = [], {}
-  for i, (row, future) in enumerate(batch):
+  for i, group in enumerate(groups):
     try:
-      arrays.append(future.result())
+      arrays.append(group[0][1].result())
     except Exception as e:  # noqa: BLE001 - a decoder's error is the record's
       bad[i] = str(e) if isinstance(e, images.BadImage) else f"{type(e).__name__}: {str(e)[:200]}"
       arrays.append(None)
-  shape = next((x.shape for x in arrays if x is not None), (engine.image_size, engine.image_size, 3))
-  blank = np.zeros(shape, np.float32)
-  pixels = [blank if x is None else x for x in arrays] + [blank] * (local - len(arrays))
-  texts = [row.prompt for row, _ in batch] + [pad_prompt] * (local - len(batch))
+  blank = np.zeros(next((x.shape for x in arrays if x is not None), (engine.image_size, engine.image_size, 3)),
+                   np.float32)
+  n_images = local // per_image
+  pixels = [blank if x is None else x for x in arrays] + [blank] * (n_images - len(arrays))
+  texts = []
+  for group in groups:
+    asked = [row.prompt for row, _ in group]
+    texts += asked + [asked[-1]] * (per_image - len(asked))
+  texts += [pad_prompt] * (local - len(texts))
   inputs = sharding.global_batch(dict(pixel_values=np.stack(pixels), **tokenize.encode_prompts(engine.tok, texts)),
                                  engine.mesh)
   answers = engine._answers(inputs, decoding, scores=scores)[start:start + local]
-  return {id(row): (bad[i] if i in bad else answers[i][0]) for i, (row, _) in enumerate(batch)}
+  out = {}
+  for i, group in enumerate(groups):
+    for j, (row, _) in enumerate(group):
+      out[id(row)] = bad[i] if i in bad else answers[i * per_image + j][0]
+  return out
 
 
 def _apply(root: epath.Path, entries: list, answers: dict, parts: dict, totals: dict, scores: bool) -> None:
@@ -391,11 +417,10 @@ def _apply(root: epath.Path, entries: list, answers: dict, parts: dict, totals: 
       totals["shards"] += 1
 
 
-def _progress(bar, every: list, totals: dict, seen: dict, t0: float) -> None:
+def _progress(bar, every: list, totals: dict, t0: float) -> None:
   if bar.disable:
     return
-  done_bytes = sum(x["bytes"] for x in every)
-  bar.update(max(0, done_bytes - bar.n))
+  bar.update(max(0, sum(x["bytes"] for x in every) - bar.n))
   secs = max(time.perf_counter() - t0, 1e-9)
   bar.set_postfix_str(f"{totals['images'] / secs:.1f} img/s, {totals['rows'] / secs:.1f} prompts/s, "
                       f"{totals['errors']} errors (this host)", refresh=False)

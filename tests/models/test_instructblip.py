@@ -75,3 +75,19 @@ def test_bfloat16_towers_stay_close(tmp_path):
   want = oracle.hf_forward(hf, batch).logits.numpy()
   got = np.asarray(model.apply({"params": params}, **batch), np.float32)
   assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_one_image_asked_several_prompts_equals_the_image_repeated(tmp_path):
+  """Bulk annotation's layout (models/instructblip._per_row): N images and K consecutive prompts each give the same
+  logits as the N x K batch with each image repeated, for an instruction-aware and a plain Q-Former."""
+  hf, model, params = _load(tmp_path, **CONFIGS["tied_freq2"])
+  two = oracle.tiny_batch(seed=0), oracle.tiny_batch(seed=1)
+  batch = {k: np.concatenate([two[0][k], two[1][k]]) for k in two[0]}   # 6 rows
+  grouped = {**batch, "pixel_values": batch["pixel_values"][::2]}   # rows 0, 1 ask image 0; rows 2, 3 image 2 ...
+  repeated = {**batch, "pixel_values": np.repeat(grouped["pixel_values"], 2, axis=0)}
+  assert not np.array_equal(repeated["pixel_values"], batch["pixel_values"])
+  for m in (model, model.clone(config=model.config.replace(instruction_aware=False))):
+    want = m.apply({"params": params}, **repeated)
+    np.testing.assert_allclose(m.apply({"params": params}, **grouped), want, atol=1e-6, rtol=0)
+  with pytest.raises(ValueError, match="4 images for 6 prompts"):
+    model.apply({"params": params}, **{**batch, "pixel_values": batch["pixel_values"][:4]})
