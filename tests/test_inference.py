@@ -279,3 +279,27 @@ def test_workdir_answers_with_its_latest_checkpoint(paths, tmp_path, monkeypatch
   (empty / "config.json").write_text(config.to_json_best_effort(indent=2))
   with pytest.raises(UserError, match="no checkpoints"):
     Pipeline.from_pretrained(str(empty))
+
+
+def test_annotate_streams_answers_in_batches_equal_to_the_plain_call(pipes):
+  """Pipeline.annotate reads its iterable lazily (about two batches ahead of what it yields), asks every prompt of
+  every image, and gives the plain call's answers; an unreadable image is an error row, the others go on."""
+  pipe = Pipeline(pipes["t5"].model, pipes["t5"].params, pipes["t5"].tok, max_batch=4)
+  images = _images(6)
+  taken = []
+
+  def source():
+    for i, image in enumerate(images):
+      taken.append(i)
+      yield (f"k{i}", b"not an image" if i == 3 else image)
+
+  rows = pipe.annotate(source(), PROMPTS[:2], **GREEDY)
+  first = next(rows)
+  assert first["key"] == "k0" and first["prompt"] == PROMPTS[0] and len(taken) <= 4   # 2 images a batch, 2 ahead
+  rows = [first, *rows]
+  assert [(r["key"], r["prompt"]) for r in rows] == [(f"k{i}", p) for i in range(6) for p in PROMPTS[:2]]
+  good = [im for i, im in enumerate(images) if i != 3]
+  for p in PROMPTS[:2]:
+    want = pipe(good, p, **GREEDY)
+    assert [r["answer"] for r in rows if r["prompt"] == p and r["key"] != "k3"] == want
+  assert all("not an image" in r["error"] for r in rows if r["key"] == "k3")

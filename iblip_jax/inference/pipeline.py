@@ -5,6 +5,7 @@
     pipe(["a.jpg", "b.jpg"], "A short image caption:", num_beams=1)            # -> ["...", "..."]
     pipe("photo.jpg", "Describe it.", do_sample=True, top_p=0.9, num_return_sequences=3, seed=1)
     for chunk in pipe.stream("photo.jpg", "Describe it."): print(chunk.delta, end="", flush=True)
+    for row in pipe.annotate(paths_or_images, ["A short caption:", "What is shown?"]): ...   # lazy, in batches
     pipe.rank("photo.jpg", "What colour is the car?", ["red", "blue", "green"]).best
     chat = pipe.chat("photo.jpg"); chat.ask("What is it?"); chat.ask("What colour is it?")
     pipe.attention_overlay("photo.jpg", ["What colour is the car?", "Where is the dog?"], path="maps.png")
@@ -22,9 +23,11 @@
 """
 import dataclasses
 import io
+import itertools
 import logging
 import os
-from typing import Sequence
+from concurrent import futures
+from typing import Iterable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -132,6 +135,40 @@ class Pipeline:
       answers = [a if details else a.text for a in o.answers]
       out.append(answers[0] if dec.num_return_sequences == 1 else answers)
     return out[0] if single else out
+
+  def annotate(self, images: Iterable, prompts, **decoding_settings) -> Iterator[dict]:
+    """Answers a stream of images with each of `prompts`, the Python side of --config.mode=annotate. `images`: any
+    iterable, read lazily (paths, bytes, PIL images, arrays, or (key, image) pairs; key default: the position).
+    Yields {"key", "prompt", "answer"}, or "error" instead of "answer" for an image that cannot be used, in input
+    order as each batch finishes; the next batch's images are read and decoded while the model runs, so memory holds
+    about two batches whatever the input's length."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+      raise BadInput("annotate: prompts must be a string or a list of strings")
+    dec = Decoding.of(decoding_settings)
+    keyed = ((x if isinstance(x, tuple) and len(x) == 2 else (i, x)) for i, x in enumerate(images))
+    per_batch = max(1, self.engine.batch_size // len(prompts))
+
+    def load():   # the next batch's images, checked and preprocessed (an error text for a bad one)
+      return [(key, self._prepared_or_why(x)) for key, x in itertools.islice(keyed, per_batch)]
+
+    with futures.ThreadPoolExecutor(1, thread_name_prefix="annotate-input") as pool:
+      ahead = pool.submit(load)
+      while chunk := ahead.result():
+        ahead = pool.submit(load)
+        good = [Item(image, p) for _, image in chunk if not isinstance(image, str) for p in prompts]
+        outputs = iter(self.engine.generate(good, dec))
+        for key, image in chunk:
+          for p in prompts:
+            o = None if isinstance(image, str) else next(outputs)
+            why = image if o is None else o.error
+            yield {"key": key, "prompt": p, **({"error": why} if why else {"answer": o.answers[0].text})}
+
+  def _prepared_or_why(self, image):
+    try:
+      return self.prepare(image)
+    except BadInput as e:
+      return str(e)
 
   def stream(self, image, prompt, **decoding_settings) -> Stream:
     """Streams the answer to one image and one prompt token by token (greedy unless do_sample): the same tokens as
