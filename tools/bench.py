@@ -25,7 +25,11 @@ Protocol (what a sceptical reader asks for):
   the whole call.
 - Workloads: the training step without and with dropout (the path real training takes; `train_dropout_rbg`:
   iblip_jax's dropout bits from the cheaper "rbg" generator, config.rng_impl), greedy and 5-beam generation (10 new
-  tokens) and their time ratio, ranking of 16 candidates per sample.
+  tokens) and their time ratio, ranking of 16 candidates per sample; `annotate`: a webdataset tar of ANNOTATE_IMAGES
+  JPEGs asked 2 prompts each, greedy, 8 rows per batch: iblip_jax's bulk mode (run/annotate.stream with its input
+  thread and decode pool, the ViT once per image) against transformers' batched generate fed by a plain PyTorch
+  DataLoader (one worker decoding and preprocessing the same tar; each image repeated for its prompts), in images/s;
+  and iblip_jax's loop on pre-decoded images (how much the input side costs it).
 
 Shapes: `base` is the base-size config (ViT-B/16 224 px, BERT-base Q-Former, 32 queries, T5 512-d 8+8 layers 6 heads
 d_ff 1024, vocab 32128), batch 8, instruction 24 tokens, prompt 24, target 8. `xl_ratio` keeps FlanT5-XL's
@@ -36,11 +40,14 @@ beam search's share of cross-attention work is what it is at real size. `--gpu` 
 import argparse
 import copy
 import dataclasses
+import io
+import json
 import os
 import resource
 import statistics
 import tempfile
 import time
+from concurrent import futures
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +58,10 @@ from transformers import InstructBlipConfig, InstructBlipForConditionalGeneratio
 import iblip_jax
 from iblip_jax import config_lib, distributed, optim
 from iblip_jax import trainable as trainable_lib
+from iblip_jax.decoding import Decoding
 from iblip_jax.train_step import loss_fn, make_train_step
 
-WORKLOADS = ("train", "train_dropout", "train_dropout_rbg", "greedy", "beam5", "rank16")
+WORKLOADS = ("train", "train_dropout", "train_dropout_rbg", "greedy", "beam5", "rank16", "annotate")
 BATCH, INSTR, PROMPT, TARGET, NEW_TOKENS, CANDIDATES, CANDIDATE_TOKENS = 8, 24, 24, 8, 10, 16, 4
 TORCH_DEVICE = "cpu"   # "cuda" with --gpu
 # transformers' names of the trainable side (ln_vision is its vision_model.post_layernorm)
@@ -305,6 +313,113 @@ def bench_generate(variants, model, params, x, repeats, num_beams):
   return out
 
 
+ANNOTATE_IMAGES = 32
+ANNOTATE_PROMPTS = ("a short image caption", "what is in the picture")
+
+
+def _annotation_tar(d: str) -> str:
+  """ANNOTATE_IMAGES smooth 320 x 256 JPEGs in a webdataset-layout tar (what img2dataset writes)."""
+  import io
+  import tarfile
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  path = os.path.join(d, "00000.tar")
+  with tarfile.open(path, "w") as tar:
+    for i in range(ANNOTATE_IMAGES):
+      small = rng.integers(0, 256, (8, 10, 3), np.uint8)
+      buf = io.BytesIO()
+      Image.fromarray(small).resize((320, 256), Image.BILINEAR).save(buf, "JPEG", quality=90)
+      info = tarfile.TarInfo(f"{i:09d}.jpg")
+      info.size = len(buf.getvalue())
+      tar.addfile(info, io.BytesIO(buf.getvalue()))
+  return path
+
+
+def bench_annotate(variants, model, params, repeats):
+  """images/s over the tar: iblip_jax's bulk loop, iblip_jax's loop on pre-decoded images, transformers + DataLoader."""
+  import functools
+  import tarfile
+  from etils import epath
+  from PIL import Image
+  from iblip_jax.data import preprocess, shards, tokenize
+  from iblip_jax.demo import word_tokenizers
+  from iblip_jax.engine import Engine
+  from iblip_jax.run import annotate
+
+  os.environ["TQDM_DISABLE"] = "1"
+  d = tempfile.mkdtemp()
+  tar = _annotation_tar(d)
+  word_tokenizers.build(" ".join(ANNOTATE_PROMPTS).split() + ["cat", "dog"], os.path.join(d, "tok"))
+  tok = tokenize.load_tokenizers(os.path.join(d, "tok"))
+  engine = Engine(model, params, tok, batch_size=BATCH)
+  dec = Decoding(num_beams=1, max_new_tokens=NEW_TOKENS, min_new_tokens=0, repetition_penalty=1.0)
+  k = len(ANNOTATE_PROMPTS)
+  answer = functools.partial(annotate._answer, engine, dec, BATCH, k, ANNOTATE_PROMPTS[0], False, 0)
+  found = shards.find(tar)
+  texts = {}
+  calls = [0]
+
+  def ours():
+    calls[0] += 1
+    root = epath.Path(d) / f"out{calls[0]}"
+    (root / "rows").mkdir(parents=True)
+    (root / "done").mkdir()
+    annotate.stream(root, found, found, {}, ANNOTATE_PROMPTS, rows_per_file=1000, image_size=224, local=BATCH,
+                    answer=answer, scores=False, per_image=k)
+    rows = [json.loads(x) for x in (root / "rows" / "00000.tar.part-00000.jsonl").read_text().splitlines()]
+    texts["iblip_jax"] = [r["answer"] for r in rows]
+
+  decoded = [preprocess.preprocess_image(Image.open(io.BytesIO(r.image)).convert("RGB"), 224)
+             for r in shards.read(found[0])]
+
+  def ours_predecoded():
+    for first in range(0, len(decoded), BATCH // k):
+      groups = []
+      for pixels in decoded[first:first + BATCH // k]:
+        future = futures.Future()
+        future.set_result(pixels)
+        groups.append([(annotate._Row("s", 0, "k", p), future) for p in ANNOTATE_PROMPTS])
+      answer(groups)
+
+  class TarImages(torch.utils.data.IterableDataset):
+    """The tar read as a stream and preprocessed in the DataLoader's worker, as a PyTorch user writes it."""
+    def __iter__(self):
+      with tarfile.open(tar, "r|") as stream:
+        for member in stream:
+          data = stream.extractfile(member).read()
+          image = Image.open(io.BytesIO(data)).convert("RGB")
+          yield torch.from_numpy(preprocess.preprocess_image(image, 224)).permute(2, 0, 1)
+
+  prompts = tokenize.encode_prompts(tok, list(ANNOTATE_PROMPTS) * (BATCH // k))
+  image_tokens = torch.full((BATCH, 32), 32100)
+  fixed = dict(qformer_input_ids=torch.from_numpy(prompts["qformer_input_ids"].astype(np.int64)),
+               qformer_attention_mask=torch.from_numpy(prompts["qformer_attention_mask"].astype(np.int64)),
+               input_ids=torch.cat([image_tokens, torch.from_numpy(prompts["input_ids"].astype(np.int64))], 1),
+               attention_mask=torch.cat([torch.ones(BATCH, 32, dtype=torch.long),
+                                         torch.from_numpy(prompts["attention_mask"].astype(np.int64))], 1))
+  fns = {"iblip_jax": ours, "iblip_jax pre-decoded": ours_predecoded}
+  for name, hf in variants.items():
+    if isinstance(hf, str):
+      continue
+
+    def theirs(hf=hf, name=name):
+      out = []
+      loader = torch.utils.data.DataLoader(TarImages(), batch_size=BATCH // k, num_workers=1)
+      with torch.inference_mode():
+        for pixels in loader:
+          n = len(pixels) * k
+          tokens = hf.generate(pixel_values=pixels.repeat_interleave(k, 0).to(TORCH_DEVICE),
+                               **{key: v[:n].to(TORCH_DEVICE) for key, v in fixed.items()}, do_sample=False,
+                               num_beams=1, max_new_tokens=NEW_TOKENS, min_new_tokens=0)
+          out += tokenize.decode(tok, tokens.cpu().numpy()[:, 1:])
+      texts[name] = out
+    fns[f"transformers {name}"] = theirs
+  out = interleaved(fns, repeats)
+  out["same_answers"] = {n: float(np.mean([a == b for a, b in zip(texts["iblip_jax"], v)]))
+                         for n, v in texts.items() if n != "iblip_jax"}
+  return out
+
+
 def _same_tokens(ours: np.ndarray, theirs: np.ndarray, eos: int = 1) -> bool:
   """Equal up to and including the first EOS (transformers fills the rest with its own padding)."""
   n = int(np.argmax(theirs == eos)) + 1 if (theirs == eos).any() else len(theirs)
@@ -474,6 +589,15 @@ def main():
       notes = f"{NEW_TOKENS} new tokens; rows equal to transformers': " + ", ".join(
           f"{n} {100 * v:.0f}%" for n, v in same.items())
       rest = "decode"
+    elif what == "annotate":
+      r = bench_annotate(variants, model, params, min(args.repeats, 3))
+      same = r.pop("same_answers")
+      ips = {n: ANNOTATE_IMAGES / v[1] for n, v in r.items()}
+      notes = (f"{ANNOTATE_IMAGES} images x {len(ANNOTATE_PROMPTS)} prompts, greedy {NEW_TOKENS} tokens; images/s: "
+               + ", ".join(f"{n} {v:.2f}" for n, v in ips.items())
+               + f"; input cost {r['iblip_jax'][1] / r['iblip_jax pre-decoded'][1]:.2f}x of pre-decoded"
+               + "; answers equal to transformers': " + ", ".join(f"{n} {100 * v:.0f}%" for n, v in same.items()
+                                                                 if n.startswith("transformers")))
     elif what == "rank16":
       r = bench_rank(variants, model, params, x, args.repeats)
       notes = f"{CANDIDATES} candidates x {CANDIDATE_TOKENS} tokens per sample"

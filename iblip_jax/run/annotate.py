@@ -278,8 +278,20 @@ def run(s: Settings) -> dict:
     print(f"annotate: config.annotate.batch_size={engine.batch_size} is not a multiple of {k} prompts x "
           f"{engine.split} batch devices: each image goes through the ViT once per prompt", flush=True)
   answer = functools.partial(_answer, engine, decoding, stop - start, per_image, prompts[0], a.scores, start)
-  return stream(root, mine, pending, written, prompts, rows_per_file=a.rows_per_file, image_size=engine.image_size,
-                local=stop - start, answer=answer, scores=a.scores, per_image=per_image)
+  summed = stream(root, mine, pending, written, prompts, rows_per_file=a.rows_per_file,
+                  image_size=engine.image_size, local=stop - start, answer=answer, scores=a.scores,
+                  per_image=per_image)
+  if distributed.is_primary():
+    secs = summed["seconds"]
+    print(f"annotate: {summed['images']} images, {summed['rows']} rows ({summed['errors']} errors) in {secs:.0f} s "
+          f"({summed['images'] / max(secs, 1e-9):.2f} images/s, {summed['rows'] / max(secs, 1e-9):.2f} prompts/s); "
+          f"{summed['shards']} shards finished; {summed['parts']} files written under {root}", flush=True)
+  lost = summed["unreadable"]
+  if lost:
+    raise UserError(f"{len(lost)} shard(s) could not be read and are left unfinished (everything else is written; "
+                    "rerun the same command to retry them):\n  " + "\n  ".join(lost[:10])
+                    + ("\n  ..." if len(lost) > 10 else ""))
+  return summed
 
 
 def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: tuple[str, ...], *,
@@ -287,7 +299,8 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
   """The annotation loop over this host's shards `mine` (of all `pending` ones). Each step takes up to
   `local // per_image` groups (the rows of one record, at most `per_image` of them; `per_image` 1: a row each) and
   gives them to `answer` (groups -> {id(row): Answer or error text}; every process calls it once per step); parts and
-  finished shards are written as they complete. Returns the totals."""
+  finished shards are written as they complete. Returns the totals over every process, the seconds taken and the
+  shards that could not be read."""
   counts = {"bytes": 0}
   unreadable: list[str] = []
   pool = futures.ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="annotate-decode")
@@ -343,15 +356,7 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
   lost = [u for x in every for u in x["unreadable"]]
   if distributed.is_primary():
     _manifest(root, pending)
-    secs = time.perf_counter() - t0
-    print(f"annotate: {summed['images']} images, {summed['rows']} rows ({summed['errors']} errors) in {secs:.0f} s "
-          f"({summed['images'] / max(secs, 1e-9):.2f} images/s); {summed['shards']} shards finished; "
-          f"{summed['parts']} files written under {root}", flush=True)
-  if lost:
-    raise UserError(f"{len(lost)} shard(s) could not be read and are left unfinished (everything else is written; "
-                    "rerun the same command to retry them):\n  " + "\n  ".join(lost[:10])
-                    + ("\n  ..." if len(lost) > 10 else ""))
-  return summed
+  return {**summed, "seconds": time.perf_counter() - t0, "unreadable": lost}
 
 
 def _answer(engine: Engine, decoding: Decoding, local: int, per_image: int, pad_prompt: str, scores: bool,
