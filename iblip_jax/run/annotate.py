@@ -242,6 +242,16 @@ def _ahead(stream: Iterator, depth: int) -> queue.Queue:
 
 
 def run(s: Settings) -> dict:
+  # SIGTERM while the weights load or compile: exit 75 at once (nothing is lost; stream() takes over the signal)
+  received: list = []
+  previous = signal.signal(signal.SIGTERM, train._start_up_handler(received))
+  try:
+    return _run(s, received)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _run(s: Settings, received: list) -> dict:
   a = s.annotate
   prompts = prompts_of(a)
   if s.workdir and not (epath.Path(s.workdir) / "checkpoints").exists():
@@ -278,6 +288,8 @@ def run(s: Settings) -> dict:
     print(f"annotate: config.annotate.batch_size={engine.batch_size} is not a multiple of {k} prompts x "
           f"{engine.split} batch devices: each image goes through the ViT once per prompt", flush=True)
   answer = functools.partial(_answer, engine, decoding, stop - start, per_image, prompts[0], a.scores, start)
+  if received:   # a start-up signal whose exception was lost (train._start_up_handler says when)
+    raise train.Preempted(None)
   summed = stream(root, mine, pending, written, prompts, rows_per_file=a.rows_per_file,
                   image_size=engine.image_size, local=stop - start, answer=answer, scores=a.scores,
                   per_image=per_image)

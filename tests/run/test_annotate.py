@@ -21,7 +21,8 @@ from gcs_emulator import gcs_fixture
 from iblip_jax.data import shards
 from iblip_jax.run import annotate
 
-pytestmark = pytest.mark.integration   # launches the main job as a user does
+# launches the main job as a user does; one worker runs them all, so that they share the reference run
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("annotate")]
 
 ROOT = main_job.ROOT
 BUCKET = "iblip-annotate"
@@ -153,19 +154,19 @@ def test_killed_and_stopped_runs_resume_exactly_once(job_assets, inputs, referen
   assert "max_new_tokens: 4 then, 5 now" in refused.stderr and "loaded" not in refused.stdout
 
 
-def test_two_processes_on_gcs_write_what_one_process_writes(job_assets, inputs, gcs, tmp_path):
+def test_two_processes_on_gcs_write_what_one_process_writes(job_assets, inputs, reference, gcs, tmp_path):
+  """2 processes x 2 devices, reading the tars from the bucket and writing there, give the rows of the one-device
+  reference run (the same images once each, batches across hosts, both hosts' shards)."""
   for name in ("shard-00000.tar", "shard-00001.tar", "shard-00002.tar"):
     epath.Path(f"gs://{BUCKET}/in/{name}").write_bytes((inputs / name).read_bytes())
-  spec = f"gs://{BUCKET}/in/*.tar"
-  extra = {"mesh.fsdp": -1}
-  main_job.wait_hosts(main_job.launch_hosts(_flags(job_assets, f"gs://{BUCKET}/one", spec, **extra), 1, 4, tmp_path,
-                                            "one"), tmp_path, "one")
-  log = main_job.wait_hosts(main_job.launch_hosts(_flags(job_assets, f"gs://{BUCKET}/two", spec, **extra), 2, 2,
-                                                  tmp_path, "two"), tmp_path, "two")
-  assert "over 2 process(es)" in log
-  one, two = _rows(f"gs://{BUCKET}/one"), _rows(f"gs://{BUCKET}/two")
-  assert len(one) == 2 * 16 and _table(two) == _table(one)
-  manifest = json.loads(epath.Path(f"gs://{BUCKET}/two/manifest.json").read_text())
+  out = f"gs://{BUCKET}/two"
+  flags = _flags(job_assets, out, f"gs://{BUCKET}/in/*.tar", **{"mesh.fsdp": -1, "annotate.batch_size": 8})
+  log = main_job.wait_hosts(main_job.launch_hosts(flags, 2, 2, tmp_path, "two"), tmp_path, "two")
+  assert "3 shards, 0 finished before, 3 to do over 2 process(es)" in log
+  where = lambda table, folder: {k: v.replace(folder, "") for k, v in table.items()}   # errors name the tar's path
+  want = {k: v for k, v in _table(_rows(reference[0])).items() if k[0].endswith(".tar") and k[0] != "broken.tar"}
+  assert where(_table(_rows(out)), f"gs://{BUCKET}/in/") == where(want, f"{inputs}/") and len(want) == 2 * 16
+  manifest = json.loads(epath.Path(f"{out}/manifest.json").read_text())
   assert sorted(manifest["finished"]) == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
 
 
