@@ -346,7 +346,6 @@ def bench_annotate(variants, model, params, repeats):
   from iblip_jax.engine import Engine
   from iblip_jax.run import annotate
 
-  os.environ["TQDM_DISABLE"] = "1"
   d = tempfile.mkdtemp()
   tar = _annotation_tar(d)
   word_tokenizers.build(" ".join(ANNOTATE_PROMPTS).split() + ["cat", "dog"], os.path.join(d, "tok"))
@@ -365,7 +364,7 @@ def bench_annotate(variants, model, params, repeats):
     (root / "rows").mkdir(parents=True)
     (root / "done").mkdir()
     annotate.stream(root, found, found, {}, ANNOTATE_PROMPTS, rows_per_file=1000, image_size=224, local=BATCH,
-                    answer=answer, scores=False, per_image=k)
+                    answer=answer, scores=False, per_image=k, progress=False)
     rows = [json.loads(x) for x in (root / "rows" / "00000.tar.part-00000.jsonl").read_text().splitlines()]
     texts["iblip_jax"] = [r["answer"] for r in rows]
 
@@ -412,7 +411,7 @@ def bench_annotate(variants, model, params, repeats):
                                **{key: v[:n].to(TORCH_DEVICE) for key, v in fixed.items()}, do_sample=False,
                                num_beams=1, max_new_tokens=NEW_TOKENS, min_new_tokens=0)
           out += tokenize.decode(tok, tokens.cpu().numpy()[:, 1:])
-      texts[name] = out
+      texts[f"transformers {name}"] = out
     fns[f"transformers {name}"] = theirs
   out = interleaved(fns, repeats)
   out["same_answers"] = {n: float(np.mean([a == b for a, b in zip(texts["iblip_jax"], v)]))

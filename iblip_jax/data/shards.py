@@ -9,6 +9,9 @@ A spec is a comma list of globs, files and folders. What each becomes:
                            columns). Relative image paths are relative to the file; gs:// paths are read from there.
   a folder                 its image files, recursively and sorted, in shards of FOLDER_SHARD files (so that a huge
                            folder splits over hosts and resumes in parts); a folder of tars or JSONL files is those.
+  a prepared dataset       a tensorflow-datasets version folder written by data/tfds_builder.py (dataset_info.json
+                           and ArrayRecord files): every split, in shards of FOLDER_SHARD records read by index
+                           (random access), keyed "<split>/<index>", the record's other fields as meta.
 A shard's records come in a fixed order, each with a key unique in the shard. Whatever is wrong with one record (a
 member that is not an image, a missing file, a cut tar) is that record's `error`, never the job's: a tar that
 breaks off midway ends with one error record saying where. A shard that cannot be opened at all raises
@@ -16,6 +19,7 @@ UnreadableShard (the caller reports it and retries it on the next run).
 """
 import csv
 import dataclasses
+import functools
 import glob
 import io
 import json
@@ -43,9 +47,12 @@ class Shard:
   `files`: a folder part's image files; `size`: bytes, for progress (0 when unknown)."""
   name: str
   path: str
-  kind: str            # "tar" | "jsonl" | "csv" | "folder"
+  kind: str            # "tar" | "jsonl" | "csv" | "folder" | "tfds"
   files: tuple[str, ...] = ()
   size: int = 0
+  split: str = ""      # "tfds": the split, and the records [start, stop) of it
+  start: int = 0
+  stop: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +106,12 @@ def find(spec: str, folder_shard: int = FOLDER_SHARD) -> list[Shard]:
     raise UserError("config.annotate.inputs is empty: name webdataset tars, JSONL/CSV files or image folders "
                     "(a glob or a comma list, local or gs://)")
   found: list[tuple[str, str, tuple[str, ...], str]] = []   # (path, kind, files, part suffix)
+  prepared: list[Shard] = []
   for part in parts:
     for path in _expand(part):
-      if epath.Path(path).is_dir():
+      if epath.Path(path).is_dir() and (epath.Path(path) / "dataset_info.json").exists():
+        prepared += _tfds_shards(path.rstrip("/"), folder_shard)
+      elif epath.Path(path).is_dir():
         path = path.rstrip("/")
         files = _walk(path)
         tables = [f for f in files if _is(f, TAR_EXTENSIONS + TABLE_EXTENSIONS)]
@@ -116,21 +126,69 @@ def find(spec: str, folder_shard: int = FOLDER_SHARD) -> list[Shard]:
       else:
         raise UserError(f"config.annotate.inputs: {path!r} is not a webdataset tar (.tar, .tar.gz, .tgz), a JSONL "
                         f"or CSV file of {{image, prompt}} rows, or a folder")
-  ids = [p + suffix for p, _, _, suffix in found]
+  ids = [p + suffix for p, _, _, suffix in found] + [sh.name for sh in prepared]
   if len(set(ids)) != len(ids):
     raise UserError("config.annotate.inputs names some shards twice: "
                     + ", ".join(sorted({p for p in ids if ids.count(p) > 1})[:5]))
   # names: paths relative to the folder that holds them all ("/" as "__"), so that equal file names in different
   # folders stay apart and a name does not change with where the dataset is mounted
   local = lambda p: p.replace("gs://", "gs:/", 1)
+  if not found:
+    return prepared
   common = os.path.commonpath([os.path.dirname(local(p)) for p, _, _, _ in found])
-  out = []
+  out = prepared
   for path, kind, files, suffix in found:
     name = os.path.relpath(local(path), common).replace("/", "__") + suffix
     # a gs:// folder's files are not each asked for their size (one request apiece): its progress has no total
     size = (0 if path.startswith("gs://") else sum(_size(f) for f in files)) if kind == "folder" else _size(path)
     out.append(Shard(name, path, kind, files, size))
   return out
+
+
+def _tfds_shards(folder: str, per_shard: int) -> list[Shard]:
+  """A prepared dataset's splits in shards of `per_shard` records, named "<name>.<version>.<split>.part-NNNNN"."""
+  info = _tfds_source(folder, None)
+  out = []
+  for split, meta in sorted(info.splits.items()):
+    n, size = meta.num_examples, meta.num_bytes
+    for i, start in enumerate(range(0, n, per_shard)):
+      stop = min(start + per_shard, n)
+      out.append(Shard(f"{info.name}.{os.path.basename(folder)}.{split}.part-{i:05d}", folder, "tfds",
+                       size=size * (stop - start) // max(n, 1), split=split, start=start, stop=stop))
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _tfds_source(folder: str, split: str | None):
+  """The dataset's info (split None) or a split's random-access source; opened once per process."""
+  from iblip_jax.extras import require
+  tfds = require("tensorflow_datasets", "prepare", "reading prepared (tensorflow-datasets ArrayRecord) datasets")
+  builder = tfds.builder_from_directory(folder)
+  return builder.info if split is None else builder.as_data_source(split=split)
+
+
+def _tfds(shard: Shard) -> Iterator[Record]:
+  from iblip_jax.data import tfds_builder
+  try:
+    src = _tfds_source(shard.path, shard.split)
+    schema = tfds_builder.schema_of(src.dataset_info.features)
+  except Exception as e:  # noqa: BLE001 - gone, unreadable, not ours: retried next run
+    raise UnreadableShard(f"{shard.path} ({shard.split}): cannot be opened ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from None
+  for i in range(shard.start, shard.stop):
+    key = f"{shard.split}/{i}"
+    try:
+      record = tfds_builder.decode(src[i], schema)
+    except Exception as e:  # noqa: BLE001 - one bad record is that record's error
+      yield Record(key, error=f"{shard.path}: {key}: cannot be read ({type(e).__name__}: {str(e)[:200]})")
+      continue
+    meta = {k: v for k, v in record.items() if k not in ("image", "frames")}
+    if "image" not in record:
+      yield Record(key, meta=meta or None, error=f"{shard.path}: {key}: a video record (frames): annotate takes "
+                   "images")
+      continue
+    yield Record(key, image=record["image"], meta=meta or None,
+                 nbytes=shard.size // max(shard.stop - shard.start, 1))
 
 
 def _kind(path: str) -> str:
@@ -155,6 +213,8 @@ def read(shard: Shard) -> Iterator[Record]:
   """The shard's records in order (module docstring). UnreadableShard when it cannot be opened at all."""
   if shard.kind == "folder":
     return _folder(shard)
+  if shard.kind == "tfds":
+    return _tfds(shard)
   try:
     f = epath.Path(shard.path).open("rb")
   except Exception as e:  # noqa: BLE001 - any opener's error means the same: retry this shard next time

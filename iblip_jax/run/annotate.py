@@ -4,7 +4,8 @@
       --config.annotate.prompts='["A short image caption:", "What is the main object?"]'
 (inputs: globs, files and folders, comma-separated; braces like {00000..00999} are not expanded.)
 
-Inputs are shards (data/shards.py: webdataset tars, JSONL/CSV rows of {image, prompt}, image folders), split over
+Inputs are shards (data/shards.py: webdataset tars, JSONL/CSV rows of {image, prompt}, image folders, prepared
+ArrayRecord datasets), split over
 the processes (process p takes every P-th unfinished shard); each host streams its own, decoding images in a
 thread pool ahead of the model (at most a few batches held), filling batches across shard boundaries. Every step
 all hosts run one global batch of the same shapes (a host out of records feeds padding rows) and the loop ends when
@@ -307,7 +308,8 @@ def _run(s: Settings, received: list) -> dict:
 
 
 def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: tuple[str, ...], *,
-           rows_per_file: int, image_size: int, local: int, answer, scores: bool, per_image: int = 1) -> dict:
+           rows_per_file: int, image_size: int, local: int, answer, scores: bool, per_image: int = 1,
+           progress: bool = True) -> dict:
   """The annotation loop over this host's shards `mine` (of all `pending` ones). Each step takes up to
   `local // per_image` groups (the rows of one record, at most `per_image` of them; `per_image` 1: a row each) and
   gives them to `answer` (groups -> {id(row): Answer or error text}; every process calls it once per step); parts and
@@ -324,7 +326,7 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
   previous = signal.signal(signal.SIGTERM, lambda signum, _: received.update(signal=signum))
   ended, carry, capacity = False, None, local // per_image
   bar = tqdm(total=sum(sh.size for sh in pending) or None, unit="B", unit_scale=True, dynamic_ncols=True,
-             desc="annotate", disable=not distributed.is_primary())
+             desc="annotate", disable=not (progress and distributed.is_primary()))
   t0 = time.perf_counter()
   try:
     while True:

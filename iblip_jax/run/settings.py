@@ -125,7 +125,8 @@ class Predict:
 @dataclasses.dataclass(frozen=True)
 class Annotate:
   """--config.mode=annotate (run/annotate.py): a dataset answered in bulk, resumable; decoding as predict's."""
-  inputs: str = ""                 # globs, files, folders (comma list; local or gs://): tars, JSONL/CSV, images
+  inputs: str = ""                 # globs, files, folders (comma list; local or gs://): tars, JSONL/CSV, images,
+                                   # prepared datasets (a tfds version folder of ArrayRecord files)
   prompts: str = prompts.CAPTION   # one prompt, or a JSON list: '["A short caption:", "What is in the image?"]'
   output: str = ""                 # a folder (local or gs://): rows/, done/, annotate.json, manifest.json
   batch_size: int = 8              # global rows (image x prompt) per model call
@@ -136,7 +137,7 @@ class Annotate:
   repetition_penalty: float = LAVIS.repetition_penalty
   scores: bool = False             # each answer's log-probability under the model, as "score"
   rows_per_file: int = 1000        # records per output file: the unit a preemption can lose
-  folder_shard: int = 1000         # image files per shard of an image folder
+  folder_shard: int = 1000         # image files (or prepared records) per shard of a folder (or prepared split)
 
 
 @dataclasses.dataclass(frozen=True)

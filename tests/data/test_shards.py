@@ -119,3 +119,25 @@ def test_a_shard_that_cannot_be_opened_is_unreadable_not_an_error_record(tmp_pat
   shard, = shards.find(str(tmp_path / "*.tar"))
   with pytest.raises(shards.UnreadableShard, match="0.tar: cannot be opened"):
     list(shards.read(shard))
+
+
+def test_a_prepared_dataset_is_read_by_index_in_shards(tmp_path):
+  """ArrayRecord shards written by our tensorflow-datasets builder: each split in shards of records read by index,
+  the image bytes as the file's, the record's other fields as meta."""
+  from iblip_jax.data import tfds_builder
+  for i in range(5):
+    (tmp_path / f"{i}.png").write_bytes(png(i))
+  (tmp_path / "data.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "text_input": f"caption {i}",
+                                                           "text_output": "x"}) + "\n"
+                                               for i in range(5)))
+  tfds_builder.prepare("jsonl", str(tmp_path / "data.jsonl"), str(tmp_path / "tfds"), name="mine")
+  found = shards.find(str(tmp_path / "tfds" / "mine" / "1.0.0"), folder_shard=2)
+  assert [(s.name, s.kind, s.start, s.stop) for s in found] == [
+      ("mine.1.0.0.train.part-00000", "tfds", 0, 2), ("mine.1.0.0.train.part-00001", "tfds", 2, 4),
+      ("mine.1.0.0.train.part-00002", "tfds", 4, 5)]
+  records = [r for s in found for r in shards.read(s)]
+  assert [r.key for r in records] == [f"train/{i}" for i in range(5)]
+  assert sorted(r.image for r in records) == sorted(png(i) for i in range(5))
+  assert sorted(r.meta["text_input"] for r in records) == [f"caption {i}" for i in range(5)]
+  by_caption = {r.meta["text_input"]: r.image for r in records}
+  assert all(by_caption[f"caption {i}"] == png(i) for i in range(5))

@@ -195,7 +195,7 @@ def _peak_bytes(tmp_path, n: int) -> int:
   answer = lambda groups: {id(row): Said(str(len(row.prompt))) for group in groups for row, _ in group}
   tracemalloc.start()
   totals = annotate.stream(root, found, found, {}, ("a", "bb"), rows_per_file=500, image_size=16, local=8,
-                           answer=answer, scores=False, per_image=2)
+                           answer=answer, scores=False, per_image=2, progress=False)
   peak = tracemalloc.get_traced_memory()[1]
   tracemalloc.stop()
   assert totals["images"] == n and totals["rows"] == 2 * n and totals["parts"] == -(-n // 500)
