@@ -3,7 +3,7 @@ model of the step's time on that slice.
 
   python tools/aot_compile.py --config configs/instructblip_flant5xl.py --topology v5e:4x4 [--batch 192]
       [--preset fsdp|data_fsdp|tensor4] [--mesh data=1,fsdp=16,tensor=1] [--remat_policy save_dots_no_batch]
-      [--mfu 0.5] [--libtpu_flags '...'] [--nodecode] [--config.x=...]
+      [--mfu 0.5] [--libtpu_flags '...'] [--nodecode | --notrain --decode_batch 256] [--config.x=...]
 
 Needs libtpu installed (it is the TPU compiler; no TPU hardware is touched). Nothing is allocated: parameters,
 optimizer state and batches are jax.ShapeDtypeStructs carrying their NamedShardings on a mesh of the topology's
@@ -71,6 +71,7 @@ def define_flags() -> None:
   flags.DEFINE_enum("frozen_dtype", "bfloat16", ["bfloat16", "float32"], "ViT and LLM dtype.")
   flags.DEFINE_bool("remat", True, "Rematerialise LLM blocks in the backward pass.")
   flags.DEFINE_bool("decode", True, "Also compile generation.")
+  flags.DEFINE_bool("train", True, "Compile the train step (--notrain: generation alone, e.g. for annotation).")
   flags.mark_flag_as_required("config")
 
 
@@ -93,9 +94,11 @@ def main(argv):
         f"{f' (policy {policy})' if f.remat else ''}; libtpu flags: {f.libtpu_flags or 'none'}", flush=True)
   common = dict(mesh_sizes=mesh_sizes, shapes=shapes, frozen_dtype=f.frozen_dtype, libtpu_flags=f.libtpu_flags,
                 devices=devices)
-  jobs = [(f"global batch {batch} ({batch / topology.num_chips:g} per chip)",
-           lambda: compile_train(config, topology, batch=batch, remat=f.remat, remat_policy=f.remat_policy,
-                                 hlo_path=f.dump_hlo, **common))]
+  jobs = []
+  if f.train:
+    jobs.append((f"global batch {batch} ({batch / topology.num_chips:g} per chip)",
+                 lambda: compile_train(config, topology, batch=batch, remat=f.remat, remat_policy=f.remat_policy,
+                                       hlo_path=f.dump_hlo, **common)))
   if f.decode:
     jobs.append((f"global batch {decode_batch}",
                  lambda: compile_decode(config, topology, batch=decode_batch, new_tokens=f.new_tokens,

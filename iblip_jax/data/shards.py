@@ -29,6 +29,7 @@ from typing import Iterator
 
 from etils import epath
 
+from iblip_jax.data import tfds_builder
 from iblip_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -161,14 +162,11 @@ def _tfds_shards(folder: str, per_shard: int) -> list[Shard]:
 @functools.lru_cache(maxsize=8)
 def _tfds_source(folder: str, split: str | None):
   """The dataset's info (split None) or a split's random-access source; opened once per process."""
-  from iblip_jax.extras import require
-  tfds = require("tensorflow_datasets", "prepare", "reading prepared (tensorflow-datasets ArrayRecord) datasets")
-  builder = tfds.builder_from_directory(folder)
+  builder = tfds_builder.tfds.builder_from_directory(folder)
   return builder.info if split is None else builder.as_data_source(split=split)
 
 
 def _tfds(shard: Shard) -> Iterator[Record]:
-  from iblip_jax.data import tfds_builder
   try:
     src = _tfds_source(shard.path, shard.split)
     schema = tfds_builder.schema_of(src.dataset_info.features)

@@ -173,15 +173,15 @@ def _write_whole(path: epath.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def _finished(root: epath.Path) -> tuple[set[str], dict[str, set[int]]]:
-  """(finished shards, each unfinished shard's written parts) from the output folder's listing."""
-  done = {p.name.removesuffix(".json") for p in (root / "done").glob("*.json")}
-  parts: dict[str, set[int]] = {}
+def _finished(root: epath.Path) -> tuple[list[str], dict[str, list[int]]]:
+  """(finished shards, each shard's written parts) from the output folder's listing, sorted (JSON, to share)."""
+  done = sorted(p.name.removesuffix(".json") for p in (root / "done").glob("*.json"))
+  parts: dict[str, list[int]] = {}
   for p in (root / "rows").glob("*.part-*.jsonl"):
     shard, _, n = p.name.removesuffix(".jsonl").rpartition(".part-")
     if n.isdigit():
-      parts.setdefault(shard, set()).add(int(n))
-  return done, parts
+      parts.setdefault(shard, []).append(int(n))
+  return done, {k: sorted(v) for k, v in sorted(parts.items())}
 
 
 def _rows(mine: list[shards_lib.Shard], written: dict[str, set[int]], prompts: tuple[str, ...], per_file: int,
@@ -274,7 +274,9 @@ def _run(s: Settings, received: list) -> dict:
   model, tok = common.load_tokenizers(s, model)
   engine = Engine(model, params, tok, mesh=mesh, rules=rules, batch_size=a.batch_size)
 
-  done, written = _finished(root)
+  # process 0's listing, so that every process splits the same unfinished shards the same way
+  done, written = distributed.broadcast_json(_finished(root) if distributed.is_primary() else None)
+  done, written = set(done), {k: set(v) for k, v in written.items()}
   pending = [sh for sh in found if sh.name not in done]
   mine = pending[jax.process_index()::jax.process_count()]
   if distributed.is_primary():
@@ -448,12 +450,12 @@ def _progress(bar, every: list, totals: dict, t0: float) -> None:
 def _manifest(root: epath.Path, pending: list) -> None:
   done, written = _finished(root)
   finished = {}
-  for name in sorted(done):
+  for name in done:
     try:
       finished[name] = json.loads((root / "done" / f"{name}.json").read_text())
     except (OSError, ValueError):
       finished[name] = None
   unfinished = sorted(sh.name for sh in pending if sh.name not in done)
   _write_whole(root / "manifest.json", json.dumps({"finished": finished, "unfinished": unfinished,
-                                                   "parts_of_unfinished": {k: sorted(v) for k, v in written.items()
+                                                   "parts_of_unfinished": {k: v for k, v in written.items()
                                                                            if k in unfinished}}, indent=1))

@@ -63,7 +63,7 @@ def _flags(assets, output, inputs_spec, **overrides):
   settings = {"mode": "annotate", "model_init": str(assets / "ckpt"), "mesh.data": 1, "mesh.fsdp": 1,
               "mesh.tensor": 1, "annotate.inputs": inputs_spec, "annotate.output": str(output),
               "annotate.prompts": json.dumps(PROMPTS), "annotate.batch_size": 4, "annotate.rows_per_file": 3,
-              "annotate.max_new_tokens": 4, "annotate.num_beams": 1, **overrides}
+              "annotate.max_new_tokens": 4, "annotate.num_beams": 1, "annotate.scores": True, **overrides}
   return ["--config", os.path.join(ROOT, "configs", "demo.py")] + [f"--config.{k}={v}" for k, v in settings.items()]
 
 
@@ -117,6 +117,8 @@ def test_every_record_and_prompt_once_with_errors_named(reference):
   first = [json.loads(x) for x in (out / "rows" / "shard-00000.tar.part-00000.jsonl").read_text().splitlines()]
   assert [r["key"] for r in first] == ["a000", "a000", "a001", "a001", "a002", "a002"]
   assert first[0]["meta"] == {"txt": "caption 0"}
+  scores = [r["score"] for r in _rows(out) if "answer" in r]   # config.annotate.scores: log p(answer | image, prompt)
+  assert len(scores) == 43 - 6 and all(s <= 0 for s in scores) and len(set(scores)) > 1
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["unfinished"] == ["broken.tar"]
   assert manifest["finished"]["shard-00001.tar"] == {"records": 0, "parts": 0}
