@@ -21,10 +21,12 @@ import csv
 import dataclasses
 import functools
 import glob
+import gzip
 import io
 import json
 import os
 import tarfile
+import zlib
 from typing import Iterator
 
 from etils import epath
@@ -127,19 +129,34 @@ def find(spec: str, folder_shard: int = FOLDER_SHARD) -> list[Shard]:
       else:
         raise UserError(f"config.annotate.inputs: {path!r} is not a webdataset tar (.tar, .tar.gz, .tgz), a JSONL "
                         f"or CSV file of {{image, prompt}} rows, or a folder")
-  ids = [p + suffix for p, _, _, suffix in found] + [sh.name for sh in prepared]
+  ids = [p + suffix for p, _, _, suffix in found]
   if len(set(ids)) != len(ids):
     raise UserError("config.annotate.inputs names some shards twice: "
                     + ", ".join(sorted({p for p in ids if ids.count(p) > 1})[:5]))
+  out = _named(found) + prepared
+  names = [sh.name for sh in out]
+  if len(set(names)) != len(names):   # e.g. a/b.tar and a__b.tar: their outputs would be one shard's
+    raise UserError("config.annotate.inputs: shards whose output names collide: "
+                    + ", ".join(sorted({n for n in names if names.count(n) > 1})[:5])
+                    + "; rename them, or annotate them into separate output folders")
+  return out
+
+
+def _named(found: list[tuple[str, str, tuple[str, ...], str]]) -> list[Shard]:
   # names: paths relative to the folder that holds them all ("/" as "__"), so that equal file names in different
   # folders stay apart and a name does not change with where the dataset is mounted
   local = lambda p: p.replace("gs://", "gs:/", 1)
   if not found:
-    return prepared
-  common = os.path.commonpath([os.path.dirname(local(p)) for p, _, _, _ in found])
-  out = prepared
+    return []
+  try:
+    common = os.path.commonpath([os.path.dirname(local(os.path.abspath(p) if "://" not in p else p))
+                                 for p, _, _, _ in found])
+  except ValueError:   # gs:// and local paths together: no common folder
+    common = ""
+  out = []
   for path, kind, files, suffix in found:
-    name = os.path.relpath(local(path), common).replace("/", "__") + suffix
+    where = local(os.path.abspath(path) if "://" not in path else path)
+    name = (os.path.relpath(where, common) if common else where.replace(":", "")).replace("/", "__") + suffix
     # a gs:// folder's files are not each asked for their size (one request apiece): its progress has no total
     size = (0 if path.startswith("gs://") else sum(_size(f) for f in files)) if kind == "folder" else _size(path)
     out.append(Shard(name, path, kind, files, size))
@@ -240,7 +257,9 @@ def _tar(shard: Shard, f) -> Iterator[Record]:
   with f:
     try:
       stream = tarfile.open(fileobj=f, mode="r|*")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+      if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile):
+        raise UnreadableShard(f"{shard.path}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
       yield Record("#unreadable", error=f"{shard.path}: not a tar file ({type(e).__name__}: {e})",
                    nbytes=shard.size)
       return
@@ -269,16 +288,27 @@ def _tar(shard: Shard, f) -> Iterator[Record]:
             meta["json"] = json.loads(data)
           except ValueError:
             meta["json_error"] = "not JSON"
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-      cut = (f"{shard.path}: the tar is cut or corrupt at {key!r} ({type(e).__name__}: {str(e)[:200]}); the records "
-             "after it cannot be read")
-      if key is not None and image is not None:   # the break came after this record's image: it is whole
-        yield _tar_record(shard, key, image, meta, nbytes)
-        key = None
-      yield Record(key if key is not None else f"#cut@{_tell(f)}", meta=meta or None, error=cut)
+    except OSError as e:
+      if not isinstance(e, gzip.BadGzipFile):   # a read that failed (a network error): the shard, next run
+        raise UnreadableShard(f"{shard.path}: reading failed after {key!r} ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+      yield from _cut(shard, f, e, key, image, meta, nbytes)
+      return
+    except (tarfile.TarError, EOFError, ValueError, zlib.error) as e:
+      yield from _cut(shard, f, e, key, image, meta, nbytes)
       return
     if key is not None:
       yield _tar_record(shard, key, image, meta, nbytes)
+
+
+def _cut(shard: Shard, f, e: Exception, key, image, meta: dict, nbytes: int) -> Iterator[Record]:
+  """Where a tar breaks off: the record it was in (whole if its image was read) and one error record saying so."""
+  cut = (f"{shard.path}: the tar is cut or corrupt at {key!r} ({type(e).__name__}: {str(e)[:200]}); the records "
+         "after it cannot be read")
+  if key is not None and image is not None:   # the break came after this record's image: it is whole
+    yield _tar_record(shard, key, image, meta, nbytes)
+    key = None
+  yield Record(key if key is not None else f"#cut@{_tell(f)}", meta=meta or None, error=cut)
 
 
 def _position(f) -> int:

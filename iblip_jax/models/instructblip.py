@@ -48,7 +48,7 @@ class InstructBlip(nn.Module):
                      deterministic: bool = True):
     """Returns {"image_embeds": (B, N, Dv) after ln_vision, "query_output": (B, Q, Dq),
     "language_inputs": (B, Q, D_llm)}. pixel_values: (B, H, W, 3), normalised; or (B / K, H, W, 3) with K
-    consecutive instructions per image (_per_row)."""
+    consecutive instructions per image (_per_row; images only, a video batch has one instruction per video)."""
     vision_out = self.vision(pixel_values)
     if self.stop_vision_gradient:
       vision_out = jax.lax.stop_gradient(vision_out)

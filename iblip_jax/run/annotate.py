@@ -29,6 +29,7 @@ opened is reported, left unfinished, and the run exits 1 after finishing everyth
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -108,11 +109,19 @@ def prompts_of(a) -> tuple[str, ...]:
 def meaning(s: Settings, found: list[shards_lib.Shard]) -> dict:
   """What the output rows depend on: a rerun into the same folder must agree on all of it."""
   a = s.annotate
-  return {"inputs": a.inputs, "shards": {sh.name: sh.size for sh in found}, "prompts": list(prompts_of(a)),
+  return {"inputs": a.inputs, "shards": {sh.name: _identity(sh) for sh in found}, "prompts": list(prompts_of(a)),
           "num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens, "min_new_tokens": a.min_new_tokens,
           "length_penalty": a.length_penalty, "repetition_penalty": a.repetition_penalty, "scores": a.scores,
           "rows_per_file": a.rows_per_file, "folder_shard": a.folder_shard, "model_init": s.model_init,
           "model_adapter": s.model_adapter, "workdir": s.workdir or "", "image_size": s.model.vision.image_size}
+
+
+def _identity(shard: shards_lib.Shard):
+  """What tells a shard's content apart between runs: its size; for a folder's part also its files (a file added
+  to or removed from a folder shifts the parts after it)."""
+  if shard.kind != "folder":
+    return shard.size
+  return [shard.size, len(shard.files), hashlib.sha1("\n".join(shard.files).encode()).hexdigest()[:16]]
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -126,7 +135,7 @@ def _differences(old: dict, new: dict) -> list[str]:
       resized = sorted(n for n in set(old[k]) & set(new[k]) if old[k][n] != new[k][n])
       out.append("the input shards differ: " + "; ".join(
           f"{what} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-          for what, names in (("gone:", gone), ("new:", added), ("changed size:", resized)) if names))
+          for what, names in (("gone:", gone), ("new:", added), ("changed (size or files):", resized)) if names))
     else:
       out.append(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now")
   return out
@@ -226,18 +235,30 @@ def _name(shard: shards_lib.Shard, rec: shards_lib.Record) -> str:
   return f"{where} ({rec.image})" if isinstance(rec.image, str) and rec.image != rec.key else where
 
 
-def _ahead(stream: Iterator, depth: int) -> queue.Queue:
+def _ahead(stream: Iterator, depth: int, stop: threading.Event) -> queue.Queue:
   """Runs `stream` in a thread into a queue of `depth` entries (None ends it): input overlaps compute, memory is
-  bounded by the queue and the decode pool."""
+  bounded by the queue and the decode pool. Setting `stop` ends the thread (and closes the shard it reads) when
+  the consumer has gone."""
   q: queue.Queue = queue.Queue(maxsize=depth)
+
+  def put(entry) -> bool:
+    while not stop.is_set():
+      try:
+        q.put(entry, timeout=0.5)
+        return True
+      except queue.Full:
+        continue
+    return False
 
   def work():
     try:
       for entry in stream:
-        q.put(entry)
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it in the main thread
-      q.put(("error", e))
-    q.put(None)
+        if not put(entry):
+          stream.close()
+          return
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which stops every host with it
+      put(("error", e))
+    put(None)
   threading.Thread(target=work, daemon=True, name="annotate-input").start()
   return q
 
@@ -283,6 +304,12 @@ def _run(s: Settings, received: list) -> dict:
     print(f"annotate: {len(found)} shards, {len(done)} finished before, {len(pending)} to do over "
           f"{jax.process_count()} process(es); {len(prompts)} prompt(s); output {a.output}", flush=True)
   start, stop = sharding.process_rows(engine.mesh, engine.batch_size)
+  share = engine.batch_size // jax.process_count()
+  if (start, stop) != (jax.process_index() * share, (jax.process_index() + 1) * share):
+    # each host feeds its own shards into its own rows: two hosts holding the same rows would mix their inputs
+    raise ConfigError(f"this process's devices hold rows {(start, stop)} of each batch of {engine.batch_size}, "
+                      "shared with another process (a tensor axis across hosts?): annotate needs every process to "
+                      "hold its own rows; use config.mesh sizes whose data x fsdp split reaches every host")
   # each image once with its prompts (the ViT once per image) when the batch splits into whole images on every
   # device; else a row per (image, prompt)
   k = len(prompts)
@@ -291,7 +318,7 @@ def _run(s: Settings, received: list) -> dict:
     print(f"annotate: config.annotate.batch_size={engine.batch_size} is not a multiple of {k} prompts x "
           f"{engine.split} batch devices: each image goes through the ViT once per prompt", flush=True)
   answer = functools.partial(_answer, engine, decoding, stop - start, per_image, prompts[0], a.scores, start)
-  if received:   # a start-up signal whose exception was lost (train._start_up_handler says when)
+  if distributed.any_process(bool(received)):   # a start-up signal whose exception was lost (see train.py)
     raise train.Preempted(None)
   summed = stream(root, mine, pending, written, prompts, rows_per_file=a.rows_per_file,
                   image_size=engine.image_size, local=stop - start, answer=answer, scores=a.scores,
@@ -320,26 +347,30 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
   counts = {"bytes": 0}
   unreadable: list[str] = []
   pool = futures.ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="annotate-decode")
+  stop_input = threading.Event()
   q = _ahead(_rows(mine, written, prompts, rows_per_file, image_size, pool, unreadable, counts),
-             AHEAD_BATCHES * local)
+             AHEAD_BATCHES * local, stop_input)
   parts: dict[tuple[str, int], list[dict]] = {}
   totals = {"images": 0, "rows": 0, "errors": 0, "parts": 0, "shards": 0}
   received = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, _: received.update(signal=signum))
-  ended, carry, capacity = False, None, local // per_image
+  ended, carry, capacity, failure = False, None, local // per_image, None
   bar = tqdm(total=sum(sh.size for sh in pending) or None, unit="B", unit_scale=True, dynamic_ncols=True,
              desc="annotate", disable=not (progress and distributed.is_primary()))
   t0 = time.perf_counter()
   try:
     while True:
       groups, entries = [], []
-      while not ended:
+      # at most AHEAD_BATCHES x local entries a step: a long run of error rows (no batch places) is written as it
+      # goes, not held
+      while not ended and failure is None and len(entries) < AHEAD_BATCHES * local:
         entry, carry = carry or q.get(), None
         if entry is None:
           ended = True
           break
         if entry[0] == "error":
-          raise entry[1]
+          failure = entry[1]
+          break
         row, future = entry
         if isinstance(row, _Row) and row.error is None:
           if groups and groups[-1][-1][1] is future and len(groups[-1]) < per_image:
@@ -350,24 +381,35 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
           else:
             groups.append([entry])
         entries.append(entry)
-      step_counts = {"bytes": counts["bytes"], "more": bool(groups), "signal": received["signal"] is not None}
-      every = distributed.gather_json(step_counts)
+      # one exchange a step: every host takes the same branch (stop on anyone's failure or signal, or go on)
+      every = distributed.gather_json({"bytes": counts["bytes"], "more": bool(groups) or not ended,
+                                       "signal": received["signal"] is not None, "failed": failure is not None})
+      if any(x["failed"] for x in every):
+        if failure is not None:
+          raise failure
+        raise UserError("another process of this job failed (its log says why); the files written so far are "
+                        "kept: rerun the same command to continue")
       if not any(x["more"] for x in every):
         _apply(root, entries, {}, parts, totals, scores)
         break
-      _apply(root, entries, answer(groups), parts, totals, scores)
+      answers = answer(groups)
+      try:
+        _apply(root, entries, answers, parts, totals, scores)
+      except Exception as e:  # noqa: BLE001 - a failed write stops every host at the next exchange
+        failure = e
       _progress(bar, every, totals, t0)
-      if any(x["signal"] for x in every):
+      if any(x["signal"] for x in every) and failure is None:
         raise Stopped(f"stopped by a signal; {totals['parts']} output files were written in this run, and the "
                       "records of the unfinished ones will be answered again")
     if distributed.is_primary():
       bar.update(max(0, (bar.total or 0) - bar.n))
+    distributed.sync("iblip_jax_annotate_end")
+    every = distributed.gather_json({"totals": totals, "unreadable": unreadable})
   finally:
     bar.close()
-    signal.signal(signal.SIGTERM, previous)
+    stop_input.set()
     pool.shutdown(wait=False, cancel_futures=True)
-  distributed.sync("iblip_jax_annotate_end")
-  every = distributed.gather_json({"totals": totals, "unreadable": unreadable})
+    signal.signal(signal.SIGTERM, previous)   # after the last exchange: a start-up handler raises
   summed = {k: sum(x["totals"][k] for x in every) for k in totals}
   lost = [u for x in every for u in x["unreadable"]]
   if distributed.is_primary():

@@ -141,3 +141,28 @@ def test_a_prepared_dataset_is_read_by_index_in_shards(tmp_path):
   assert sorted(r.meta["text_input"] for r in records) == [f"caption {i}" for i in range(5)]
   by_caption = {r.meta["text_input"]: r.image for r in records}
   assert all(by_caption[f"caption {i}"] == png(i) for i in range(5))
+
+
+def test_output_names_that_would_collide_are_refused(tmp_path):
+  (tmp_path / "a").mkdir()
+  for path in (tmp_path / "a" / "b.tar", tmp_path / "a__b.tar"):
+    write_tar(path, [{"__key__": "k", "png": png(0)}])
+  with pytest.raises(UserError, match="shards whose output names collide: a__b.tar"):
+    shards.find(f"{tmp_path}/a/b.tar,{tmp_path}/a__b.tar")
+
+
+def test_a_read_that_fails_midway_leaves_the_shard_for_the_next_run(tmp_path):
+  """A network error in the middle of a tar is not a cut tar: the shard stays unfinished (retried), rather than
+  ending with an error row and being marked done with its later records never answered."""
+  write_tar(tmp_path / "0.tar", [{"__key__": f"{i:03d}", "png": png(i) * 40} for i in range(6)])
+  shard, = shards.find(str(tmp_path / "0.tar"))
+
+  class Flaky(io.BytesIO):
+    def read(self, n=-1):
+      if self.tell() > 20_000:
+        raise ConnectionResetError("connection reset by peer")
+      return super().read(n)
+
+  records = shards._tar(shard, Flaky((tmp_path / "0.tar").read_bytes()))
+  with pytest.raises(shards.UnreadableShard, match="reading failed after .*ConnectionResetError"):
+    list(records)
