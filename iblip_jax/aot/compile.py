@@ -15,7 +15,6 @@ from iblip_jax import trainable as trainable_lib
 from iblip_jax.aot.hlo import Program, hbm_bytes
 from iblip_jax.aot.step_model import DoesNotFit, Report, communication
 from iblip_jax.aot.topology import Topology, topology_devices
-from iblip_jax.models import configs as model_configs
 from iblip_jax.models.instructblip import InstructBlip, params_shape
 from iblip_jax.run import settings
 from iblip_jax.train_step import make_train_step
@@ -27,13 +26,12 @@ Shapes = train_state.Lengths   # the batch's sequence lengths (the tokenizers' l
 
 def tpu_model_config(config, *, frozen_dtype: str = "bfloat16", remat: bool = True, remat_policy: str | None = None):
   """The model config TPU training uses: frozen towers (ViT, LLM) in `frozen_dtype`, the trainable side as
-  configured (float32), LLM blocks rematerialised with `remat_policy` (default: config.model.text.remat_policy)."""
-  d = config.model.to_dict()
-  d["vision"] = dict(d.get("vision", {}), dtype=frozen_dtype, param_dtype=frozen_dtype)
-  d["text"] = dict(d.get("text", {}), dtype=frozen_dtype, param_dtype=frozen_dtype, remat=remat)
-  if remat_policy:
-    d["text"]["remat_policy"] = remat_policy
-  return model_configs.from_dict(d)
+  configured (float32), LLM blocks rematerialised with `remat_policy` (default: config.model.text.remat_policy);
+  config.lora's adapters and the towers' quantisation (model.<tower>.quantize) as the job applies them."""
+  cfg = settings.for_tools(config).model
+  frozen = dict(dtype=frozen_dtype, param_dtype=frozen_dtype)
+  text = dict(frozen, remat=remat, **({"remat_policy": remat_policy} if remat_policy else {}))
+  return cfg.replace(vision=dataclasses.replace(cfg.vision, **frozen), text=dataclasses.replace(cfg.text, **text))
 
 
 def fully_unrolled(cfg):
@@ -46,7 +44,7 @@ def fully_unrolled(cfg):
 
 def _abstract_state(config, model: InstructBlip) -> tuple[dict, dict, Any]:
   """(trainable, frozen, optimizer state) as unsharded ShapeDtypeStructs (for counting FLOPs before partitioning)."""
-  trainable, frozen = trainable_lib.split(params_shape(model), config.trainable)
+  trainable, frozen = trainable_lib.split(params_shape(model), settings.for_tools(config).trainable)   # + adapters
   return trainable, frozen, jax.eval_shape(optim.make(config.optim, config.total_steps).init, trainable)
 
 
@@ -163,6 +161,15 @@ def decode_flops(config, cfg, *, batch: int, new_tokens: int = 10, num_beams: in
                                      **_decode_settings(new_tokens, num_beams)))
 
 
+def describe_training(cfg, trainable) -> str:
+  """'6,553,600 parameters (with LoRA adapters of rank 8); ViT int8, LLM int8 (weight-only)': what a train-step report
+  is about."""
+  n = sum(x.size for x in jax.tree.leaves(trainable))
+  lora = f" (with LoRA adapters of rank {cfg.lora.rank})" if cfg.lora is not None else ""
+  towers = [f"{name} {tower.quantize}" for name, tower in (("ViT", cfg.vision), ("LLM", cfg.text)) if tower.quantize]
+  return f"{n:,} parameters{lora}" + (f"; {', '.join(towers)} (weight-only)" if towers else "")
+
+
 def compile_train(config, topology: Topology, *, batch: int, mesh_sizes: dict[str, int] | None = None,
                   shapes: Shapes = Shapes(), frozen_dtype: str = "bfloat16", remat: bool = True,
                   remat_policy: str | None = None, libtpu_flags: str = "", devices=None,
@@ -178,6 +185,7 @@ def compile_train(config, topology: Topology, *, batch: int, mesh_sizes: dict[st
   read_traffic(report, compiled, topology, list(s.mesh.devices.flat), hlo_path)
   del compiled
   report.batch = batch
+  report.trainable = describe_training(cfg, trainable)
   report.remat_policy = cfg.text.remat_policy if remat else "none (no remat)"
   report.flops = train_flops(config, cfg, batch=batch, shapes=shapes)
   report.model_flops = train_flops(config, tpu_model_config(config, frozen_dtype=frozen_dtype, remat=False),

@@ -83,6 +83,7 @@ class Report:
   flops_note: str = ""
   batch: int = 0                    # global batch (images per call)
   remat_policy: str = ""
+  trainable: str = ""               # what the train step trains: parameter count, adapters, quantised towers
   communication: Communication | None = None
   hbm_bytes: int | None = None           # per chip per call, loops x trip counts (hbm_bytes)
   hbm_bytes_once: int | None = None      # the same with each loop body once
@@ -202,6 +203,8 @@ def format_report(report: Report, topology: Topology, mfu: float = DEFAULT_MFU) 
       f"  total {gib(report.total_bytes)} of {chip.hbm_bytes / GiB:.0f} GiB HBM per {chip.name} chip "
       f"({100 * report.total_bytes / chip.hbm_bytes:.1f}%): {'fits' if fits(report, topology) else 'DOES NOT FIT'}",
   ]
+  if report.trainable:
+    lines.append(f"  trains {report.trainable}")
   if report.flops:
     per_chip = report.flops / topology.num_chips
     peak_seconds = per_chip / chip.peak_flops    # every executed FLOP at the published peak

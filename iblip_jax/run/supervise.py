@@ -26,6 +26,7 @@ LOST_EXIT = 75
 LOST = ("JAX distributed service detected fatal errors", "heartbeat timeout", "stopped sending heartbeats",
         "Connection closed by peer", "Connection reset by peer", "Socket closed", "Gloo AllGather failed",
         "Gloo AllReduce failed", "Gloo Broadcast failed")
+CRASH = (b"*** Check failure stack trace", b"Fatal Python error")   # the first line of a crash dump
 
 
 def needed() -> bool:
@@ -93,13 +94,9 @@ def run(argv: list[str]) -> int:
   for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(sig, lambda signum, _: child.send_signal(signum))
   tail: collections.deque = collections.deque(maxlen=400)
-
-  def copy():
-    for line in iter(child.stderr.readline, b""):
-      sys.stderr.buffer.write(line)
-      sys.stderr.buffer.flush()
-      tail.append(line.decode("utf-8", "replace"))
-  copier = threading.Thread(target=copy, name="stderr", daemon=True)
+  held: list[bytes] = []
+  copier = threading.Thread(target=pass_through, args=(child.stderr, sys.stderr.buffer, tail, held), name="stderr",
+                            daemon=True)
   copier.start()
   code = child.wait()
   copier.join(timeout=10)
@@ -107,4 +104,21 @@ def run(argv: list[str]) -> int:
   if code not in (0, LOST_EXIT) and lost_peer(text):
     print(f"error: {message(text, _workdir(argv))}", file=sys.stderr, flush=True)
     return LOST_EXIT
+  sys.stderr.buffer.write(b"".join(held))   # not a lost peer: the crash is the child's own, show all of it
+  sys.stderr.buffer.flush()
   return code if code >= 0 else 128 - code
+
+
+def pass_through(source, sink, tail: collections.deque, held: list[bytes]) -> None:
+  """Copies the child's stderr to ours line by line, except a crash dump (a C++ check failure's stack, Python's
+  "Fatal Python error" thread dump): from its first line on, lines are held back, since a lost peer ends in such a
+  dump and its one-line explanation says more; `run` shows the held lines when the crash is something else."""
+  crashing = False
+  for line in iter(source.readline, b""):
+    crashing = crashing or any(mark in line for mark in CRASH)
+    if crashing:
+      held.append(line)
+    else:
+      sink.write(line)
+      sink.flush()
+    tail.append(line.decode("utf-8", "replace"))

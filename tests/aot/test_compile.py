@@ -112,3 +112,27 @@ def test_remat_policy_changes_the_executed_flops():
   assert model <= flops["save_dots"] < flops["full"]
   policy = aot_compile.tpu_model_config(config, remat_policy="save_dots_no_batch").text.remat_policy
   assert policy == "save_dots_no_batch"
+
+
+@pytest.mark.slow
+def test_compile_tiny_qlora_train_step(v5e_2x2):
+  """config.lora and quantised towers reach the compiled step: only the adapters are trained (arguments, donated
+  optimizer state), the frozen ViT and T5 held in int8, against the same model trained on the Q-Former side."""
+  slice_, devices = v5e_2x2
+  full = aot_compile.compile_train(_tiny_config(), slice_, batch=8, shapes=SHAPES, devices=devices)
+  config = _tiny_config()
+  config.trainable = []
+  config.lora.targets = [r"qformer/.*/(query|value)$", r"language_model/.*/(q|v)$"]
+  config.lora.rank = 2
+  config.model.vision.quantize = config.model.text.quantize = "int8"
+  cfg = aot_compile.tpu_model_config(config)
+  assert cfg.lora.rank == 2 and (cfg.vision.quantize, cfg.text.quantize) == ("int8", "int8")
+  qlora = aot_compile.compile_train(config, slice_, batch=8, shapes=SHAPES, devices=devices)
+  assert "with LoRA adapters of rank 2" in qlora.trainable and "ViT int8, LLM int8" in qlora.trainable
+  assert "LoRA" not in full.trainable
+  trained = lambda r: int(r.trainable.split(" parameters")[0].replace(",", ""))
+  assert 0 < trained(qlora) < 0.2 * trained(full)
+  # donated: the trainable tree and its AdamW moments (TPU tiles of 8 x 128 pad the rank-2 adapters: not 1/5)
+  assert qlora.alias_bytes < 0.5 * full.alias_bytes
+  assert qlora.argument_bytes < full.argument_bytes     # and the frozen towers in int8 rather than bfloat16
+  assert "trains " in step_model.format_report(qlora, slice_)

@@ -21,3 +21,22 @@ def test_needed(monkeypatch, env, needed):
   for name, value in env.items():
     monkeypatch.setenv(name, value)
   assert supervise.needed() is needed
+
+
+def test_a_crash_dump_is_held_back_and_the_rest_passes_through():
+  """The child's lines reach our stderr as they come until a crash dump begins (a C++ check failure's stack, Python's
+  thread dump); those are held for `run` to show only when the crash is not a lost peer. Every line still reaches
+  the tail that `run` reads the cause from."""
+  import collections
+  import io
+  lines = [b"step 3 loss 1.2\n",
+           b"F1204 coordination_service_agent.cc:332] Terminating process because the JAX distributed service "
+           b"detected fatal errors\n",
+           b"*** Check failure stack trace: ***\n", b"    @     0x7f5af7f040ee  xla::CoordinationServiceAgent::SetError()\n",
+           b"Fatal Python error: Aborted\n", b"Thread 0x00007f5a537fe6c0 (most recent call first):\n"]
+  sink, tail, held = io.BytesIO(), collections.deque(maxlen=400), []
+  supervise.pass_through(io.BytesIO(b"".join(lines)), sink, tail, held)
+  assert sink.getvalue() == b"".join(lines[:2])
+  assert held == lines[2:]
+  assert "".join(tail) == b"".join(lines).decode()
+  assert supervise.lost_peer("".join(tail))
