@@ -142,3 +142,65 @@ def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp
   trained = _restore_on_one_device(two / "checkpoints" / "6" / "state")["trainable"]
   np.testing.assert_array_equal(hf.query_tokens.detach().numpy(), np.asarray(trained["query_tokens"]))
   assert (two.parent / "two_export" / "qformer_tokenizer").is_dir()
+
+
+def test_two_processes_qlora_train_resume_export_like_one(assets, tmp_path):
+  """QLoRA (rank-2 adapters on the Q-Former's and the T5's attention, over the ViT and T5 quantised to int8 as each
+  process loads its shards) as 2 processes x 2 devices, process 1 killed after the step-2 checkpoint and the job
+  rerun: the losses of every step equal the 1-process x 4-device run's, the checkpoints hold the same adapters and
+  nothing else, and the 2-process export (towers float: export writes float weights) is the adapters folded in,
+  as peft folds its own export of them. One QLoRA job stands for LoRA too: float towers change the frozen weights'
+  storage only; the adapters, their shardings, optimizer state and checkpoints are the same code."""
+  qlora = {"trainable": "()", "lora.targets": '("qformer/.*/(query|value)$", "language_model/.*/(q|v)$")',
+           "lora.rank": 2, "lora.alpha": 4.0, "model.vision.quantize": "int8", "model.text.quantize": "int8",
+           "mesh.fsdp": -1}
+  one, two = tmp_path / "one", tmp_path / "two"
+  _run(main_job.flags(assets, one, **qlora), 1, 4, tmp_path, "q_one")
+  procs = _launch(main_job.flags(assets, two, **qlora), 2, 2, tmp_path, "q_two")
+  marker = two / "checkpoints" / "2" / "_CHECKPOINT_METADATA"
+  deadline = time.time() + TIMEOUT
+  while not marker.exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGKILL)
+  procs[1].wait()
+  try:
+    procs[0].wait(timeout=TIMEOUT)
+  except subprocess.TimeoutExpired:
+    procs[0].kill()
+    pytest.fail("process 0 hung after losing process 1:\n" + _logs(tmp_path, "q_two", 2))
+  assert procs[0].returncode == 75, _logs(tmp_path, "q_two", 2)
+  assert marker.exists() and not (two / "checkpoints" / "6").exists()
+  out = _run(main_job.flags(assets, two, **qlora), 2, 2, tmp_path, "q_resume")
+  assert "resumed from" in out and "at step 2" in out
+
+  want, got = _losses(one), _losses(two)
+  assert sorted(want) == sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-5)
+  assert want[1] != want[6]
+  adapters = {w: _restore_on_one_device(w / "checkpoints" / "6" / "state")["trainable"] for w in (one, two)}
+  flat = {w: _flatten(a) for w, a in adapters.items()}
+  assert flat[one] and all(p.endswith(("/lora_a", "/lora_b")) for p in flat[one]), sorted(flat[one])[:5]
+  assert sorted(flat[one]) == sorted(flat[two])
+  for p in flat[one]:
+    np.testing.assert_allclose(np.asarray(flat[two][p]), np.asarray(flat[one][p]), rtol=1e-4, atol=1e-6, err_msg=p)
+
+  floats = {"model.vision.quantize": "", "model.text.quantize": ""}
+  _run(main_job.flags(assets, two, **{**qlora, **floats}, mode="export", export_dir=str(tmp_path / "hf")), 2, 2,
+       tmp_path, "q_export")
+  import peft
+  by_peft = peft.PeftModel.from_pretrained(InstructBlipForConditionalGeneration.from_pretrained(assets / "ckpt"),
+                                           str(tmp_path / "hf" / "peft_adapter")).merge_and_unload().state_dict()
+  ours = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf").state_dict()
+  base = InstructBlipForConditionalGeneration.from_pretrained(assets / "ckpt").state_dict()
+  assert sorted(ours) == sorted(by_peft)
+  for name in ours:
+    np.testing.assert_allclose(ours[name].numpy(), by_peft[name].numpy(), atol=1e-6, err_msg=name)
+  changed = [k for k in ours if not np.array_equal(ours[k].numpy(), base[k].numpy())]
+  assert changed and all(k.endswith(("q.weight", "v.weight", "query.weight", "value.weight")) for k in changed), changed
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
