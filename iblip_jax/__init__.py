@@ -8,7 +8,8 @@
 
 The package, by layer, bottom to top: a module imports only from its own layer and the layers below it
 (tests/test_layers.py checks it on every module):
-  errors, extras, prompts       exception types; optional packages; the prompt catalogue
+  errors, extras, prompts, chips
+                                exception types; optional packages; the prompt catalogue; TPU chips' figures
   losses                        token losses and log-likelihoods
   models/                       the Flax modules (ViT, Q-Former, T5, LLaMA, InstructBlip with one interface over
                                 both LLMs: target_logits, prefill/step, candidate_logits), their configs, init
@@ -18,8 +19,9 @@ The package, by layer, bottom to top: a module imports only from its own layer a
                                 start-up and host exchanges
   hf/                           the Hugging Face format: name table, safetensors, config.json, params, BLIP-2 start,
                                 from_pretrained / save_pretrained
-  train_step, train_state, checkpoints
-                                the step's maths; the training state built once; orbax checkpoints, verified
+  train_step, train_state, checkpoints, step_flops
+                                the step's maths; the training state built once; orbax checkpoints, verified; the
+                                step's FLOPs counted by XLA
   sampling, decoding, ranking   the decoding loop (greedy, sampling, streaming), beam search and the Decoding
                                 settings, candidate ranking
   data/                         images (the one image path), preprocessing, tokenisation, templates, LAVIS text cleaning,

@@ -11,12 +11,12 @@ PACKAGE = pathlib.Path(iblip_jax.__file__).parent
 
 # Bottom to top; a module belongs to the first layer with a prefix of its dotted name.
 LAYERS = [
-    ("errors", "extras", "prompts"),
+    ("errors", "extras", "prompts", "chips"),
     ("losses",),
     ("models",),
     ("trainable", "lora", "optim", "sharding", "distributed"),
     ("hf",),
-    ("train_step", "train_state", "checkpoints"),
+    ("train_step", "train_state", "checkpoints", "step_flops"),
     ("sampling", "decoding", "ranking"),
     ("data",),
     ("attention_maps",),

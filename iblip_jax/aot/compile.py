@@ -17,7 +17,7 @@ from iblip_jax.aot.step_model import DoesNotFit, Report, communication
 from iblip_jax.aot.topology import Topology, topology_devices
 from iblip_jax.models.instructblip import InstructBlip, params_shape
 from iblip_jax.run import settings
-from iblip_jax.train_step import make_train_step
+from iblip_jax.step_flops import fully_unrolled, train_step_flops
 
 Shapes = train_state.Lengths   # the batch's sequence lengths (the tokenizers' longest buckets by default)
 
@@ -32,14 +32,6 @@ def tpu_model_config(config, *, frozen_dtype: str = "bfloat16", remat: bool = Tr
   frozen = dict(dtype=frozen_dtype, param_dtype=frozen_dtype)
   text = dict(frozen, remat=remat, **({"remat_policy": remat_policy} if remat_policy else {}))
   return cfg.replace(vision=dataclasses.replace(cfg.vision, **frozen), text=dataclasses.replace(cfg.text, **text))
-
-
-def fully_unrolled(cfg):
-  """The same model (parameters and maths) with no layer loops left, for counting FLOPs (see global_flops)."""
-  t = cfg.text
-  text_layers = t.num_hidden_layers if cfg.decoder_only else max(t.num_layers, t.num_decoder_layers)
-  return cfg.replace(vision=dataclasses.replace(cfg.vision, scan_unroll=cfg.vision.num_hidden_layers),
-                     text=dataclasses.replace(cfg.text, scan_unroll=text_layers))
 
 
 def _abstract_state(config, model: InstructBlip) -> tuple[dict, dict, Any]:
@@ -137,12 +129,10 @@ def _rng(sharding_: NamedSharding | None = None) -> jax.ShapeDtypeStruct:
 
 def train_flops(config, cfg, *, batch: int, shapes: Shapes = Shapes()) -> float:
   """FLOPs of one train step on the global batch: forward, backward (with remat's recompute when cfg.text.remat)
-  and AdamW, every layer counted (see global_flops)."""
-  model = InstructBlip(fully_unrolled(cfg))
-  trainable, frozen, opt_state = _abstract_state(config, model)
-  step = jax.jit(make_train_step(model, optim.make(config.optim, config.total_steps),
-                                 vision_frozen="vision" not in trainable, dropout=config.dropout))
-  return global_flops(step.lower(trainable, opt_state, frozen, train_state.batch_spec(cfg, batch, shapes), _rng()))
+  and AdamW, every layer counted (iblip_jax.step_flops)."""
+  trainable, frozen, opt_state = _abstract_state(config, InstructBlip(cfg))
+  return train_step_flops(cfg, optim.make(config.optim, config.total_steps), trainable, opt_state, frozen,
+                          train_state.batch_spec(cfg, batch, shapes), dropout=config.dropout)
 
 
 def _decode_settings(new_tokens: int, num_beams: int) -> dict:

@@ -209,6 +209,12 @@ class Settings:
   # first step after each start compiles: trace later ones.
   profile_steps: tuple[int, ...] = ()
   profile_all_processes: bool = False
+  # The step timeline (run/timeline.py): model FLOPs of each batch shape are counted by XLA in a background thread on
+  # process 0 (the step lowered with its layers unrolled), for model TFLOP/s per device and MFU in the log. MFU
+  # divides by peak_tflops (per device, bf16); 0 = the published figure of TPU chips (iblip_jax/chips.py), and no MFU
+  # on other devices (the TFLOP/s are still logged).
+  log_mfu: bool = True
+  peak_tflops: float = 0.0
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
   # Checkpoints exist but none can be read: True starts over from model_init instead of stopping (checkpoints.py:

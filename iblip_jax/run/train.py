@@ -4,6 +4,7 @@ Sections: set-up (config check, model, tokenizers, mesh) -> state (pretrained fr
 the checkpoint or fresh, or the latest training checkpoint) -> data -> loop (progress, metrics, guards, saves,
 evaluations). Re-running the same command on the same workdir resumes from its latest checkpoint.
 """
+import concurrent.futures
 import math
 import signal
 import time
@@ -12,7 +13,7 @@ import jax
 from etils import epath
 from tqdm import tqdm
 
-from iblip_jax import checkpoints, distributed, optim, sharding
+from iblip_jax import checkpoints, chips, distributed, optim, sharding, step_flops
 from iblip_jax import trainable as trainable_lib
 from iblip_jax.data import mixture, pipeline, sources
 from iblip_jax.errors import UserError
@@ -21,6 +22,7 @@ from iblip_jax.run import best as best_lib
 from iblip_jax.run import common
 from iblip_jax.run import logger as logger_lib
 from iblip_jax.run import profiler as profiler_lib
+from iblip_jax.run import timeline as timeline_lib
 from iblip_jax.run import workdir_lock
 from iblip_jax.run.settings import Settings
 
@@ -122,6 +124,9 @@ def _train(s: Settings, start_up_signals: list) -> dict:
     if jax.process_index() == 0:
       print(f"resumed from {mngr.directory} at step {start}", flush=True)
   log = logger_lib.Logger(workdir, s.config_json, resumed_at=start)
+  timeline = timeline_lib.Timeline(workdir, start, active=jax.process_index() == 0)
+  flops = _FlopCounter(s, model, setup.tx) if s.log_mfu and jax.process_index() == 0 else None
+  peak = s.peak_tflops * 1e12 or chips.peak_flops(jax.devices()[0].device_kind)
   log.text("mixture: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in sorted(probs.items())))
 
   step_fn = setup.train_step(dropout=s.dropout)
@@ -152,60 +157,79 @@ def _train(s: Settings, start_up_signals: list) -> dict:
   if start == 0 and s.eval_at_start and s.evals:
     if s.eval_untrained_baseline:  # a randomly initialised trainable side, as a stated baseline
       fresh = setup.init_random(jax.random.key(s.seed + 1))[0]
-      untrained = common.run_evals(s, model, trainable_lib.merge(fresh, frozen), tok,
-                                   common.eval_dir(workdir, "untrained"), mesh, rules, eval_records)
+      with timeline.part("eval"):
+        untrained = common.run_evals(s, model, trainable_lib.merge(fresh, frozen), tok,
+                                     common.eval_dir(workdir, "untrained"), mesh, rules, eval_records)
       log.text("untrained Q-Former side: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(untrained.items())))
       del fresh
-    before = evaluate_now(0)
+    with timeline.part("eval"):
+      before = evaluate_now(0)
     last.update(before)
   profiler = profiler_lib.StepProfiler(workdir, s.profile_steps, s.profile_all_processes)
   bar = tqdm(total=s.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
-  t0, done_in_window, reported_skips = time.perf_counter(), 0, 0
+  t0, done_in_window, reported_skips, tokens, window_flops = time.perf_counter(), 0, 0, 0, []
   step = start
   try:
     with sharding.context(mesh, rules):
       while step < s.total_steps:
         with profiler.step(step + 1):
-          batch = sharding.global_batch(next(data_it), mesh)
-          rng = jax.random.fold_in(jax.random.key(s.seed, impl=s.rng_impl), step)
-          trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng)
+          with timeline.part("data"):
+            host_batch = next(data_it)
+            batch = sharding.global_batch(host_batch, mesh)
+          with timeline.part("step"):   # compiling a new shape is moved to "compile"
+            rng = jax.random.fold_in(jax.random.key(s.seed, impl=s.rng_impl), step)
+            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng)
         step += 1
-        traced = profiler.step_done(step, metrics)
-        if traced:
-          log.text(f"step {step}: profiler trace written to {traced}")
+        tokens += _real_tokens(host_batch)
+        timeline.step_done()
+        if flops is not None:
+          window_flops.append(flops.submit(trainable, opt_state, frozen, batch))
+        with timeline.part("other"):
+          traced = profiler.step_done(step, metrics)
+          if traced:
+            log.text(f"step {step}: profiler trace written to {traced}")
         done_in_window += 1
-        stopping = distributed.any_process(stop["signal"] is not None)   # all hosts stop at the same step
+        with timeline.part("step"):   # a collective: it waits for the step on every host
+          stopping = distributed.any_process(stop["signal"] is not None)   # all hosts stop at the same step
         is_save = step % s.checkpoint_every == 0 or step == s.total_steps
         if step % s.log_every == 0 or is_save or stopping:
-          loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-          if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise NonFiniteLoss(f"step {step}: loss {loss}, gradient norm {grad_norm}; training stopped. "
-                                + _intact(mngr))
-          rate = done_in_window / (time.perf_counter() - t0)
-          t0, done_in_window = time.perf_counter(), 0
-          skipped = _skipped(pipe)
-          values = {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
-                    "steps_per_sec": rate, **{f"skipped/{k}": v for k, v in skipped.items()}}
-          log.metrics(step, values)
-          if sum(skipped.values()) != reported_skips:   # bad input is shown as it happens, not only in metrics.jsonl
-            reported_skips = sum(skipped.values())
-            if jax.process_index() == 0:
-              bar.write(f"step {step}: input {_skip_text(skipped)}")
-          rate_warning = _skip_rate_warning(pipe, s.data.max_skip_rate)
-          if rate_warning and jax.process_index() == 0:
-            bar.write(f"step {step}: WARNING: {rate_warning}")
-          bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", skipped=reported_skips)
-        bar.update(1)
+          with timeline.part("step"):   # the host waits for the device here
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        with timeline.part("other"):
+          if step % s.log_every == 0 or is_save or stopping:
+            rate = done_in_window / (time.perf_counter() - t0)
+            t0, done_in_window = time.perf_counter(), 0
+            skipped = _skipped(pipe)
+            window_tokens = sum(distributed.gather_json(tokens))
+            tokens = 0
+            values = {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
+                      "steps_per_sec": rate, **{f"skipped/{k}": v for k, v in skipped.items()},
+                      **timeline.window(flops.total(window_flops, wait=step == s.total_steps) if flops else None,
+                                        jax.device_count(), peak, window_tokens)}
+            window_flops = []
+            log.metrics(step, values)
+            if sum(skipped.values()) != reported_skips:   # bad input is shown as it happens, not only in metrics.jsonl
+              reported_skips = sum(skipped.values())
+              if jax.process_index() == 0:
+                bar.write(f"step {step}: input {_skip_text(skipped)}")
+            rate_warning = _skip_rate_warning(pipe, s.data.max_skip_rate)
+            if rate_warning and jax.process_index() == 0:
+              bar.write(f"step {step}: WARNING: {rate_warning}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", skipped=reported_skips,
+                            goodput=f"{100 * values['goodput']:.0f}%")
+          bar.update(1)
         if is_save or stopping:
-          # A finite loss does not make a state good: an update can blow the parameters up (a huge learning rate)
-          # and only the next step's loss shows it. The new state's own loss on this batch must be finite too.
-          probe, finite = (float(x) for x in state_check(trainable, frozen, batch))
-          if not (finite and math.isfinite(probe)):
-            raise NonFiniteLoss(f"step {step}: the update gave {'non-finite parameters' if not finite else 'parameters'}"
-                                f" whose loss on this batch is {probe}; this state is not saved. " + _intact(mngr))
-          checkpoints.save(mngr, step, {"trainable": trainable, "opt_state": opt_state}, data_it, force=True,
-                           meaning=s.checkpoint_meaning)
+          with timeline.part("checkpoint"):
+            # A finite loss does not make a state good: an update can blow the parameters up (a huge learning rate)
+            # and only the next step's loss shows it. The new state's own loss on this batch must be finite too.
+            probe, finite = (float(x) for x in state_check(trainable, frozen, batch))
+            if not (finite and math.isfinite(probe)):
+              raise NonFiniteLoss(f"step {step}: the update gave {'non-finite parameters' if not finite else 'parameters'}"
+                                  f" whose loss on this batch is {probe}; this state is not saved. " + _intact(mngr))
+            checkpoints.save(mngr, step, {"trainable": trainable, "opt_state": opt_state}, data_it, force=True,
+                             meaning=s.checkpoint_meaning)
+          timeline.checkpoint_saved(step)
         if stopping:
           checkpoints.wait(mngr)
           log.text(f"stopped by a signal at step {step}; checkpoint saved. Exit status {PREEMPTED_EXIT} means: "
@@ -213,10 +237,14 @@ def _train(s: Settings, start_up_signals: list) -> dict:
           log.close()
           raise Preempted(step)
         if s.evals and step % s.eval_every == 0 and step != s.total_steps:
-          last.update(evaluate_now(step))
+          with timeline.part("eval"):
+            last.update(evaluate_now(step))
           t0 = time.perf_counter()
   finally:
     bar.close()
+    timeline.close()
+    if flops is not None:
+      flops.pool.shutdown(wait=False, cancel_futures=True)
     profiler.close(step)
     checkpoints.wait(mngr)
     signal.signal(signal.SIGTERM, previous)
@@ -224,9 +252,46 @@ def _train(s: Settings, start_up_signals: list) -> dict:
     last.update(evaluate_now(step))
     log.text(results_table(last, before, untrained, s.baselines))
   log.text(f"input over the run: {_skip_text(_skipped(pipe))}")
+  log.text(timeline.summary())
   log.plot()
   log.close()
   return last
+
+
+def _real_tokens(host_batch) -> int:
+  """The LLM's tokens in this host's share of a batch, padding excluded: the prompt (with the target, decoder-only)
+  and, for T5, the target."""
+  n = int(host_batch["attention_mask"].sum())
+  if "decoder_attention_mask" in host_batch:
+    n += int(host_batch["decoder_attention_mask"].sum())
+  return n
+
+
+class _FlopCounter:
+  """Model FLOPs of the train step per batch shape (iblip_jax.step_flops, without remat's recompute: what MFU
+  counts), each shape counted once in a background thread so that training never waits for XLA's cost analysis."""
+
+  def __init__(self, s: Settings, model: InstructBlip, tx):
+    self.s, self.cfg, self.tx = s, step_flops.without_remat(model.config), tx
+    self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flops")
+    self.counted: dict = {}
+
+  def submit(self, trainable, opt_state, frozen, batch) -> concurrent.futures.Future:
+    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    if key not in self.counted:
+      shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+      self.counted[key] = self.pool.submit(step_flops.train_step_flops, self.cfg, self.tx, shapes(trainable),
+                                           shapes(opt_state), shapes(frozen), shapes(batch), dropout=self.s.dropout)
+    return self.counted[key]
+
+  def total(self, futures: list, wait: bool = False) -> float | None:
+    """The FLOPs of a window's steps, or None while a shape in it is still being counted (or its count failed);
+    `wait`: wait for the counts (the last window of a run)."""
+    if wait:
+      concurrent.futures.wait(futures, timeout=300)
+    if not futures or not all(f.done() and f.exception() is None for f in futures):
+      return None
+    return sum(f.result() for f in futures)
 
 
 def _skipped(pipe) -> dict:

@@ -51,6 +51,14 @@ def test_sigkill_then_rerun_ends_bit_identical_then_resumes_on_another_mesh(asse
   rows = [json.loads(l) for l in open(tmp_path / "killed" / "metrics.jsonl")]
   assert [r["step"] for r in rows if "loss" in r][-2:] == [5, 6]
   assert (tmp_path / "killed" / "curves.png").exists()
+  # the step timeline: each window's parts add up to its wall time; goodput spans both runs and says so
+  for r in rows:
+    parts = sum(r[f"time/{p}"] for p in ("compile", "data", "step", "checkpoint", "eval", "other"))
+    assert parts == pytest.approx(r["time/window"], rel=0.05, abs=0.02), r
+    assert 0 < r["goodput"] < 1 and r["perf/tokens_per_sec"] > 0
+  assert rows[-1]["perf/model_tflops_per_device"] > 0 and "perf/mfu" not in rows[-1]   # no peak known for a CPU
+  assert json.loads((tmp_path / "killed" / "goodput.json").read_text())["restarts"] == 1
+  assert "(1 restart)" in out.stdout and "goodput" in out.stdout
 
   # the same workdir on another mesh with its newest checkpoint corrupted: reported, moved aside, the one before used
   w = tmp_path / "killed"
