@@ -15,6 +15,7 @@ from etils import epath
 from tensorboardX import SummaryWriter
 
 from iblip_jax.extras import require
+from iblip_jax.run.timeline import PARTS as TIME_PARTS
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,19 @@ class Logger:
     keys = sorted({k for values in steps.values() for k in values if k == "loss" or k.startswith("eval/")})
     if not keys:
       return
+    timed = [(step, v) for step, v in sorted(steps.items()) if v.get("time/window", 0) > 0]
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys) + bool(timed), figsize=(4 * (len(keys) + bool(timed)), 3.2), squeeze=False)
     try:
+      if timed:   # where each logging window's time went (run/timeline.py), as shares of the window
+        ax = axes[0][-1]
+        parts = [p for p in TIME_PARTS if any(v.get(f"time/{p}", 0) > 0 for _, v in timed)]
+        ax.stackplot([s for s, _ in timed], *[[v.get(f"time/{p}", 0) / v["time/window"] for _, v in timed]
+                                              for p in parts], labels=parts, step="post")
+        ax.set_title("time per logging window")
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.legend(loc="lower left", fontsize="x-small")
       for ax, key in zip(axes[0], keys):
         points = [(step, values[key]) for step, values in sorted(steps.items()) if key in values]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if key != "loss" else None)

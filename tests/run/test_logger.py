@@ -95,3 +95,18 @@ def test_results_table_leaves_out_what_is_not_a_number():
 @pytest.mark.parametrize("value", [True, "3", None, [1], 10 ** 400])
 def test_as_number_refuses_what_is_not_a_real_number(value):
   assert logger_lib.as_number(value) is None
+
+
+def test_plot_adds_the_time_panel_when_rows_carry_a_timeline(tmp_path):
+  """Rows with the step timeline (run/timeline.py) add a panel of each window's time by part: a wider picture."""
+  import PIL.Image
+  plain, timed = tmp_path / "plain", tmp_path / "timed"
+  for d, extra in ((plain, {}), (timed, {"time/window": 2.0, "time/step": 1.5, "time/data": 0.5})):
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0 / i, **extra}) + "\n"
+                                             for i in range(1, 5)))
+    log = logger_lib.Logger(str(d))
+    log.plot()
+    log.close()
+  widths = [PIL.Image.open(d / "curves.png").size[0] for d in (plain, timed)]
+  assert widths[1] == 2 * widths[0]
