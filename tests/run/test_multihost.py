@@ -47,6 +47,20 @@ def _run(args, processes, devices, logdir, tag):
   return _wait(_launch(args, processes, devices, logdir, tag), logdir, tag)
 
 
+def _kill_process_1_once(marker, procs, logdir, tag):
+  """SIGKILL to process 1 once `marker` (a checkpoint's) exists: a lost host. Process 0 must find out and stop."""
+  deadline = time.time() + TIMEOUT
+  while not marker.exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGKILL)
+  procs[1].wait()
+  try:
+    procs[0].wait(timeout=TIMEOUT)
+  except subprocess.TimeoutExpired:
+    procs[0].kill()
+    pytest.fail("process 0 hung after losing process 1:\n" + _logs(logdir, tag, 2))
+
+
 def _losses(workdir):
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
@@ -94,16 +108,7 @@ def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp
   two = tmp_path / "two"
   procs = _launch(_flags(assets, two), 2, 2, tmp_path, "two_train")
   marker = two / "checkpoints" / "4" / "_CHECKPOINT_METADATA"
-  deadline = time.time() + TIMEOUT
-  while not marker.exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
-    time.sleep(0.05)
-  procs[1].send_signal(signal.SIGKILL)   # a lost host: process 0 finds out, says so, and stops with status 75
-  procs[1].wait()
-  try:
-    procs[0].wait(timeout=TIMEOUT)
-  except subprocess.TimeoutExpired:
-    procs[0].kill()
-    pytest.fail("process 0 hung after losing process 1:\n" + _logs(tmp_path, "two_train", 2))
+  _kill_process_1_once(marker, procs, tmp_path, "two_train")
   log = (tmp_path / "two_train_0.log").read_text()
   assert procs[0].returncode == 75, log[-3000:]
   # which of JAX's reports reaches process 0 first is a race: the one naming the lost task (process 1), or a
@@ -158,16 +163,7 @@ def test_two_processes_qlora_train_resume_export_like_one(assets, tmp_path):
   _run(main_job.flags(assets, one, **qlora), 1, 4, tmp_path, "q_one")
   procs = _launch(main_job.flags(assets, two, **qlora), 2, 2, tmp_path, "q_two")
   marker = two / "checkpoints" / "2" / "_CHECKPOINT_METADATA"
-  deadline = time.time() + TIMEOUT
-  while not marker.exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
-    time.sleep(0.05)
-  procs[1].send_signal(signal.SIGKILL)
-  procs[1].wait()
-  try:
-    procs[0].wait(timeout=TIMEOUT)
-  except subprocess.TimeoutExpired:
-    procs[0].kill()
-    pytest.fail("process 0 hung after losing process 1:\n" + _logs(tmp_path, "q_two", 2))
+  _kill_process_1_once(marker, procs, tmp_path, "q_two")
   assert procs[0].returncode == 75, _logs(tmp_path, "q_two", 2)
   assert marker.exists() and not (two / "checkpoints" / "6").exists()
   out = _run(main_job.flags(assets, two, **qlora), 2, 2, tmp_path, "q_resume")
