@@ -303,3 +303,23 @@ def test_annotate_streams_answers_in_batches_equal_to_the_plain_call(pipes):
     want = pipe(good, p, **GREEDY)
     assert [r["answer"] for r in rows if r["prompt"] == p and r["key"] != "k3"] == want
   assert all("not an image" in r["error"] for r in rows if r["key"] == "k3")
+
+
+@pytest.mark.parametrize("which", ["t5", "vicuna"])
+def test_a_video_file_is_answered_as_its_four_uniformly_sampled_frames(pipes, which, tmp_path):
+  """pipe("clip.mp4", prompt): the answer generate gives for frames 0, 2, 5 and 7 of the 10-frame clip (the
+  uniform sampling of 4), decoded here with PyAV itself; a damaged clip fails the call naming it."""
+  av = pytest.importorskip("av")
+  import video_clips
+  pipe, size = pipes[which], pipes[which].model.config.vision.image_size
+  path = video_clips.write(tmp_path / "clip.mp4", 10)
+  with av.open(str(path)) as container:
+    decoded = [frame.to_image() for frame in container.decode(video=0)]
+  assert len(decoded) == 10
+  pixel_values = np.stack([preprocess.preprocess_image(decoded[i], size) for i in (0, 2, 5, 7)])[None]
+  want = tokenize.decode(pipe.tok, iblip_jax.generate(pipe.model, pipe.params, pixel_values=pixel_values,
+                                                      **tokenize.encode_prompts(pipe.tok, [PROMPTS[1]]), **GREEDY))
+  assert pipe(str(path), PROMPTS[1], **GREEDY) == want[0]
+  (tmp_path / "cut.mp4").write_bytes(path.read_bytes()[:200])
+  with pytest.raises(BadInput, match="cut.mp4"):
+    pipe(str(tmp_path / "cut.mp4"), PROMPTS[1])

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from iblip_jax.data import preprocess
+from iblip_jax.data import preprocess, video_files
 from iblip_jax.errors import BadInput
 
 # Above this an image is refused before it is decoded (people and servers). Training and evaluation pass None: the
@@ -108,15 +108,28 @@ def prepare(source, size: int, *, max_pixels: int | None = MAX_PIXELS, name: str
 def pixels(source, size: int, *, frames: int = 0, max_pixels: int | None = None, name: str | None = None
            ) -> np.ndarray:
   """Model input of one record: (size, size, 3) for an image, or (frames, size, size, 3) for a video given as its
-  frames (a list of image sources; `frames` of them sampled uniformly, preprocess.video_frame_indices). BadImage
-  names the image or frame that failed."""
+  frames (a list of image sources; `frames` of them sampled uniformly, preprocess.video_frame_indices) or as a video
+  file (data/video_files.py, sampled the same way). BadImage names the image, frame or video that failed."""
   if not frames:
     return prepare(source, size, max_pixels=max_pixels, name=name).pixels
+  if video_files.is_video_file(source):   # a video file: its frames decoded, the n used sampled as below
+    source = video_frames(source, frames)
   listed = list(source or ())
   if not listed:
     raise BadImage("a video without frames", "missing_image")
   return np.stack([prepare(listed[i], size, max_pixels=max_pixels).pixels
                    for i in preprocess.video_frame_indices(len(listed), frames)])
+
+
+def video_frames(path, n: int) -> list[Image.Image]:
+  """The n frames of a video file that a video input uses (data/video_files.py); BadImage names a missing or
+  unreadable file."""
+  try:
+    return video_files.read_frames(path, n)
+  except FileNotFoundError as e:
+    raise BadImage(str(e), "missing_image") from None
+  except (OSError, ValueError) as e:
+    raise BadImage(str(e)) from None
 
 
 def _clip(e: BaseException, limit: int = 300) -> str:

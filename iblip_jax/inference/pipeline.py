@@ -36,7 +36,7 @@ from PIL import Image
 from iblip_jax import attention_maps as maps_lib
 from iblip_jax import hf
 from iblip_jax.data import images as images_lib
-from iblip_jax.data import tokenize
+from iblip_jax.data import tokenize, video_files
 from iblip_jax.data.conversation import Conversation, prompt_text
 from iblip_jax.decoding import Decoding
 from iblip_jax.engine import Engine, Item, Stream
@@ -119,9 +119,15 @@ class Pipeline:
       raise BadInput(f"{len(images)} images and {len(prompts)} prompts: give one prompt, one image, or one prompt "
                      "per image")
     texts = [prompt_text(p) for p in prompts]
-    prepared = [self.prepare(x) for x in images]
-    n = max(len(prepared), len(texts))
-    return [Item(prepared[i % len(prepared)], texts[i % len(texts)]) for i in range(n)], one_image and one_prompt
+    # a video file is decoded here (its FRAMES sampled frames), so that a bad one fails the call as a bad image does
+    inputs = [(images_lib.video_frames(x, video_files.FRAMES), video_files.FRAMES) if video_files.is_video_file(x)
+              else (self.prepare(x), 0) for x in images]
+    n = max(len(inputs), len(texts))
+    items = []
+    for i in range(n):
+      image, frames = inputs[i % len(inputs)]
+      items.append(Item(image, texts[i % len(texts)], frames=frames))
+    return items, one_image and one_prompt
 
   # -- answers --
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from iblip_jax import attention_maps as maps_lib
 from iblip_jax import checkpoints, distributed, sharding
-from iblip_jax.data import images
+from iblip_jax.data import images, video_files
 from iblip_jax.decoding import Decoding
 from iblip_jax.engine import Engine, Item
 from iblip_jax.errors import BadInput, UserError
@@ -86,7 +86,8 @@ def run(s: Settings) -> list[dict]:
                         length_penalty=p.length_penalty, repetition_penalty=p.repetition_penalty).checked()
   except BadInput as e:
     raise ConfigError(f"config.predict: {e}") from None
-  outputs = engine.generate([Item(r["image"], r["prompt"]) for r in records], decoding,
+  outputs = engine.generate([Item(r["image"], r["prompt"], frames=video_files.FRAMES if video_files.is_video_file(
+      r["image"]) else 0) for r in records], decoding,
                             progress="predict" if len(records) > p.batch_size else None)
   out = []
   for r, o in zip(records, outputs):
