@@ -31,7 +31,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from iblip_jax.data import images, preprocess, tokenize
+from iblip_jax.data import images, preprocess, tokenize, video_files
 from iblip_jax.errors import UserError
 
 SKIP = "_skip"
@@ -93,7 +93,10 @@ def _load_example(record: dict, rng: np.random.Generator, *, image_size: int, tr
   if text_input is None or text_output is None:
     which = "text_input" if text_input is None else "text_output"
     return {SKIP: "empty_or_invalid_text"}, f"{name}: {which} is empty or not valid UTF-8"
-  source = _image_source(record)
+  try:
+    source = _image_source(record)
+  except images.BadImage as e:   # a video file that cannot be decoded
+    return {SKIP: e.reason}, f"{name}: {_clip(e)}"
   if source is None:
     return {SKIP: "missing_image"}, f"{name}: no image or frames"
   try:
@@ -115,7 +118,10 @@ def _image_source(record: dict):
   (LAVIS's forward() has none either; the 4-frame input is an evaluation feature). None when there is neither."""
   if "image" in record or "frames" not in record:
     return record.get("image")
-  frames = list(record["frames"] or ())
+  if video_files.is_video_file(record["frames"]):   # the original clip (readers/video.py): its middle sampled frame
+    frames = images.video_frames(record["frames"], video_files.FRAMES)
+  else:
+    frames = list(record["frames"] or ())
   return frames[len(frames) // 2] if frames else None
 
 

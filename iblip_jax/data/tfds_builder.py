@@ -43,7 +43,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from iblip_jax.data import readers
+from iblip_jax.data import images, readers, video_files
 from iblip_jax.extras import require
 
 tfds = require("tensorflow_datasets", "prepare", "preparing or reading tensorflow-datasets ArrayRecord datasets")
@@ -145,6 +145,12 @@ def _read_bytes(path: str) -> bytes | None:
     return None
 
 
+def _png(image) -> bytes:
+  out = io.BytesIO()
+  image.save(out, format="PNG")
+  return out.getvalue()
+
+
 def encode(record: dict, schema: Mapping[str, str], media: str) -> dict | str:
   """record -> a tfds example, or the reason it is left out."""
   if media == "image":
@@ -152,6 +158,11 @@ def encode(record: dict, schema: Mapping[str, str], media: str) -> dict | str:
     data = _read_bytes(data) if isinstance(data, str) else None
     if data is None:
       return "missing_image"
+  elif video_files.is_video_file(record.get("frames")):   # an original clip: the frames a video input uses, as PNG
+    try:
+      data = [_png(frame) for frame in images.video_frames(record["frames"], video_files.FRAMES)]
+    except images.BadImage:
+      return "missing_frames"
   else:
     data = [_read_bytes(p) for p in record.get("frames") or []]
     if not data or any(d is None for d in data):

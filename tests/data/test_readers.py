@@ -703,3 +703,32 @@ def test_bad_csv_names_file_and_line(tmp_path):
 def test_missing_annotation_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="TextVQA_0.5.1_val.json"):
     list(readers.read_textvqa(str(tmp_path)))
+
+
+def test_video_qa_from_the_original_clips(tmp_path):
+  """Without extracted frames, a video QA record's "frames" is its original clip (MSVD's YouTubeClips/<name>.avi,
+  MSR-VTT's videos/video<N>.mp4, iVQA's videos/<id>_<start>_<end>.mp4), and the model input decodes it; extracted
+  frames win when both exist; a clip found nowhere is [] as before."""
+  pytest.importorskip("av")
+  import video_clips
+  from iblip_jax.data import images
+  (tmp_path / "youtube_mapping.txt").write_text("-4wsuPCjDBc_5_15 vid1\n-7KMZQEsJW4_205_208 vid2\n")
+  _json(tmp_path / "test_qa.json", [{"answer": "cat", "id": 1, "question": "q?", "video_id": 1},
+                                    {"answer": "dog", "id": 2, "question": "q?", "video_id": 2}])
+  (tmp_path / "YouTubeClips").mkdir()
+  video_clips.write(tmp_path / "YouTubeClips" / "-4wsuPCjDBc_5_15.avi", 8, codec="mjpeg")
+  first, second = readers.read_msvd_qa(str(tmp_path), answer_vocab=["cat"])
+  assert first["frames"] == str(tmp_path / "YouTubeClips" / "-4wsuPCjDBc_5_15.avi") and second["frames"] == []
+  assert images.pixels(first["frames"], 32, frames=4).shape == (4, 32, 32, 3)
+  _frames(tmp_path / "frames" / "-4wsuPCjDBc_5_15", 2)
+  assert len(next(readers.read_msvd_qa(str(tmp_path), answer_vocab=["cat"]))["frames"]) == 2
+  (tmp_path / "videos").mkdir()
+  video_clips.write(tmp_path / "videos" / "video7.mp4", 5)
+  _json(tmp_path / "test_qa.json", [{"answer": "cat", "id": 1, "question": "q?", "video_id": 7}])
+  assert next(readers.read_msrvtt_qa(str(tmp_path), answer_vocab=["cat"]))["frames"] == \
+      str(tmp_path / "videos" / "video7.mp4")
+  with open(tmp_path / "test.csv", "w", newline="") as f:
+    csv.writer(f).writerows([["video_id", "start", "end", "question", "answer1", "answer2", "answer3", "answer4",
+                              "answer5"], ["aBcDeFgHiJk", "12", "29", "what?", "onion", "", "", "", ""]])
+  video_clips.write(tmp_path / "videos" / "aBcDeFgHiJk_12_29.mp4", 5)
+  assert next(readers.read_ivqa(str(tmp_path)))["frames"] == str(tmp_path / "videos" / "aBcDeFgHiJk_12_29.mp4")

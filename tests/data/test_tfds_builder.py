@@ -1,5 +1,6 @@
 """Prepared datasets: reader records -> tfds ArrayRecord shards -> tfds.data_source -> the grain pipeline, exactly."""
 import glob
+import io
 import json
 import os
 import subprocess
@@ -244,3 +245,26 @@ def test_preparing_without_the_prepare_extra_says_what_to_install(tmp_path, monk
   monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "importlib_resources" else real(n, *a))
   with pytest.raises(ModuleNotFoundError, match=r"iblip_jax\[prepare\]"):
     tfds_builder.prepare("coco_caption", _coco(tmp_path / "coco"), str(tmp_path / "tfds"))
+
+
+def test_an_original_clip_is_stored_as_the_frames_a_video_input_uses(tmp_path):
+  """A record whose "frames" is a video file (readers/video.py without extracted frames) is stored as its 4
+  uniformly sampled frames (PNG), which the evaluator then uses as they are; training takes the middle one of them;
+  a damaged clip is left out / skipped, named."""
+  pytest.importorskip("av")
+  import video_clips
+  from iblip_jax.data import images
+  clip = str(video_clips.write(tmp_path / "clip.mp4", 10, size=32))
+  example = tfds_builder.encode({"id": 1, "frames": clip, "question": "q"}, {"question": "str"}, "frames")
+  stored = [np.asarray(Image.open(io.BytesIO(b))) for b in example["frames"]]
+  decoded = [np.asarray(f) for f in images.video_frames(clip, 4)]
+  assert len(stored) == 4 and all(np.array_equal(a, b) for a, b in zip(stored, decoded))
+  (tmp_path / "cut.mp4").write_bytes(open(clip, "rb").read()[:100])
+  assert tfds_builder.encode({"id": 2, "frames": str(tmp_path / "cut.mp4")}, {}, "frames") == "missing_frames"
+  render = lambda record, rng: ("q", "a")
+  loaded = pipeline.load_example({"id": 1, "dataset": "msrvtt_qa", "frames": clip}, np.random.default_rng(0),
+                                 image_size=16, train=False, render=render)
+  np.testing.assert_allclose(loaded["pixel_values"], images.pixels(decoded[2], 16), atol=1e-6)
+  bad = pipeline.load_example({"id": 2, "dataset": "msrvtt_qa", "frames": str(tmp_path / "cut.mp4")},
+                              np.random.default_rng(0), image_size=16, train=False, render=render)
+  assert bad == {pipeline.SKIP: "unreadable_image"}
