@@ -116,11 +116,17 @@ class Engine:
   # -- batches --
 
   def batches(self, items: Sequence[Item]) -> Iterator[tuple[int, int, list[Item]]]:
-    """(first item's index, real items, the padded global batch) in order."""
-    for first in range(0, len(items), self.batch_size):
-      chunk = list(items[first:first + self.batch_size])
+    """(first item's index, real items, the padded global batch) in order. A batch holds items of one shape: a run
+    of images, or of videos (several images) with one frame count; a change of shape starts a new batch."""
+    first = 0
+    while first < len(items):
+      end = first + 1
+      while end < len(items) and end - first < self.batch_size and items[end].frames == items[first].frames:
+        end += 1
+      chunk = list(items[first:end])
       size = tokenize.bucket(len(chunk), self.batch_sizes)
       yield first, len(chunk), chunk + [chunk[-1]] * (size - len(chunk))
+      first = end
 
   def inputs(self, chunk: Sequence[Item]) -> tuple[dict, list[str | None]]:
     """A padded global batch -> (the model's inputs as global arrays, per row the reason its image could not be

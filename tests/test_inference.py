@@ -323,3 +323,29 @@ def test_a_video_file_is_answered_as_its_four_uniformly_sampled_frames(pipes, wh
   (tmp_path / "cut.mp4").write_bytes(path.read_bytes()[:200])
   with pytest.raises(BadInput, match="cut.mp4"):
     pipe(str(tmp_path / "cut.mp4"), PROMPTS[1])
+
+
+@pytest.mark.parametrize("which", ["t5", "vicuna"])
+def test_several_images_in_one_prompt(pipes, which):
+  """Images(a, b): the LLM's visual input is a's 32 query outputs then b's, each computed alone with the same
+  instruction (order matters); the answer is generate's on that input; a call mixing one-image and two-image items
+  answers each as it would alone."""
+  from iblip_jax.inference import Images
+  pipe = pipes[which]
+  a, b, c = _images(3)
+  prep = lambda x: preprocess.preprocess_image(x, pipe.model.config.vision.image_size)
+  q = tokenize.encode_prompts(pipe.tok, [PROMPTS[0]])
+  tokens = lambda pixel_values: np.asarray(pipe.model.apply(
+      {"params": pipe.params}, pixel_values, q["qformer_input_ids"], q["qformer_attention_mask"],
+      method="visual_tokens"))
+  two = tokens(np.stack([prep(a), prep(b)])[None])
+  alone = [tokens(prep(x)[None]) for x in (a, b)]
+  np.testing.assert_allclose(two, np.concatenate(alone, axis=1), atol=1e-5)
+  assert not np.allclose(two, tokens(np.stack([prep(b), prep(a)])[None]), atol=1e-3)
+  want = tokenize.decode(pipe.tok, iblip_jax.generate(pipe.model, pipe.params,
+                                                      pixel_values=np.stack([prep(a), prep(b)])[None], **q, **GREEDY))
+  assert pipe(Images(a, b), PROMPTS[0], **GREEDY) == want[0]
+  items = [a, Images(a, b), c, Images(b, c)]
+  assert pipe(items, PROMPTS[0], **GREEDY) == [pipe(x, PROMPTS[0], **GREEDY) for x in items]
+  with pytest.raises(BadInput, match="at least one image"):
+    Images()

@@ -9,7 +9,7 @@ from iblip_jax.decoding import Decoding
 from iblip_jax.engine import Answer, Chunk, Stream
 from iblip_jax.errors import BadInput
 from iblip_jax.inference.chat import Chat
-from iblip_jax.inference.pipeline import BATCH_BUCKETS, Pipeline, Ranking
+from iblip_jax.inference.pipeline import BATCH_BUCKETS, Images, Pipeline, Ranking
 
 __all__ = ["Answer", "BATCH_BUCKETS", "BadImage", "BadInput", "Chat", "Chunk", "Conversation", "Decoding",
-           "Pipeline", "PreparedImage", "Ranking", "Stream", "open_image", "prepare"]
+           "Images", "Pipeline", "PreparedImage", "Ranking", "Stream", "open_image", "prepare"]

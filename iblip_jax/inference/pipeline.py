@@ -58,6 +58,18 @@ class Ranking:
   candidates: tuple[str, ...]
 
 
+class Images(tuple):
+  """Several images for one prompt: pipe(Images(before, after), "What changed between these two pictures?"). Each
+  goes through the ViT and the instruction-aware Q-Former; their query outputs are concatenated in order before the
+  prompt, as a video's frames are (LAVIS #318). The released weights were trained on one image per example, so this
+  is zero-shot use."""
+
+  def __new__(cls, *images):
+    if not images:
+      raise BadInput("Images() needs at least one image")
+    return super().__new__(cls, images)
+
+
 class Pipeline:
   """Images and instructions in, answers out (see the module docstring). Thread-safe: one request at a time runs on
   the devices."""
@@ -107,9 +119,20 @@ class Pipeline:
         log.warning("%s: %s", name or images_lib.describe(image), note)
     return prepared
 
+  def _input(self, x) -> tuple[object, int]:
+    """One item's visual input and its frame count (0: one image): several images (Images) or a video file's
+    sampled frames as a sequence (each through the ViT and the Q-Former, tokens concatenated), else one image. A video
+    file is decoded here, so that a bad one fails the call as a bad image does."""
+    if isinstance(x, Images):
+      return [self.prepare(image) for image in x], len(x)
+    if video_files.is_video_file(x):
+      return images_lib.video_frames(x, video_files.FRAMES), video_files.FRAMES
+    return self.prepare(x), 0
+
   def _items(self, images, prompts) -> tuple[list[Item], bool]:
     """-> (items, whether the call was for a single image and prompt)."""
-    one_image = not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4)
+    one_image = isinstance(images, Images) or (
+        not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4))
     one_prompt = isinstance(prompts, (str, Conversation))
     images = [images] if one_image else list(images)
     prompts = [prompts] if one_prompt else list(prompts)
@@ -119,9 +142,7 @@ class Pipeline:
       raise BadInput(f"{len(images)} images and {len(prompts)} prompts: give one prompt, one image, or one prompt "
                      "per image")
     texts = [prompt_text(p) for p in prompts]
-    # a video file is decoded here (its FRAMES sampled frames), so that a bad one fails the call as a bad image does
-    inputs = [(images_lib.video_frames(x, video_files.FRAMES), video_files.FRAMES) if video_files.is_video_file(x)
-              else (self.prepare(x), 0) for x in images]
+    inputs = [self._input(x) for x in images]
     n = max(len(inputs), len(texts))
     items = []
     for i in range(n):
