@@ -143,7 +143,12 @@ class WorkdirLock:
 
   def __enter__(self):
     error = self._acquire_here() if distributed.is_primary() else None
-    error = distributed.broadcast_json(error)
+    try:
+      error = distributed.broadcast_json(error)
+    except BaseException:   # a start-up SIGTERM (Preempted) right after the lock was taken: __exit__ never runs
+      if error is None:
+        self.__exit__()
+      raise
     if error:
       raise WorkdirLocked(error)
     if distributed.is_primary():
