@@ -148,7 +148,9 @@ def test_the_trained_demo_in_a_browser(browser, trained_demo, tmp_path_factory):
     browser.find_element(By.ID, "new").click()
     _wait(browser, lambda d: _ask_enabled(d) and not _said(d), timeout=30)
     time.sleep(10)   # longer than the beam search takes (~3 s): had the answer come back, it would be here by now
-    assert not _said(browser) and _value(browser, "answer") == ""
+    # Neither the question nor its answer is in the conversation. (Under load gradio sometimes marks the chatbot
+    # with its own "Error" badge for the cancelled event, after the reset: a label, not a message.)
+    assert _said(browser) in ("", "Error") and _value(browser, "answer") == ""
     browser.find_element(By.XPATH, "//label[contains(., 'greedy')]").click()
     _ask(browser, SHAPE)
     alone = pipe(image, SHAPE, **GREEDY)
