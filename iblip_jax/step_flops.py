@@ -25,10 +25,14 @@ def without_remat(cfg):
   return cfg.replace(text=dataclasses.replace(cfg.text, remat=False))
 
 
+def shapes(tree):
+  """`tree` as unsharded ShapeDtypeStructs: what counting needs, and nothing that a later step may donate."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
 def train_step_flops(cfg, tx, trainable, opt_state, frozen, batch, *, dropout: bool) -> float:
   """FLOPs of one step of the train step (forward, backward, optimizer) of the model `cfg` on `batch`. The trees
   may be arrays, sharded or not, or ShapeDtypeStructs: only shapes and dtypes are read; nothing is compiled."""
-  shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   step = jax.jit(make_train_step(InstructBlip(fully_unrolled(cfg)), tx, vision_frozen="vision" not in trainable,
                                  dropout=dropout))
   rng = jax.eval_shape(jax.random.key, 0)

@@ -196,6 +196,9 @@ def _train(s: Settings, start_up_signals: list) -> dict:
         if step % s.log_every == 0 or is_save or stopping:
           with timeline.part("step"):   # the host waits for the device here
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+          if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise NonFiniteLoss(f"step {step}: loss {loss}, gradient norm {grad_norm}; training stopped. "
+                                + _intact(mngr))
         with timeline.part("other"):
           if step % s.log_every == 0 or is_save or stopping:
             rate = done_in_window / (time.perf_counter() - t0)
@@ -278,8 +281,8 @@ class _FlopCounter:
 
   def submit(self, trainable, opt_state, frozen, batch) -> concurrent.futures.Future:
     key = tuple(sorted((k, v.shape) for k, v in batch.items()))
-    if key not in self.counted:
-      shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    if key not in self.counted:   # shapes taken here: the arrays themselves are donated to the next step
+      shapes = step_flops.shapes
       self.counted[key] = self.pool.submit(step_flops.train_step_flops, self.cfg, self.tx, shapes(trainable),
                                            shapes(opt_state), shapes(frozen), shapes(batch), dropout=self.s.dropout)
     return self.counted[key]
