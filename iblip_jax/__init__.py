@@ -27,12 +27,14 @@ The package, by layer, bottom to top: a module imports only from its own layer a
   data/                         images (the one image path), preprocessing, tokenisation, templates, LAVIS text cleaning,
                                 conversations, readers, sources, mixture, the training input pipeline
   attention_maps                the Q-Former's attention and answer-relevance maps
-  engine                        the inference engine: items in, answers or scores out, on a device, mesh or pod
+  engine, slots                 the inference engine: items in, answers or scores out, on a device, mesh or pod;
+                                continuous batching (decode slots that requests join and leave between steps)
   evaluation/                   metrics, the task table, the evaluator, the paper's numbers, the Table 1 report
   run/, config_lib              the main job: settings, command line, one module per mode, logger, workdir lock;
                                 what config files share
   demo/                         the embedded demo's shapes dataset and word-level tokenizers (not the library)
-  inference/, serve             for people: Pipeline, Chat, the terminal; the local web demo
+  inference/, serve, serve_api  for people: Pipeline, Chat, the terminal; the local web demo; the OpenAI-compatible
+                                API over the slots
   aot/                          ahead-of-time compilation for TPU topologies and the step model (tools/aot_compile.py)
 """
 from iblip_jax.decoding import generate

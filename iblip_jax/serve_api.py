@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import time
 import urllib.parse
@@ -36,6 +37,8 @@ from iblip_jax import distributed, extras
 from iblip_jax.data import images
 from iblip_jax.data.conversation import Conversation, prompt_text
 from iblip_jax.errors import BadInput, UserError
+from iblip_jax.inference import Pipeline
+from iblip_jax.serve import DEMO_MODEL, TRAINED_DEMO, default_model
 from iblip_jax.slots import QueueFull, Request, Slots
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ def _fastapi():
 
 
 class ApiError(Exception):
-  def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+  def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, *,
                headers: dict | None = None):
     super().__init__(message)
     self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers or {}
@@ -249,6 +252,12 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
   async def guard(request, call_next):
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > max_image_bytes * 4 // 3 + 2**20:
+      # read and drop the body (up to a bound) so that the client is not cut off mid-send and reads the answer
+      seen = 0
+      async for piece in request.stream():
+        seen += len(piece)
+        if seen > 16 * max_image_bytes:
+          break
       return error(413, f"the request body is {int(length) // 2**20} MiB; at most {max_image_bytes // 2**20} MiB "
                    "of image is taken")
     if api_key and request.url.path.startswith("/v1/") and \
@@ -411,7 +420,6 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
 # --- the command -------------------------------------------------------------------------------------------------
 
 def _args(argv):
-  from iblip_jax.serve import DEMO_MODEL, TRAINED_DEMO
   p = argparse.ArgumentParser(prog="python -m iblip_jax.serve_api", description=__doc__.split("\n\n")[0])
   p.add_argument("--model", default=None, help="Hugging Face InstructBLIP directory or training workdir (default: "
                  f"the trained demo {TRAINED_DEMO} if `make demo` has run, else {DEMO_MODEL})")
@@ -439,8 +447,6 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
   for noisy in ("httpx", "absl"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from iblip_jax.inference import Pipeline
-  from iblip_jax.serve import default_model
   model = os.path.normpath(args.model or default_model())
   try:
     _fastapi()
@@ -465,6 +471,8 @@ def main(argv=None) -> int:
                   max_image_bytes=int(args.max_image_mb * 2**20), request_timeout=args.request_timeout,
                   drain_timeout=args.drain_timeout)
   print(f"serving {model} as {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C or SIGTERM stops)", flush=True)
+  # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one makes that a clean exit 0
+  signal.signal(signal.SIGTERM, lambda *_: None)
   uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
               timeout_graceful_shutdown=int(args.drain_timeout) + 1)
   return 0

@@ -20,11 +20,11 @@ LAYERS = [
     ("sampling", "decoding", "ranking"),
     ("data",),
     ("attention_maps",),
-    ("engine",),
+    ("engine", "slots"),
     ("evaluation",),
     ("run", "config_lib", "main"),
     ("demo",),
-    ("inference", "serve"),
+    ("inference", "serve", "serve_api"),
     ("aot",),
 ]
 # Function-level imports of the package's own modules, each with why it cannot be at the top.
