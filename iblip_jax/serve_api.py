@@ -39,7 +39,7 @@ from iblip_jax.data.conversation import Conversation, prompt_text
 from iblip_jax.errors import BadInput, UserError
 from iblip_jax.inference import Pipeline
 from iblip_jax.serve import DEMO_MODEL, TRAINED_DEMO, default_model
-from iblip_jax.slots import QueueFull, Request, Slots
+from iblip_jax.slots import QueueFull, Request, Slots, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -87,24 +87,36 @@ def _models():
     include_usage: bool = False
 
   class ChatRequest(Strict):
+    """OpenAI's fields (null means the default, as clients send it); those with no meaning here are accepted at
+    their no-op values only (Parsed names the others)."""
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
     user: str | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
     # extensions
-    top_k: int = -1
-    min_tokens: int = 0
-    repetition_penalty: float = 1.0
+    top_k: int | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
     candidates: list[str] | None = None
 
   return ChatRequest
@@ -117,6 +129,13 @@ class Parsed:
     if body.frequency_penalty or body.presence_penalty:
       raise ApiError(400, "frequency_penalty and presence_penalty are not supported; use repetition_penalty "
                      "(an extension: 1 is off, >1 penalises repeats)", param="frequency_penalty")
+    unsupported = {"logprobs": body.logprobs, "top_logprobs": body.top_logprobs, "logit_bias": body.logit_bias,
+                   "tools": body.tools, "tool_choice": body.tool_choice not in (None, "none")}
+    for name, value in unsupported.items():
+      if value:
+        raise ApiError(400, f"{name} is not supported by this server", param=name)
+    if body.response_format not in (None, {"type": "text"}):
+      raise ApiError(400, 'response_format: only {"type": "text"} is supported', param="response_format")
     self.image, turns, roles, system = None, [], [], []
     for i, m in enumerate(body.messages):
       parts = [m.content] if isinstance(m.content, str) else m.content
@@ -158,12 +177,13 @@ class Parsed:
       prompt_text(self.prompt)
     except BadInput as e:
       raise ApiError(400, str(e), param="messages") from None
-    self.max_tokens = body.max_completion_tokens or body.max_tokens or max_tokens
+    self.max_tokens = next((x for x in (body.max_completion_tokens, body.max_tokens) if x is not None), max_tokens)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    self.settings = dict(n=body.n, max_tokens=self.max_tokens, min_tokens=body.min_tokens,
-                         temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
-                         repetition_penalty=body.repetition_penalty, stop=tuple(stop),
-                         seed=secrets.randbits(31) if body.seed is None else body.seed)
+    pick = lambda value, default: default if value is None else value
+    self.settings = dict(n=pick(body.n, 1), max_tokens=self.max_tokens, min_tokens=pick(body.min_tokens, 0),
+                         temperature=pick(body.temperature, 1.0), top_p=pick(body.top_p, 1.0),
+                         top_k=max(pick(body.top_k, 0), 0), repetition_penalty=pick(body.repetition_penalty, 1.0),
+                         stop=tuple(stop), seed=secrets.randbits(31) if body.seed is None else body.seed)
 
 
 def read_image(where: str, url: str, *, media_dir: str | None, max_bytes: int):
@@ -248,22 +268,24 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
   async def on_http(_, e: HTTPException):
     return error(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else "invalid_request_error")
 
-  @app.middleware("http")
-  async def guard(request, call_next):
+  def check_key(request):
+    if api_key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+      raise ApiError(401, "a valid API key is needed (Authorization: Bearer ...)", "authentication_error")
+
+  async def read_body(request) -> bytes:
+    """The body, or 413 when it is over the limit; an oversize body is read and dropped first (up to a bound) so
+    that the client is not cut off mid-send and gets the answer."""
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > max_image_bytes * 4 // 3 + 2**20:
-      # read and drop the body (up to a bound) so that the client is not cut off mid-send and reads the answer
+    limit = max_image_bytes * 4 // 3 + 2**20    # the image in base64, and the rest of the request
+    if length and length.isdigit() and int(length) > limit:
       seen = 0
       async for piece in request.stream():
         seen += len(piece)
         if seen > 16 * max_image_bytes:
           break
-      return error(413, f"the request body is {int(length) // 2**20} MiB; at most {max_image_bytes // 2**20} MiB "
-                   "of image is taken")
-    if api_key and request.url.path.startswith("/v1/") and \
-        request.headers.get("authorization", "") != f"Bearer {api_key}":
-      return error(401, "a valid API key is needed (Authorization: Bearer ...)", "authentication_error")
-    return await call_next(request)
+      raise ApiError(413, f"the request body is {int(length) // 2**20} MiB; at most {max_image_bytes // 2**20} "
+                     "MiB of image is taken")
+    return await request.body()
 
   @app.get("/health")
   async def health():
@@ -272,7 +294,8 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
     return {"status": "ok"}
 
   @app.get("/v1/models")
-  async def models():
+  async def models(request: fastapi.Request):
+    check_key(request)
     return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
                                         "owned_by": "iblip_jax"}]}
 
@@ -297,7 +320,8 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
 
   @app.post("/v1/chat/completions")
   async def chat(request: fastapi.Request):
-    raw = await request.body()
+    check_key(request)
+    raw = await read_body(request)
     try:
       payload = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -333,6 +357,8 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
     except QueueFull as e:
       raise ApiError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
                      headers={"Retry-After": "1"}) from None
+    except Unavailable as e:
+      raise ApiError(503, str(e), "server_error") from None
     except BadInput as e:
       raise ApiError(400, str(e)) from None
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
@@ -345,15 +371,17 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
     return await complete(request, r, events, head)
 
   async def complete(request, r: Request, events: asyncio.Queue, head: dict):
-    failure, usage = None, None
+    failure, usage, checked = None, None, time.monotonic()
     while usage is None:
-      try:
-        ev = await asyncio.wait_for(events.get(), 0.5)
-      except asyncio.TimeoutError:
+      if time.monotonic() - checked > 0.5:   # every half second, tokens arriving or not: is the client still there?
+        checked = time.monotonic()
         if await request.is_disconnected():
           r.cancelled = True
           count("client_gone")
           return JSONResponse({}, status_code=499)
+      try:
+        ev = await asyncio.wait_for(events.get(), 0.5)
+      except asyncio.TimeoutError:
         continue
       if ev[0] == "error":
         failure = ev[1]
@@ -366,7 +394,7 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
     count("200")
     return {**head, "object": "chat.completion",
             "choices": [{"index": j, "message": {"role": "assistant", "content": r.texts[j]},
-                         "finish_reason": r.finish[j], "logprobs": None} for j in range(r.n)],
+                         "finish_reason": _reason(r.finish[j]), "logprobs": None} for j in range(r.n)],
             "usage": usage}
 
   async def stream(r: Request, events: asyncio.Queue, head: dict, include_usage: bool):
@@ -387,7 +415,7 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
           reason = ev[2]
           if reason == "timeout":
             yield f"data: {json.dumps({'error': {'message': 'the request took longer than --request-timeout', 'type': 'timeout', 'code': 504}})}\n\n"
-          yield chunk([{"index": ev[1], "delta": {}, "finish_reason": reason}])
+          yield chunk([{"index": ev[1], "delta": {}, "finish_reason": _reason(reason)}])
         elif ev[0] == "error":
           yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error', 'code': 500}})}\n\n"
         elif ev[0] == "end":
@@ -401,7 +429,7 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
         r.cancelled = True
 
   async def rank(body, parsed: Parsed, prepared):
-    if body.stream or body.n != 1:
+    if body.stream or body.n not in (None, 1):
       raise ApiError(400, "candidates (ranking) returns one choice and is not streamed", param="candidates")
     if not body.candidates or any(not isinstance(c, str) or not c.strip() for c in body.candidates):
       raise ApiError(400, "candidates must be a non-empty list of non-empty strings", param="candidates")
@@ -415,6 +443,12 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
 
   return app
+
+
+def _reason(finish: str) -> str:
+  """OpenAI's finish_reason: "stop" / "length"; a request ended otherwise (cancelled, timed out, failed) is
+  "abort", as vLLM says it."""
+  return finish if finish in ("stop", "length") else "abort"
 
 
 # --- the command -------------------------------------------------------------------------------------------------

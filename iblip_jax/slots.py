@@ -19,6 +19,7 @@ Pipeline's greedy answer (num_beams=1) and a sampled one the Pipeline's do_sampl
 search needs several rows per request reordered every step: it is not served here (the Pipeline has it).
 """
 import collections
+import copy
 import dataclasses
 import logging
 import queue
@@ -42,12 +43,16 @@ class QueueFull(Exception):
   """Every slot is taken and the waiting line is full: try again later (HTTP 429)."""
 
 
+class Unavailable(Exception):
+  """The slots are stopping or their decode loop has failed: no retry will help here (HTTP 503)."""
+
+
 @dataclasses.dataclass
 class Request:
   """One request: an image's pixels (S, S, 3), a prompt, n choices and their decoding settings. The scheduler calls
   `emit(event)` from its thread: ("token", choice, delta_text) as text becomes final, ("finish", choice, reason)
   with reason "stop" / "length" / "cancelled" / "timeout", ("error", message) when the request failed, and ("end",
-  usage) last. Set `cancelled` (a client went away) and its slots are freed at the next step."""
+  usage) last, always (after an error too). Set `cancelled` (a client went away) and its slots are freed at the next step."""
   pixels: np.ndarray
   prompt: str
   emit: Callable[[tuple], None]
@@ -89,7 +94,12 @@ class Slots:
   def __init__(self, engine, *, slots: int = 8, width: int = 256, max_waiting: int = 64):
     if engine.tok.decoder_only and engine.model.config.text.vocab_size is None:
       raise BadInput("the model has no vocabulary size")
-    self.engine, self.model, self.tok = engine, engine.model, engine.tok
+    # own tokenizers: the Pipeline's (ranking, on other threads) switch truncation on theirs, which is not
+    # thread-safe under a concurrent encode (the Rust tokenizer's "Already borrowed")
+    tok = engine.tok
+    self.tok = dataclasses.replace(tok, llm=copy.deepcopy(tok.llm), qformer=copy.deepcopy(tok.qformer))
+    self._tok_lock = threading.Lock()
+    self.engine, self.model = engine, engine.model
     self.slots, self.width, self.max_waiting = slots, width, max_waiting
     text = self.model.config.text
     self.eos, self.pad = text.eos_token_id, text.pad_token_id
@@ -98,6 +108,7 @@ class Slots:
     self._waiting: queue.Queue = queue.Queue()
     self._owner: list[_Choice | None] = [None] * slots
     self._stop = threading.Event()
+    self._placing: Request | None = None   # the request being prefilled (neither waiting nor in a slot)
     self._thread: threading.Thread | None = None
     self.failure: BaseException | None = None
     self.stats = collections.Counter()            # tokens, requests, steps: the metrics endpoint reads them
@@ -198,8 +209,9 @@ class Slots:
   def encode(self, prompt: str, bucket: int | None = None) -> dict:
     """A prompt -> the model's token inputs, both padded to one bucket (fewer programs; `bucket` forces one);
     BadInput when it is longer than the model takes (the server's 400, never a silent truncation)."""
-    llm = self.tok.llm(prompt, add_special_tokens=True)["input_ids"]
-    qformer = self.tok.qformer(prompt, add_special_tokens=True)["input_ids"]
+    with self._tok_lock:
+      llm = self.tok.llm(prompt, add_special_tokens=True)["input_ids"]
+      qformer = self.tok.qformer(prompt, add_special_tokens=True)["input_ids"]
     longest = max(len(llm), len(qformer))
     if longest > self.prompt_limit:
       raise BadInput(f"the prompt is {longest} tokens long; this model takes at most {self.prompt_limit}")
@@ -248,9 +260,11 @@ class Slots:
     """Queues a checked request (BadInput if it cannot be served, QueueFull if the line is full)."""
     self.check(r)
     r.prompt_tokens = self.encode(r.prompt)["length"]
-    if self._stop.is_set() or self.failure is not None:
-      raise QueueFull("the server is shutting down")
-    if self._waiting.qsize() >= self.max_waiting:
+    if self._stop.is_set() or not self.alive():
+      raise Unavailable("the server is stopping" if self.failure is None else
+                        f"the decode loop has failed ({type(self.failure).__name__}: {self.failure})")
+    beyond = self._waiting.qsize() - (self.slots - self.active)   # those that will not get a slot at once
+    if beyond >= self.max_waiting:
       raise QueueFull(f"{self._waiting.qsize()} requests are waiting for a slot")
     r.submitted = time.monotonic()
     r.texts, r.tokens, r.finish = [""] * r.n, [[] for _ in range(r.n)], [None] * r.n
@@ -267,7 +281,7 @@ class Slots:
 
   def tokens_per_second(self) -> float:
     """Generated tokens per second over the recent steps (0 when idle)."""
-    recent = [x for x in self._recent if x[0] > time.monotonic() - 10]
+    recent = [x for x in list(self._recent) if x[0] > time.monotonic() - 10]   # a copy: the loop appends
     if len(recent) < 2:
       return 0.0
     return sum(n for _, n in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-9)
@@ -303,10 +317,12 @@ class Slots:
       log.exception("the decode loop failed")
       self.failure = e
       for r in self._in_flight():
-        r.emit(("error", f"the server's decode loop failed: {type(e).__name__}: {e}"))
+        self._fail(r, f"the server's decode loop failed: {type(e).__name__}: {e}")
 
   def _in_flight(self) -> list[Request]:
     out = {id(c.request): c.request for c in self._owner if c is not None}
+    if self._placing is not None:
+      out[id(self._placing)] = self._placing
     while True:
       try:
         r = self._waiting.get_nowait()
@@ -324,8 +340,18 @@ class Slots:
     self._place(r)
 
   def _admit(self):
-    """Waiting requests take free slots, in order, as long as a request's n choices fit."""
-    while not self._waiting.empty() and self.slots - self.active >= self._waiting.queue[0].n:
+    """Waiting requests take free slots, in order, as long as a request's n choices fit; the cancelled and the
+    expired leave the line wherever they are (they would hold a place in it, and their clients wait for the end)."""
+    with self._waiting.mutex:
+      gone = [r for r in self._waiting.queue if r.cancelled or self._expired(r)]
+      for r in gone:
+        self._waiting.queue.remove(r)
+    for r in gone:
+      self._end(r, "cancelled" if r.cancelled else "timeout")
+    while True:
+      with self._waiting.mutex:
+        if not self._waiting.queue or self.slots - self.active < self._waiting.queue[0].n:
+          return
       self._place(self._waiting.get_nowait())
 
   def _place(self, r: Request):
@@ -336,16 +362,19 @@ class Slots:
       with self._waiting.mutex:
         self._waiting.queue.appendleft(r)
       return
+    self._placing = r
     try:
       start, cache, seen = self._run_prefill(r.pixels, r.prompt)
-    except BadInput as e:
-      r.emit(("error", str(e)))
-      r.emit(("end", self._usage(r)))
+    except Exception as e:  # noqa: BLE001 - this request's problem (a bad prompt, memory): it ends, others go on
+      log.exception("prefill failed")
+      self._fail(r, str(e) if isinstance(e, BadInput) else f"prefill failed: {type(e).__name__}: {e}")
+      self._placing = None
       return
     free = [i for i, c in enumerate(self._owner) if c is None][:r.n]
-    for j, slot in enumerate(free):
+    for j, slot in enumerate(free):   # a failure here leaves the state unknown: the loop fails (every request ends)
       self._state = self._insert(self._state, np.int32(slot), start, cache, seen, self._knobs(r, j))
       self._owner[slot] = _Choice(r, j)
+    self._placing = None
 
   def _expired(self, r: Request) -> bool:
     return r.timeout is not None and time.monotonic() - r.submitted > r.timeout
@@ -392,25 +421,39 @@ class Slots:
       hold = max(hold, max((k for k in range(1, len(s)) if text.endswith(s[:k])), default=0))
     if reason is not None:
       hold = 0
+    elif text.endswith("\ufffd"):   # a character cut between tokens: wait for the rest of its bytes
+      hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
     r.texts[c.index] = text
     final = len(text) - hold
     if final > c.sent:
-      r.emit(("token", c.index, text[c.sent:final]))
+      self._emit(r, ("token", c.index, text[c.sent:final]))
       c.sent = final
 
   def _finish(self, c: _Choice, reason: str):
     r = c.request
     r.finish[c.index] = reason
-    r.emit(("finish", c.index, reason))
+    self._emit(r, ("finish", c.index, reason))
     if all(f is not None for f in r.finish) and all(o is None or o.request is not r for o in self._owner):
-      r.emit(("end", self._usage(r)))
+      self._emit(r, ("end", self._usage(r)))
+
+  def _fail(self, r: Request, message: str):
+    """Ends a request with an error: "error", its unfinished choices "error", then "end"."""
+    self._emit(r, ("error", message))
+    self._end(r, "error")
+
+  @staticmethod
+  def _emit(r: Request, event: tuple):
+    try:
+      r.emit(event)
+    except Exception:  # noqa: BLE001 - a listener gone (its event loop closed) must not stop the loop
+      log.warning("a request's listener failed on %s", event[0], exc_info=True)
 
   def _end(self, r: Request, reason: str):
     for j in range(r.n):
       if r.finish[j] is None:
         r.finish[j] = reason
-        r.emit(("finish", j, reason))
-    r.emit(("end", self._usage(r)))
+        self._emit(r, ("finish", j, reason))
+    self._emit(r, ("end", self._usage(r)))
 
   @staticmethod
   def _usage(r: Request) -> dict:

@@ -166,3 +166,42 @@ def test_requests_that_cannot_be_served_are_named(served):
     slots.submit(_request(pipe, im, SHORT[0], max_tokens=WIDTH + 1)[0])
   with pytest.raises(slots_lib.BadInput, match="the prompt is .* tokens long; this model takes at most"):
     slots.submit(_request(pipe, im, " ".join(["cat"] * 400), max_tokens=WIDTH)[0])
+
+
+def test_a_failed_prefill_ends_that_request_and_a_failed_loop_ends_every_request(served, monkeypatch):
+  """Run last (it breaks the slots): nobody waits for ever, whatever fails."""
+  pipe, slots = served
+  im = _images(1)[0]
+  run_prefill = slots._run_prefill
+
+  def flaky(pixels, prompt, bucket=None):
+    if prompt == "boom":
+      raise RuntimeError("out of memory (a stand-in)")
+    return run_prefill(pixels, prompt, bucket)
+
+  monkeypatch.setattr(slots, "_run_prefill", flaky)
+  bad, bad_c = _request(pipe, im, "boom", max_tokens=4, temperature=0)
+  good, good_c = _request(pipe, im, SHORT[0], max_tokens=4, temperature=0)
+  slots.submit(bad)
+  slots.submit(good)
+  _wait(bad_c, good_c)
+  assert ("error", "prefill failed: RuntimeError: out of memory (a stand-in)") in bad_c.events
+  assert good.finish[0] in ("stop", "length") and slots.alive()
+
+  submitted = threading.Event()
+
+  def broken(*args):
+    submitted.wait(60)   # fails once every request is in (a slot or the line)
+    raise RuntimeError("the device is gone (a stand-in)")
+
+  monkeypatch.setattr(slots, "_step", broken)
+  waiting = [_request(pipe, im, SHORT[i % 3], max_tokens=WIDTH, temperature=0) for i in range(5)]
+  for r, _ in waiting:   # 3 in slots, 2 waiting
+    slots.submit(r)
+  submitted.set()
+  _wait(*(c for _, c in waiting))
+  for r, c in waiting:
+    assert c.events[-1][0] == "end" and any(e[0] == "error" and "device is gone" in e[1] for e in c.events)
+  assert not slots.alive()
+  with pytest.raises(slots_lib.Unavailable, match="decode loop has failed"):
+    slots.submit(_request(pipe, im, SHORT[0], max_tokens=4)[0])
