@@ -4,8 +4,8 @@ The serving side of the engine (iblip_jax.engine answers whole batches; the Open
 answers requests as they come). One scheduler thread owns the device:
 - a waiting request is prefilled alone (image -> ViT -> Q-Former -> the LLM's prompt pass, the model's `prefill`)
   and its cache written into a free slot (n slots for n choices: they share the prefill, each draws its own tokens);
-- every step feeds each slot's last token at that slot's own position (the model's `step`, vmapped over slots, so
-  each slot has its own step counter t), picks the next tokens (greedy or sampled, per slot) and returns them to the
+- every step feeds each slot's last token at that slot's own position (the model's `step` with one t per row: the
+  cache is written and masked per row, T5's position bias taken per row), picks the next tokens (greedy or sampled, per slot) and returns them to the
   host, which streams them, checks stop strings, and frees the slots that ended;
 - nobody waits for the slowest row: a freed slot takes the next request at the next step.
 Slot caches have one shape: FlanT5's encoder states (cross keys/values and mask) and Vicuna's [visual][prompt]
@@ -47,7 +47,7 @@ class Unavailable(Exception):
   """The slots are stopping or their decode loop has failed: no retry will help here (HTTP 503)."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)   # a request is itself (the line removes it by identity; it holds arrays)
 class Request:
   """One request: an image's pixels (S, S, 3), a prompt, n choices and their decoding settings. The scheduler calls
   `emit(event)` from its thread: ("token", choice, delta_text) as text becomes final, ("finish", choice, reason)
@@ -133,9 +133,14 @@ class Slots:
     raw = lambda params, inputs: model.apply({"params": params}, *(inputs[k] for k in _INPUTS), width,
                                              method="prefill")
     _, cache_shape, _ = jax.eval_shape(raw, self.engine.params, dummy)
+    two = {k: jax.ShapeDtypeStruct((2,) + v.shape[1:], v.dtype) for k, v in dummy.items()}
+    # each cache array's batch axis (T5: (layers, B, ...) keys/values and a (B, S) mask; LLaMA likewise): the one
+    # whose size follows the batch
+    axes = jax.tree.map(lambda a, b: next(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y),
+                        cache_shape, jax.eval_shape(raw, self.engine.params, two)[1])
 
     def prefill(params, inputs):
-      """-> (first token (), cache of one row padded to the slot shape, seen (V,))."""
+      """-> (first token (), the cache of one row padded to the slots' shape, seen (V,))."""
       start, cache, seen = raw(params, inputs)
       cache = jax.tree.map(lambda x, like: jnp.pad(x, [(0, b - a) for a, b in zip(x.shape, like.shape)]),
                            cache, cache_shape)
@@ -143,24 +148,33 @@ class Slots:
 
     def insert(state, slot, start, cache, seen, knobs):
       put = lambda whole, part: whole.at[slot].set(part)
-      return dict(state, last=put(state["last"], start), t=put(state["t"], 0),
-                  cache=jax.tree.map(put, state["cache"], cache), seen=put(state["seen"], seen),
-                  logprob=put(state["logprob"], 0.0), **{k: put(state[k], v) for k, v in knobs.items()})
+      cache = jax.tree.map(lambda whole, part, axis: jax.lax.dynamic_update_slice_in_dim(whole, part, slot, axis),
+                           state["cache"], cache, axes)
+      return dict(state, last=put(state["last"], start), t=put(state["t"], 0), cache=cache,
+                  seen=put(state["seen"], seen), logprob=put(state["logprob"], 0.0),
+                  **{k: put(state[k], v) for k, v in knobs.items()})
 
     eos, pad = self.eos, self.pad
 
     def step(params, state, active):
-      """One token for every slot; `active` (S,) marks the slots in use (the others compute and are ignored)."""
-      def one(token, t, cache):   # one slot: a batch of one at its own position t
-        logits, cache = model.apply({"params": params}, token[None], t, cache, method="step")
-        return logits[0], cache
-      logits, cache = jax.vmap(one)(state["last"], state["t"], state["cache"])
+      """One token for every slot, each at its own step t; `active` (S,) marks the slots in use (the others
+      compute and are ignored)."""
       t = state["t"]
+      logits, cache = model.apply({"params": params}, state["last"], t, state["cache"], method="step")
       scores = sampling.repetition_penalty(logits, state["seen"], state["penalty"][:, None])
       scores = sampling.block_eos(scores, t[:, None], state["min_new"][:, None], eos)
-      keys = jax.vmap(lambda k, i: jax.random.fold_in(k, i))(jax.random.wrap_key_data(state["key"]), t)
-      drawn = sampling.draw(keys, sampling.warp(scores, state["temperature"][:, None], state["top_k"],
-                                                state["top_p"][:, None]))
+      sampled = active & ~state["greedy"]
+
+      def draw(scores):   # sampling's warpers sort the vocabulary: only when a row samples, each only if asked for
+        keys = jax.vmap(lambda k, i: jax.random.fold_in(k, i))(jax.random.wrap_key_data(state["key"]), t)
+        scores = sampling.apply_temperature(scores, state["temperature"][:, None])
+        scores = jax.lax.cond(jnp.any(sampled & (state["top_k"] > 0)),
+                              lambda x: sampling.top_k_filter(x, state["top_k"]), lambda x: x, scores)
+        scores = jax.lax.cond(jnp.any(sampled & (state["top_p"] < 1)),
+                              lambda x: sampling.top_p_filter(x, state["top_p"][:, None]), lambda x: x, scores)
+        return sampling.draw(keys, scores)
+
+      drawn = jax.lax.cond(jnp.any(sampled), draw, lambda x: jnp.zeros(x.shape[:1], jnp.int32), scores)
       nxt = jnp.where(state["greedy"], jnp.argmax(scores, axis=-1).astype(jnp.int32), drawn)
       nxt = jnp.where(active, nxt, pad)
       logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
@@ -178,7 +192,8 @@ class Slots:
       n, v = self.slots, self.model.config.text.vocab_size
       key_shape = jax.random.key_data(jax.random.key(0)).shape
       self._state = dict(
-          cache=jax.tree.map(lambda x: jnp.zeros((n,) + x.shape, x.dtype), cache_shape),
+          cache=jax.tree.map(lambda x, axis: jnp.zeros(x.shape[:axis] + (n,) + x.shape[axis + 1:], x.dtype),
+                             cache_shape, axes),
           last=jnp.zeros((n,), jnp.int32), t=jnp.zeros((n,), jnp.int32), seen=jnp.zeros((n, v), bool),
           logprob=jnp.zeros((n,), jnp.float32), key=jnp.zeros((n,) + key_shape, jnp.uint32),
           greedy=jnp.ones((n,), bool), temperature=jnp.ones((n,), jnp.float32), top_k=jnp.zeros((n,), jnp.int32),

@@ -140,7 +140,8 @@ class InstructBlip(nn.Module):
     return ids[:, -1].astype(jnp.int32), self.language_model.prefill(embeds, mask, max_new_tokens), seen
 
   def step(self, token, t, cache):
-    """token (B,) fed as generation input number `t` -> (next-token logits (B, V) f32, updated cache)."""
+    """token (B,) fed as generation input number `t` (a scalar, or (B,): each row at its own step) -> (next-token
+    logits (B, V) f32, updated cache)."""
     return self.language_model.step(token, t, cache)
 
   def candidate_logits(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,

@@ -238,6 +238,22 @@ def rows_attention(q: Array, *, shared=None, own=None, ancestry: Array | None = 
   return out.reshape(r, lq, h, d).astype(ref.dtype)
 
 
+def write_at(cache: Array, new: Array, index) -> Array:
+  """cache (B, T, ...) with new (B, 1, ...) written at position `index`: the same position for every row (a scalar:
+  the decoding loops), or each row's own ((B,): continuous batching's slots, each at its own step)."""
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
+  hit = jnp.arange(cache.shape[1])[None, :] == index[:, None]                        # (B, T)
+  return jnp.where(hit.reshape(hit.shape + (1,) * (cache.ndim - 2)), new.astype(cache.dtype), cache)
+
+
+def written(index, length: int) -> Array:
+  """The key mask of the cache positions written up to `index`: (1, 1, 1, T) for a scalar, (B, 1, 1, T) per row."""
+  if jnp.ndim(index) == 0:
+    return (jnp.arange(length) <= index)[None, None, None, :]
+  return (jnp.arange(length)[None, :] <= index[:, None])[:, None, None, :]
+
+
 def repeat_cache(cache: dict, n: int, own: Sequence[str], batch: int) -> dict:
   """n rows per sample (beams, samples drawn) of a decoding cache: each row gets its own copy of the `own` arrays
   (keys/values of new tokens, (layers, B, T, ...) -> (layers, B * n, T, ...)); everything else (the encoder's or the

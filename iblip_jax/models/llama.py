@@ -91,8 +91,11 @@ class LlamaAttention(nn.Module):
     key = apply_rope(dense(g * k, ("embed", "kv_joined"), name="k_proj")(x).reshape(b, s, g, k), rope)
     value = dense(g * k, ("embed", "kv_joined"), name="v_proj")(x).reshape(b, s, g, k)
     if cache is not None:  # write this chunk at `index`, attend over the whole cache
-      cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), index, axis=1),
-               "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), index, axis=1)}
+      if jnp.ndim(index) == 0:   # a chunk of S positions from `index`
+        cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), index, axis=1),
+                 "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), index, axis=1)}
+      else:                      # one position per row, each row's own (continuous batching)
+        cache = {"k": layers.write_at(cache["k"], key, index), "v": layers.write_at(cache["v"], value, index)}
       key, value = cache["k"], cache["v"]
     if prefix is not None:
       y = layers.rows_attention(q, shared=(prefix[0], prefix[1], prefix_mask), own=(key, value, None, mask),
@@ -216,13 +219,14 @@ class Llama(nn.Module):
 
   def step(self, token, t, cache):
     """token (R,) fed as generation input number `t` -> (next-token logits (R, V) f32, updated cache). R may be a
-    multiple of the prompt's samples (repeat_cache)."""
+    multiple of the prompt's samples (repeat_cache). `t` may be (R,), each row at its own step (continuous batching:
+    one row per sample, no beams)."""
     ancestry = cache.get("ancestry")
     if ancestry is not None:   # this step's key is each row's own
       ancestry = ancestry.at[:, :, t].set(jnp.arange(ancestry.shape[1])[None])
     r, b = token.shape[0], cache["last_position"].shape[0]
     position = jnp.repeat(cache["last_position"], r // b) + t
-    own_mask = (jnp.arange(cache["k"].shape[2]) <= t)[None, None, None, :]
+    own_mask = layers.written(t, cache["k"].shape[2])
     x, kv = self._rows(self.embed(token[:, None]), position[:, None], own_mask, cache,
                        {"k": cache["k"], "v": cache["v"]}, t, ancestry)
     out = dict(cache, **kv)

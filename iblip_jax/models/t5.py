@@ -139,8 +139,8 @@ class T5Block(nn.Module):
       x = x + drop(self_attn(y, y, bias, mask, det), deterministic=det)
     else:  # write this step's key/value at `index`, attend over the whole (masked) cache
       k, v = self_attn.kv(y)
-      cache = dict(cache, self_k=jax.lax.dynamic_update_slice_in_dim(cache["self_k"], k, index, axis=1),
-                   self_v=jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v, index, axis=1))
+      cache = dict(cache, self_k=layers.write_at(cache["self_k"], k, index),
+                   self_v=layers.write_at(cache["self_v"], v, index))
       x = x + drop(self_attn(y, None, bias, mask, det, cached_kv=(cache["self_k"], cache["self_v"]),
                              ancestry=ancestry), deterministic=det)
     if self.decoder:  # cross-attention has no position bias, only the encoder's padding mask
@@ -199,8 +199,11 @@ class T5Stack(nn.Module):
         mask = jnp.logical_and(mask, jnp.tril(jnp.ones((length, length), bool))[None, None])
     else:
       max_length = cache["self_k"].shape[2]
-      bias = self._bias(jnp.reshape(index, (1,)), max_length)                 # (1, H, 1, T)
-      mask = (jnp.arange(max_length) <= index)[None, None, None, :]           # keys written so far
+      if jnp.ndim(index) == 0:
+        bias = self._bias(jnp.reshape(index, (1,)), max_length)               # (1, H, 1, T)
+      else:   # each row at its own position (B,): (1, H, B, T) -> (B, H, 1, T)
+        bias = self._bias(index, max_length).transpose(2, 1, 0, 3)
+      mask = layers.written(index, max_length)                                 # keys written so far
     x = nn.Dropout(self.config.dropout_rate)(x, deterministic=deterministic)
     x, cache = self._blocks(deterministic)(x, bias, mask, encoded, encoded_mask, cache, index, ancestry)
     x = nn.Dropout(self.config.dropout_rate)(self._final_norm(x), deterministic=deterministic)
@@ -251,7 +254,8 @@ class T5(nn.Module):
 
   def step(self, token, t, cache):
     """token (R,) fed as decoder input number `t` -> (next-token logits (R, V) f32, updated cache). R may be a
-    multiple of the cache's samples (repeat_cache): the rows of a sample share its encoder keys/values."""
+    multiple of the cache's samples (repeat_cache): the rows of a sample share its encoder keys/values. `t` may be
+    (R,), each row at its own step (continuous batching: one row per sample, no beams)."""
     ancestry = cache.get("ancestry")
     if ancestry is not None:   # this step's key is each row's own
       ancestry = ancestry.at[:, :, t].set(jnp.arange(ancestry.shape[1])[None])

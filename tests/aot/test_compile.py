@@ -14,6 +14,8 @@ def _tiny_config(vision_layers: int = 3, text_layers: int = 3):
 
 
 SHAPES = aot_compile.Shapes(instruction=7, prompt=6, target=5)
+# one worker: the libtpu topology and the tiny train step are compiled once for the module's tests
+pytestmark = pytest.mark.xdist_group("aot_compile")
 
 
 @pytest.mark.slow
@@ -39,10 +41,17 @@ def test_remat_adds_the_recomputed_forward():
   assert with_remat > without
 
 
-@pytest.mark.slow
-def test_compile_tiny_train_step(v5e_2x2):
+@pytest.fixture(scope="module")
+def tiny_train(v5e_2x2):
+  """The tiny train step compiled once for the module (the QLoRA test compares against it)."""
   slice_, devices = v5e_2x2
-  report = aot_compile.compile_train(_tiny_config(), slice_, batch=8, shapes=SHAPES, devices=devices)
+  return aot_compile.compile_train(_tiny_config(), slice_, batch=8, shapes=SHAPES, devices=devices)
+
+
+@pytest.mark.slow
+def test_compile_tiny_train_step(v5e_2x2, tiny_train):
+  slice_, _ = v5e_2x2
+  report = tiny_train
   assert report.argument_bytes > 0 and report.output_bytes > 0 and report.temp_bytes > 0
   assert report.alias_bytes > 0                  # trainable params and optimizer state are donated
   assert 0 < report.total_bytes < slice_.chip.hbm_bytes and step_model.fits(report, slice_)
@@ -115,11 +124,11 @@ def test_remat_policy_changes_the_executed_flops():
 
 
 @pytest.mark.slow
-def test_compile_tiny_qlora_train_step(v5e_2x2):
+def test_compile_tiny_qlora_train_step(v5e_2x2, tiny_train):
   """config.lora and quantised towers reach the compiled step: only the adapters are trained (arguments, donated
   optimizer state), the frozen ViT and T5 held in int8, against the same model trained on the Q-Former side."""
   slice_, devices = v5e_2x2
-  full = aot_compile.compile_train(_tiny_config(), slice_, batch=8, shapes=SHAPES, devices=devices)
+  full = tiny_train
   config = _tiny_config()
   config.trainable = []
   config.lora.targets = [r"qformer/.*/(query|value)$", r"language_model/.*/(q|v)$"]
