@@ -344,12 +344,17 @@ def _args(argv):
   return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-  args = _args(argv)
+def start_process() -> None:
+  """What a server process does first (this one and the API, serve_api): the platform, and logs a person reads."""
   distributed.default_platform()
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
   for noisy in ("httpx", "absl"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv=None) -> int:
+  args = _args(argv)
+  start_process()
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # nothing leaves this machine
   model = os.path.normpath(args.model or default_model())
   try:

@@ -33,12 +33,12 @@ import time
 import urllib.parse
 from typing import Literal
 
-from iblip_jax import distributed, extras
+from iblip_jax import extras
 from iblip_jax.data import images
 from iblip_jax.data.conversation import Conversation, prompt_text
 from iblip_jax.errors import BadInput, UserError
 from iblip_jax.inference import Pipeline
-from iblip_jax.serve import DEMO_MODEL, TRAINED_DEMO, default_model
+from iblip_jax.serve import DEMO_MODEL, TRAINED_DEMO, default_model, start_process
 from iblip_jax.slots import QueueFull, Request, Slots, Unavailable
 
 log = logging.getLogger(__name__)
@@ -477,10 +477,7 @@ def _args(argv):
 
 def main(argv=None) -> int:
   args = _args(argv)
-  distributed.default_platform()
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-  for noisy in ("httpx", "absl"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  start_process()
   model = os.path.normpath(args.model or default_model())
   try:
     _fastapi()

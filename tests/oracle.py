@@ -121,3 +121,16 @@ def assert_same_tokens(ours, theirs, eos=1, pad=0):
       n = int(np.argmax(row_theirs == eos)) + 1
     np.testing.assert_array_equal(row_ours[:n], row_theirs[:n])
     assert (row_ours[n:] == pad).all() or n == len(row_ours)
+
+
+def word_checkpoint(path, words, *, llama: bool, seed: int) -> str:
+  """A tiny checkpoint with word-level tokenizers in `path`, as a user's directory (Pipeline.from_pretrained). The
+  Vicuna one gets a sharper distribution with a likely EOS, so that answers end at different lengths."""
+  from iblip_jax.demo import word_tokenizers
+  hf = tiny_hf_model(seed=seed, llama=llama)
+  if llama:
+    with torch.no_grad():
+      hf.language_model.lm_head.weight.mul_(6.0)
+  hf.save_pretrained(path)
+  word_tokenizers.build(words, str(path), decoder_only=llama)
+  return str(path)

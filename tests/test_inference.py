@@ -15,7 +15,6 @@ import iblip_jax
 import oracle
 from iblip_jax import inference, sampling
 from iblip_jax.data import preprocess, readers, tokenize
-from iblip_jax.demo import word_tokenizers
 from iblip_jax.errors import UserError
 from iblip_jax.inference import BadInput, Conversation, Pipeline
 
@@ -35,15 +34,7 @@ def _images(n: int = 4, seed: int = 0) -> list[np.ndarray]:
 
 
 def _checkpoint(root, name: str, llama: bool, seed: int):
-  path = root / name
-  hf = oracle.tiny_hf_model(seed=seed, llama=llama)
-  if llama:   # a sharper distribution with a likely EOS, so that answers end at different lengths
-    import torch
-    with torch.no_grad():
-      hf.language_model.lm_head.weight.mul_(6.0)
-  hf.save_pretrained(path)
-  word_tokenizers.build(WORDS, str(path), decoder_only=llama)
-  return str(path)
+  return oracle.word_checkpoint(root / name, WORDS, llama=llama, seed=seed)
 
 
 @pytest.fixture(scope="module")

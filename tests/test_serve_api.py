@@ -9,7 +9,6 @@ import io
 import json
 import re
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request

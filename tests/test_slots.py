@@ -12,7 +12,6 @@ import pytest
 import oracle
 from iblip_jax import slots as slots_lib
 from iblip_jax.data import images
-from iblip_jax.demo import word_tokenizers
 from iblip_jax.inference import Pipeline
 
 WORDS = ("what color is the cat dog red blue green a picture of where left right sky describe this image short "
@@ -24,21 +23,11 @@ WIDTH = 12
 PENALTY = 1.3
 
 
-def _checkpoint(root, llama: bool) -> str:
-  path = root / ("vicuna" if llama else "t5")
-  hf = oracle.tiny_hf_model(seed=11 if llama else 12, llama=llama)
-  if llama:   # a sharper distribution with a likely EOS, so that answers end at different lengths
-    import torch
-    with torch.no_grad():
-      hf.language_model.lm_head.weight.mul_(6.0)
-  hf.save_pretrained(path)
-  word_tokenizers.build(WORDS, str(path), decoder_only=llama)
-  return str(path)
-
-
 @pytest.fixture(scope="module", params=["t5", "vicuna"])
 def served(request, tmp_path_factory):
-  pipe = Pipeline.from_pretrained(_checkpoint(tmp_path_factory.mktemp("slots"), request.param == "vicuna"))
+  llama = request.param == "vicuna"
+  pipe = Pipeline.from_pretrained(oracle.word_checkpoint(tmp_path_factory.mktemp("slots") / request.param, WORDS,
+                                                         llama=llama, seed=11 if llama else 12))
   slots = slots_lib.Slots(pipe.engine, slots=3, width=WIDTH, max_waiting=16)
   slots.warm_up(progress=False)
   slots.start()

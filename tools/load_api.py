@@ -25,7 +25,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -267,7 +266,6 @@ def main():
   print(f"server up in {time.perf_counter() - t:.0f} s (load + compile), {args.slots} slots", flush=True)
   try:
     want, seq_s = sequential(model, work)
-    seq_tokens = None
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=600)
     name = client.models.list().data[0].id
     got, wall, latency, ttft, tokens = concurrent_run(client, name, work, args.clients)
