@@ -433,6 +433,10 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
       raise ApiError(400, "candidates (ranking) returns one choice and is not streamed", param="candidates")
     if not body.candidates or any(not isinstance(c, str) or not c.strip() for c in body.candidates):
       raise ApiError(400, "candidates must be a non-empty list of non-empty strings", param="candidates")
+    try:   # the same length rule as answers: refused, never truncated
+      await run_in_threadpool(slots.encode, prompt_text(parsed.prompt))
+    except BadInput as e:
+      raise ApiError(400, str(e), param="messages") from None
     ranking = await run_in_threadpool(pipe.rank, prepared, parsed.prompt, list(body.candidates))
     count("200")
     return {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
