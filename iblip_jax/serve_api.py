@@ -471,6 +471,7 @@ def _args(argv):
                  help="clients must send it as a Bearer token (default: $IBLIP_API_KEY, else none)")
   p.add_argument("--slots", type=int, default=8, help="decode slots: requests answered together")
   p.add_argument("--max-tokens", type=int, default=256, help="the longest answer in tokens (each slot's room)")
+  p.add_argument("--prefill-batch", type=int, default=4, help="waiting requests prefilled together (1 or this many)")
   p.add_argument("--max-waiting", type=int, default=64, help="requests that may wait for a slot; more get 429")
   p.add_argument("--request-timeout", type=float, default=600.0, help="seconds from arrival to the last token")
   p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM gives the requests in flight")
@@ -497,7 +498,8 @@ def main(argv=None) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  slots = Slots(pipe.engine, slots=args.slots, width=args.max_tokens, max_waiting=args.max_waiting)
+  slots = Slots(pipe.engine, slots=args.slots, width=args.max_tokens, max_waiting=args.max_waiting,
+                prefill_batch=args.prefill_batch)
   print(f"compiling the slot programs ({len(slots.buckets)} prompt lengths, {args.slots} slots, answers up to "
         f"{args.max_tokens} tokens)", flush=True)
   slots.warm_up()

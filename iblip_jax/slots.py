@@ -2,16 +2,18 @@
 
 The serving side of the engine (iblip_jax.engine answers whole batches; the OpenAI server, iblip_jax.serve_api,
 answers requests as they come). One scheduler thread owns the device:
-- a waiting request is prefilled alone (image -> ViT -> Q-Former -> the LLM's prompt pass, the model's `prefill`)
-  and its cache written into a free slot (n slots for n choices: they share the prefill, each draws its own tokens);
+- waiting requests are prefilled together, up to `prefill_batch` of them (image -> ViT -> Q-Former -> the LLM's
+  prompt pass, the model's `prefill`; the ViT is most of a request's work and runs better batched), and each one's
+  cache is written into a free slot (n slots for n choices: they share the prefill, each draws its own tokens);
 - every step feeds each slot's last token at that slot's own position (the model's `step` with one t per row: the
   cache is written and masked per row, T5's position bias taken per row), picks the next tokens (greedy or sampled, per slot) and returns them to the
   host, which streams them, checks stop strings, and frees the slots that ended;
 - nobody waits for the slowest row: a freed slot takes the next request at the next step.
 Slot caches have one shape: FlanT5's encoder states (cross keys/values and mask) and Vicuna's [visual][prompt]
 keys/values are padded to the longest prompt bucket (masked positions add nothing), and the new tokens' keys/values
-have room for `width` tokens. So the compiled programs are: one prefill per prompt bucket, one insert, one step,
-all compiled at start-up (`warm_up`) and reused for ever (`compiled_programs` counts them).
+have room for `width` tokens. So the compiled programs are: one prefill per prompt bucket and prefill size (1 or
+`prefill_batch` requests), one insert per prefill size, one step, all compiled at start-up (`warm_up`) and reused
+for ever (`compiled_programs` counts them).
 
 Per slot, the decoding maths is the engine's greedy/sampling loop (iblip_jax.sampling): repetition penalty, min new
 tokens, temperature / top-k / top-p, a key per (seed, choice) folded with t. So a greedy answer here is the
@@ -91,7 +93,7 @@ class Slots:
   """`slots` decode slots for `engine`'s model (one device or a mesh; every slot lives everywhere), answers of up to
   `width` tokens, at most `max_waiting` requests waiting for a slot. start() runs the scheduler thread."""
 
-  def __init__(self, engine, *, slots: int = 8, width: int = 256, max_waiting: int = 64):
+  def __init__(self, engine, *, slots: int = 8, width: int = 256, max_waiting: int = 64, prefill_batch: int = 4):
     if engine.tok.decoder_only and engine.model.config.text.vocab_size is None:
       raise BadInput("the model has no vocabulary size")
     # own tokenizers: the Pipeline's (ranking, on other threads) switch truncation on theirs, which is not
@@ -101,6 +103,7 @@ class Slots:
     self._tok_lock = threading.Lock()
     self.engine, self.model = engine, engine.model
     self.slots, self.width, self.max_waiting = slots, width, max_waiting
+    self.prefill_sizes = tuple(sorted({1, max(1, min(prefill_batch, slots))}))
     text = self.model.config.text
     self.eos, self.pad = text.eos_token_id, text.pad_token_id
     self.buckets = tuple(b for b in self.tok.buckets if b < self.prompt_limit) + (
@@ -108,7 +111,7 @@ class Slots:
     self._waiting: queue.Queue = queue.Queue()
     self._owner: list[_Choice | None] = [None] * slots
     self._stop = threading.Event()
-    self._placing: Request | None = None   # the request being prefilled (neither waiting nor in a slot)
+    self._placing: list[Request] = []   # the requests being prefilled (neither waiting nor in a slot)
     self._thread: threading.Thread | None = None
     self.failure: BaseException | None = None
     self.stats = collections.Counter()            # tokens, requests, steps: the metrics endpoint reads them
@@ -140,18 +143,19 @@ class Slots:
                         cache_shape, jax.eval_shape(raw, self.engine.params, two)[1])
 
     def prefill(params, inputs):
-      """-> (first token (), the cache of one row padded to the slots' shape, seen (V,))."""
+      """P requests -> (first tokens (P,), their cache padded to the slots' shape but for the batch, seen (P, V))."""
       start, cache, seen = raw(params, inputs)
-      cache = jax.tree.map(lambda x, like: jnp.pad(x, [(0, b - a) for a, b in zip(x.shape, like.shape)]),
+      cache = jax.tree.map(lambda x, like: jnp.pad(x, [(0, max(0, b - a)) for a, b in zip(x.shape, like.shape)]),
                            cache, cache_shape)
-      return start[0], cache, seen[0]
+      return start, cache, seen
 
-    def insert(state, slot, start, cache, seen, knobs):
+    def insert(state, slot, row, start, cache, seen, knobs):
+      """Row `row` of a prefill's outputs into slot `slot`."""
       put = lambda whole, part: whole.at[slot].set(part)
-      cache = jax.tree.map(lambda whole, part, axis: jax.lax.dynamic_update_slice_in_dim(whole, part, slot, axis),
-                           state["cache"], cache, axes)
-      return dict(state, last=put(state["last"], start), t=put(state["t"], 0), cache=cache,
-                  seen=put(state["seen"], seen), logprob=put(state["logprob"], 0.0),
+      cache = jax.tree.map(lambda whole, part, axis: jax.lax.dynamic_update_slice_in_dim(
+          whole, jax.lax.dynamic_slice_in_dim(part, row, 1, axis), slot, axis), state["cache"], cache, axes)
+      return dict(state, last=put(state["last"], start[row]), t=put(state["t"], 0), cache=cache,
+                  seen=put(state["seen"], seen[row]), logprob=put(state["logprob"], 0.0),
                   **{k: put(state[k], v) for k, v in knobs.items()})
 
     eos, pad = self.eos, self.pad
@@ -205,18 +209,25 @@ class Slots:
     return sum(f._cache_size() for f in (self._prefill, self._insert, self._step))
 
   def warm_up(self, progress: bool = True) -> None:
-    """Compiles every program the slots will run, before the first request (one prefill per prompt bucket)."""
+    """Compiles every program the slots will run, before the first request (one prefill per prompt bucket and
+    prefill size)."""
     s = self.engine.image_size
     pixels = np.zeros((s, s, 3), np.float32)
-    with tqdm(total=len(self.buckets) + 2, desc="compiling", unit="program", disable=not progress) as bar:
+    sizes = self.prefill_sizes
+    with tqdm(total=len(self.buckets) * len(sizes) + 2, desc="compiling", unit="program",
+              disable=not progress) as bar:
+      outs = {}
       for b in self.buckets:
-        bar.set_postfix_str(f"prefill {b} tokens")
-        out = self._run_prefill(pixels, "x", b)
-        bar.update(1)
+        for n in sizes:
+          bar.set_postfix_str(f"prefill {n} x {b} tokens")
+          outs[n] = self._run_prefill([pixels] * n, ["x"] * n, b)
+          bar.update(1)
       # twice: the first state is uncommitted, the later ones are the programs' own outputs (another cache entry)
       for _ in range(2):
         bar.set_postfix_str("insert, step")
-        self._state = self._insert(self._state, np.int32(0), *out, self._knobs(Request(pixels, "x", print), 0))
+        for out in outs.values():
+          self._state = self._insert(self._state, np.int32(0), np.int32(0), *out,
+                                     self._knobs(Request(pixels, "x", print), 0))
         self._state, *_ = self._step(self.engine.params, self._state, np.zeros((self.slots,), bool))
         jax.block_until_ready(self._state)
       bar.update(2)
@@ -237,9 +248,17 @@ class Slots:
     return dict(qformer_input_ids=q_ids, qformer_attention_mask=q_mask, input_ids=l_ids, attention_mask=l_mask,
                 length=len(llm))
 
-  def _run_prefill(self, pixels: np.ndarray, prompt: str, bucket: int | None = None):
-    tokens = self.encode(prompt, bucket)
-    inputs = dict(pixel_values=pixels[None].astype(np.float32), **{k: tokens[k] for k in _INPUTS[1:]})
+  def _run_prefill(self, pixels: list[np.ndarray], prompts: list[str], bucket: int | None = None):
+    """The prefill of a few requests, padded to one prompt bucket (the longest's) and to a prefill size (repeats of
+    the last request: their rows are never read)."""
+    if bucket is None:
+      bucket = max(self.encode(p)["input_ids"].shape[1] for p in prompts)
+    rows = [self.encode(p, bucket) for p in prompts]
+    size = next(n for n in self.prefill_sizes if n >= len(rows))
+    rows += [rows[-1]] * (size - len(rows))
+    pixels = list(pixels) + [pixels[-1]] * (size - len(pixels))
+    inputs = dict(pixel_values=np.stack(pixels).astype(np.float32),
+                  **{k: np.concatenate([r[k] for r in rows]) for k in _INPUTS[1:]})
     with sharding.context(self.engine.mesh, self.engine.rules):
       return self._prefill(self.engine.params, inputs)
 
@@ -336,8 +355,8 @@ class Slots:
 
   def _in_flight(self) -> list[Request]:
     out = {id(c.request): c.request for c in self._owner if c is not None}
-    if self._placing is not None:
-      out[id(self._placing)] = self._placing
+    for r in self._placing:
+      out[id(r)] = r
     while True:
       try:
         r = self._waiting.get_nowait()
@@ -348,11 +367,13 @@ class Slots:
     return list(out.values())
 
   def _wait_for_work(self):
+    """Waits a little for a request (idle), leaving it first in line for _admit."""
     try:
       r = self._waiting.get(timeout=0.05)
     except queue.Empty:
       return
-    self._place(r)
+    with self._waiting.mutex:
+      self._waiting.queue.appendleft(r)
 
   def _admit(self):
     """Waiting requests take free slots, in order, as long as a request's n choices fit; the cancelled and the
@@ -363,33 +384,36 @@ class Slots:
         self._waiting.queue.remove(r)
     for r in gone:
       self._end(r, "cancelled" if r.cancelled else "timeout")
-    while True:
+    while True:   # the next few that fit, prefilled together
+      group, free = [], self.slots - self.active
       with self._waiting.mutex:
-        if not self._waiting.queue or self.slots - self.active < self._waiting.queue[0].n:
-          return
-      self._place(self._waiting.get_nowait())
+        while (self._waiting.queue and len(group) < self.prefill_sizes[-1]
+               and free - sum(r.n for r in group) >= self._waiting.queue[0].n):
+          group.append(self._waiting.queue.popleft())
+      if not group:
+        return
+      self._place(group)
 
-  def _place(self, r: Request):
-    if r.cancelled or self._expired(r):
-      self._end(r, "cancelled" if r.cancelled else "timeout")
-      return
-    if self.slots - self.active < r.n:   # only when it came from _wait_for_work with slots busy: back in front
-      with self._waiting.mutex:
-        self._waiting.queue.appendleft(r)
-      return
-    self._placing = r
+  def _place(self, group: list[Request]):
+    self._placing = group
+    self.stats["prefills"] += 1
+    self.stats["prefilled"] += len(group)
     try:
-      start, cache, seen = self._run_prefill(r.pixels, r.prompt)
-    except Exception as e:  # noqa: BLE001 - this request's problem (a bad prompt, memory): it ends, others go on
+      start, cache, seen = self._run_prefill([r.pixels for r in group], [r.prompt for r in group])
+    except Exception as e:  # noqa: BLE001 - these requests' problem (memory, say): they end, the others go on
       log.exception("prefill failed")
-      self._fail(r, str(e) if isinstance(e, BadInput) else f"prefill failed: {type(e).__name__}: {e}")
-      self._placing = None
+      for r in group:
+        self._fail(r, str(e) if isinstance(e, BadInput) else f"prefill failed: {type(e).__name__}: {e}")
+      self._placing = []
       return
-    free = [i for i, c in enumerate(self._owner) if c is None][:r.n]
-    for j, slot in enumerate(free):   # a failure here leaves the state unknown: the loop fails (every request ends)
-      self._state = self._insert(self._state, np.int32(slot), start, cache, seen, self._knobs(r, j))
-      self._owner[slot] = _Choice(r, j)
-    self._placing = None
+    free = iter([i for i, c in enumerate(self._owner) if c is None])
+    for row, r in enumerate(group):
+      for j in range(r.n):   # a failure here leaves the state unknown: the loop fails (every request ends)
+        slot = next(free)
+        self._state = self._insert(self._state, np.int32(slot), np.int32(row), start, cache, seen,
+                                   self._knobs(r, j))
+        self._owner[slot] = _Choice(r, j)
+    self._placing = []
 
   def _expired(self, r: Request) -> bool:
     return r.timeout is not None and time.monotonic() - r.submitted > r.timeout

@@ -28,7 +28,7 @@ def served(request, tmp_path_factory):
   llama = request.param == "vicuna"
   pipe = Pipeline.from_pretrained(oracle.word_checkpoint(tmp_path_factory.mktemp("slots") / request.param, WORDS,
                                                          llama=llama, seed=11 if llama else 12))
-  slots = slots_lib.Slots(pipe.engine, slots=3, width=WIDTH, max_waiting=16)
+  slots = slots_lib.Slots(pipe.engine, slots=3, width=WIDTH, max_waiting=16, prefill_batch=2)
   slots.warm_up(progress=False)
   slots.start()
   yield pipe, slots
@@ -82,9 +82,12 @@ def test_answers_equal_the_pipelines_while_requests_join_and_leave(served):
     else:
       settings.update(temperature=0)
     requests.append(_request(pipe, im, p, **settings))
+  before = dict(slots.stats)
   for r, _ in requests:
     slots.submit(r)
   _wait(*(c for _, c in requests))
+  prefills = slots.stats["prefills"] - before.get("prefills", 0)
+  assert slots.stats["prefilled"] - before.get("prefilled", 0) == len(requests) > prefills   # some together
   for i, ((r, c), im, p) in enumerate(zip(requests, ims, prompts)):
     common = dict(max_new_tokens=lengths[i], min_new_tokens=0, repetition_penalty=PENALTY)
     if i in sampled:
@@ -157,24 +160,26 @@ def test_requests_that_cannot_be_served_are_named(served):
     slots.submit(_request(pipe, im, " ".join(["cat"] * 400), max_tokens=WIDTH)[0])
 
 
-def test_a_failed_prefill_ends_that_request_and_a_failed_loop_ends_every_request(served, monkeypatch):
+def test_a_failed_prefill_ends_its_requests_and_a_failed_loop_ends_every_request(served, monkeypatch):
   """Run last (it breaks the slots): nobody waits for ever, whatever fails."""
   pipe, slots = served
   im = _images(1)[0]
   run_prefill = slots._run_prefill
 
-  def flaky(pixels, prompt, bucket=None):
-    if prompt == "boom":
+  def flaky(pixels, prompts, bucket=None):
+    if "boom" in prompts:
       raise RuntimeError("out of memory (a stand-in)")
-    return run_prefill(pixels, prompt, bucket)
+    return run_prefill(pixels, prompts, bucket)
 
   monkeypatch.setattr(slots, "_run_prefill", flaky)
   bad, bad_c = _request(pipe, im, "boom", max_tokens=4, temperature=0)
-  good, good_c = _request(pipe, im, SHORT[0], max_tokens=4, temperature=0)
   slots.submit(bad)
-  slots.submit(good)
-  _wait(bad_c, good_c)
+  _wait(bad_c)
   assert ("error", "prefill failed: RuntimeError: out of memory (a stand-in)") in bad_c.events
+  assert bad_c.events[-1][0] == "end"
+  good, good_c = _request(pipe, im, SHORT[0], max_tokens=4, temperature=0)   # the loop goes on
+  slots.submit(good)
+  _wait(good_c)
   assert good.finish[0] in ("stop", "length") and slots.alive()
 
   submitted = threading.Event()
