@@ -308,6 +308,9 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
                round(slots.tokens_per_second(), 3)),
               ("iblip_generated_tokens_total", "counter", "Tokens generated.", slots.stats["tokens"]),
               ("iblip_decode_steps_total", "counter", "Decode steps run.", slots.stats["steps"]),
+              ("iblip_prefills_total", "counter", "Prefill calls (each for 1 to --prefill-batch requests).",
+               slots.stats["prefills"]),
+              ("iblip_prefilled_requests_total", "counter", "Requests prefilled.", slots.stats["prefilled"]),
               ("iblip_compiled_programs", "gauge", "Programs compiled (prefill per bucket, insert, step).",
                slots.compiled_programs())]
     lines = []

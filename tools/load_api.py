@@ -280,6 +280,9 @@ def main():
     print(f"latency p50 {pct(latency, 50):.2f} s  p99 {pct(latency, 99):.2f} s; time to first token "
           f"p50 {pct(ttft, 50):.2f} s  p99 {pct(ttft, 99):.2f} s")
     print(f"answers equal to the Pipeline's: {same}/{len(work)}", flush=True)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+      metrics = dict(line.split() for line in r.read().decode().splitlines() if line and line[0] != "#")
+    print(f"requests per prefill call: {float(metrics['iblip_prefilled_requests_total']) / float(metrics['iblip_prefills_total']):.2f}")
     h = hostile_run(f"http://127.0.0.1:{port}", name, key, work, want, args.hostile, args.good, args.clients)
     print(f"\nhostile: {args.hostile} bad requests interleaved with {args.good} good ones: good answered and "
           f"equal {h['good_ok']}/{args.good}, bad answered 4xx {h['bad_4xx']}/{args.hostile}, /health "
