@@ -94,6 +94,8 @@ class Slots:
   `width` tokens, at most `max_waiting` requests waiting for a slot. start() runs the scheduler thread."""
 
   def __init__(self, engine, *, slots: int = 8, width: int = 256, max_waiting: int = 64, prefill_batch: int = 4):
+    if engine.tok.decoder_only and engine.model.config.text.vocab_size is None:
+      raise BadInput("the model has no vocabulary size")
     # own tokenizers: the Pipeline's (ranking, on other threads) switch truncation on theirs, which is not
     # thread-safe under a concurrent encode (the Rust tokenizer's "Already borrowed")
     tok = engine.tok
