@@ -39,11 +39,26 @@ def tiny_hf_llama_config(*, kv_heads: int = 2, rope: dict | None = None, image_s
                             text_config=text, num_query_tokens=NUM_QUERY, image_token_index=IMAGE_TOKEN)
 
 
-def tiny_hf_model(seed: int = 0, *, untie_head: bool = False, llama: bool = False, **config_kw) -> InstructBlipForConditionalGeneration:
-  """A re-randomised tiny model in eval mode with eager attention (fp32)."""
+def tiny_hf_video_config(*, llama: bool = False, **config_kw):
+  """transformers' InstructBLIP-Video format of the same tiny model; its frames' placeholder is IMAGE_TOKEN."""
+  from transformers import InstructBlipVideoConfig
+  cfg = tiny_hf_llama_config(**config_kw) if llama else tiny_hf_config(**config_kw)
+  return InstructBlipVideoConfig(vision_config=cfg.vision_config.to_dict(), qformer_config=cfg.qformer_config.to_dict(),
+                                 text_config=cfg.text_config.to_dict(), num_query_tokens=NUM_QUERY,
+                                 video_token_index=IMAGE_TOKEN)
+
+
+def tiny_hf_model(seed: int = 0, *, untie_head: bool = False, llama: bool = False, video: bool = False,
+                  **config_kw) -> InstructBlipForConditionalGeneration:
+  """A re-randomised tiny model in eval mode with eager attention (fp32); `video`: transformers'
+  InstructBlipVideoForConditionalGeneration instead."""
   torch.manual_seed(seed)
-  config = tiny_hf_llama_config(**config_kw) if llama else tiny_hf_config(**config_kw)
-  model = InstructBlipForConditionalGeneration(config).eval()
+  if video:
+    from transformers import InstructBlipVideoForConditionalGeneration
+    model = InstructBlipVideoForConditionalGeneration(tiny_hf_video_config(llama=llama, **config_kw)).eval()
+  else:
+    config = tiny_hf_llama_config(**config_kw) if llama else tiny_hf_config(**config_kw)
+    model = InstructBlipForConditionalGeneration(config).eval()
   model.set_attn_implementation("eager")
   if untie_head:  # a separate head, as in the released FlanT5 checkpoints
     lm = model.language_model

@@ -74,7 +74,9 @@ _KINDS = {
     "object": (lambda v: isinstance(v, dict), "an object"),
 }
 _TOP_FIELDS = dict(vision_config="object?", qformer_config="object?", text_config="object?",
-                   num_query_tokens="count", image_token_index="id?", image_token_id="id?")
+                   num_query_tokens="count", image_token_index="id?", image_token_id="id?",
+                   video_token_index="id?", video_token_id="id?")
+VIDEO_MODEL_TYPE = "instructblipvideo"   # transformers' InstructBlipVideoForConditionalGeneration
 _VISION_FIELDS = dict(hidden_size="count", intermediate_size="count", num_hidden_layers="count",
                       num_attention_heads="count", image_size="count", patch_size="count", num_channels="count",
                       layer_norm_eps="positive", hidden_act="act", qkv_bias="bool")
@@ -152,14 +154,15 @@ def _transformers_fields() -> dict[str, frozenset[str]]:
   try:
     # imported here: transformers (with torch, where installed) takes seconds to load, and only this report uses it
     from transformers import (GenerationConfig, InstructBlipConfig, InstructBlipQFormerConfig,
-                              InstructBlipVisionConfig, LlamaConfig, T5Config)
+                              InstructBlipVideoConfig, InstructBlipVisionConfig, LlamaConfig, T5Config)
     generation = set(GenerationConfig().to_dict())
 
     def keys(cls) -> frozenset[str]:
       names = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {})) | generation
       return frozenset(names | ({f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()))
 
-    return {"": keys(InstructBlipConfig), "vision_config": keys(InstructBlipVisionConfig),
+    return {"": keys(InstructBlipConfig), VIDEO_MODEL_TYPE: keys(InstructBlipVideoConfig),
+            "vision_config": keys(InstructBlipVisionConfig),
             "qformer_config": keys(InstructBlipQFormerConfig), "t5": keys(T5Config), "llama": keys(LlamaConfig)}
   except Exception as e:  # noqa: BLE001 - the report is advice; it must never stop a load
     log.info("cannot list transformers' config fields (%s); unknown-field report from iblip_jax's own list", e)
@@ -178,9 +181,23 @@ def _unknown_fields(hf: dict) -> list[str]:
     kind = text.get("model_type") if section == "text_config" else section
     if kind not in ("", "vision_config", "qformer_config", "t5", "llama"):
       continue  # a language model config_from_hf refuses
+    if kind == "" and _is_video(hf):
+      kind = VIDEO_MODEL_TYPE
     allowed = known.get(kind, frozenset()) | set(ours) | _LEGACY_FIELDS | {"model_type"}
     unknown += [f"{section}.{k}" if section else k for k in sorted(d) if k not in allowed]
   return unknown
+
+
+def _is_video(hf: dict) -> bool:
+  return hf.get("model_type") == VIDEO_MODEL_TYPE
+
+
+def _placeholders(hf: dict) -> dict:
+  """The placeholder ids and the format (InstructBLIP or InstructBLIP-Video) of a config.json."""
+  out = dict(image_token_index=hf.get("image_token_index", hf.get("image_token_id")))
+  if _is_video(hf):
+    out.update(video_format=True, video_token_index=hf.get("video_token_index", hf.get("video_token_id")))
+  return out
 
 
 def config_from_hf(hf: dict, *, tied_head: bool, source: str = CONFIG_NAME) -> InstructBlipConfig:
@@ -197,8 +214,7 @@ def config_from_hf(hf: dict, *, tied_head: bool, source: str = CONFIG_NAME) -> I
                           encoder_hidden_size=vision.hidden_size)
   if model_type == "llama":
     return _checked(InstructBlipConfig(vision=vision, qformer=qformer, text=_llama_from_hf(text),
-                                       num_query_tokens=hf.get("num_query_tokens", 32),
-                                       image_token_index=hf.get("image_token_index", hf.get("image_token_id"))),
+                                       num_query_tokens=hf.get("num_query_tokens", 32), **_placeholders(hf)),
                     source)
   t5 = _pick(text, HF_T5_DEFAULTS)
   ff = text.get("feed_forward_proj", "relu").split("-")
@@ -211,8 +227,7 @@ def config_from_hf(hf: dict, *, tied_head: bool, source: str = CONFIG_NAME) -> I
                 scale_decoder_outputs=bool(text.get("scale_decoder_outputs", tie_flag)),
                 bos_token_id=text.get("bos_token_id") if text.get("bos_token_id") is not None else 1)
   return _checked(InstructBlipConfig(vision=vision, qformer=qformer, text=t5,
-                                     num_query_tokens=hf.get("num_query_tokens", 32),
-                                     image_token_index=hf.get("image_token_index", hf.get("image_token_id"))),
+                                     num_query_tokens=hf.get("num_query_tokens", 32), **_placeholders(hf)),
                   source)
 
 
@@ -247,7 +262,8 @@ def _llama_to_hf(t: LlamaConfig) -> dict:
 
 
 def config_to_hf(cfg: InstructBlipConfig) -> dict:
-  """A config.json that transformers' InstructBlipConfig reads back to the same model."""
+  """A config.json that transformers' InstructBlipConfig (InstructBlipVideoConfig for a model loaded from that
+  format) reads back to the same model."""
   v, q, t = cfg.vision, cfg.qformer, cfg.text
   vision = {k: getattr(v, k) for k in HF_VISION_DEFAULTS}
   qformer = {k: getattr(q, k) for k in HF_QFORMER_DEFAULTS}
@@ -260,16 +276,18 @@ def config_to_hf(cfg: InstructBlipConfig) -> dict:
                 feed_forward_proj=("gated-" if t.is_gated_act else "") + act, dense_act_fn=t.dense_act_fn,
                 is_gated_act=t.is_gated_act, tie_word_embeddings=t.tie_word_embeddings,
                 scale_decoder_outputs=t.scale_decoder_outputs)
+  kind, architecture = ((VIDEO_MODEL_TYPE, "InstructBlipVideoForConditionalGeneration") if cfg.video_format
+                        else ("instructblip", "InstructBlipForConditionalGeneration"))
   out = {
-      "architectures": ["InstructBlipForConditionalGeneration"], "model_type": "instructblip",
+      "architectures": [architecture], "model_type": kind,
       "num_query_tokens": cfg.num_query_tokens, "use_decoder_only_language_model": cfg.decoder_only,
-      "vision_config": {"model_type": "instructblip_vision_model", **vision},
-      "qformer_config": {"model_type": "instructblip_qformer", "encoder_hidden_size": q.encoder_hidden_size,
-                         **qformer},
+      "vision_config": {"model_type": f"{kind}_vision_model", **vision},
+      "qformer_config": {"model_type": f"{kind}_qformer", "encoder_hidden_size": q.encoder_hidden_size, **qformer},
       "text_config": text,
   }
-  if cfg.image_token_index is not None:
-    out["image_token_index"] = cfg.image_token_index
+  for name in ("image_token_index", "video_token_index"):
+    if getattr(cfg, name) is not None:
+      out[name] = getattr(cfg, name)
   return out
 
 

@@ -161,6 +161,11 @@ class InstructBlipConfig:
   # False = BLIP-2 behaviour: the Q-Former sees only its queries (the paper's "w/o instruction-aware" ablation).
   instruction_aware: bool = True
   image_token_index: int | None = None  # only carried through for newer transformers configs
+  # transformers' InstructBLIP-Video format (model_type "instructblipvideo") and the placeholder id of its frames'
+  # query outputs. The model is the same (a video: frames through the ViT and Q-Former, concatenated); these keep
+  # the format on export, and the id counts as seen by the repetition penalty, as in transformers' generate.
+  video_format: bool = False
+  video_token_index: int | None = None
 
   def replace(self, **kw) -> "InstructBlipConfig":
     return dataclasses.replace(self, **kw)

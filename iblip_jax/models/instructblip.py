@@ -135,8 +135,9 @@ class InstructBlip(nn.Module):
     ids, prompt_mask = llama.left_align(input_ids, attention_mask)
     embeds, mask = self.llm_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, ids, prompt_mask)
     seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], ids].set(True)
-    if cfg.image_token_index is not None and cfg.image_token_index < vocab:
-      seen = seen.at[:, cfg.image_token_index].set(True)
+    for placeholder in (cfg.image_token_index, cfg.video_token_index):
+      if placeholder is not None and placeholder < vocab:
+        seen = seen.at[:, placeholder].set(True)
     return ids[:, -1].astype(jnp.int32), self.language_model.prefill(embeds, mask, max_new_tokens), seen
 
   def step(self, token, t, cache):
