@@ -340,3 +340,54 @@ def test_several_images_in_one_prompt(pipes, which):
   assert pipe(items, PROMPTS[0], **GREEDY) == [pipe(x, PROMPTS[0], **GREEDY) for x in items]
   with pytest.raises(BadInput, match="at least one image"):
     Images()
+
+
+def test_predict_jsonl_with_several_images_answers_as_the_pipeline(pipes, paths, tmp_path, monkeypatch):
+  """--config.mode=predict on a JSONL mixing {"image"} and {"images": [...]} lines: each answer is the Pipeline's for
+  that image or those Images (in order), the output keeps the field it was given; bad "images" values are named."""
+  from iblip_jax import config_lib
+  from iblip_jax.inference import Images
+  from iblip_jax.run import predict, settings
+  pipe = pipes["t5"]
+  names = []
+  for i, image in enumerate(_images(3)):
+    Image.fromarray(image).save(tmp_path / f"{i}.png")
+    names.append(f"{i}.png")
+  lines = [{"image": names[0], "prompt": PROMPTS[0]}, {"images": [names[0], names[1]], "prompt": PROMPTS[0]},
+           {"images": [names[1], names[0]], "prompt": PROMPTS[1]}, {"images": [names[2]]}]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+  config = config_lib.base({})
+  config.model_init = paths["t5"]
+  config.mesh.fsdp, config.max_replicated_mb = -1, 1024.0
+  config.predict.update(images=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl"), prompt=PROMPTS[2],
+                        num_beams=GREEDY["num_beams"], max_new_tokens=GREEDY["max_new_tokens"],
+                        min_new_tokens=GREEDY["min_new_tokens"], repetition_penalty=1.0, batch_size=2)
+  predict.run(settings.resolve(config, "", "predict"))
+  rows = [json.loads(l) for l in open(tmp_path / "out.jsonl")]
+  path = lambda n: str(tmp_path / n)   # noqa: E731
+  assert [r.get("image") or r["images"] for r in rows] == [path(names[0]), [path(names[0]), path(names[1])],
+                                                          [path(names[1]), path(names[0])], [path(names[2])]]
+  a, b, c = (Image.open(path(n)) for n in names)
+  want = [pipe(a, PROMPTS[0], **GREEDY), pipe(Images(a, b), PROMPTS[0], **GREEDY),
+          pipe(Images(b, a), PROMPTS[1], **GREEDY), pipe(Images(c), PROMPTS[2], **GREEDY)]
+  assert [r["answer"] for r in rows] == want
+  for bad, message in [({"images": []}, '"images" is \\[\\]; expected a non-empty list'),
+                       ({"images": [names[0], 3]}, '"images"\\[1\\] is 3; expected a path'),
+                       ({"images": ["clip.mp4"]}, '"images" lists the video file'),
+                       ({"image": names[0], "images": [names[0]]}, "expected")]:
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(settings.ConfigError, match=f"bad.jsonl: line 1: {message}"):
+      predict.records_from(str(tmp_path / "bad.jsonl"), "p")
+
+
+@pytest.mark.parametrize("which", ["t5"])
+def test_chat_over_several_images(pipes, which):
+  """pipe.chat(Images(a, b)): each turn answers as the plain call on Images(a, b) with the earlier turns."""
+  from iblip_jax.inference import Images
+  pipe = pipes[which]
+  a, b = _images(2)
+  chat = pipe.chat(Images(a, b), **GREEDY)
+  first = chat.ask(PROMPTS[2])   # a prompt the tiny model answers with words, so that the turn is in the next prompt
+  assert first and first == pipe(Images(a, b), PROMPTS[2], **GREEDY)
+  second = chat.ask(PROMPTS[3])
+  assert second == pipe(Images(a, b), Conversation((PROMPTS[2], first, PROMPTS[3])), **GREEDY)

@@ -331,6 +331,12 @@ def _tar_record(shard: Shard, key: str, image, meta: dict, nbytes: int) -> Recor
 
 
 def _row_record(shard: Shard, where: str, row, nbytes: int) -> Record:
+  if isinstance(row, dict) and "images" in row and "image" not in row:
+    # annotate's batches hold one image per row on every host (fixed shapes); several images per prompt go through
+    # the engine's grouping by image count instead
+    return Record(where, error=f"{shard.path}: {where}: \"images\" (several images for one prompt) is answered by "
+                  "--config.mode=predict or Pipeline(Images(...)); annotate takes one \"image\" per row",
+                  nbytes=nbytes)
   if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
     return Record(where, error=f"{shard.path}: {where}: expected an \"image\" path, got {str(row)[:200]!r}",
                   nbytes=nbytes)

@@ -231,7 +231,13 @@ class Pipeline:
     return out[0] if single else out
 
   def chat(self, image, **decoding_settings) -> Chat:
-    """A conversation about one image: chat.ask(question) answers with the earlier turns in the prompt."""
+    """A conversation about one image, several (Images(a, b)) or a video file: chat.ask(question) answers with the
+    earlier turns in the prompt. Each image (or the video's frames) is read and checked once, here."""
+    if isinstance(image, Images):
+      return Chat(self, Images(*(self.prepare(x) for x in image)), decoding_settings)
+    if video_files.is_video_file(image):
+      return Chat(self, Images(*(self.prepare(frame) for frame in images_lib.video_frames(image, video_files.FRAMES))),
+                  decoding_settings)
     return Chat(self, self.prepare(image), decoding_settings)
 
   def attention_maps(self, image, prompts, answers: Sequence[str] | None = None,

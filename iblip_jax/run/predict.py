@@ -5,7 +5,9 @@
   --config.predict.images=pairs.jsonl --config.predict.output=answers.jsonl   (lines {"image": ..., "prompt": ...})
 `images` is a file, a folder (its .jpg/.jpeg/.png/.webp/.bmp files, sorted), a comma-separated list, or a JSONL
 file of (image, prompt) pairs (a line without "prompt" takes config.predict.prompt; relative image paths are
-relative to the JSONL file). --config.predict.attention_maps=FOLDER also draws each answer's attention overlay there
+relative to the JSONL file). A JSONL line may give several images for one prompt, {"images": [a, b], "prompt": ...}:
+each goes through the ViT and the Q-Former and their query outputs are concatenated in order before the prompt
+(zero-shot use: the released weights were trained on one image); its output line has "images" too. --config.predict.attention_maps=FOLDER also draws each answer's attention overlay there
 (the Q-Former's cross-attention for that instruction and the answer's relevance map; PNGs, named in the output).
 Images are split over the processes; the answers are gathered and written once, in
 input order. An image that cannot be read is reported (an "error" line in the output) and the others are answered.
@@ -59,14 +61,46 @@ def _pairs(path: str, prompt: str) -> list[dict]:
         row = json.loads(raw.decode("utf-8"))
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: line {lineno}: not a JSON object in UTF-8 ({e})") from None
-      if not isinstance(row, dict) or not isinstance(row.get("image"), str) or \
-          not isinstance(row.get("prompt", prompt), str):
-        raise ConfigError(f"{path}: line {lineno}: expected {{\"image\": path, \"prompt\": text}}, got {raw[:200]!r}")
-      image = row["image"] if os.path.isabs(row["image"]) else os.path.join(os.path.dirname(path), row["image"])
-      out.append({"id": len(out), "image": image, "prompt": row.get("prompt", prompt)})
+      where = f"{path}: line {lineno}"
+      if not isinstance(row, dict) or not isinstance(row.get("prompt", prompt), str) or \
+          ("image" in row) == ("images" in row):
+        raise ConfigError(f"{where}: expected {{\"image\": path, \"prompt\": text}} or {{\"images\": [path, ...], "
+                          f"\"prompt\": text}}, got {raw[:200]!r}")
+      near = lambda p: p if os.path.isabs(p) else os.path.join(os.path.dirname(path), p)   # noqa: E731
+      out.append({"id": len(out), "prompt": row.get("prompt", prompt),
+                  **({"image": near(_image(row["image"], where, '"image"'))} if "image" in row else
+                     {"images": [near(p) for p in _images(row["images"], where)]})})
   if not out:
     raise ConfigError(f"{path}: no (image, prompt) lines")
   return out
+
+
+def _image(value, where: str, field: str) -> str:
+  if not isinstance(value, str) or not value:
+    raise ConfigError(f"{where}: {field} is {json.dumps(value)[:100]}; expected a path")
+  return value
+
+
+def _images(value, where: str) -> list[str]:
+  if not isinstance(value, list) or not value:
+    raise ConfigError(f'{where}: "images" is {json.dumps(value)[:100]}; expected a non-empty list of image paths')
+  paths = [_image(v, where, f'"images"[{i}]') for i, v in enumerate(value)]
+  videos = [p for p in paths if video_files.is_video_file(p)]
+  if videos:
+    raise ConfigError(f'{where}: "images" lists the video file {videos[0]!r}; give a video alone as "image"')
+  return paths
+
+
+def _item(r: dict) -> Item:
+  """A record's engine item: several images (their query outputs concatenated, as a video's frames), a video file
+  (its sampled frames), or one image."""
+  if "images" in r:
+    return Item(r["images"], r["prompt"], frames=len(r["images"]))
+  return Item(r["image"], r["prompt"], frames=video_files.FRAMES if video_files.is_video_file(r["image"]) else 0)
+
+
+def _source(r: dict) -> str:
+  return r["image"] if "image" in r else " + ".join(r["images"])
 
 
 def run(s: Settings) -> list[dict]:
@@ -86,15 +120,14 @@ def run(s: Settings) -> list[dict]:
                         length_penalty=p.length_penalty, repetition_penalty=p.repetition_penalty).checked()
   except BadInput as e:
     raise ConfigError(f"config.predict: {e}") from None
-  outputs = engine.generate([Item(r["image"], r["prompt"], frames=video_files.FRAMES if video_files.is_video_file(
-      r["image"]) else 0) for r in records], decoding,
+  outputs = engine.generate([_item(r) for r in records], decoding,
                             progress="predict" if len(records) > p.batch_size else None)
   out = []
   for r, o in zip(records, outputs):
     if o.error:
-      log.warning("%s: cannot read the image (%s)", r["image"], o.error)
-    out.append({"image": r["image"], "prompt": r["prompt"],
-                **({"error": "unreadable image"} if o.error else {"answer": o.answers[0].text})})
+      log.warning("%s: cannot read the image (%s)", _source(r), o.error)
+    out.append({k: r[k] for k in ("image", "images", "prompt") if k in r}
+               | ({"error": "unreadable image"} if o.error else {"answer": o.answers[0].text}))
   if p.attention_maps:
     _write_attention_maps(p.attention_maps, out, model, params, tok, mesh, rules, p.batch_size)
   if distributed.is_primary():
@@ -112,7 +145,11 @@ def _write_attention_maps(folder: str, rows: list[dict], model, params, tok, mes
   if not model.config.instruction_aware:
     raise ConfigError("config.predict.attention_maps: this model's Q-Former does not see the instruction "
                       "(config.model.instruction_aware=False), so there is no instruction-aware map to draw")
-  answered = [(i, r) for i, r in enumerate(rows) if "answer" in r]
+  answered = [(i, r) for i, r in enumerate(rows) if "answer" in r and "image" in r]   # one image: one overlay
+  several = sum("images" in r for r in rows)
+  if several and distributed.is_primary():
+    print(f"no attention overlays for the {several} rows with several images (an overlay is drawn on one image)",
+          flush=True)
   root = epath.Path(folder)
   if distributed.is_primary():
     root.mkdir(parents=True, exist_ok=True)
@@ -143,7 +180,7 @@ def _report(rows: list[dict], output: str) -> None:
   else:
     for row in rows:
       text = row.get("answer", f"ERROR: {row.get('error')}")
-      print(f"{row['image']}: {text}" if len(rows) > 1 else text)
+      print(f"{_source(row)}: {text}" if len(rows) > 1 else text)
   if bad:
     print(f"WARNING: {len(bad)} of {len(rows)} images could not be read: "
-          + ", ".join(r["image"] for r in bad[:5]) + (" ..." if len(bad) > 5 else ""), flush=True)
+          + ", ".join(_source(r) for r in bad[:5]) + (" ..." if len(bad) > 5 else ""), flush=True)

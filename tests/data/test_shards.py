@@ -69,7 +69,8 @@ def test_jsonl_and_csv_rows_with_relative_paths_and_their_own_prompts(tmp_path):
   (tmp_path / "imgs" / "a.png").write_bytes(png(0))
   (tmp_path / "rows.jsonl").write_text(
       json.dumps({"image": "imgs/a.png", "prompt": "What is it?", "key": "first"}) + "\n\n"
-      + json.dumps({"image": "/abs/b.png"}) + "\n" + "{cut\n" + json.dumps({"prompt": "no image"}) + "\n")
+      + json.dumps({"image": "/abs/b.png"}) + "\n" + "{cut\n" + json.dumps({"prompt": "no image"}) + "\n"
+      + json.dumps({"images": ["imgs/a.png", "imgs/a.png"]}) + "\n")
   (tmp_path / "rows.csv").write_text("image,prompt\nimgs/a.png,Describe it.\nimgs/a.png,\n")
   (tmp_path / "bad.csv").write_text("path,prompt\nimgs/a.png,x\n")
   found = {s.name: s for s in shards.find(f"{tmp_path}/rows.jsonl,{tmp_path}/rows.csv,{tmp_path}/bad.csv")}
@@ -77,6 +78,7 @@ def test_jsonl_and_csv_rows_with_relative_paths_and_their_own_prompts(tmp_path):
   assert [(r.key, r.image, r.prompt) for r in rows[:2]] == [
       ("first", f"{tmp_path}/imgs/a.png", "What is it?"), ("line 3", "/abs/b.png", None)]
   assert "line 4: not a JSON object" in rows[2].error and "line 5: expected an \"image\" path" in rows[3].error
+  assert "line 6: \"images\" (several images for one prompt) is answered by --config.mode=predict" in rows[4].error
   csv_rows = list(shards.read(found["rows.csv"]))
   assert [(r.image, r.prompt) for r in csv_rows] == [(f"{tmp_path}/imgs/a.png", "Describe it."),
                                                       (f"{tmp_path}/imgs/a.png", None)]
