@@ -6,10 +6,20 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test test-fast test-browser chromium demo serve install clean
 
-$(STAMP): setup.cfg pyproject.toml
+# lmms-eval (the `lmms` extra) for its test, without the dependencies its package lists: they include its own torch
+# (a multi-GB CUDA build, replacing the pinned CPU one), PyAV < 16 and dozens of task packages. These are what its
+# command line, its task loading and the generation / log-likelihood paths import (filelock < 4: its evaluator
+# patches filelock 3's internals).
+LMMS_EVAL := lmms-eval==0.7.3 loguru==0.7.3 sacrebleu==2.6.0 portalocker==4.4.2 tabulate==0.10.0 colorama==0.4.6 \
+	lxml==6.2.0 evaluate==0.4.6 datasets==5.2.0 multiprocess==0.70.19 dill==0.4.1 xxhash==4.1.0 tenacity==9.2.1 \
+	'filelock<4' pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5 \
+	tcolorpy==0.1.7 typepy==1.3.5 chardet==6.0.0.post1
+
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(LMMS_EVAL)
 	touch $(STAMP)
 
 install: $(STAMP)

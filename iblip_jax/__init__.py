@@ -33,8 +33,8 @@ The package, by layer, bottom to top: a module imports only from its own layer a
   run/, config_lib              the main job: settings, command line, one module per mode, logger, workdir lock;
                                 what config files share
   demo/                         the embedded demo's shapes dataset and word-level tokenizers (not the library)
-  inference/, serve, serve_api  for people: Pipeline, Chat, the terminal; the local web demo; the OpenAI-compatible
-                                API over the slots
+  inference/, serve, serve_api, for people: Pipeline, Chat, the terminal; the local web demo; the OpenAI-compatible
+  lmms_eval_model               API over the slots; the lmms-eval harness's `--model iblip_jax`
   aot/                          ahead-of-time compilation for TPU topologies and the step model (tools/aot_compile.py)
 """
 from iblip_jax.decoding import generate

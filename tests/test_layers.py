@@ -24,7 +24,7 @@ LAYERS = [
     ("evaluation",),
     ("run", "config_lib", "main"),
     ("demo",),
-    ("inference", "serve", "serve_api"),
+    ("inference", "serve", "serve_api", "lmms_eval_model"),
     ("aot",),
 ]
 # Function-level imports of the package's own modules, each with why it cannot be at the top.

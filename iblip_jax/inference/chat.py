@@ -1,4 +1,5 @@
-"""`Chat`: a conversation about one image (or several, or a video's frames), for people (Pipeline.chat, the terminal, the web demo).
+"""`Chat`: a conversation about one image (or several, or a video's frames), for people (Pipeline.chat, the terminal,
+the web demo).
 
 Each question is asked with the earlier turns in the prompt, rendered as the instruction data renders them
 (data/conversation.py); each answer is recorded when it is complete, streamed or not.

@@ -7,8 +7,9 @@
 file of (image, prompt) pairs (a line without "prompt" takes config.predict.prompt; relative image paths are
 relative to the JSONL file). A JSONL line may give several images for one prompt, {"images": [a, b], "prompt": ...}:
 each goes through the ViT and the Q-Former and their query outputs are concatenated in order before the prompt
-(zero-shot use: the released weights were trained on one image); its output line has "images" too. --config.predict.attention_maps=FOLDER also draws each answer's attention overlay there
-(the Q-Former's cross-attention for that instruction and the answer's relevance map; PNGs, named in the output).
+(zero-shot use: the released weights were trained on one image); its output line has "images" too.
+--config.predict.attention_maps=FOLDER also draws each answer's attention overlay there (the Q-Former's
+cross-attention for that instruction and the answer's relevance map; PNGs, named in the output; rows with one image).
 Images are split over the processes; the answers are gathered and written once, in
 input order. An image that cannot be read is reported (an "error" line in the output) and the others are answered.
 With --workdir, the latest training checkpoint there answers, and a workdir without checkpoints is an error (a
