@@ -3,7 +3,8 @@
 Upload an image, type an instruction, choose the decoding, watch the answer stream in and see where the Q-Former
 looked (its cross-attention and the answer-relevance map, iblip_jax.attention_maps); follow-up questions continue
 the conversation (data/conversation.py); the "Compare instructions" tab answers two instructions about the same
-image with their maps side by side. Without --model it serves the demo: the checkpoint `make demo` trained
+image with their maps side by side. A video clip (mp4, webm, avi, mkv, mov; the `video` extra) is answered from its
+4 uniformly sampled frames, shown side by side as the preview (no attention maps: they are drawn on one image). Without --model it serves the demo: the checkpoint `make demo` trained
 (runs/demo) when there is one, else the demo checkpoint before tuning (demo_assets/instructblip-demo); the page and
 the console say which.
 
@@ -27,18 +28,19 @@ import sys
 from PIL import Image
 
 from iblip_jax import distributed
+from iblip_jax.data import images as images_lib, video_files
 from iblip_jax.data.conversation import Conversation
 from iblip_jax.demo import shapes
 from iblip_jax.errors import UserError
 from iblip_jax.extras import require
-from iblip_jax.inference import Pipeline
+from iblip_jax.inference import Images, Pipeline
 
 log = logging.getLogger(__name__)
 
 PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 DEMO_MODEL = os.path.normpath(os.path.join(PROJECT, "demo_assets", "instructblip-demo"))
 TRAINED_DEMO = os.path.normpath(os.path.join(PROJECT, "runs", "demo"))   # where `make demo` trains
-MAX_UPLOAD = "25mb"
+MAX_UPLOAD = "100mb"   # a video clip; an image is checked against its own pixel limit when read
 MODES = ("greedy", "beam search", "sampling")
 
 
@@ -112,13 +114,20 @@ class Handlers:
     self._prepared: dict[str, object] = {}
 
   def image(self, path):
-    """A prepared image from an uploaded file (kept for the next requests about it)."""
+    """A prepared image from an uploaded file, or a video's sampled frames as Images (kept for the next requests
+    about it)."""
     if not path:
       raise UserError("upload an image first")
     path = str(path)
     if path not in self._prepared:
       # one image at a time is all a person looks at; messages name the file, not gradio's upload folder
-      self._prepared = {path: self.pipe.prepare(path, name=os.path.basename(path))}
+      name = os.path.basename(path)
+      if video_files.is_video_file(path):
+        frames = images_lib.video_frames(path, video_files.FRAMES)
+        prepared = Images(*(self.pipe.prepare(f, name=f"{name} frame {i}") for i, f in enumerate(frames)))
+      else:
+        prepared = self.pipe.prepare(path, name=name)
+      self._prepared = {path: prepared}
     return self._prepared[path]
 
   def upload(self, path):
@@ -126,8 +135,14 @@ class Handlers:
     if not path:
       return None, "", [], []
     prepared = self.image(path)
+    s = self.pipe.image_size
+    if isinstance(prepared, Images):   # a video: its frames side by side
+      w, h = prepared[0].image.size
+      notes = [f"a video: {len(prepared)} frames sampled uniformly over the clip ({w} x {h} pixels), each seen by "
+               f"the model as {s} x {s}; their query outputs are concatenated (no attention maps for a video)"]
+      return _side_by_side([p.image for p in prepared]), "\n".join(f"- {n}" for n in notes), [], []
     w, h = prepared.image.size
-    notes = [f"{w} x {h} pixels, seen by the model as {self.pipe.image_size} x {self.pipe.image_size}"]
+    notes = [f"{w} x {h} pixels, seen by the model as {s} x {s}"]
     return prepared.image, "\n".join(f"- {n}" for n in notes + list(prepared.notes)), [], []
 
   def unknown_words(self, prompt: str) -> list[str]:
@@ -162,10 +177,14 @@ class Handlers:
     turns = turns + [prompt, answer]
     yield _messages(turns), answer, turns
 
-  def last_map(self, path, turns) -> Image.Image:
-    """The attention overlay of the conversation's last question and answer."""
+  def last_map(self, path, turns) -> Image.Image | None:
+    """The attention overlay of the conversation's last question and answer (None for a video: a map is drawn on
+    one image)."""
     *earlier, question, answer = turns
-    return self.pipe.attention_overlay(self.image(path), [Conversation(tuple(earlier) + (question,))], [answer])
+    prepared = self.image(path)
+    if isinstance(prepared, Images):
+      return None
+    return self.pipe.attention_overlay(prepared, [Conversation(tuple(earlier) + (question,))], [answer])
 
   def ask(self, path, prompt, turns, mode, beams, temperature, top_k, top_p, max_new_tokens, repetition_penalty,
           seed, show_maps):
@@ -188,7 +207,20 @@ class Handlers:
       raise UserError("type both instructions to compare them")
     settings = decoding_settings(mode, beams, temperature, top_k, top_p, max_new_tokens, repetition_penalty, seed)
     answers = self.pipe(prepared, prompts, **settings)
+    if isinstance(prepared, Images):
+      return answers[0], answers[1], None
     return answers[0], answers[1], self.pipe.attention_overlay(prepared, prompts, answers)
+
+
+def _side_by_side(pictures: list[Image.Image], height: int = 160) -> Image.Image:
+  """Pictures scaled to one height and placed left to right (a video's frames as the preview)."""
+  scaled = [p.resize((max(1, round(p.width * height / p.height)), height)) for p in pictures]
+  out = Image.new("RGB", (sum(p.width for p in scaled) + 4 * (len(scaled) - 1), height), "white")
+  x = 0
+  for p in scaled:
+    out.paste(p, (x, 0))
+    x += p.width + 4
+  return out
 
 
 def describe_model(path: str) -> tuple[str, bool]:
@@ -225,8 +257,9 @@ def build_app(pipe: Pipeline, *, title: str = "InstructBLIP (iblip_jax)", model_
     turns = gr.State([])
     with gr.Row():
       with gr.Column(scale=1):
-        upload = gr.File(label="Image (JPEG, PNG, WebP, GIF, BMP)", file_types=["image"], type="filepath",
-                         elem_id="upload", height=120)
+        upload = gr.File(label="Image (JPEG, PNG, WebP, GIF, BMP) or video clip (MP4, WebM, AVI, MKV, MOV)",
+                         file_types=["image", *video_files.EXTENSIONS], type="filepath", elem_id="upload",
+                         height=120)
         preview = gr.Image(label="The image", interactive=False, elem_id="preview", height=200)
         notes = gr.Markdown(elem_id="notes")
         with gr.Accordion("Decoding", open=False):

@@ -103,3 +103,27 @@ def test_app_answers_through_its_http_api(server, pipe, tmp_path):
   if external:
     with pytest.raises(OSError):
       socket.create_connection((external, port), timeout=2).close()
+
+
+@pytest.mark.slow
+def test_a_video_clip_is_answered_from_its_sampled_frames(pipe, tmp_path):
+  """An uploaded clip: the preview shows its 4 sampled frames side by side, the answers are the Pipeline's for the
+  clip (its frames' query outputs concatenated), a follow-up carries the conversation, and no map is drawn."""
+  pytest.importorskip("av")
+  import video_clips
+  from iblip_jax.inference import Conversation
+  from iblip_jax.serve import Handlers
+  h = Handlers(pipe)
+  clip = str(video_clips.write(tmp_path / "clip.mp4", 10))
+  preview, notes, _, _ = h.upload(clip)
+  assert "a video: 4 frames" in notes and preview.width > 4 * preview.height
+  settings = dict(num_beams=1, max_new_tokens=12, repetition_penalty=1.5)
+  messages, answer, overlay, turns = list(h.ask(clip, "what color is the shape?", [], *GREEDY, True))[-1]
+  assert answer == pipe(clip, "what color is the shape?", **settings) and overlay is None
+  follow = list(h.ask(clip, "what shape is it?", turns, *GREEDY, True))[-1]
+  assert follow[1] == pipe(clip, Conversation((*turns, "what shape is it?")), **settings)
+  a, b, both = h.compare(clip, "what color is the shape?", "what shape is it?", *GREEDY)
+  assert [a, b] == pipe(clip, ["what color is the shape?", "what shape is it?"], **settings) and both is None
+  (tmp_path / "cut.mp4").write_bytes(open(clip, "rb").read()[:200])
+  with pytest.raises(Exception, match="cut.mp4"):
+    h.upload(str(tmp_path / "cut.mp4"))
