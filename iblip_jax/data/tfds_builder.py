@@ -25,6 +25,8 @@ A record whose image or frames are missing is left out and counted (it could nev
 then, in a config: config.data.datasets.coco = dict(format="coco_caption", tfds_data_dir="/data/tfds",
 split="train", weight=1.0) (`tfds_name`, default the format, names the prepared dataset).
 """
+from __future__ import annotations   # tfds in annotations is not imported when the module is
+
 import argparse
 import collections
 import functools
@@ -46,7 +48,19 @@ from PIL import Image
 from iblip_jax.data import images, readers, video_files
 from iblip_jax.extras import require
 
-tfds = require("tensorflow_datasets", "prepare", "preparing or reading tensorflow-datasets ArrayRecord datasets")
+
+
+class _LazyTfds:
+  """tensorflow_datasets, imported at its first use: the modules that import this one (sources, shards) also read
+  JSONL, folders and tars, and inference imports them, none of which needs tfds; preparing a dataset or reading a
+  prepared one does (the `prepare` extra), and says so."""
+
+  def __getattr__(self, name):
+    return getattr(require("tensorflow_datasets", "prepare",
+                           "preparing or reading tensorflow-datasets ArrayRecord datasets"), name)
+
+
+tfds = _LazyTfds()
 
 log = logging.getLogger(__name__)
 
@@ -210,39 +224,45 @@ def open_media(record: dict) -> dict:
 # Writing: a GeneratorBasedBuilder over any reader.
 
 
-class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """One prepared dataset; `name` is set per dataset by `make_builder` (tfds takes it from the class)."""
-  VERSION = tfds.core.Version(VERSION)
-  RELEASE_NOTES = {str(VERSION): "Records of an iblip_jax reader, images as their files' bytes."}
+@functools.cache
+def _builder_class() -> type:
+  """The base of every prepared dataset's builder class, defined at first use (its base class is tfds')."""
 
-  def __init__(self, *, read: Callable[[str], Iterable[dict]], splits: Sequence[str], schema: Mapping[str, str],
-               media: str, description: str, **kwargs):
-    self._read, self._splits, self._schema, self._media = read, tuple(splits), dict(schema), media
-    self._description = description
-    self.left_out = {s: collections.Counter() for s in self._splits}
-    self.written = collections.Counter()
-    self.reused = False  # set by prepare: the dataset was there already and is kept
-    super().__init__(**kwargs)
+  class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """One prepared dataset; `name` is set per dataset by `make_builder` (tfds takes it from the class)."""
+    VERSION = tfds.core.Version(VERSION)
+    RELEASE_NOTES = {str(VERSION): "Records of an iblip_jax reader, images as their files' bytes."}
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    # Records are stored in tfds' order (a hash of their index): with disable_shuffling, tfds 4.9.10 puts small
-    # integer keys all in one of its on-disk buckets and sorts that bucket in memory, i.e. the whole dataset at
-    # once. Training shuffles anyway, and evaluation output is keyed by record id.
-    return tfds.core.DatasetInfo(builder=self, description=self._description,
-                                 features=features(self._schema, self._media))
+    def __init__(self, *, read: Callable[[str], Iterable[dict]], splits: Sequence[str], schema: Mapping[str, str],
+                 media: str, description: str, **kwargs):
+      self._read, self._splits, self._schema, self._media = read, tuple(splits), dict(schema), media
+      self._description = description
+      self.left_out = {s: collections.Counter() for s in self._splits}
+      self.written = collections.Counter()
+      self.reused = False  # set by prepare: the dataset was there already and is kept
+      super().__init__(**kwargs)
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {s: self._generate_examples(s) for s in self._splits}
+    def _info(self) -> tfds.core.DatasetInfo:
+      # Records are stored in tfds' order (a hash of their index): with disable_shuffling, tfds 4.9.10 puts small
+      # integer keys all in one of its on-disk buckets and sorts that bucket in memory, i.e. the whole dataset at
+      # once. Training shuffles anyway, and evaluation output is keyed by record id.
+      return tfds.core.DatasetInfo(builder=self, description=self._description,
+                                   features=features(self._schema, self._media))
 
-  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
-    for i, record in enumerate(self._read(split)):
-      example = encode(record, self._schema, self._media)
-      if isinstance(example, str):
-        self.left_out[split][example] += 1
-        continue
-      self.written[split] += 1
-      yield i, example
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {s: self._generate_examples(s) for s in self._splits}
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+      for i, record in enumerate(self._read(split)):
+        example = encode(record, self._schema, self._media)
+        if isinstance(example, str):
+          self.left_out[split][example] += 1
+          continue
+        self.written[split] += 1
+        yield i, example
+
+  return _Builder
 
 
 def _reader(dataset: str, source: str, reader_args: Mapping | None) -> tuple[Callable[[str | None], Iterable[dict]],
@@ -261,7 +281,7 @@ def _reader(dataset: str, source: str, reader_args: Mapping | None) -> tuple[Cal
 
 
 def make_builder(dataset: str, source: str, data_dir: str, *, splits: Sequence[str] | None = None,
-                 name: str | None = None, reader_args: Mapping | None = None) -> _Builder:
+                 name: str | None = None, reader_args: Mapping | None = None) -> "tfds.core.GeneratorBasedBuilder":
   """A builder for `dataset`'s reader over `source`. splits: the reader's split names (each one a tfds split of
   the same name); default the reader's default split ("train" for readers without splits, e.g. jsonl)."""
   read, default = _reader(dataset, source, reader_args)
@@ -284,7 +304,7 @@ def make_builder(dataset: str, source: str, data_dir: str, *, splits: Sequence[s
   if importlib.util.find_spec("importlib_resources") is None:  # tfds needs it to locate a builder's code
     raise ModuleNotFoundError("preparing needs importlib_resources, which tensorflow-datasets imports without "
                               "declaring it: pip install 'iblip_jax[prepare]' (or importlib_resources)")
-  cls = types.new_class(f"Prepared_{name or dataset}", (_Builder,), {"skip_registration": True},
+  cls = types.new_class(f"Prepared_{name or dataset}", (_builder_class(),), {"skip_registration": True},
                         lambda ns: ns.update(name=name or dataset, __module__=__name__))
   description = f"iblip_jax reader {dataset!r} over {os.path.abspath(source)}, splits {names}, args {reader_args}"
   return cls(read=lambda split: read(by_name[split]), splits=names, schema=schema, media=media.pop(),
@@ -292,7 +312,7 @@ def make_builder(dataset: str, source: str, data_dir: str, *, splits: Sequence[s
 
 
 def prepare(dataset: str, source: str, data_dir: str, *, splits: Sequence[str] | None = None,
-            name: str | None = None, reader_args: Mapping | None = None, overwrite: bool = False) -> _Builder:
+            name: str | None = None, reader_args: Mapping | None = None, overwrite: bool = False) -> "tfds.core.GeneratorBasedBuilder":
   """Writes the prepared dataset under {data_dir}/{name}/{VERSION}/ (an existing one is kept unless overwrite)."""
   builder = make_builder(dataset, source, data_dir, splits=splits, name=name, reader_args=reader_args)
   builder.reused = builder.is_prepared() and not overwrite

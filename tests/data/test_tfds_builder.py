@@ -268,3 +268,27 @@ def test_an_original_clip_is_stored_as_the_frames_a_video_input_uses(tmp_path):
   bad = pipeline.load_example({"id": 2, "dataset": "msrvtt_qa", "frames": str(tmp_path / "cut.mp4")},
                               np.random.default_rng(0), image_size=16, train=False, render=render)
   assert bad == {pipeline.SKIP: "unreadable_image"}
+
+
+def test_inference_and_annotation_inputs_need_no_tensorflow_datasets(tmp_path):
+  """tfds is the `prepare` extra: without it the Pipeline, the servers and the JSONL/folder/tar readers import and
+  work, and only a prepared dataset's use names the missing extra."""
+  (tmp_path / "rows.jsonl").write_text('{"image": "a.png"}\n')
+  code = f"""
+import sys
+sys.modules["tensorflow_datasets"] = None   # as if not installed
+import iblip_jax.inference, iblip_jax.serve, iblip_jax.serve_api, iblip_jax.run.annotate
+from iblip_jax.data import shards, tfds_builder
+from iblip_jax.extras import MissingExtra
+[shard] = shards.find({str(tmp_path / "rows.jsonl")!r})
+assert [r.image for r in shards.read(shard)] == [{str(tmp_path / "a.png")!r}]
+try:
+  tfds_builder.data_source("/nowhere", "x")
+except MissingExtra as e:
+  print("MISSING:", e)
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "MISSING: preparing or reading tensorflow-datasets ArrayRecord datasets needs tensorflow_datasets" in \
+      out.stdout and "iblip_jax[prepare]" in out.stdout
