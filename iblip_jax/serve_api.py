@@ -3,8 +3,9 @@
     python -m iblip_jax.serve_api --model DIR [--port 8000] [--dtype bfloat16] [--quantize int8] [--adapter DIR]
 
 Speaks what OpenAI's clients send (FastAPI + uvicorn):
-- POST /v1/chat/completions: `messages` with `text` and `image_url` content parts (one image per conversation, as a
-  data: URL; file:// URLs only under --allowed-local-media-path), earlier user/assistant turns rendered as the
+- POST /v1/chat/completions: `messages` with `text` and `image_url` content parts (one image per conversation, or up
+  to --max-images, whose query outputs are concatenated in order, as the Pipeline's Images: zero-shot use, the
+  released weights saw one image; as data: URLs; file:// URLs only under --allowed-local-media-path), earlier user/assistant turns rendered as the
   model's conversation prompt (data/conversation.py; a system message is put in front of the first question),
   `max_tokens` / `max_completion_tokens`, `temperature` (0: greedy, the Pipeline's num_beams=1 answer), `top_p`,
   `seed`, `n`, `stop`, `stream` (server-sent events, `stream_options.include_usage`).
@@ -33,11 +34,13 @@ import time
 import urllib.parse
 from typing import Literal
 
+import numpy as np
+
 from iblip_jax import extras
 from iblip_jax.data import images
 from iblip_jax.data.conversation import Conversation, prompt_text
 from iblip_jax.errors import BadInput, UserError
-from iblip_jax.inference import Pipeline
+from iblip_jax.inference import Images, Pipeline
 from iblip_jax.serve import DEMO_MODEL, TRAINED_DEMO, default_model, start_process
 from iblip_jax.slots import QueueFull, Request, Slots, Unavailable
 
@@ -123,9 +126,10 @@ def _models():
 
 
 class Parsed:
-  """A chat request turned into the model's input: the image source, the prompt (a Conversation), the settings."""
+  """A chat request turned into the model's input: the image sources (where, url) in order, the prompt (a
+  Conversation), the settings."""
 
-  def __init__(self, body, max_tokens: int):
+  def __init__(self, body, max_tokens: int, max_images: int = 1):
     if body.frequency_penalty or body.presence_penalty:
       raise ApiError(400, "frequency_penalty and presence_penalty are not supported; use repetition_penalty "
                      "(an extension: 1 is off, >1 penalises repeats)", param="frequency_penalty")
@@ -136,7 +140,7 @@ class Parsed:
         raise ApiError(400, f"{name} is not supported by this server", param=name)
     if body.response_format not in (None, {"type": "text"}):
       raise ApiError(400, 'response_format: only {"type": "text"} is supported', param="response_format")
-    self.image, turns, roles, system = None, [], [], []
+    self.images, turns, roles, system = [], [], [], []
     for i, m in enumerate(body.messages):
       parts = [m.content] if isinstance(m.content, str) else m.content
       texts = []
@@ -149,10 +153,10 @@ class Parsed:
           where = f"messages[{i}].content[{j}].image_url"
           if m.role != "user":
             raise ApiError(400, f"{where}: images go in user messages", param=where)
-          if self.image is not None:
-            raise ApiError(400, f"{where}: a second image; this server answers about one image per conversation",
-                           param=where)
-          self.image = (where, part.image_url.url)
+          if len(self.images) == max_images:
+            raise ApiError(400, f"{where}: image {max_images + 1} of the conversation; this server answers about "
+                           f"at most {max_images} per request (its --max-images)", param=where)
+          self.images.append((where, part.image_url.url))
       text = "\n".join(t for t in texts if t.strip())
       if m.role in ("system", "developer"):
         if turns:
@@ -167,7 +171,7 @@ class Parsed:
       roles.append(m.role)
     if not turns or len(turns) % 2 == 0:
       raise ApiError(400, "messages must end with a user message (the question to answer)", param="messages")
-    if self.image is None:
+    if not self.images:
       raise ApiError(400, "no image: InstructBLIP answers about an image; add an image_url content part (a data: "
                      "URL) to a user message", param="messages")
     if system and any(s.strip() for s in system):
@@ -340,19 +344,22 @@ def build_app(slots: Slots, pipe, *, model_name: str, api_key: str | None = None
     if body.model != model_name:
       raise ApiError(404, f"the model {body.model!r} does not exist; this server has {model_name!r}",
                      "not_found_error", "model")
-    parsed = Parsed(body, slots.width)
-    where, url = parsed.image
-    source = read_image(where, url, media_dir=media_dir, max_bytes=max_image_bytes)
-    try:
-      prepared = await run_in_threadpool(images.prepare, source, slots.engine.image_size, name=where)
-    except BadInput as e:
-      raise ApiError(400, str(e), param=where) from None
+    parsed = Parsed(body, slots.width, slots.max_images)
+    seen = []
+    for where, url in parsed.images:
+      source = read_image(where, url, media_dir=media_dir, max_bytes=max_image_bytes)
+      try:
+        seen.append(await run_in_threadpool(images.prepare, source, slots.engine.image_size, name=where))
+      except BadInput as e:
+        raise ApiError(400, str(e), param=where) from None
+    prepared = seen[0] if len(seen) == 1 else Images(*seen)
     if body.candidates is not None:
       return await rank(body, parsed, prepared)
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    r = Request(prepared.pixels, prompt_text(parsed.prompt),
+    pixels = seen[0].pixels if len(seen) == 1 else np.stack([p.pixels for p in seen])
+    r = Request(pixels, prompt_text(parsed.prompt),
                 lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), timeout=request_timeout,
                 **parsed.settings)
     try:
@@ -476,6 +483,8 @@ def _args(argv):
   p.add_argument("--max-tokens", type=int, default=256, help="the longest answer in tokens (each slot's room)")
   p.add_argument("--prefill-batch", type=int, default=4, help="waiting requests prefilled together (1 or this many)")
   p.add_argument("--max-waiting", type=int, default=64, help="requests that may wait for a slot; more get 429")
+  p.add_argument("--max-images", type=int, default=1, help="images one request may ask about (their query outputs "
+                 "concatenated; each count up to this has its own compiled prefill and the slots room for them)")
   p.add_argument("--request-timeout", type=float, default=600.0, help="seconds from arrival to the last token")
   p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM gives the requests in flight")
   p.add_argument("--allowed-local-media-path", default=None, help="answer file:// image URLs under this folder")
@@ -493,8 +502,8 @@ def main(argv=None) -> int:
     if not os.path.isdir(model):
       raise UserError(f"--model={model}: no such directory (a Hugging Face InstructBLIP directory or a training "
                       "workdir)")
-    if args.slots < 1 or args.max_tokens < 1 or args.max_waiting < 0:
-      raise UserError("--slots and --max-tokens must be >= 1, --max-waiting >= 0")
+    if args.slots < 1 or args.max_tokens < 1 or args.max_waiting < 0 or args.max_images < 1:
+      raise UserError("--slots, --max-tokens and --max-images must be >= 1, --max-waiting >= 0")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
       raise UserError(f"--allowed-local-media-path={args.allowed_local_media_path}: no such directory")
     pipe = Pipeline.from_pretrained(model, args.dtype, adapter=args.adapter, quantize=args.quantize)
@@ -502,7 +511,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   slots = Slots(pipe.engine, slots=args.slots, width=args.max_tokens, max_waiting=args.max_waiting,
-                prefill_batch=args.prefill_batch)
+                prefill_batch=args.prefill_batch, max_images=args.max_images)
   print(f"compiling the slot programs ({len(slots.buckets)} prompt lengths, {args.slots} slots, answers up to "
         f"{args.max_tokens} tokens)", flush=True)
   slots.warm_up()

@@ -6,14 +6,15 @@ answers requests as they come). One scheduler thread owns the device:
   prompt pass, the model's `prefill`; the ViT is most of a request's work and runs better batched), and each one's
   cache is written into a free slot (n slots for n choices: they share the prefill, each draws its own tokens);
 - every step feeds each slot's last token at that slot's own position (the model's `step` with one t per row: the
-  cache is written and masked per row, T5's position bias taken per row), picks the next tokens (greedy or sampled, per slot) and returns them to the
-  host, which streams them, checks stop strings, and frees the slots that ended;
+  cache is written and masked per row, T5's position bias taken per row), picks the next tokens (greedy or sampled,
+  per slot) and returns them to the host, which streams them, checks stop strings, and frees the slots that ended;
 - nobody waits for the slowest row: a freed slot takes the next request at the next step.
 Slot caches have one shape: FlanT5's encoder states (cross keys/values and mask) and Vicuna's [visual][prompt]
-keys/values are padded to the longest prompt bucket (masked positions add nothing), and the new tokens' keys/values
-have room for `width` tokens. So the compiled programs are: one prefill per prompt bucket and prefill size (1 or
-`prefill_batch` requests), one insert per prefill size, one step, all compiled at start-up (`warm_up`) and reused
-for ever (`compiled_programs` counts them).
+keys/values are padded to the longest prompt bucket and to `max_images` images' visual tokens (masked positions add
+nothing), and the new tokens' keys/values have room for `width` tokens. So the compiled programs are: one prefill
+per prompt bucket, prefill size (1 or `prefill_batch` requests) and image count (1 to `max_images`: a request about
+several images has their query outputs concatenated in order, as the Pipeline's Images), one insert per prefill
+size, one step, all compiled at start-up (`warm_up`) and reused for ever (`compiled_programs` counts them).
 
 Per slot, the decoding maths is the engine's greedy/sampling loop (iblip_jax.sampling): repetition penalty, min new
 tokens, temperature / top-k / top-p, a key per (seed, choice) folded with t. So a greedy answer here is the
@@ -49,9 +50,15 @@ class Unavailable(Exception):
   """The slots are stopping or their decode loop has failed: no retry will help here (HTTP 503)."""
 
 
+def images_in(r: "Request") -> int:
+  """How many images a request asks about: (S, S, 3) pixels are one, (K, S, S, 3) are K."""
+  return 1 if r.pixels.ndim == 3 else r.pixels.shape[0]
+
+
 @dataclasses.dataclass(eq=False)   # a request is itself (the line removes it by identity; it holds arrays)
 class Request:
-  """One request: an image's pixels (S, S, 3), a prompt, n choices and their decoding settings. The scheduler calls
+  """One request: an image's pixels (S, S, 3), or several images' (K, S, S, 3) whose query outputs are concatenated
+  in order (up to the slots' max_images), a prompt, n choices and their decoding settings. The scheduler calls
   `emit(event)` from its thread: ("token", choice, delta_text) as text becomes final, ("finish", choice, reason)
   with reason "stop" / "length" / "cancelled" / "timeout", ("error", message) when the request failed, and ("end",
   usage) last, always (after an error too). Set `cancelled` (a client went away) and its slots are freed at the next step."""
@@ -93,7 +100,8 @@ class Slots:
   """`slots` decode slots for `engine`'s model (one device or a mesh; every slot lives everywhere), answers of up to
   `width` tokens, at most `max_waiting` requests waiting for a slot. start() runs the scheduler thread."""
 
-  def __init__(self, engine, *, slots: int = 8, width: int = 256, max_waiting: int = 64, prefill_batch: int = 4):
+  def __init__(self, engine, *, slots: int = 8, width: int = 256, max_waiting: int = 64, prefill_batch: int = 4,
+               max_images: int = 1):
     if engine.tok.decoder_only and engine.model.config.text.vocab_size is None:
       raise BadInput("the model has no vocabulary size")
     # own tokenizers: the Pipeline's (ranking, on other threads) switch truncation on theirs, which is not
@@ -103,6 +111,10 @@ class Slots:
     self._tok_lock = threading.Lock()
     self.engine, self.model = engine, engine.model
     self.slots, self.width, self.max_waiting = slots, width, max_waiting
+    if max_images < 1:
+      raise BadInput(f"max_images={max_images} must be at least 1")
+    # a request's images each give num_query_tokens visual tokens: the slots' caches are sized for the most
+    self.max_images = max_images
     self.prefill_sizes = tuple(sorted({1, max(1, min(prefill_batch, slots))}))
     text = self.model.config.text
     self.eos, self.pad = text.eos_token_id, text.pad_token_id
@@ -130,7 +142,8 @@ class Slots:
     model, width = self.model, self.width
     s = self.engine.image_size
     biggest = self.buckets[-1]
-    dummy = dict(pixel_values=jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32),
+    pixels = (1, s, s, 3) if self.max_images == 1 else (1, self.max_images, s, s, 3)
+    dummy = dict(pixel_values=jax.ShapeDtypeStruct(pixels, jnp.float32),
                  **{k: jax.ShapeDtypeStruct((1, biggest), jnp.int32)
                     for k in ("qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask")})
     raw = lambda params, inputs: model.apply({"params": params}, *(inputs[k] for k in _INPUTS), width,
@@ -209,19 +222,20 @@ class Slots:
     return sum(f._cache_size() for f in (self._prefill, self._insert, self._step))
 
   def warm_up(self, progress: bool = True) -> None:
-    """Compiles every program the slots will run, before the first request (one prefill per prompt bucket and
-    prefill size)."""
+    """Compiles every program the slots will run, before the first request (one prefill per prompt bucket, prefill
+    size and image count)."""
     s = self.engine.image_size
     pixels = np.zeros((s, s, 3), np.float32)
-    sizes = self.prefill_sizes
-    with tqdm(total=len(self.buckets) * len(sizes) + 2, desc="compiling", unit="program",
+    sizes, counts = self.prefill_sizes, range(1, self.max_images + 1)
+    with tqdm(total=len(self.buckets) * len(sizes) * len(counts) + 2, desc="compiling", unit="program",
               disable=not progress) as bar:
       outs = {}
-      for b in self.buckets:
-        for n in sizes:
-          bar.set_postfix_str(f"prefill {n} x {b} tokens")
-          outs[n] = self._run_prefill([pixels] * n, ["x"] * n, b)
-          bar.update(1)
+      for k in counts:
+        for b in self.buckets:
+          for n in sizes:
+            bar.set_postfix_str(f"prefill {n} x {b} tokens, {k} image{'s' if k > 1 else ''}")
+            outs[n] = self._run_prefill([pixels if k == 1 else np.stack([pixels] * k)] * n, ["x"] * n, b)
+            bar.update(1)
       # twice: the first state is uncommitted, the later ones are the programs' own outputs (another cache entry)
       for _ in range(2):
         bar.set_postfix_str("insert, step")
@@ -273,6 +287,9 @@ class Slots:
   def check(self, r: Request) -> None:
     """BadInput naming what in a request cannot be served (before it waits for a slot)."""
     problems = []
+    if not 1 <= images_in(r) <= self.max_images:
+      problems.append(f"{images_in(r)} images: this server takes at most {self.max_images} per request "
+                      "(its --max-images)")
     if not 1 <= r.n <= self.slots:
       problems.append(f"n={r.n}: this server answers 1 to {self.slots} choices per request")
     if not 1 <= r.max_tokens <= self.width:
@@ -292,6 +309,8 @@ class Slots:
 
   def submit(self, r: Request) -> None:
     """Queues a checked request (BadInput if it cannot be served, QueueFull if the line is full)."""
+    if r.pixels.ndim == 4 and r.pixels.shape[0] == 1:   # one image, however given: one prefill shape
+      r.pixels = r.pixels[0]
     self.check(r)
     r.prompt_tokens = self.encode(r.prompt)["length"]
     if self._stop.is_set() or not self.alive():
@@ -388,7 +407,8 @@ class Slots:
       group, free = [], self.slots - self.active
       with self._waiting.mutex:
         while (self._waiting.queue and len(group) < self.prefill_sizes[-1]
-               and free - sum(r.n for r in group) >= self._waiting.queue[0].n):
+               and free - sum(r.n for r in group) >= self._waiting.queue[0].n
+               and (not group or images_in(self._waiting.queue[0]) == images_in(group[0]))):   # one pixel shape
           group.append(self._waiting.queue.popleft())
       if not group:
         return

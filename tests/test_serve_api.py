@@ -51,7 +51,8 @@ def server(tmp_path_factory):
   port = servers.free_port()
   proc = servers.start_server(port, tmp / "server.log", "--model", servers.DEMO, "--slots", str(SLOTS),
                               "--max-tokens", str(WIDTH), "--max-waiting", "2", "--api-key", KEY,
-                              "--max-image-mb", "1", "--drain-timeout", "60", module="iblip_jax.serve_api")
+                              "--max-image-mb", "1", "--drain-timeout", "60", "--max-images", "2",
+                              module="iblip_jax.serve_api")
   base = f"http://127.0.0.1:{port}"
   deadline = time.time() + 300   # it listens once the slot programs are compiled
   while time.time() < deadline:
@@ -145,6 +146,27 @@ def test_the_openai_client_gets_the_pipelines_answers(server, pipe):
   want = pipe.rank(image, question, ["red", "yellow", "green"])
   assert ranked["choices"][0]["message"]["content"] == want.best
   np.testing.assert_allclose(ranked["candidate_scores"], want.scores, rtol=1e-4)
+
+
+def test_two_images_in_one_request_get_the_pipelines_images_answer(server, pipe):
+  """Two image_url parts (up to --max-images=2): their query outputs concatenated in order, as Images(a, b)."""
+  from iblip_jax.inference import Images
+  client = server["client"]
+  a, b = _png("yellow", "square"), _png("red", "circle")
+  question = "what color is the shape?"
+  both = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _url(a)}},
+                                       {"type": "image_url", "image_url": {"url": _url(b)}},
+                                       {"type": "text", "text": question}]}]
+  got = client.chat.completions.create(model=NAME, messages=both, temperature=0, max_tokens=12)
+  want = pipe(Images(a, b), question, num_beams=1, max_new_tokens=12, min_new_tokens=0, repetition_penalty=1.0)
+  assert got.choices[0].message.content == want
+  ranked = client.chat.completions.create(model=NAME, messages=both,
+                                          extra_body={"candidates": ["red", "yellow"]}).model_dump()
+  np.testing.assert_allclose(ranked["candidate_scores"], pipe.rank(Images(a, b), question, ["red", "yellow"]).scores,
+                             rtol=1e-4)
+  three = [{"role": "user", "content": both[0]["content"][:2] + both[0]["content"]}]
+  status, body, _ = _post(server, {"model": NAME, "messages": three, "max_tokens": 4})
+  assert status == 400 and "at most 2 per request (its --max-images)" in body["error"]["message"], body
 
 
 def test_a_short_request_returns_before_a_long_one_and_slots_are_reused(server):

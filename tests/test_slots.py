@@ -28,7 +28,8 @@ def served(request, tmp_path_factory):
   llama = request.param == "vicuna"
   pipe = Pipeline.from_pretrained(oracle.word_checkpoint(tmp_path_factory.mktemp("slots") / request.param, WORDS,
                                                          llama=llama, seed=11 if llama else 12))
-  slots = slots_lib.Slots(pipe.engine, slots=3, width=WIDTH, max_waiting=16, prefill_batch=2)
+  # caches sized for two images: one-image requests run padded in them (and must still equal the Pipeline)
+  slots = slots_lib.Slots(pipe.engine, slots=3, width=WIDTH, max_waiting=16, prefill_batch=2, max_images=2)
   slots.warm_up(progress=False)
   slots.start()
   yield pipe, slots
@@ -83,11 +84,17 @@ def test_answers_equal_the_pipelines_while_requests_join_and_leave(served):
       settings.update(temperature=0)
     requests.append(_request(pipe, im, p, **settings))
   before = dict(slots.stats)
+  # a request holding every slot first: the others all wait, and when it ends they are prefilled in pairs
+  blocker, blocker_c = _request(pipe, ims[0], SHORT[0], n=3, max_tokens=WIDTH, min_tokens=WIDTH, temperature=0)
+  slots.submit(blocker)
+  deadline = time.monotonic() + 60
+  while slots.active < 3 and time.monotonic() < deadline:
+    time.sleep(0.01)
   for r, _ in requests:
     slots.submit(r)
-  _wait(*(c for _, c in requests))
+  _wait(blocker_c, *(c for _, c in requests))
   prefills = slots.stats["prefills"] - before.get("prefills", 0)
-  assert slots.stats["prefilled"] - before.get("prefilled", 0) == len(requests) > prefills   # some together
+  assert slots.stats["prefilled"] - before.get("prefilled", 0) == len(requests) + 1 > prefills   # some together
   for i, ((r, c), im, p) in enumerate(zip(requests, ims, prompts)):
     common = dict(max_new_tokens=lengths[i], min_new_tokens=0, repetition_penalty=PENALTY)
     if i in sampled:
@@ -100,6 +107,30 @@ def test_answers_equal_the_pipelines_while_requests_join_and_leave(served):
     assert all(f in ("stop", "length") for f in r.finish)
   assert slots.active == 0 and slots.waiting == 0
   assert slots.compiled_programs() == compiled   # the slots were reused by 8 rows, nothing compiled again
+
+
+def test_several_images_in_one_request_equal_the_pipelines_images(served):
+  """Requests about two images (their query outputs concatenated in order) mixed with one-image requests: each
+  answer is the Pipeline's for Images(a, b) or the single image; a third image is refused by name."""
+  from iblip_jax.inference import Images
+  pipe, slots = served
+  a, b, c = _images(3)
+  two = lambda x, y: np.stack([images.pixels(x, pipe.image_size), images.pixels(y, pipe.image_size)])  # noqa: E731
+  asked = [(two(a, b), Images(a, b), SHORT[0]), (images.pixels(c, pipe.image_size), c, SHORT[1]),
+           (two(b, a), Images(b, a), SHORT[0]), (two(c, a), Images(c, a), LONG[0])]
+  requests = []
+  for pixels, _, prompt in asked:
+    col = Collector()
+    requests.append((slots_lib.Request(pixels, prompt, col, max_tokens=8, temperature=0,
+                                       repetition_penalty=PENALTY), col))
+    slots.submit(requests[-1][0])
+  _wait(*(col for _, col in requests))
+  for (r, _), (_, visual, prompt) in zip(requests, asked):
+    assert r.texts == [pipe(visual, prompt, num_beams=1, max_new_tokens=8, min_new_tokens=0,
+                            repetition_penalty=PENALTY)], prompt
+  three = np.stack([images.pixels(x, pipe.image_size) for x in (a, b, c)])
+  with pytest.raises(slots_lib.BadInput, match="3 images: this server takes at most 2"):
+    slots.submit(slots_lib.Request(three, SHORT[0], Collector()))
 
 
 def test_a_short_request_ends_before_a_long_one_submitted_with_it(served):
