@@ -6,7 +6,8 @@ A spec is a comma list of globs, files and folders. What each becomes:
                            optional {key}.txt / {key}.json beside it; members of one key are consecutive). Read as a
                            stream, never extracted or held whole.
   *.jsonl, *.csv           one shard: rows {"image": path, "prompt"?: text, "key"?: text} (CSV: a header with those
-                           columns). Relative image paths are relative to the file; gs:// paths are read from there.
+                           columns; JSONL may give {"images": [path, ...]}, several images for one prompt). Relative
+                           image paths are relative to the file; gs:// paths are read from there.
   a folder                 its image files, recursively and sorted, in shards of FOLDER_SHARD files (so that a huge
                            folder splits over hosts and resumes in parts); a folder of tars or JSONL files is those.
   a prepared dataset       a tensorflow-datasets version folder written by data/tfds_builder.py (dataset_info.json
@@ -60,10 +61,10 @@ class Shard:
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-  """One image of a shard: `image` is the encoded bytes or a path (local or gs://); `prompt` a row's own prompt (None:
-  the job's prompts); `meta` what the shard says of it (a tar's .txt / .json); `error` why it cannot be used."""
+  """One image of a shard: `image` is the encoded bytes or a path (local or gs://), or a JSONL row's list of paths
+  (several images for one prompt); `prompt` a row's own prompt (None: the job's prompts); `meta` what the shard says of it (a tar's .txt / .json); `error` why it cannot be used."""
   key: str
-  image: bytes | str | None = None
+  image: bytes | str | list[str] | None = None
   prompt: str | None = None
   meta: dict | None = None
   error: str | None = None
@@ -331,22 +332,27 @@ def _tar_record(shard: Shard, key: str, image, meta: dict, nbytes: int) -> Recor
 
 
 def _row_record(shard: Shard, where: str, row, nbytes: int) -> Record:
-  if isinstance(row, dict) and "images" in row and "image" not in row:
-    # annotate's batches hold one image per row on every host (fixed shapes); several images per prompt go through
-    # the engine's grouping by image count instead
-    return Record(where, error=f"{shard.path}: {where}: \"images\" (several images for one prompt) is answered by "
-                  "--config.mode=predict or Pipeline(Images(...)); annotate takes one \"image\" per row",
-                  nbytes=nbytes)
-  if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
+  several = isinstance(row, dict) and "images" in row and "image" not in row
+  if several:   # a JSONL row's several images for one prompt (CSV has one "image" column)
+    paths = row["images"]
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+      return Record(where, error=f"{shard.path}: {where}: \"images\" must be a non-empty list of image paths, got "
+                    f"{str(paths)[:200]!r}", nbytes=nbytes)
+  elif not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
     return Record(where, error=f"{shard.path}: {where}: expected an \"image\" path, got {str(row)[:200]!r}",
                   nbytes=nbytes)
   prompt = row.get("prompt") or None
   if prompt is not None and not isinstance(prompt, str):
     return Record(where, error=f"{shard.path}: {where}: \"prompt\" is not text", nbytes=nbytes)
-  image = row["image"]
-  if not image.startswith("gs://") and not os.path.isabs(image):
-    image = f"{shard.path.rsplit('/', 1)[0]}/{image}" if "/" in shard.path else image
+  image = [_near(shard, p) for p in row["images"]] if several else _near(shard, row["image"])
   return Record(str(row.get("key") or where), image=image, prompt=prompt, nbytes=nbytes)
+
+
+def _near(shard: Shard, image: str) -> str:
+  """A row's image path: relative ones are relative to the shard's file."""
+  if not image.startswith("gs://") and not os.path.isabs(image):
+    return f"{shard.path.rsplit('/', 1)[0]}/{image}" if "/" in shard.path else image
+  return image
 
 
 def _jsonl(shard: Shard, f) -> Iterator[Record]:

@@ -5,11 +5,13 @@
 (inputs: globs, files and folders, comma-separated; braces like {00000..00999} are not expanded.)
 
 Inputs are shards (data/shards.py: webdataset tars, JSONL/CSV rows of {image, prompt}, image folders, prepared
-ArrayRecord datasets), split over
+ArrayRecord datasets; a JSONL row may give several images for its prompt, {"images": [...]}, their query outputs
+concatenated in order, zero-shot use), split over
 the processes (process p takes every P-th unfinished shard); each host streams its own, decoding images in a
 thread pool ahead of the model (at most a few batches held), filling batches across shard boundaries. Every step
 all hosts run one global batch of the same shapes (a host out of records feeds padding rows) and the loop ends when
-no host has records left. Each image is decoded once and asked every prompt (a JSONL/CSV row's own prompt replaces
+no host has records left. A batch holds records of one image count: a record with another count starts the next
+batch, and when hosts' next batches differ, the smallest count goes first and the others wait a step. Each image is decoded once and asked every prompt (a JSONL/CSV row's own prompt replaces
 them).
 
 Outputs, under config.annotate.output (local or gs://):
@@ -27,6 +29,7 @@ config.annotate.rows_per_file, which is part of annotate.json.
 A record that cannot be used (not an image, a missing file, a cut tar) is an "error" row; a shard that cannot be
 opened is reported, left unfinished, and the run exits 1 after finishing everything else (rerun to retry it).
 """
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -77,6 +80,7 @@ class _Row:
   error: str | None = None
   meta: dict | None = None
   first: bool = True   # the record's first prompt (images are counted once)
+  count: int = 1       # the record's images (JSONL "images"): a batch holds one count
 
 
 @dataclasses.dataclass
@@ -213,10 +217,12 @@ def _rows(mine: list[shards_lib.Shard], written: dict[str, set[int]], prompts: t
           continue
         asked = (rec.prompt,) if rec.prompt else prompts
         rows_in_part += len(asked)
+        several = isinstance(rec.image, list)   # a JSONL row's "images": (K, S, S, 3) pixels, as a video's
         future = None if rec.error else pool.submit(images.pixels, rec.image, size, max_pixels=images.MAX_PIXELS,
-                                                       name=_name(shard, rec))
+                                                       name=_name(shard, rec), frames=len(rec.image) if several else 0)
         for i, p in enumerate(asked):
-          yield _Row(shard.name, part, rec.key, p, error=rec.error, meta=rec.meta, first=i == 0), future
+          yield _Row(shard.name, part, rec.key, p, error=rec.error, meta=rec.meta, first=i == 0,
+                     count=len(rec.image) if several else 1), future
     except Exception as e:  # noqa: BLE001 - whatever stops a reader is this shard's problem: reported, retried
       why = str(e) if isinstance(e, shards_lib.UnreadableShard) else f"{shard.path}: {type(e).__name__}: {e}"
       unreadable.append(why[:300])
@@ -232,6 +238,8 @@ def _rows(mine: list[shards_lib.Shard], written: dict[str, set[int]], prompts: t
 def _name(shard: shards_lib.Shard, rec: shards_lib.Record) -> str:
   """How a record is named in its error: shard and key, and the image's path when it has one."""
   where = f"{shard.name}: {rec.key}"
+  if isinstance(rec.image, list):
+    return f"{where} ({' + '.join(rec.image)})"
   return f"{where} ({rec.image})" if isinstance(rec.image, str) and rec.image != rec.key else where
 
 
@@ -340,9 +348,10 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
            rows_per_file: int, image_size: int, local: int, answer, scores: bool, per_image: int = 1,
            progress: bool = True) -> dict:
   """The annotation loop over this host's shards `mine` (of all `pending` ones). Each step takes up to
-  `local // per_image` groups (the rows of one record, at most `per_image` of them; `per_image` 1: a row each) and
-  gives them to `answer` (groups -> {id(row): Answer or error text}; every process calls it once per step); parts and
-  finished shards are written as they complete. Returns the totals over every process, the seconds taken and the
+  `local // per_image` groups (the rows of one record, at most `per_image` of them; `per_image` 1: a row each) of
+  records with one image count and gives them to `answer` (groups, count -> {id(row): Answer or error text}; every
+  process calls it once per step, all with the same count: the smallest any host asks for, the others keeping their
+  step's entries for later); parts and finished shards are written as they complete. Returns the totals over every process, the seconds taken and the
   shards that could not be read."""
   counts = {"bytes": 0}
   unreadable: list[str] = []
@@ -354,7 +363,8 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
   totals = {"images": 0, "rows": 0, "errors": 0, "parts": 0, "shards": 0}
   received = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, _: received.update(signal=signum))
-  ended, carry, capacity, failure = False, None, local // per_image, None
+  ended, capacity, failure = False, local // per_image, None
+  later: collections.deque = collections.deque()   # entries read but not yet used: the next steps take them first
   bar = tqdm(total=sum(sh.size for sh in pending) or None, unit="B", unit_scale=True, dynamic_ncols=True,
              desc="annotate", disable=not (progress and distributed.is_primary()))
   t0 = time.perf_counter()
@@ -363,8 +373,8 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
       groups, entries = [], []
       # at most AHEAD_BATCHES x local entries a step: a long run of error rows (no batch places) is written as it
       # goes, not held
-      while not ended and failure is None and len(entries) < AHEAD_BATCHES * local:
-        entry, carry = carry or q.get(), None
+      while (later or not ended) and failure is None and len(entries) < AHEAD_BATCHES * local:
+        entry = later.popleft() if later else q.get()
         if entry is None:
           ended = True
           break
@@ -375,15 +385,16 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
         if isinstance(row, _Row) and row.error is None:
           if groups and groups[-1][-1][1] is future and len(groups[-1]) < per_image:
             groups[-1].append(entry)     # the same image, another prompt
-          elif len(groups) == capacity:
-            carry = entry                # the next batch's first row
+          elif len(groups) == capacity or (groups and row.count != groups[0][0][0].count):
+            later.appendleft(entry)      # the next batch's first row
             break
           else:
             groups.append([entry])
         entries.append(entry)
       # one exchange a step: every host takes the same branch (stop on anyone's failure or signal, or go on)
-      every = distributed.gather_json({"bytes": counts["bytes"], "more": bool(groups) or not ended,
-                                       "signal": received["signal"] is not None, "failed": failure is not None})
+      every = distributed.gather_json({"bytes": counts["bytes"], "more": bool(groups) or bool(later) or not ended,
+                                       "signal": received["signal"] is not None, "failed": failure is not None,
+                                       "count": groups[0][0][0].count if groups else None})
       if any(x["failed"] for x in every):
         if failure is not None:
           raise failure
@@ -392,7 +403,11 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
       if not any(x["more"] for x in every):
         _apply(root, entries, {}, parts, totals, scores)
         break
-      answers = answer(groups)
+      count = min((x["count"] for x in every if x["count"] is not None), default=1)
+      if groups and groups[0][0][0].count != count:   # another host's batch goes first: this one waits a step
+        later.extendleft(reversed(entries))
+        groups, entries = [], []
+      answers = answer(groups, count)
       try:
         _apply(root, entries, answers, parts, totals, scores)
       except Exception as e:  # noqa: BLE001 - a failed write stops every host at the next exchange
@@ -418,10 +433,12 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
 
 
 def _answer(engine: Engine, decoding: Decoding, local: int, per_image: int, pad_prompt: str, scores: bool,
-            start: int, groups: list) -> dict:
+            start: int, groups: list, count: int = 1) -> dict:
   """This host's groups of one global batch -> {id(row): Answer, or why its image could not be used}. With
   `per_image` > 1 each group is one image and its prompts, padded to `per_image` rows (the model runs the ViT once per
-  image: models/instructblip._per_row); else each group is one row. Every process calls it once per step."""
+  image: models/instructblip._per_row); else each group is one row. Records of `count` > 1 images have their
+  (count, S, S, 3) pixels repeated for each of their rows (the model's per-image sharing is for single images).
+  Every process calls it once per step."""
   arrays, bad = [], {}
   for i, group in enumerate(groups):
     try:
@@ -429,10 +446,14 @@ def _answer(engine: Engine, decoding: Decoding, local: int, per_image: int, pad_
     except Exception as e:  # noqa: BLE001 - a decoder's error is the record's
       bad[i] = str(e) if isinstance(e, images.BadImage) else f"{type(e).__name__}: {str(e)[:200]}"
       arrays.append(None)
-  blank = np.zeros(next((x.shape for x in arrays if x is not None), (engine.image_size, engine.image_size, 3)),
-                   np.float32)
-  n_images = local // per_image
-  pixels = [blank if x is None else x for x in arrays] + [blank] * (n_images - len(arrays))
+  s = engine.image_size
+  blank = np.zeros((s, s, 3) if count == 1 else (count, s, s, 3), np.float32)
+  pixels = [blank if x is None else x for x in arrays]
+  if count == 1:
+    pixels += [blank] * (local // per_image - len(arrays))
+  else:   # a row each
+    pixels = [x for x in pixels for _ in range(per_image)]
+    pixels += [blank] * (local - len(pixels))
   texts = []
   for group in groups:
     asked = [row.prompt for row, _ in group]

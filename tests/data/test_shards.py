@@ -78,7 +78,7 @@ def test_jsonl_and_csv_rows_with_relative_paths_and_their_own_prompts(tmp_path):
   assert [(r.key, r.image, r.prompt) for r in rows[:2]] == [
       ("first", f"{tmp_path}/imgs/a.png", "What is it?"), ("line 3", "/abs/b.png", None)]
   assert "line 4: not a JSON object" in rows[2].error and "line 5: expected an \"image\" path" in rows[3].error
-  assert "line 6: \"images\" (several images for one prompt) is answered by --config.mode=predict" in rows[4].error
+  assert rows[4].image == [f"{tmp_path}/imgs/a.png"] * 2 and rows[4].key == "line 6"
   csv_rows = list(shards.read(found["rows.csv"]))
   assert [(r.image, r.prompt) for r in csv_rows] == [(f"{tmp_path}/imgs/a.png", "Describe it."),
                                                       (f"{tmp_path}/imgs/a.png", None)]

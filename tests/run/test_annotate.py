@@ -27,8 +27,8 @@ gcs = gcs_fixture(BUCKET)
 @pytest.fixture(scope="module")
 def inputs(job_assets, tmp_path_factory):
   """shard-00000.tar (7 records: #2 not an image, #4 no image member), shard-00001.tar (empty), shard-00002.tar (9
-  records), rows.jsonl (a missing image, a row with its own prompt), photos/ (3 images), broken.tar (a link to
-  nothing: listed, cannot be opened)."""
+  records), rows.jsonl (a missing image, a row with its own prompt, rows of 2 and 3 images), photos/ (3 images),
+  broken.tar (a link to nothing: listed, cannot be opened)."""
   d = tmp_path_factory.mktemp("annotate_in")
   images = sorted((job_assets / "data" / "images").glob("train_*.png"))
   with wds.TarWriter(str(d / "shard-00000.tar")) as w:
@@ -44,7 +44,9 @@ def inputs(job_assets, tmp_path_factory):
   with wds.TarWriter(str(d / "shard-00002.tar")) as w:
     for i in range(9):
       w.write({"__key__": f"c{i:03d}", "png": images[10 + i].read_bytes()})
-  rows = [{"image": str(images[20])}, {"image": "missing.png"}, {"image": str(images[21]), "prompt": "Own prompt:"}]
+  rows = [{"image": str(images[20])}, {"image": "missing.png"}, {"image": str(images[21]), "prompt": "Own prompt:"},
+          {"images": [str(images[22]), str(images[23])]}, {"images": [str(images[24]), str(images[25]),
+                                                                       str(images[26])]}]
   (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   (d / "photos" / "sub").mkdir(parents=True)
   for i, name in enumerate(["x.png", "sub/y.png", "z.png"]):
@@ -87,15 +89,15 @@ def reference(job_assets, inputs, tmp_path_factory):
   return out, done
 
 
-def test_every_record_and_prompt_once_with_errors_named(reference):
+def test_every_record_and_prompt_once_with_errors_named(reference, job_assets, inputs):
   out, done = reference
   assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
   assert "1 shard(s) could not be read" in done.stderr and "broken.tar: cannot be opened" in done.stderr
   table = _table(_rows(out))
   want_keys = ({("shard-00000.tar", f"a{i:03d}") for i in range(7)} | {("shard-00002.tar", f"c{i:03d}")
                                                                          for i in range(9)}
-               | {("photos.part-00000", k) for k in ("x.png", "sub/y.png", "z.png")} | {("rows.jsonl", "line 1"),
-                                                                                        ("rows.jsonl", "line 2")})
+               | {("photos.part-00000", k) for k in ("x.png", "sub/y.png", "z.png")}
+               | {("rows.jsonl", f"line {i}") for i in (1, 2, 4, 5)})
   assert {(s, k) for s, k, _ in table} == want_keys | {("rows.jsonl", "line 3")}
   assert len(table) == 2 * len(want_keys) + 1   # the third JSONL row asks its own prompt only
   assert table[("rows.jsonl", "line 3", "Own prompt:")] and ("rows.jsonl", "line 3", PROMPTS[0]) not in table
@@ -112,12 +114,20 @@ def test_every_record_and_prompt_once_with_errors_named(reference):
   assert [r["key"] for r in first] == ["a000", "a000", "a001", "a001", "a002", "a002"]
   assert first[0]["meta"] == {"txt": "caption 0"}
   scores = [r["score"] for r in _rows(out) if "answer" in r]   # config.annotate.scores: log p(answer | image, prompt)
-  assert len(scores) == 43 - 6 and all(s <= 0 for s in scores) and len(set(scores)) > 1
+  assert len(scores) == 47 - 6 and all(s <= 0 for s in scores) and len(set(scores)) > 1
+  # rows of several images: the Pipeline's answers for Images(...) (batches of one image count, per row)
+  from iblip_jax.inference import Images, Pipeline
+  pipe = Pipeline.from_pretrained(str(job_assets / "ckpt"))
+  rows = [json.loads(line) for line in (inputs / "rows.jsonl").read_text().splitlines()]
+  for line in (4, 5):
+    for prompt in PROMPTS:
+      want = pipe(Images(*rows[line - 1]["images"]), prompt, num_beams=1, max_new_tokens=4)
+      assert table[("rows.jsonl", f"line {line}", prompt)] == want, (line, prompt)
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["unfinished"] == ["broken.tar"]
   assert manifest["finished"]["shard-00001.tar"] == {"records": 0, "parts": 0}
   assert manifest["finished"]["shard-00002.tar"] == {"records": 9, "parts": 3}
-  assert "annotate: 19 images, 43 rows (6 errors)" in done.stdout   # 22 records, 3 unusable; 2 x 22 - 1 rows
+  assert "annotate: 21 images, 47 rows (6 errors)" in done.stdout   # 24 records, 3 unusable; 2 x 24 - 1 rows
 
 
 def _faulty(job_assets, output, spec, fault, at, timeout=600):
@@ -152,18 +162,26 @@ def test_killed_and_stopped_runs_resume_exactly_once(job_assets, inputs, referen
 
 def test_two_processes_on_gcs_write_what_one_process_writes(job_assets, inputs, reference, gcs, tmp_path):
   """2 processes x 2 devices, reading the tars from the bucket and writing there, give the rows of the one-device
-  reference run (the same images once each, batches across hosts, both hosts' shards)."""
+  reference run (the same images once each, batches across hosts, both hosts' shards); the JSONL shard's rows of 2
+  and 3 images meet other hosts' one-image batches (the smallest count goes first, the others wait)."""
   for name in ("shard-00000.tar", "shard-00001.tar", "shard-00002.tar"):
     epath.Path(f"gs://{BUCKET}/in/{name}").write_bytes((inputs / name).read_bytes())
   out = f"gs://{BUCKET}/two"
-  flags = _flags(job_assets, out, f"gs://{BUCKET}/in/*.tar", **{"mesh.fsdp": -1, "annotate.batch_size": 8})
+  flags = _flags(job_assets, out, f"gs://{BUCKET}/in/*.tar,{inputs}/rows.jsonl",
+                 **{"mesh.fsdp": -1, "annotate.batch_size": 8})
   log = main_job.wait_hosts(main_job.launch_hosts(flags, 2, 2, tmp_path, "two"), tmp_path, "two")
-  assert "3 shards, 0 finished before, 3 to do over 2 process(es)" in log
-  where = lambda table, folder: {k: v.replace(folder, "") for k, v in table.items()}   # errors name the tar's path
-  want = {k: v for k, v in _table(_rows(reference[0])).items() if k[0].endswith(".tar") and k[0] != "broken.tar"}
-  assert where(_table(_rows(out)), f"gs://{BUCKET}/in/") == where(want, f"{inputs}/") and len(want) == 2 * 16
+  assert "4 shards, 0 finished before, 4 to do over 2 process(es)" in log
+  # shards from two places are named by their whole path ("gs__bucket__in__shard-00000.tar"), and so are their
+  # errors: the answers are compared, and the errors by where they are (the reference test reads their messages)
+  name = lambda shard: shard.rsplit("__", 1)[-1]   # noqa: E731
+  plain = lambda table: {(name(k[0]), *k[1:]): "ERROR" if v.startswith("ERROR") else v  # noqa: E731
+                         for k, v in table.items()}
+  want = {k: v for k, v in _table(_rows(reference[0])).items()
+          if (k[0].endswith(".tar") or k[0] == "rows.jsonl") and k[0] != "broken.tar"}
+  assert plain(_table(_rows(out))) == plain(want) and len(want) == 2 * 16 + 9
   manifest = json.loads(epath.Path(f"{out}/manifest.json").read_text())
-  assert sorted(manifest["finished"]) == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+  assert sorted(map(name, manifest["finished"])) == ["rows.jsonl", "shard-00000.tar", "shard-00001.tar",
+                                                     "shard-00002.tar"]
 
 
 MEMORY_PROBE = """
@@ -190,7 +208,7 @@ class Said:
   def __init__(self, text):
     self.text, self.logprob = text, 0.0
 held = [0]
-def answer(groups):
+def answer(groups, count=1):
   held[0] = max(held[0], tracemalloc.get_traced_memory()[0])   # what the loop holds, each step
   for group in groups:
     group[0][1].result()   # the decoded image, as the real step takes it
