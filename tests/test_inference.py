@@ -294,6 +294,13 @@ def test_annotate_streams_answers_in_batches_equal_to_the_plain_call(pipes):
     want = pipe(good, p, **GREEDY)
     assert [r["answer"] for r in rows if r["prompt"] == p and r["key"] != "k3"] == want
   assert all("not an image" in r["error"] for r in rows if r["key"] == "k3")
+  # several images for one row, beside single ones: the plain call's answers for Images(...)
+  from iblip_jax.inference import Images
+  mixed = [images[0], Images(images[1], images[2]), ("pair", Images(images[2], images[0]))]
+  rows = list(pipe.annotate(mixed, PROMPTS[0], **GREEDY))
+  assert [r["key"] for r in rows] == [0, 1, "pair"]
+  assert [r["answer"] for r in rows] == [pipe(x, PROMPTS[0], **GREEDY) for x in
+                                         (images[0], Images(images[1], images[2]), Images(images[2], images[0]))]
 
 
 @pytest.mark.parametrize("which", ["t5"])   # the LLM sees a video as any visual input: the T5 path stands for both

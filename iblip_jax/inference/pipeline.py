@@ -165,7 +165,8 @@ class Pipeline:
 
   def annotate(self, images: Iterable, prompts, **decoding_settings) -> Iterator[dict]:
     """Answers a stream of images with each of `prompts`, the Python side of --config.mode=annotate. `images`: any
-    iterable, read lazily (paths, bytes, PIL images, arrays, or (key, image) pairs; key default: the position).
+    iterable, read lazily (paths, bytes, PIL images, arrays, Images(a, b) for several, video files, or (key, image)
+    pairs; key default: the position).
     Yields {"key", "prompt", "answer"}, or "error" instead of "answer" for an image that cannot be used, in input
     order as each batch finishes; the next batch's images are read and decoded while the model runs, so memory holds
     about two batches whatever the input's length."""
@@ -173,17 +174,19 @@ class Pipeline:
     if not prompts or not all(isinstance(p, str) for p in prompts):
       raise BadInput("annotate: prompts must be a string or a list of strings")
     dec = Decoding.of(decoding_settings)
-    keyed = ((x if isinstance(x, tuple) and len(x) == 2 else (i, x)) for i, x in enumerate(images))
+    keyed = ((x if isinstance(x, tuple) and not isinstance(x, Images) and len(x) == 2 else (i, x))
+             for i, x in enumerate(images))
     per_batch = max(1, self.engine.batch_size // len(prompts))
 
-    def load():   # the next batch's images, checked and preprocessed (an error text for a bad one)
-      return [(key, self._prepared_or_why(x)) for key, x in itertools.islice(keyed, per_batch)]
+    def load():   # the next batch's inputs, checked and preprocessed: (visual, frames), or an error text
+      return [(key, self._input_or_why(x)) for key, x in itertools.islice(keyed, per_batch)]
 
     with futures.ThreadPoolExecutor(1, thread_name_prefix="annotate-input") as pool:
       ahead = pool.submit(load)
       while chunk := ahead.result():
         ahead = pool.submit(load)
-        good = [Item(image, p) for _, image in chunk if not isinstance(image, str) for p in prompts]
+        good = [Item(visual, p, frames=frames) for _, x in chunk if not isinstance(x, str) for visual, frames in [x]
+                for p in prompts]
         outputs = iter(self.engine.generate(good, dec))
         for key, image in chunk:
           for p in prompts:
@@ -191,9 +194,10 @@ class Pipeline:
             why = image if o is None else o.error
             yield {"key": key, "prompt": p, **({"error": why} if why else {"answer": o.answers[0].text})}
 
-  def _prepared_or_why(self, image):
+  def _input_or_why(self, x):
+    """_input's (visual, frames) for an image, Images or a video file, or why it cannot be used."""
     try:
-      return self.prepare(image)
+      return self._input(x)
     except BadInput as e:
       return str(e)
 
