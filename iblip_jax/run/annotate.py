@@ -6,7 +6,8 @@
 
 Inputs are shards (data/shards.py: webdataset tars, JSONL/CSV rows of {image, prompt}, image folders, prepared
 ArrayRecord datasets; a JSONL row may give several images for its prompt, {"images": [...]}, their query outputs
-concatenated in order, zero-shot use), split over
+concatenated in order, zero-shot use; a JSONL/CSV "image" may be a video file, answered from its 4 sampled frames),
+split over
 the processes (process p takes every P-th unfinished shard); each host streams its own, decoding images in a
 thread pool ahead of the model (at most a few batches held), filling batches across shard boundaries. Every step
 all hosts run one global batch of the same shapes (a host out of records feeds padding rows) and the loop ends when
@@ -50,7 +51,7 @@ from etils import epath
 from tqdm import tqdm
 
 from iblip_jax import distributed, sharding
-from iblip_jax.data import images, shards as shards_lib, tokenize
+from iblip_jax.data import images, shards as shards_lib, tokenize, video_files
 from iblip_jax.decoding import Decoding
 from iblip_jax.engine import Engine
 from iblip_jax.errors import BadInput, UserError
@@ -217,12 +218,13 @@ def _rows(mine: list[shards_lib.Shard], written: dict[str, set[int]], prompts: t
           continue
         asked = (rec.prompt,) if rec.prompt else prompts
         rows_in_part += len(asked)
-        several = isinstance(rec.image, list)   # a JSONL row's "images": (K, S, S, 3) pixels, as a video's
+        # a JSONL row's "images" or a video file: (K, S, S, 3) pixels, K images or the video's sampled frames
+        k = len(rec.image) if isinstance(rec.image, list) else (
+            video_files.FRAMES if video_files.is_video_file(rec.image) else 1)
         future = None if rec.error else pool.submit(images.pixels, rec.image, size, max_pixels=images.MAX_PIXELS,
-                                                       name=_name(shard, rec), frames=len(rec.image) if several else 0)
+                                                       name=_name(shard, rec), frames=k if k > 1 else 0)
         for i, p in enumerate(asked):
-          yield _Row(shard.name, part, rec.key, p, error=rec.error, meta=rec.meta, first=i == 0,
-                     count=len(rec.image) if several else 1), future
+          yield _Row(shard.name, part, rec.key, p, error=rec.error, meta=rec.meta, first=i == 0, count=k), future
     except Exception as e:  # noqa: BLE001 - whatever stops a reader is this shard's problem: reported, retried
       why = str(e) if isinstance(e, shards_lib.UnreadableShard) else f"{shard.path}: {type(e).__name__}: {e}"
       unreadable.append(why[:300])

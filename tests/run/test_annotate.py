@@ -27,8 +27,9 @@ gcs = gcs_fixture(BUCKET)
 @pytest.fixture(scope="module")
 def inputs(job_assets, tmp_path_factory):
   """shard-00000.tar (7 records: #2 not an image, #4 no image member), shard-00001.tar (empty), shard-00002.tar (9
-  records), rows.jsonl (a missing image, a row with its own prompt, rows of 2 and 3 images), photos/ (3 images),
-  broken.tar (a link to nothing: listed, cannot be opened)."""
+  records), rows.jsonl (a missing image, a row with its own prompt, rows of 2 and 3 images, a video clip), photos/
+  (3 images), broken.tar (a link to nothing: listed, cannot be opened)."""
+  import video_clips
   d = tmp_path_factory.mktemp("annotate_in")
   images = sorted((job_assets / "data" / "images").glob("train_*.png"))
   with wds.TarWriter(str(d / "shard-00000.tar")) as w:
@@ -46,7 +47,8 @@ def inputs(job_assets, tmp_path_factory):
       w.write({"__key__": f"c{i:03d}", "png": images[10 + i].read_bytes()})
   rows = [{"image": str(images[20])}, {"image": "missing.png"}, {"image": str(images[21]), "prompt": "Own prompt:"},
           {"images": [str(images[22]), str(images[23])]}, {"images": [str(images[24]), str(images[25]),
-                                                                       str(images[26])]}]
+                                                                       str(images[26])]},
+          {"image": str(video_clips.write(d / "clip.mp4", 10))}]
   (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   (d / "photos" / "sub").mkdir(parents=True)
   for i, name in enumerate(["x.png", "sub/y.png", "z.png"]):
@@ -97,7 +99,7 @@ def test_every_record_and_prompt_once_with_errors_named(reference, job_assets, i
   want_keys = ({("shard-00000.tar", f"a{i:03d}") for i in range(7)} | {("shard-00002.tar", f"c{i:03d}")
                                                                          for i in range(9)}
                | {("photos.part-00000", k) for k in ("x.png", "sub/y.png", "z.png")}
-               | {("rows.jsonl", f"line {i}") for i in (1, 2, 4, 5)})
+               | {("rows.jsonl", f"line {i}") for i in (1, 2, 4, 5, 6)})
   assert {(s, k) for s, k, _ in table} == want_keys | {("rows.jsonl", "line 3")}
   assert len(table) == 2 * len(want_keys) + 1   # the third JSONL row asks its own prompt only
   assert table[("rows.jsonl", "line 3", "Own prompt:")] and ("rows.jsonl", "line 3", PROMPTS[0]) not in table
@@ -114,20 +116,22 @@ def test_every_record_and_prompt_once_with_errors_named(reference, job_assets, i
   assert [r["key"] for r in first] == ["a000", "a000", "a001", "a001", "a002", "a002"]
   assert first[0]["meta"] == {"txt": "caption 0"}
   scores = [r["score"] for r in _rows(out) if "answer" in r]   # config.annotate.scores: log p(answer | image, prompt)
-  assert len(scores) == 47 - 6 and all(s <= 0 for s in scores) and len(set(scores)) > 1
-  # rows of several images: the Pipeline's answers for Images(...) (batches of one image count, per row)
+  assert len(scores) == 49 - 6 and all(s <= 0 for s in scores) and len(set(scores)) > 1
+  # rows of several images and a video: the Pipeline's answers for Images(...) and the clip (batches of one image
+  # count, per row)
   from iblip_jax.inference import Images, Pipeline
   pipe = Pipeline.from_pretrained(str(job_assets / "ckpt"))
   rows = [json.loads(line) for line in (inputs / "rows.jsonl").read_text().splitlines()]
-  for line in (4, 5):
+  for line in (4, 5, 6):
+    visual = rows[line - 1]["image"] if line == 6 else Images(*rows[line - 1]["images"])
     for prompt in PROMPTS:
-      want = pipe(Images(*rows[line - 1]["images"]), prompt, num_beams=1, max_new_tokens=4)
+      want = pipe(visual, prompt, num_beams=1, max_new_tokens=4)
       assert table[("rows.jsonl", f"line {line}", prompt)] == want, (line, prompt)
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["unfinished"] == ["broken.tar"]
   assert manifest["finished"]["shard-00001.tar"] == {"records": 0, "parts": 0}
   assert manifest["finished"]["shard-00002.tar"] == {"records": 9, "parts": 3}
-  assert "annotate: 21 images, 47 rows (6 errors)" in done.stdout   # 24 records, 3 unusable; 2 x 24 - 1 rows
+  assert "annotate: 22 images, 49 rows (6 errors)" in done.stdout   # 25 records, 3 unusable; 2 x 25 - 1 rows
 
 
 def _faulty(job_assets, output, spec, fault, at, timeout=600):
@@ -163,7 +167,8 @@ def test_killed_and_stopped_runs_resume_exactly_once(job_assets, inputs, referen
 def test_two_processes_on_gcs_write_what_one_process_writes(job_assets, inputs, reference, gcs, tmp_path):
   """2 processes x 2 devices, reading the tars from the bucket and writing there, give the rows of the one-device
   reference run (the same images once each, batches across hosts, both hosts' shards); the JSONL shard's rows of 2
-  and 3 images meet other hosts' one-image batches (the smallest count goes first, the others wait)."""
+  and 3 images and its video meet other hosts' one-image batches (the smallest count goes first, the others
+  wait)."""
   for name in ("shard-00000.tar", "shard-00001.tar", "shard-00002.tar"):
     epath.Path(f"gs://{BUCKET}/in/{name}").write_bytes((inputs / name).read_bytes())
   out = f"gs://{BUCKET}/two"
@@ -178,7 +183,7 @@ def test_two_processes_on_gcs_write_what_one_process_writes(job_assets, inputs, 
                          for k, v in table.items()}
   want = {k: v for k, v in _table(_rows(reference[0])).items()
           if (k[0].endswith(".tar") or k[0] == "rows.jsonl") and k[0] != "broken.tar"}
-  assert plain(_table(_rows(out))) == plain(want) and len(want) == 2 * 16 + 9
+  assert plain(_table(_rows(out))) == plain(want) and len(want) == 2 * 16 + 11
   manifest = json.loads(epath.Path(f"{out}/manifest.json").read_text())
   assert sorted(map(name, manifest["finished"])) == ["rows.jsonl", "shard-00000.tar", "shard-00001.tar",
                                                      "shard-00002.tar"]
