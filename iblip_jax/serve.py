@@ -4,7 +4,9 @@ Upload an image, type an instruction, choose the decoding, watch the answer stre
 looked (its cross-attention and the answer-relevance map, iblip_jax.attention_maps); follow-up questions continue
 the conversation (data/conversation.py); the "Compare instructions" tab answers two instructions about the same
 image with their maps side by side. A video clip (mp4, webm, avi, mkv, mov; the `video` extra) is answered from its
-4 uniformly sampled frames, shown side by side as the preview (no attention maps: they are drawn on one image). Without --model it serves the demo: the checkpoint `make demo` trained
+4 uniformly sampled frames, and "More images" are asked about together with the first, in order (their query
+outputs concatenated: zero-shot use, the released weights saw one image); the preview shows them side by side, and
+no attention map is drawn for either (a map is drawn on one image). Without --model it serves the demo: the checkpoint `make demo` trained
 (runs/demo) when there is one, else the demo checkpoint before tuning (demo_assets/instructblip-demo); the page and
 the console say which.
 
@@ -113,34 +115,42 @@ class Handlers:
     self.pipe = pipe
     self._prepared: dict[str, object] = {}
 
-  def image(self, path):
-    """A prepared image from an uploaded file, or a video's sampled frames as Images (kept for the next requests
-    about it)."""
+  def image(self, path, more=None):
+    """A prepared image from an uploaded file; a video's sampled frames, or the image and `more` images (paths), as
+    Images (kept for the next requests about them)."""
     if not path:
       raise UserError("upload an image first")
-    path = str(path)
-    if path not in self._prepared:
-      # one image at a time is all a person looks at; messages name the file, not gradio's upload folder
+    path, more = str(path), tuple(str(m) for m in more or ())
+    if (path, more) not in self._prepared:
+      # one upload at a time is all a person looks at; messages name the file, not gradio's upload folder
       name = os.path.basename(path)
       if video_files.is_video_file(path):
+        if more:
+          raise UserError(f"{name} is a video: it is asked about alone (clear the more images)")
         frames = images_lib.video_frames(path, video_files.FRAMES)
         prepared = Images(*(self.pipe.prepare(f, name=f"{name} frame {i}") for i, f in enumerate(frames)))
+      elif more:
+        prepared = Images(*(self.pipe.prepare(p, name=os.path.basename(p)) for p in (path, *more)))
       else:
         prepared = self.pipe.prepare(path, name=name)
-      self._prepared = {path: prepared}
-    return self._prepared[path]
+      self._prepared = {(path, more): prepared}
+    return self._prepared[(path, more)]
 
-  def upload(self, path):
+  def upload(self, path, more=None):
     """-> (what the model sees, notes, a fresh conversation)."""
     if not path:
       return None, "", [], []
-    prepared = self.image(path)
+    prepared = self.image(path, more)
     s = self.pipe.image_size
-    if isinstance(prepared, Images):   # a video: its frames side by side
+    if isinstance(prepared, Images):   # a video's frames, or several images: side by side
       w, h = prepared[0].image.size
-      notes = [f"a video: {len(prepared)} frames sampled uniformly over the clip ({w} x {h} pixels), each seen by "
-               f"the model as {s} x {s}; their query outputs are concatenated (no attention maps for a video)"]
-      return _side_by_side([p.image for p in prepared]), "\n".join(f"- {n}" for n in notes), [], []
+      if video_files.is_video_file(str(path)):
+        note = (f"a video: {len(prepared)} frames sampled uniformly over the clip ({w} x {h} pixels), each seen by "
+                f"the model as {s} x {s}; their query outputs are concatenated (no attention maps for a video)")
+      else:
+        note = (f"{len(prepared)} images, each seen by the model as {s} x {s}; their query outputs are concatenated "
+                "in order (zero-shot: the released weights saw one image per example; no attention maps)")
+      return _side_by_side([p.image for p in prepared]), f"- {note}", [], []
     w, h = prepared.image.size
     notes = [f"{w} x {h} pixels, seen by the model as {s} x {s}"]
     return prepared.image, "\n".join(f"- {n}" for n in notes + list(prepared.notes)), [], []
@@ -156,9 +166,9 @@ class Handlers:
     return out
 
   def answer(self, path, prompt, turns, mode, beams, temperature, top_k, top_p, max_new_tokens,
-             repetition_penalty, seed):
+             repetition_penalty, seed, more=None):
     """Streams (conversation, answer, turns) as the answer grows; the last update has the turns with it."""
-    prepared = self.image(path)
+    prepared = self.image(path, more)
     prompt = (prompt or "").strip()
     if not prompt:
       raise UserError("the prompt is empty: type an instruction or a question about the image")
@@ -177,31 +187,31 @@ class Handlers:
     turns = turns + [prompt, answer]
     yield _messages(turns), answer, turns
 
-  def last_map(self, path, turns) -> Image.Image | None:
-    """The attention overlay of the conversation's last question and answer (None for a video: a map is drawn on
-    one image)."""
+  def last_map(self, path, turns, more=None) -> Image.Image | None:
+    """The attention overlay of the conversation's last question and answer (None for a video or several images: a
+    map is drawn on one image)."""
     *earlier, question, answer = turns
-    prepared = self.image(path)
+    prepared = self.image(path, more)
     if isinstance(prepared, Images):
       return None
     return self.pipe.attention_overlay(prepared, [Conversation(tuple(earlier) + (question,))], [answer])
 
   def ask(self, path, prompt, turns, mode, beams, temperature, top_k, top_p, max_new_tokens, repetition_penalty,
-          seed, show_maps):
+          seed, show_maps, more=None):
     """The API's /ask: streams (conversation, answer, overlay, turns); the overlay comes with the last update."""
     updates = self.answer(path, prompt, turns, mode, beams, temperature, top_k, top_p, max_new_tokens,
-                          repetition_penalty, seed)
+                          repetition_penalty, seed, more)
     last = next(updates)
     for update in updates:
       yield last[0], last[1], None, last[2]
       last = update
     messages, answer, new_turns = last   # the complete answer, with the map if asked for
-    yield messages, answer, self.last_map(path, new_turns) if show_maps else None, new_turns
+    yield messages, answer, self.last_map(path, new_turns, more) if show_maps else None, new_turns
 
   def compare(self, path, prompt_a, prompt_b, mode, beams, temperature, top_k, top_p, max_new_tokens,
-              repetition_penalty, seed):
-    """Two instructions about the same image -> (answer a, answer b, their maps side by side)."""
-    prepared = self.image(path)
+              repetition_penalty, seed, more=None):
+    """Two instructions about the same image(s) -> (answer a, answer b, their maps side by side)."""
+    prepared = self.image(path, more)
     prompts = [(p or "").strip() for p in (prompt_a, prompt_b)]
     if not all(prompts):
       raise UserError("type both instructions to compare them")
@@ -260,6 +270,8 @@ def build_app(pipe: Pipeline, *, title: str = "InstructBLIP (iblip_jax)", model_
         upload = gr.File(label="Image (JPEG, PNG, WebP, GIF, BMP) or video clip (MP4, WebM, AVI, MKV, MOV)",
                          file_types=["image", *video_files.EXTENSIONS], type="filepath", elem_id="upload",
                          height=120)
+        more = gr.File(label="More images (optional): asked about together with the first, in order",
+                       file_types=["image"], file_count="multiple", type="filepath", elem_id="more", height=80)
         preview = gr.Image(label="The image", interactive=False, elem_id="preview", height=200)
         notes = gr.Markdown(elem_id="notes")
         with gr.Accordion("Decoding", open=False):
@@ -300,20 +312,21 @@ def build_app(pipe: Pipeline, *, title: str = "InstructBLIP (iblip_jax)", model_
                                 format="png")
     decoding = [mode, beams, temperature, top_k, top_p, max_new, repetition, seed]
 
-    def on_upload(path):
+    def on_upload(path, more):
       """A new image starts a new conversation; a cleared field or a bad file leaves the conversation as it is."""
       if not path:
         return None, "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
       try:
-        return (*h.upload(path), None, "", "")
+        return (*h.upload(path, more), None, "", "")
       except Exception as e:  # noqa: BLE001 - reported in the page
         return None, "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), _status(e)
 
-    def on_ask(path, text, old_turns, *settings):
+    def on_ask(path, text, old_turns, *args):
       """Streams the answer; the Ask button and the prompt box are off meanwhile (the question has moved into the
       conversation) and back on when the answer is complete, while its map is still being drawn."""
+      *settings, more = args
       try:
-        h.image(path)
+        h.image(path, more)
         if not (text or "").strip():
           raise UserError("the prompt is empty: type an instruction or a question about the image")
         unknown = h.unknown_words(text)
@@ -321,44 +334,46 @@ def build_app(pipe: Pipeline, *, title: str = "InstructBLIP (iblip_jax)", model_
                 "words." if unknown else "")
         yield (gr.skip(), gr.skip(), gr.skip(), note or "answering…", gr.update(interactive=False),
                gr.update(value="", interactive=False))
-        for messages, text_so_far, new_turns in h.answer(path, text, old_turns, *settings):
+        for messages, text_so_far, new_turns in h.answer(path, text, old_turns, *settings, more):
           yield messages, text_so_far, new_turns, gr.skip(), gr.skip(), gr.skip()
         yield gr.skip(), gr.skip(), gr.skip(), note, gr.update(interactive=True), gr.update(interactive=True)
       except Exception as e:  # noqa: BLE001 - reported in the page; the conversation stays as it was
         yield (gr.skip(), gr.skip(), gr.skip(), _status(e), gr.update(interactive=True),
                gr.update(interactive=True))
 
-    def on_map(path, new_turns, wanted):
+    def on_map(path, new_turns, wanted, more):
       if not wanted or len(new_turns) < 2:
         return gr.skip(), gr.skip()
       try:
-        return h.last_map(path, new_turns), gr.skip()
+        return h.last_map(path, new_turns, more), gr.skip()
       except Exception as e:  # noqa: BLE001
         return gr.skip(), _status(e)
 
-    def on_compare(path, a, b, *settings):
+    def on_compare(path, a, b, *settings):   # settings end with the more images
       try:
         return (*h.compare(path, a, b, *settings), "")
       except Exception as e:  # noqa: BLE001
         return gr.skip(), gr.skip(), gr.skip(), _status(e)
 
-    upload.change(on_upload, [upload], [preview, notes, chat, turns, overlay, answer, status], api_name=False)
+    for field in (upload, more):   # either one changes what is asked about: a new conversation
+      field.change(on_upload, [upload, more], [preview, notes, chat, turns, overlay, answer, status], api_name=False)
     pending = []
     for trigger in (ask.click, prompt.submit):
-      event = trigger(on_ask, [upload, prompt, turns] + decoding, [chat, answer, turns, status, ask, prompt],
+      event = trigger(on_ask, [upload, prompt, turns] + decoding + [more], [chat, answer, turns, status, ask, prompt],
                       api_name=False, trigger_mode="multiple")
-      pending += [event, event.then(on_map, [upload, turns, show_maps], [overlay, status], api_name=False)]
+      pending += [event, event.then(on_map, [upload, turns, show_maps, more], [overlay, status], api_name=False)]
     new.click(lambda: ([], [], "", None, "", gr.update(interactive=True), gr.update(interactive=True)), None,
               [chat, turns, answer, overlay, status, ask, prompt], cancels=pending, api_name=False)
-    compare.click(on_compare, [upload, prompt_a, prompt_b] + decoding, [answer_a, answer_b, overlay_ab,
-                                                                       compare_status], api_name=False)
-    # The HTTP API (gradio_client): the same handlers, with errors that name the mistake.
+    compare.click(on_compare, [upload, prompt_a, prompt_b] + decoding + [more],
+                  [answer_a, answer_b, overlay_ab, compare_status], api_name=False)
+    # The HTTP API (gradio_client): the same handlers, with errors that name the mistake; the more images come last
+    # and may be left out.
     api = gr.Button(visible=False)
-    api.click(_friendly(h.upload), [upload], [preview, notes, chat, turns], api_name="upload")
-    api.click(_friendly(h.ask), [upload, prompt, turns] + decoding + [show_maps], [chat, answer, overlay, turns],
-              api_name="ask")
-    api.click(_friendly(h.compare), [upload, prompt_a, prompt_b] + decoding, [answer_a, answer_b, overlay_ab],
-              api_name="compare")
+    api.click(_friendly(h.upload), [upload, more], [preview, notes, chat, turns], api_name="upload")
+    api.click(_friendly(h.ask), [upload, prompt, turns] + decoding + [show_maps, more],
+              [chat, answer, overlay, turns], api_name="ask")
+    api.click(_friendly(h.compare), [upload, prompt_a, prompt_b] + decoding + [more],
+              [answer_a, answer_b, overlay_ab], api_name="compare")
   return app
 
 

@@ -97,12 +97,48 @@ def test_app_answers_through_its_http_api(server, pipe, tmp_path):
   a, b, both = client.predict(handle_file(path), "what color is the shape?", "what shape is it?", *GREEDY,
                               api_name="/compare")
   assert a == answer and Image.open(both).width > Image.open(overlay).width
+  # more images, last and optional: asked about together with the first
+  from iblip_jax.inference import Images
+  other = str(tmp_path / "other.png")
+  Image.new("RGB", (64, 48), "red").save(other)
+  _, two, no_map = client.predict(handle_file(path), "what color is the shape?", *GREEDY, True, [handle_file(other)],
+                                  api_name="/ask")
+  assert two == pipe(Images(path, other), "what color is the shape?", num_beams=1, max_new_tokens=12,
+                     repetition_penalty=1.5) and no_map is None
   assert proc.poll() is None
   # 127.0.0.1 only
   external = servers.external_address()
   if external:
     with pytest.raises(OSError):
       socket.create_connection((external, port), timeout=2).close()
+
+
+@pytest.mark.slow
+def test_more_images_are_asked_about_together_in_order(pipe, tmp_path):
+  """The first image and "More images": the preview shows them side by side, the answers are the Pipeline's for
+  Images(first, *more) in that order, follow-ups carry the conversation, no map is drawn, a video goes alone."""
+  from iblip_jax.inference import Conversation, Images
+  from iblip_jax.serve import Handlers, _friendly
+  h = Handlers(pipe)
+  first = servers.demo_image(tmp_path / "square.png")
+  second = str(tmp_path / "other.png")
+  Image.new("RGB", (64, 48), "red").save(second)
+  preview, notes, _, _ = h.upload(first, [second])
+  assert "2 images" in notes and preview.width > 1.5 * preview.height
+  settings = dict(num_beams=1, max_new_tokens=12, repetition_penalty=1.5)
+  q = "what color is the shape?"
+  _, answer, overlay, turns = list(h.ask(first, q, [], *GREEDY, True, [second]))[-1]
+  assert answer == pipe(Images(first, second), q, **settings) and overlay is None
+  follow = list(h.ask(first, "what shape is it?", turns, *GREEDY, True, [second]))[-1]
+  assert follow[1] == pipe(Images(first, second), Conversation((*turns, "what shape is it?")), **settings)
+  a, b, both = h.compare(first, q, "what shape is it?", *GREEDY, [second])
+  assert [a, b] == pipe(Images(first, second), [q, "what shape is it?"], **settings) and both is None
+  assert list(h.ask(first, q, [], *GREEDY, False))[-1][1] == pipe(first, q, **settings)   # none: the one image
+  pytest.importorskip("av")
+  import video_clips
+  clip = str(video_clips.write(tmp_path / "clip.mp4", 6))
+  with pytest.raises(gr.Error, match="clip.mp4 is a video: it is asked about alone"):
+    _friendly(h.upload)(clip, [second])
 
 
 @pytest.mark.slow
