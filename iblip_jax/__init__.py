@@ -24,7 +24,7 @@ The package, by layer, bottom to top: a module imports only from its own layer a
                                 step's FLOPs counted by XLA
   sampling, decoding, ranking   the decoding loop (greedy, sampling, streaming), beam search and the Decoding
                                 settings, candidate ranking
-  data/                         images (the one image path), preprocessing, tokenisation, templates, LAVIS text cleaning,
+  data/                         images (the one image path), preprocessing, tokenisation, templates, LAVIS cleaning,
                                 conversations, readers, sources, mixture, the training input pipeline
   attention_maps                the Q-Former's attention and answer-relevance maps
   engine, slots                 the inference engine: items in, answers or scores out, on a device, mesh or pod;

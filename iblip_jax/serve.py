@@ -6,9 +6,9 @@ the conversation (data/conversation.py); the "Compare instructions" tab answers 
 image with their maps side by side. A video clip (mp4, webm, avi, mkv, mov; the `video` extra) is answered from its
 4 uniformly sampled frames, and "More images" are asked about together with the first, in order (their query
 outputs concatenated: zero-shot use, the released weights saw one image); the preview shows them side by side, and
-no attention map is drawn for either (a map is drawn on one image). Without --model it serves the demo: the checkpoint `make demo` trained
-(runs/demo) when there is one, else the demo checkpoint before tuning (demo_assets/instructblip-demo); the page and
-the console say which.
+no attention map is drawn for either (a map is drawn on one image). Without --model it serves the demo: the
+checkpoint `make demo` trained (runs/demo) when there is one, else the demo checkpoint before tuning
+(demo_assets/instructblip-demo); the page and the console say which.
 
 In the page, a person's mistake (a file that is not an image, an empty prompt) is a message in the status line; the
 conversation, answer and map stay as they were, and the server's log gets one line. The answer streams first and

@@ -5,8 +5,9 @@
 Speaks what OpenAI's clients send (FastAPI + uvicorn):
 - POST /v1/chat/completions: `messages` with `text` and `image_url` content parts (one image per conversation, or up
   to --max-images, whose query outputs are concatenated in order, as the Pipeline's Images: zero-shot use, the
-  released weights saw one image; as data: URLs; file:// URLs only under --allowed-local-media-path), earlier user/assistant turns rendered as the
-  model's conversation prompt (data/conversation.py; a system message is put in front of the first question),
+  released weights saw one image; as data: URLs; file:// URLs only under --allowed-local-media-path), earlier
+  user/assistant turns rendered as the model's conversation prompt (data/conversation.py; a system message is put
+  in front of the first question),
   `max_tokens` / `max_completion_tokens`, `temperature` (0: greedy, the Pipeline's num_beams=1 answer), `top_p`,
   `seed`, `n`, `stop`, `stream` (server-sent events, `stream_options.include_usage`).
   Extensions (vLLM's names where vLLM has them): `top_k`, `min_tokens`, `repetition_penalty`; and ours for multiple

@@ -61,7 +61,8 @@ class Request:
   in order (up to the slots' max_images), a prompt, n choices and their decoding settings. The scheduler calls
   `emit(event)` from its thread: ("token", choice, delta_text) as text becomes final, ("finish", choice, reason)
   with reason "stop" / "length" / "cancelled" / "timeout", ("error", message) when the request failed, and ("end",
-  usage) last, always (after an error too). Set `cancelled` (a client went away) and its slots are freed at the next step."""
+  usage) last, always (after an error too). Set `cancelled` (a client went away) and its slots are freed at the next
+  step."""
   pixels: np.ndarray
   prompt: str
   emit: Callable[[tuple], None]

@@ -62,7 +62,8 @@ class Shard:
 @dataclasses.dataclass(frozen=True)
 class Record:
   """One image of a shard: `image` is the encoded bytes or a path (local or gs://), or a JSONL row's list of paths
-  (several images for one prompt); `prompt` a row's own prompt (None: the job's prompts); `meta` what the shard says of it (a tar's .txt / .json); `error` why it cannot be used."""
+  (several images for one prompt); `prompt` a row's own prompt (None: the job's prompts); `meta` what the shard says
+  of it (a tar's .txt / .json); `error` why it cannot be used."""
   key: str
   image: bytes | str | list[str] | None = None
   prompt: str | None = None

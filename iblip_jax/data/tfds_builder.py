@@ -312,7 +312,8 @@ def make_builder(dataset: str, source: str, data_dir: str, *, splits: Sequence[s
 
 
 def prepare(dataset: str, source: str, data_dir: str, *, splits: Sequence[str] | None = None,
-            name: str | None = None, reader_args: Mapping | None = None, overwrite: bool = False) -> "tfds.core.GeneratorBasedBuilder":
+            name: str | None = None, reader_args: Mapping | None = None,
+            overwrite: bool = False) -> "tfds.core.GeneratorBasedBuilder":
   """Writes the prepared dataset under {data_dir}/{name}/{VERSION}/ (an existing one is kept unless overwrite)."""
   builder = make_builder(dataset, source, data_dir, splits=splits, name=name, reader_args=reader_args)
   builder.reused = builder.is_prepared() and not overwrite

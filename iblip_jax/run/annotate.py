@@ -12,8 +12,8 @@ the processes (process p takes every P-th unfinished shard); each host streams i
 thread pool ahead of the model (at most a few batches held), filling batches across shard boundaries. Every step
 all hosts run one global batch of the same shapes (a host out of records feeds padding rows) and the loop ends when
 no host has records left. A batch holds records of one image count: a record with another count starts the next
-batch, and when hosts' next batches differ, the smallest count goes first and the others wait a step. Each image is decoded once and asked every prompt (a JSONL/CSV row's own prompt replaces
-them).
+batch, and when hosts' next batches differ, the smallest count goes first and the others wait a step. Each image is
+decoded once and asked every prompt (a JSONL/CSV row's own prompt replaces them).
 
 Outputs, under config.annotate.output (local or gs://):
   annotate.json                 what the rows mean (inputs, prompts, decoding, weights): a rerun with other values
@@ -353,8 +353,8 @@ def stream(root: epath.Path, mine: list, pending: list, written: dict, prompts: 
   `local // per_image` groups (the rows of one record, at most `per_image` of them; `per_image` 1: a row each) of
   records with one image count and gives them to `answer` (groups, count -> {id(row): Answer or error text}; every
   process calls it once per step, all with the same count: the smallest any host asks for, the others keeping their
-  step's entries for later); parts and finished shards are written as they complete. Returns the totals over every process, the seconds taken and the
-  shards that could not be read."""
+  step's entries for later); parts and finished shards are written as they complete. Returns the totals over every
+  process, the seconds taken and the shards that could not be read."""
   counts = {"bytes": 0}
   unreadable: list[str] = []
   pool = futures.ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="annotate-decode")
