@@ -89,6 +89,11 @@ class IblipJax(lmms):
   def _visuals(self, doc_to_visual, doc_id, task, split):
     return doc_to_visual(self.task_dict[task][split][doc_id])
 
+  def _settings(self, gen_kwargs: dict) -> tuple[list[str], Decoding]:
+    """A task's generation_kwargs -> (its stop strings, the Decoding: the kwargs over --model_args' defaults)."""
+    until = gen_kwargs.get("until") or []
+    return ([until] if isinstance(until, str) else list(until)), self._decoding(gen_kwargs)
+
   def _decoding(self, gen_kwargs: dict) -> Decoding:
     settings = {k: v for k, v in gen_kwargs.items() if k not in _NOT_DECODING}
     if settings.get("top_p") is None:
@@ -109,9 +114,7 @@ class IblipJax(lmms):
     out: list[str] = [""] * len(requests)
     for indices in groups.values():
       gen_kwargs = dict(requests[indices[0]].args[1])
-      until = gen_kwargs.get("until") or []
-      until = [until] if isinstance(until, str) else list(until)
-      decoding = self._decoding(gen_kwargs)
+      until, decoding = self._settings(gen_kwargs)
       items = [self._item(self._visuals(*requests[i].args[2:]), requests[i].args[0]) for i in indices]
       outputs = self.pipe.engine.generate(items, decoding, progress=f"lmms-eval generate ({len(items)})")
       for i, o in zip(indices, outputs):
@@ -152,9 +155,28 @@ class IblipJax(lmms):
     # unwrap_generation_output), which its multiple-choice scoring then cannot unpack.
     return [GenerationResult(text=pair) for pair in out]
 
-  def generate_until_multi_round(self, requests) -> list[str]:
-    raise NotImplementedError("iblip_jax: multi-round generation is not supported; a conversation can be asked in "
-                              "one prompt (iblip_jax.inference.Conversation)")
+  def generate_until_multi_round(self, requests) -> list[list[str]]:
+    """Each request's rounds in turn (a round's context needs the previous answers): round 0 from the request's
+    context and visuals, each next one from the task's doc_to_text(doc, previous_output=..., round_idx=...,
+    previous_round_info=...) -> (visuals, context, terminal, round answers, round info), until it says terminal.
+    Returns each request's list of round answers."""
+    out = []
+    for request in requests:
+      context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
+      doc = self.task_dict[task][split][doc_id]
+      until, decoding = self._settings(gen_kwargs)
+      visuals, answers, info, round_idx = doc_to_visual(doc), [], None, 0
+      while True:
+        [o] = self.pipe.engine.generate([self._item(visuals, context)], decoding)
+        answers.append("" if o.error else _cut(o.answers[0].text, until))
+        round_idx += 1
+        visuals, context, terminal, answers, info = doc_to_text(doc, previous_output=list(answers),
+                                                                round_idx=round_idx, previous_round_info=info)
+        answers = list(answers)
+        if terminal:
+          break
+      out.append(answers)
+    return out
 
   # -- helpers --
 

@@ -145,7 +145,7 @@ class _Request:   # what the model reads of lmms-eval's Instance
 
 def test_visual_inputs_stop_strings_and_bad_input():
   """Several visuals are Images(...) in order, `until` cuts the answer, an unreadable image answers "" without
-  stopping the others, and unknown --model_args are named."""
+  stopping the others, unknown --model_args are named, and multi-round requests follow the task's rounds."""
   from PIL import Image
   from iblip_jax.errors import BadInput
   from iblip_jax.inference import Images
@@ -168,3 +168,16 @@ def test_visual_inputs_stop_strings_and_bad_input():
   assert cut == [answers[0].split(first_word, 1)[0]]
   with pytest.raises(BadInput, match="without an image"):
     lm.generate_until([_Request(prompt, dict(settings), lambda d: [], 0, "t", "test")])
+  # multi-round: each round's context from the task's doc_to_text with the answers so far, until it says terminal
+  follow = "Question: What shape is it? Short answer:"
+  seen = []
+
+  def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+    seen.append((list(previous_output), round_idx, previous_round_info))
+    return [b], follow, round_idx == 2, previous_output, {"round": round_idx}
+
+  [rounds] = lm.generate_until_multi_round([_Request(prompt, dict(settings), lambda d: d, doc_to_text, 0, "t",
+                                                     "test")])
+  want = [lm.pipe(a, prompt, **greedy), lm.pipe(b, follow, **greedy)]
+  assert rounds == want
+  assert seen == [(want[:1], 1, None), (want, 2, {"round": 1})]
