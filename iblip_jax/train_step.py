@@ -9,6 +9,7 @@ Batch (global arrays, leading dim sharded over data x fsdp):
   pixel_values (B, H, W, 3) f32, qformer_input_ids / qformer_attention_mask (B, Lq),
   input_ids / attention_mask (B, L), labels (B, T) with -100 = ignored, decoder_attention_mask (B, T).
   Decoder-only LLMs: input_ids / attention_mask hold [prompt][target] and labels (B, L) the target positions.
+  Packed (config.data.packing): the LLM fields are replaced by packed_* rows (data/packing.py).
 """
 from typing import Callable
 
@@ -17,16 +18,25 @@ import optax
 
 from iblip_jax import trainable as trainable_lib
 from iblip_jax.losses import cross_entropy
-from iblip_jax.models.instructblip import InstructBlip
+from iblip_jax.models.instructblip import InstructBlip, packed_fields
 
 
 def loss_fn(model: InstructBlip, params: dict, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, dict]:
-  """Token-mean cross-entropy of the batch's labels (dropout on when `rng` is given)."""
+  """Token-mean cross-entropy of the batch's labels (dropout on when `rng` is given). A packed batch
+  (data/packing.py) gives the same mean over the same label tokens: packing changes where they sit, not the sum."""
   deterministic = rng is None
+  rngs = None if deterministic else {"dropout": rng}
+  packed = packed_fields(batch)
+  if packed is not None:
+    logits = model.apply({"params": params}, batch["pixel_values"], batch["qformer_input_ids"],
+                         batch["qformer_attention_mask"], packed, deterministic=deterministic, rngs=rngs,
+                         method="packed_target_logits")
+    loss, tokens = cross_entropy(logits, packed["labels"])
+    return loss, {"tokens": tokens}
   logits = model.apply(
       {"params": params}, batch["pixel_values"], batch["qformer_input_ids"], batch["qformer_attention_mask"],
       batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("decoder_attention_mask"),
-      deterministic=deterministic, rngs=None if deterministic else {"dropout": rng}, method="target_logits")
+      deterministic=deterministic, rngs=rngs, method="target_logits")
   loss, tokens = cross_entropy(logits, batch["labels"])
   return loss, {"tokens": tokens}
 

@@ -119,6 +119,27 @@ class InstructBlip(nn.Module):
                 decoder_input_ids=shift_right(labels, text.decoder_start_token_id, text.pad_token_id),
                 decoder_attention_mask=decoder_attention_mask, deterministic=deterministic)
 
+  def packed_target_logits(self, pixel_values, qformer_input_ids, qformer_attention_mask, packed: dict,
+                           deterministic: bool = True) -> jax.Array:
+    """Teacher-forced logits (R, L or T, V) over packed rows (data/packing.py: several examples share a row), aligned
+    with packed["labels"]. The ViT and the Q-Former run per example (B of them, as unpacked); example b's V visual
+    tokens are placed where packed["visual_slots"] (R, L) says b * V + j (-1 on text), in front of its prompt, in
+    its own segment. The rows then go through the LLM with segment ids (and LLaMA with per-example positions), so
+    each example sees exactly what it sees alone (decoder-only labels are already shifted: the logit at i predicts labels[i])."""
+    visual = self.visual_tokens(pixel_values, qformer_input_ids, qformer_attention_mask, deterministic)
+    flat = visual.reshape(-1, visual.shape[-1]).astype(dtype_of(self.config.text.dtype))     # (B * V, D)
+    slots = packed["visual_slots"]
+    text = self.language_model.embed(packed["input_ids"])
+    embeds = jnp.where((slots >= 0)[..., None], flat[jnp.maximum(slots, 0)], text)           # (R, L, D)
+    if self.config.decoder_only:
+      return self.language_model(embeds, None, packed["positions"], packed["segment_ids"])
+    text = self.config.text
+    start = packed["decoder_positions"] == 0     # each example's targets start its decoder from the start token
+    decoder_input_ids = jnp.where(start, text.decoder_start_token_id,
+                                  shift_right(packed["labels"], text.decoder_start_token_id, text.pad_token_id))
+    return self.language_model.packed_logits(embeds, packed["segment_ids"], decoder_input_ids,
+                                             packed["decoder_segment_ids"], deterministic)
+
   def prefill(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
               max_new_tokens: int):
     """Everything before the first generated token, once per sample -> (first decoder input (B,), cache, (B, V)
@@ -198,6 +219,16 @@ def _per_row(x, rows: int):
   if rows % n:
     raise ValueError(f"{n} images for {rows} prompts: each image must have the same number of consecutive rows")
   return jnp.repeat(x, rows // n, axis=0)
+
+
+PACKED_PREFIX = "packed_"   # a training batch's packed LLM rows (data/packing.py), named packed_<field>
+
+
+def packed_fields(batch: dict) -> dict | None:
+  """{field: array} of a batch's packed rows, prefix dropped (what packed_target_logits takes); None unpacked."""
+  if PACKED_PREFIX + "segment_ids" not in batch:
+    return None
+  return {k[len(PACKED_PREFIX):]: v for k, v in batch.items() if k.startswith(PACKED_PREFIX)}
 
 
 def dummy_inputs(cfg: InstructBlipConfig, batch: int = 1) -> dict[str, jax.Array]:

@@ -275,6 +275,13 @@ def reorder_cache(cache: dict, rows: Array) -> dict:
   return dict(cache, ancestry=ancestry.reshape(b * g, t)[rows].reshape(b, g, t))
 
 
+def segment_mask(q_segments: Array, k_segments: Array) -> Array:
+  """Packed rows (several examples per row): (R, Lq), (R, Lk) segment ids, 0 = padding -> bool (R, 1, Lq, Lk),
+  True where query and key belong to the same example: attention never crosses an example's segment."""
+  same = q_segments[:, :, None] == k_segments[:, None, :]
+  return jnp.logical_and(same, k_segments[:, None, :] != 0)[:, None]
+
+
 def padding_mask(attention_mask: Array) -> Array:
   """(B, Lk) 0/1 key mask -> bool (B, 1, 1, Lk) attention mask."""
   return attention_mask.astype(bool)[:, None, None, :]

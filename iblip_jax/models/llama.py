@@ -166,14 +166,19 @@ class Llama(nn.Module):
     logits = self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
     return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
-  def __call__(self, inputs_embeds, attention_mask, position_ids=None):
+  def __call__(self, inputs_embeds, attention_mask, position_ids=None, segment_ids=None):
     """Teacher-forced: (B, S, D) embeddings, (B, S) mask -> (B, S, V) logits. Positions default to arange(S), as
-    transformers' forward (with right padding the real tokens' positions are the same either way)."""
-    b, s = attention_mask.shape
+    transformers' forward (with right padding the real tokens' positions are the same either way). Packed rows
+    (data/packing.py): `segment_ids` (B, S) (0 = padding) in place of the mask, and position_ids restarting at
+    each example: a token attends causally within its own example only."""
+    b, s = inputs_embeds.shape[:2]
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
-    x, _ = self.layers(inputs_embeds, rope_tables(self.config, position_ids), causal_mask(attention_mask), None,
-                       None, None, None, None)
+    if segment_ids is None:
+      mask = causal_mask(attention_mask)
+    else:
+      mask = jnp.logical_and(layers.segment_mask(segment_ids, segment_ids), jnp.tril(jnp.ones((s, s), bool)))
+    x, _ = self.layers(inputs_embeds, rope_tables(self.config, position_ids), mask, None, None, None, None, None)
     return self.logits(self.norm(x))
 
   def init_cache(self, batch: int, max_length: int) -> dict:

@@ -240,6 +240,19 @@ class T5(nn.Module):
                      layers.padding_mask(attention_mask), deterministic=deterministic)
     return self.logits(x)
 
+  def packed_logits(self, inputs_embeds, segment_ids, decoder_input_ids, decoder_segment_ids,
+                    deterministic: bool = True):
+    """Teacher-forced over packed rows (several examples per row, data/packing.py): encoder rows (R, L, D) with
+    segment ids (R, L) (0 = padding), decoder rows (R, T) with theirs, an example's decoder segment carrying its
+    encoder segment's id -> (R, T, V). Self-attention stays within a segment in both stacks (causal in the decoder),
+    cross-attention reads only the example's own encoder segment. The relative position bias needs no per-example
+    positions: it depends on key - query only, which is the same inside a contiguous segment as in the example
+    alone."""
+    encoded = self.encoder(inputs_embeds, layers.segment_mask(segment_ids, segment_ids), deterministic=deterministic)
+    x = self.decoder(self.embed(decoder_input_ids), layers.segment_mask(decoder_segment_ids, decoder_segment_ids),
+                     encoded, layers.segment_mask(decoder_segment_ids, segment_ids), deterministic=deterministic)
+    return self.logits(x)
+
   # --- the generation interface (shared with Llama): prefill once, then one token per step -------------------
 
   def prefill(self, encoded, encoded_mask, max_new_tokens: int) -> dict:
