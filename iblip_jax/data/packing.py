@@ -3,9 +3,9 @@
 An example's LLM side is [its V visual tokens][its prompt] (FlanT5: on the encoder, its target on the decoder;
 decoder-only: [visual][prompt][target] in one row). Packing lays examples one after another in rows of `length`
 tokens and gives every token the example's segment id (1, 2, ... within the row; 0 = padding) and a position
-counted from the example's start. The models attend only within a segment (layers.segment_mask) and restart
-relative-position buckets and rotary angles per segment (positions), so each example computes what it computes
-alone; the loss stays the token mean over the batch, so packed and unpacked steps are the same maths.
+counted from the example's start. The models attend only within a segment (layers.segment_mask) and LLaMA's
+rotary angles restart per segment (positions; T5's relative bias depends on key - query alone, which a contiguous
+segment keeps), so each example computes what it computes alone; the loss stays the token mean over the batch, so packed and unpacked steps are the same maths.
 
 The ViT and the Q-Former still run per example (pixel values and Q-Former instructions stay (B, ...)); the row
 positions of example b's visual tokens are in `packed_visual_slots` as b * V + j (b counted over the global batch),
