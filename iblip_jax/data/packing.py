@@ -11,11 +11,15 @@ The ViT and the Q-Former still run per example (pixel values and Q-Former instru
 positions of example b's visual tokens are in `packed_visual_slots` as b * V + j (b counted over the global batch),
 and the model places them there (InstructBlip.packed_target_logits).
 
-Rows are filled first-fit, longest example first, from the token ids alone: the same texts give the same rows on
-every host and after every restart, so packing needs no state of its own beyond the batch index.
+Packing is of the whole global batch, after the input pipeline (which still yields bucket-padded examples): every
+host gathers the batch's LLM token ids (a few KB per step), fills rows first-fit, longest example first, from the
+ids alone, and keeps the rows its devices hold. So every host builds the same rows, whatever the number of hosts
+(only the number of devices sharing the batch rounds the row count), a resumed run rebuilds them from the batch
+index alone, and examples of one host may share a row with another's (their visual tokens are gathered across
+devices by XLA: B x V x D values per step, small next to the LLM's activations).
 
-Fields (all int32; R rows, L = `length`; FlanT5's decoder rows T tokens, the smallest multiple of 8 holding the
-fullest row's targets):
+Fields (all int32; R rows, a multiple of the devices sharing the batch; L = `length`; FlanT5's decoder rows T
+tokens, the smallest multiple of 8 holding the fullest row's targets):
   packed_input_ids, packed_segment_ids, packed_positions, packed_visual_slots (R, L);
   packed_labels: FlanT5 (R, T) the targets; decoder-only (R, L) the token each position predicts (shifted already);
   FlanT5 only: packed_decoder_segment_ids, packed_decoder_positions (R, T) (the model shifts the targets right
@@ -23,15 +27,15 @@ fullest row's targets):
 """
 from typing import Sequence
 
+import jax
 import numpy as np
 
-from iblip_jax.data import tokenize
+from iblip_jax import sharding
 from iblip_jax.losses import IGNORE
+from iblip_jax.models.instructblip import PACKED_PREFIX
 
 TILE = 8   # decoder rows are a multiple of this (the TPU's sublane tile)
-
-# what each packed field holds where nothing is packed (padding rows added to agree on shapes between hosts)
-FILL = {"packed_labels": IGNORE, "packed_visual_slots": -1}
+LLM_FIELDS = ("input_ids", "attention_mask", "labels", "decoder_attention_mask")
 
 
 def first_fit(sizes: np.ndarray, capacity: Sequence[int]) -> list[list[int]]:
@@ -58,30 +62,63 @@ def first_fit(sizes: np.ndarray, capacity: Sequence[int]) -> list[list[int]]:
   return [sorted(r) for r in rows]
 
 
-def pack(tok: tokenize.Tokenizers, texts_in: Sequence[str], texts_out: Sequence[str], *, visual_tokens: int,
-         length: int, first_example: int = 0, qformer_texts: Sequence[str] | None = None) -> dict:
-  """A training batch of len(texts_in) examples with its LLM side packed (module docstring); the Q-Former's
-  instruction fields stay per example. `first_example`: the batch index of example 0 (a process's share of the
-  global batch starts there), for the visual slots."""
-  prompts, targets = tokenize.training_ids(tok, texts_in, texts_out)
+def examples(batch: dict) -> tuple[list[list[int]], list[list[int]]]:
+  """(prompt ids, target ids) of each example of an unpacked training batch (tokenize.encode_training's layout)."""
+  ids, mask, labels = (np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
+  if "decoder_attention_mask" in batch:   # FlanT5: prompts and targets apart
+    return ([r[m == 1].tolist() for r, m in zip(ids, mask)], [l[l != IGNORE].tolist() for l in labels])
+  prompts, targets = [], []   # decoder-only: [prompt][target] in one row, labels on the target
+  for r, m, l in zip(ids, mask, labels):
+    first = int(np.argmax(l != IGNORE)) if (l != IGNORE).any() else int(m.sum())
+    prompts.append(r[:first].tolist())
+    targets.append(r[first:int(m.sum())].tolist())
+  return prompts, targets
+
+
+def pack(batch: dict, *, visual_tokens: int, length: int, row_multiple: int = 1) -> dict:
+  """The packed LLM fields (module docstring) of an unpacked batch's examples, in rows of `length` tokens, the row
+  count rounded up to `row_multiple` with empty rows."""
+  prompts, targets = examples(batch)
   v = visual_tokens
-  out = tokenize.encode_qformer(tok, texts_in if qformer_texts is None else qformer_texts)
-  if tok.decoder_only:
+  decoder_only = "decoder_attention_mask" not in batch
+  if decoder_only:
     rows = first_fit([[v + len(p) + len(t)] for p, t in zip(prompts, targets)], [length])
-    return dict(out, **_decoder_only_rows(rows, prompts, targets, v, length, first_example, tok.llm.pad_token_id))
-  enc = np.array([v + len(p) for p in prompts])
-  dec = np.array([len(t) for t in targets])
-  # decoder rows get the targets' share of the encoder's room (at least the longest target), so that both fill up
-  # together: a row is full when either is
-  share = int(np.ceil(length * dec.sum() / max(enc.sum(), 1) / TILE)) * TILE
-  rows = first_fit(np.stack([enc, dec], 1), [length, max(share, int(dec.max()))])
-  return dict(out, **_encoder_decoder_rows(rows, prompts, targets, v, length, first_example, tok.llm.pad_token_id))
+  else:
+    enc = np.array([v + len(p) for p in prompts])
+    dec = np.array([len(t) for t in targets])
+    # decoder rows get the targets' share of the encoder's room (at least the longest target), so that both fill
+    # up together: a row is full when either is
+    share = int(np.ceil(length * dec.sum() / max(enc.sum(), 1) / TILE)) * TILE
+    rows = first_fit(np.stack([enc, dec], 1), [length, max(share, int(dec.max()))])
+  rows += [[] for _ in range(-len(rows) % row_multiple)]
+  build = _decoder_only_rows if decoder_only else _encoder_decoder_rows
+  return build(rows, prompts, targets, v, length)
 
 
-def _row_arrays(r: int, length: int, pad: int) -> dict:
-  return dict(packed_input_ids=np.full((r, length), pad, np.int32), packed_segment_ids=np.zeros((r, length), np.int32),
-              packed_positions=np.zeros((r, length), np.int32),
-              packed_visual_slots=np.full((r, length), -1, np.int32))
+def global_rows(host_batch: dict, *, query_tokens: int, length: int, row_multiple: int) -> dict:
+  """This host's share of the packed global batch: its examples' pixel values and Q-Former fields as they are, and
+  the packed rows its devices hold in place of the LLM fields. Every host gathers the whole batch's LLM fields
+  (hosts pad them to one width first), packs them identically and keeps its block of rows; `row_multiple` = the
+  devices sharing the batch (data x fsdp), a multiple of the hosts."""
+  llm = {k: host_batch[k] for k in LLM_FIELDS if k in host_batch}
+  hosts = jax.process_count()
+  if hosts > 1:
+    from jax.experimental import multihost_utils
+    llm = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+           for k, v in sharding.agree_shapes(llm).items()}
+  pixels = host_batch["pixel_values"]
+  frames = pixels.shape[1] if pixels.ndim == 5 else 1   # a video's frames each bring their query tokens
+  packed = pack(llm, visual_tokens=query_tokens * frames, length=length, row_multiple=row_multiple)
+  r = packed["packed_segment_ids"].shape[0] // hosts
+  mine = slice(jax.process_index() * r, (jax.process_index() + 1) * r)
+  out = {k: v for k, v in host_batch.items() if k not in LLM_FIELDS}
+  return dict(out, **{k: v[mine] for k, v in packed.items()})
+
+
+def _row_arrays(r: int, length: int) -> dict:
+  """Empty rows; input ids are 0 where nothing is (masked) and at visual slots (replaced by the visual tokens)."""
+  return {PACKED_PREFIX + k: np.full((r, length), fill, np.int32)
+          for k, fill in (("input_ids", 0), ("segment_ids", 0), ("positions", 0), ("visual_slots", -1))}
 
 
 def _place(a: dict, row: int, at: int, segment: int, example: int, v: int, ids: list[int]) -> int:
@@ -94,27 +131,27 @@ def _place(a: dict, row: int, at: int, segment: int, example: int, v: int, ids: 
   return at + n
 
 
-def _decoder_only_rows(rows, prompts, targets, v, length, first, pad) -> dict:
-  a = _row_arrays(len(rows), length, pad)
+def _decoder_only_rows(rows, prompts, targets, v, length) -> dict:
+  a = _row_arrays(len(rows), length)
   labels = np.full((len(rows), length), IGNORE, np.int32)
   for r, members in enumerate(rows):
     at = 0
     for s, i in enumerate(members, 1):
       start = at + v + len(prompts[i])   # the target's first token; the position before it predicts it
-      at = _place(a, r, at, s, first + i, v, prompts[i] + targets[i])
+      at = _place(a, r, at, s, i, v, prompts[i] + targets[i])
       labels[r, start - 1:at - 1] = targets[i]
   return dict(a, packed_labels=labels)
 
 
-def _encoder_decoder_rows(rows, prompts, targets, v, length, first, pad) -> dict:
-  a = _row_arrays(len(rows), length, pad)
+def _encoder_decoder_rows(rows, prompts, targets, v, length) -> dict:
+  a = _row_arrays(len(rows), length)
   t = max(TILE, -(-max(sum(len(targets[i]) for i in m) for m in rows) // TILE) * TILE)
   labels = np.full((len(rows), t), IGNORE, np.int32)
   dec_seg, dec_pos = np.zeros((len(rows), t), np.int32), np.zeros((len(rows), t), np.int32)
   for r, members in enumerate(rows):
     at = dat = 0
     for s, i in enumerate(members, 1):
-      at = _place(a, r, at, s, first + i, v, prompts[i])
+      at = _place(a, r, at, s, i, v, prompts[i])
       n = len(targets[i])
       labels[r, dat:dat + n] = targets[i]
       dec_seg[r, dat:dat + n] = s
@@ -128,4 +165,13 @@ def real_tokens(batch: dict) -> int:
   n = int(((batch["packed_segment_ids"] > 0) & (batch["packed_visual_slots"] < 0)).sum())
   if "packed_decoder_segment_ids" in batch:
     n += int((batch["packed_decoder_segment_ids"] > 0).sum())
+  return n
+
+
+def text_slots(batch: dict) -> int:
+  """The LLM's text positions in a packed batch, padding included (visual slots excluded): what padding is a share
+  of."""
+  n = int((batch["packed_visual_slots"] < 0).sum())
+  if "packed_decoder_segment_ids" in batch:
+    n += batch["packed_decoder_segment_ids"].size
   return n

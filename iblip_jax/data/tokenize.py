@@ -145,11 +145,11 @@ def encode_prompts(tok: Tokenizers, texts: Sequence[str], qformer_texts: Sequenc
   OCR tokens). Returns qformer_input_ids/attention_mask and input_ids/attention_mask, int32, bucket-padded."""
   l_rows = _ids(tok.llm, texts, tok.max_input_len)
   l_ids, l_mask = _pad(l_rows, tok.llm.pad_token_id, bucket(max(map(len, l_rows)), tok.buckets))
-  return dict(encode_qformer(tok, texts if qformer_texts is None else qformer_texts), input_ids=l_ids,
+  return dict(_encode_qformer(tok, texts if qformer_texts is None else qformer_texts), input_ids=l_ids,
               attention_mask=l_mask)
 
 
-def encode_qformer(tok: Tokenizers, texts: Sequence[str]) -> dict:
+def _encode_qformer(tok: Tokenizers, texts: Sequence[str]) -> dict:
   cap = tok.qformer_max_len
   rows = _ids(tok.qformer, texts, tok.max_input_len if cap is None else min(tok.max_input_len, cap))
   length = bucket(max(map(len, rows)), tok.buckets)
@@ -177,14 +177,8 @@ def encode_training(tok: Tokenizers, texts_in: Sequence[str], texts_out: Sequenc
   labels = np.full_like(ids, IGNORE)
   for i, (p, t) in enumerate(zip(prompt_rows, target_rows)):
     labels[i, len(p):len(p) + len(t)] = t
-  return dict(encode_qformer(tok, texts_in if qformer_texts is None else qformer_texts), input_ids=ids,
+  return dict(_encode_qformer(tok, texts_in if qformer_texts is None else qformer_texts), input_ids=ids,
               attention_mask=mask, labels=labels)
-
-
-def training_ids(tok: Tokenizers, texts_in: Sequence[str], texts_out: Sequence[str]) -> tuple[list, list]:
-  """Unpadded (prompt ids, target ids) per example, truncated as encode_training truncates them (what packing lays
-  out in rows, data/packing.py)."""
-  return _ids(tok.llm, texts_in, tok.max_input_len), _target_ids(tok, texts_out)
 
 
 def lengths(tok: Tokenizers, texts_in: Sequence[str], texts_out: Sequence[str]) -> np.ndarray:

@@ -93,6 +93,10 @@ class Data:
   instruction_format: str = "templates"
   group_by_length: int = 0         # regroup examples by padded shape within windows of this many global batches
   fitted_buckets: int = 0          # at most this many bucket lengths per field fitted to the data; 0 = powers of 2
+  # Sequence packing (data/packing.py): examples share LLM rows of this many tokens (segment ids keep them apart;
+  # the same loss and gradients as unpacked). At least the longest example: visual tokens + max prompt (128)
+  # (+ max target (256) for a decoder-only LLM). 0 = one example per row, bucket-padded.
+  packing: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -498,6 +502,8 @@ def _train_problems(s: Settings, datasets) -> list[str]:
   if s.data.group_by_length and s.data.mixing == "step":
     problems.append("config.data.group_by_length needs config.data.mixing='example' (grouping by length mixes "
                     "datasets in a batch)")
+  if s.data.packing < 0:
+    problems.append(f"config.data.packing={s.data.packing}: a row length in tokens, or 0 (no packing)")
   if s.data.mixing not in ("example", "step"):
     problems.append(f"config.data.mixing={s.data.mixing!r} must be 'example' (every example drawn from the "
                     "mixture) or 'step' (every global batch from one dataset, as LAVIS)")
@@ -513,6 +519,21 @@ def _train_problems(s: Settings, datasets) -> list[str]:
     problems.append(f"config.profile_steps={s.profile_steps!r}: {bad} are not steps of this run (whole numbers "
                     f"from 1 to total_steps={s.total_steps})")
   return problems + _optim_problems(s.optim)
+
+
+def packing_problems(packing: int, model: InstructBlipConfig) -> list[str]:
+  """A packed row must hold the longest example the tokenizers let through: an image's query tokens and a prompt
+  of tokenize's 128 tokens (a decoder-only LLM: and its target of 256, in the same row). Checked once the model
+  (model_init's config.json) is known."""
+  if not packing:
+    return []
+  parts = [(model.num_query_tokens, "query tokens"), (128, "a prompt")]
+  parts += [(256, "a target")] if model.decoder_only else []
+  longest = sum(k for k, _ in parts)
+  if packing < longest:
+    return [f"config.data.packing={packing}: a packed row must hold the longest example, {longest} LLM tokens "
+            f"({' + '.join(f'{k} {what}' for k, what in parts)}); 0 turns packing off"]
+  return []
 
 
 def for_tools(config, **overrides: Any) -> Settings:

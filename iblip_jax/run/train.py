@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from iblip_jax import checkpoints, chips, distributed, optim, sharding, step_flops
 from iblip_jax import trainable as trainable_lib
-from iblip_jax.data import mixture, pipeline, sources
+from iblip_jax.data import mixture, packing, pipeline, sources
 from iblip_jax.errors import UserError
 from iblip_jax.models.instructblip import InstructBlip
 from iblip_jax.run import best as best_lib
@@ -24,7 +24,7 @@ from iblip_jax.run import logger as logger_lib
 from iblip_jax.run import profiler as profiler_lib
 from iblip_jax.run import timeline as timeline_lib
 from iblip_jax.run import workdir_lock
-from iblip_jax.run.settings import Settings
+from iblip_jax.run.settings import Settings, packing_problems
 
 
 class NonFiniteLoss(UserError):
@@ -64,6 +64,9 @@ def _intact(mngr) -> str:
 
 
 def _data(s: Settings, datasets: dict, tok, model, mesh):
+  problems = packing_problems(s.data.packing, model.config)
+  if problems:
+    raise UserError("\n".join(problems))
   sizes = {name: len(ds) for name, ds in datasets.items()}
   multipliers = {source.name: source.weight for source in s.data.datasets}
   probs = mixture.weights(sizes, multipliers, balanced=s.data.balanced)
@@ -106,6 +109,7 @@ def _train(s: Settings, start_up_signals: list) -> dict:
   # --- mesh, shardings, state: every parameter read straight into its shard -------------------------------
   setup = common.setup(s, model)
   mesh, rules = setup.mesh, setup.rules
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]   # the devices a batch is split over (packed rows too)
   trainable, frozen = trainable_lib.split(common.load_params(s, model, setup), s.trainable)
   if s.reinit_trainable:  # start the Q-Former side from scratch (fresh init), keep the frozen towers
     trainable = setup.init_random(jax.random.key(s.seed))[0]
@@ -168,7 +172,7 @@ def _train(s: Settings, start_up_signals: list) -> dict:
   profiler = profiler_lib.StepProfiler(workdir, s.profile_steps, s.profile_all_processes)
   bar = tqdm(total=s.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
-  t0, done_in_window, reported_skips, tokens, window_flops = time.perf_counter(), 0, 0, 0, []
+  t0, done_in_window, reported_skips, tokens, window_flops = time.perf_counter(), 0, 0, (0, 0), []
   step = start
   try:
     with sharding.context(mesh, rules):
@@ -176,12 +180,15 @@ def _train(s: Settings, start_up_signals: list) -> dict:
         with profiler.step(step + 1):
           with timeline.part("data"):
             host_batch = next(data_it)
+            if s.data.packing:   # the same rows on every host (data/packing.py)
+              host_batch = packing.global_rows(host_batch, query_tokens=model.config.num_query_tokens,
+                                               length=s.data.packing, row_multiple=batch_devices)
             batch = sharding.global_batch(host_batch, mesh)
           with timeline.part("step"):   # compiling a new shape is moved to "compile"
             rng = jax.random.fold_in(jax.random.key(s.seed, impl=s.rng_impl), step)
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng)
         step += 1
-        tokens += _real_tokens(host_batch)
+        tokens = tuple(a + b for a, b in zip(tokens, _llm_tokens(host_batch)))
         timeline.step_done()
         if flops is not None:
           window_flops.append(flops.submit(trainable, opt_state, frozen, batch))
@@ -204,10 +211,11 @@ def _train(s: Settings, start_up_signals: list) -> dict:
             rate = done_in_window / (time.perf_counter() - t0)
             t0, done_in_window = time.perf_counter(), 0
             skipped = _skipped(pipe)
-            window_tokens = sum(distributed.gather_json(tokens))
-            tokens = 0
+            window_tokens, window_slots = (sum(x) for x in zip(*distributed.gather_json(list(tokens))))
+            tokens = (0, 0)
             values = {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
-                      "steps_per_sec": rate, **{f"skipped/{k}": v for k, v in skipped.items()},
+                      "steps_per_sec": rate, "data/padding": 1 - window_tokens / max(window_slots, 1),
+                      **{f"skipped/{k}": v for k, v in skipped.items()},
                       **timeline.window(flops.total(window_flops, wait=step == s.total_steps) if flops else None,
                                         jax.device_count(), peak, window_tokens)}
             window_flops = []
@@ -261,13 +269,13 @@ def _train(s: Settings, start_up_signals: list) -> dict:
   return last
 
 
-def _real_tokens(host_batch) -> int:
-  """The LLM's tokens in this host's share of a batch, padding excluded: the prompt (with the target, decoder-only)
-  and, for T5, the target."""
-  n = int(host_batch["attention_mask"].sum())
-  if "decoder_attention_mask" in host_batch:
-    n += int(host_batch["decoder_attention_mask"].sum())
-  return n
+def _llm_tokens(host_batch) -> tuple[int, int]:
+  """(real, all) text positions of the LLM in this host's share of a batch: real = the prompt (with the target,
+  decoder-only) and, for T5, the target; all = with the padding (visual tokens counted in neither)."""
+  if "packed_segment_ids" in host_batch:
+    return packing.real_tokens(host_batch), packing.text_slots(host_batch)
+  masks = [host_batch[k] for k in ("attention_mask", "decoder_attention_mask") if k in host_batch]
+  return sum(int(m.sum()) for m in masks), sum(m.size for m in masks)
 
 
 class _FlopCounter:

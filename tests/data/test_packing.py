@@ -53,18 +53,19 @@ def test_first_fit_is_deterministic_and_respects_every_capacity():
 def test_t5_rows_hold_each_example_in_its_own_segment(tmp_path_factory):
   tok = _tok(tmp_path_factory, decoder_only=False)
   v = 3
-  out = packing.pack(tok, PROMPTS, ANSWERS, visual_tokens=v, length=24, first_example=8)
-  prompts, targets = tokenize.training_ids(tok, PROMPTS, ANSWERS)
+  out = packing.pack(tokenize.encode_training(tok, PROMPTS, ANSWERS), visual_tokens=v, length=24, row_multiple=4)
+  prompts = [tok.llm(p)["input_ids"] for p in PROMPTS]              # tokenised alone: nothing truncated here
+  targets = [tok.llm_targets(a)["input_ids"] for a in ANSWERS]
   seg, pos, slots = out["packed_segment_ids"], out["packed_positions"], out["packed_visual_slots"]
-  assert seg.shape[0] < len(PROMPTS)                                    # examples did share rows
+  assert seg.shape[0] < len(PROMPTS) and seg.shape[0] % 4 == 0         # examples did share rows; whole blocks
   found = {}
   for r in range(seg.shape[0]):
     for s in range(1, seg[r].max() + 1):
       at = np.flatnonzero(seg[r] == s)
-      example = slots[r, at[0]] // v - 8
+      example = slots[r, at[0]] // v
       found[example] = r
       np.testing.assert_array_equal(pos[r, at], np.arange(len(at)))
-      np.testing.assert_array_equal(slots[r, at[:v]], (8 + example) * v + np.arange(v))
+      np.testing.assert_array_equal(slots[r, at[:v]], example * v + np.arange(v))
       np.testing.assert_array_equal(out["packed_input_ids"][r, at[v:]], prompts[example])
       dec = np.flatnonzero(out["packed_decoder_segment_ids"][r] == s)
       np.testing.assert_array_equal(out["packed_labels"][r, dec], targets[example])
@@ -95,7 +96,9 @@ def test_packed_and_unpacked_batches_give_equal_losses_and_gradients(tmp_path_fa
   pixels = rng.standard_normal((len(PROMPTS), 30, 30, 3)).astype(np.float32)
   plain = dict(pixel_values=pixels, **tokenize.encode_training(tok, PROMPTS, ANSWERS))
   length = max(v + 12 + 8, 64)
-  packed = dict(pixel_values=pixels, **packing.pack(tok, PROMPTS, ANSWERS, visual_tokens=v, length=length))
+  packed = dict(pixel_values=pixels, qformer_input_ids=plain["qformer_input_ids"],
+                qformer_attention_mask=plain["qformer_attention_mask"],
+                **packing.pack(plain, visual_tokens=v, length=length, row_multiple=2))
   assert packed["packed_segment_ids"].shape[0] < len(PROMPTS)
 
   params = _params(model)
@@ -138,7 +141,10 @@ def test_no_attention_probability_crosses_a_segment(tmp_path_factory, monkeypatc
   model = _model(name)
   tok = _tok(tmp_path_factory, model.config.decoder_only)
   v = model.config.num_query_tokens
-  batch = packing.pack(tok, PROMPTS, ANSWERS, visual_tokens=v, length=64)
+  unpacked = tokenize.encode_training(tok, PROMPTS, ANSWERS)
+  batch = dict(qformer_input_ids=unpacked["qformer_input_ids"],
+               qformer_attention_mask=unpacked["qformer_attention_mask"],
+               **packing.pack(unpacked, visual_tokens=v, length=64))
   pixels = np.zeros((len(PROMPTS), 30, 30, 3), np.float32)
   params = _params(model)
   recorded = []

@@ -31,8 +31,11 @@ def assets(job_assets):
 
 
 def test_sigkill_then_rerun_ends_bit_identical_then_resumes_on_another_mesh(assets, tmp_path):
-  _run(_flags(assets, tmp_path / "straight"))
-  args = _flags(assets, tmp_path / "killed")
+  """With sequence packing on (config.data.packing: the batch's 8 examples share LLM rows of 160 tokens), so that
+  packing is shown deterministic across a kill and on another mesh (unpacked runs resume in the other tests)."""
+  packed = {"data.packing": 160}
+  _run(_flags(assets, tmp_path / "straight", **packed))
+  args = _flags(assets, tmp_path / "killed", **packed)
   proc = subprocess.Popen([sys.executable, "-m", "iblip_jax.main", *args], cwd=ROOT, env=_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt = tmp_path / "killed" / "checkpoints" / "4"
@@ -67,7 +70,8 @@ def test_sigkill_then_rerun_ends_bit_identical_then_resumes_on_another_mesh(asse
       if not f.startswith("_"):
         with open(os.path.join(root, f), "wb") as fh:
           fh.write(b"garbage")
-  out = _run(_flags(assets, w, total_steps=8, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), devices=8)
+  out = _run(_flags(assets, w, total_steps=8, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, **packed),
+             devices=8)
   assert "step 6 is unreadable" in out.stdout and "at step 4" in out.stdout
   assert (w / "checkpoints" / "8").exists()
   assert any(p.startswith("unreadable_step_6_") for p in os.listdir(w / "checkpoints"))

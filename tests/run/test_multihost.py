@@ -33,7 +33,9 @@ def _flags(assets, workdir, **overrides):
       "data.datasets.qgen.path": str(data / "long.jsonl"), "data.datasets.qgen.weight": 0.3,
       "data.random_crop": True, "mesh.fsdp": -1,
       "predict.images": str(data / "pairs.jsonl"), "predict.batch_size": 4, "predict.max_new_tokens": 4,
-      "predict.num_beams": 2, "export_dir": str(workdir) + "_export", **overrides})
+      "predict.num_beams": 2, "export_dir": str(workdir) + "_export",
+      # packed training (each host packs its share of the batch into rows; hosts agree on the row count and width)
+      "data.packing": 160, **overrides})
 
 
 _launch, _logs = main_job.launch_hosts, main_job.host_logs
@@ -98,6 +100,8 @@ def test_hosts_see_different_token_buckets(assets):
 
 
 def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp_path):
+  """Trained packed (config.data.packing): the 1-process run packs each global batch of 8 into rows, each of the 2
+  processes its own 4 examples, so rows differ and the maths must not."""
   # --- 1 process x 4 devices: the reference -------------------------------------------------------------------
   one = tmp_path / "one"
   _run(_flags(assets, one), 1, 4, tmp_path, "one_train")
