@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: no accelerator plugin probing (libtpu is installed)
-from iblip_jax.data import mixture, pipeline, readers, tfds_builder, tokenize  # noqa: E402
+from iblip_jax.data import mixture, packing, pipeline, readers, tfds_builder, tokenize  # noqa: E402
 
 TOKENIZERS = os.path.join(os.path.dirname(__file__), "..", "demo_assets", "instructblip-demo")
 QUESTIONS = ("what is the man holding in his left hand", "how many people are sitting on the bench",
@@ -68,9 +68,11 @@ MIXTURE = (
     ("llava_instruct", 394_276, (16, 6), (100, 50)),
 )
 TOKENS_PER_WORD = 1.3
+QUERY_TOKENS = 32   # the released models' visual tokens per image: packed rows hold them with the example's text
 
 
-def padding_report(batch: int, windows: int, buckets: int, batches: int = 128, seed: int = 0) -> None:
+def padding_report(batch: int, windows: int, buckets: int, packing_lengths=(), batches: int = 128,
+                   seed: int = 0) -> None:
   """Padded share of tokens for the modelled mixture under three batchings (see the module docstring)."""
   import grain
   words = [f"w{i}" for i in range(400)]
@@ -99,19 +101,35 @@ def padding_report(batch: int, windows: int, buckets: int, batches: int = 128, s
   print(f"floor: every example padded alone to a multiple of 8 (the TPU's tile; what any bucketing pays at least): "
         f"{100 * floor:.1f}% of tokens")
   print(f"fitted buckets: instruction/prompt {fitted.buckets}, target {fitted.out_buckets}")
-  print(f"\n{'batching':<46} {'padded tokens':>14} {'of which target':>16}  (global batch {batch}, "
-        f"{batches} batches)")
-  for name, (g, t) in plans.items():
-    real = padded = real_t = padded_t = 0
+  for length in packing_lengths:
+    plans[f"grouped, fitted, packed in rows of {length}"] = (grouped(fitted), fitted, length)
+  print(f"\n(global batch {batch}, {batches} batches) share of padding among: text = instruction, prompt and target "
+        f"tokens; LLM = the LLM's positions, the {QUERY_TOKENS} visual tokens of each example included as real; all = "
+        f"the LLM's and the Q-Former's ({QUERY_TOKENS} queries + instruction) positions")
+  print(f"{'batching':<46} {'text':>7} {'target':>7} {'LLM':>7} {'all':>7}")
+  for name, (g, t, *length) in plans.items():
+    count = dict.fromkeys(("text", "target", "llm", "all"), (0, 0))   # (real, positions)
+    add = lambda key, real, size: count.update({key: (count[key][0] + int(real), count[key][1] + int(size))})
     for k in range(batches):
       members = g[k]
       b = tokenize.encode_training(t, [r["text_input"] for _, r in members], [r["text_output"] for _, r in members])
-      for m in ("qformer_attention_mask", "attention_mask", "decoder_attention_mask"):
-        real += int(b[m].sum())
-        padded += b[m].size
-      real_t += int(b["decoder_attention_mask"].sum())
-      padded_t += b["decoder_attention_mask"].size
-    print(f"{name:<46} {100 * (1 - real / padded):>13.1f}% {100 * (1 - real_t / padded_t):>15.1f}%")
+      n, visual = len(members), len(members) * QUERY_TOKENS
+      q = b["qformer_attention_mask"]   # the Q-Former's instructions stay per example, bucketed
+      if length:   # the LLM side packed as training packs it (data/packing.py)
+        p = packing.pack(b, visual_tokens=QUERY_TOKENS, length=length[0])
+        text = packing.real_tokens(p), packing.text_slots(p)
+        target = int((p["packed_decoder_segment_ids"] > 0).sum()), p["packed_decoder_segment_ids"].size
+        llm = text[0] + visual, p["packed_segment_ids"].size + p["packed_decoder_segment_ids"].size
+      else:
+        masks = (b["attention_mask"], b["decoder_attention_mask"])
+        text = sum(int(m.sum()) for m in masks), sum(m.size for m in masks)
+        target = int(b["decoder_attention_mask"].sum()), b["decoder_attention_mask"].size
+        llm = text[0] + visual, text[1] + visual
+      add("text", text[0] + q.sum(), text[1] + q.size)
+      add("target", *target)
+      add("llm", *llm)
+      add("all", llm[0] + q.sum() + visual, llm[1] + q.size + visual)
+    print(f"{name:<46} " + " ".join(f"{100 * (1 - r / size):>6.1f}%" for r, size in count.values()))
   del grain
 
 
@@ -190,9 +208,11 @@ def main():
   parser.add_argument("--padding", action="store_true", help="report padding on the modelled mixture, then stop")
   parser.add_argument("--windows", type=int, default=64, help="--padding: global batches per length-grouping window")
   parser.add_argument("--buckets", type=int, default=8, help="--padding: fitted bucket lengths per field")
+  parser.add_argument("--packing", default="512,1024",
+                      help="--padding: packed row lengths to report (config.data.packing), comma-separated")
   args = parser.parse_args()
   if args.padding:
-    return padding_report(args.batch, args.windows, args.buckets)
+    return padding_report(args.batch, args.windows, args.buckets, [int(x) for x in args.packing.split(",") if x])
   import grain
   import jax
   import tensorflow_datasets as tfds

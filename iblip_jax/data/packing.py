@@ -19,7 +19,7 @@ index alone, and examples of one host may share a row with another's (their visu
 devices by XLA: B x V x D values per step, small next to the LLM's activations).
 
 Fields (all int32; R rows, a multiple of the devices sharing the batch; L = `length`; FlanT5's decoder rows T
-tokens, the smallest multiple of 8 holding the fullest row's targets):
+tokens, the smallest multiple of 8 holding the fullest row's targets, T chosen per batch to waste least):
   packed_input_ids, packed_segment_ids, packed_positions, packed_visual_slots (R, L);
   packed_labels: FlanT5 (R, T) the targets; decoder-only (R, L) the token each position predicts (shifted already);
   FlanT5 only: packed_decoder_segment_ids, packed_decoder_positions (R, T) (the model shifts the targets right
@@ -84,15 +84,29 @@ def pack(batch: dict, *, visual_tokens: int, length: int, row_multiple: int = 1)
   if decoder_only:
     rows = first_fit([[v + len(p) + len(t)] for p, t in zip(prompts, targets)], [length])
   else:
-    enc = np.array([v + len(p) for p in prompts])
-    dec = np.array([len(t) for t in targets])
-    # decoder rows get the targets' share of the encoder's room (at least the longest target), so that both fill
-    # up together: a row is full when either is
-    share = int(np.ceil(length * dec.sum() / max(enc.sum(), 1) / TILE)) * TILE
-    rows = first_fit(np.stack([enc, dec], 1), [length, max(share, int(dec.max()))])
+    rows = _encoder_decoder_fit(np.array([v + len(p) for p in prompts]), np.array([len(t) for t in targets]),
+                                length, row_multiple)
   rows += [[] for _ in range(-len(rows) % row_multiple)]
   build = _decoder_only_rows if decoder_only else _encoder_decoder_rows
   return build(rows, prompts, targets, v, length)
+
+
+def _encoder_decoder_fit(enc: np.ndarray, dec: np.ndarray, length: int, row_multiple: int) -> list[list[int]]:
+  """FlanT5's rows: an example needs room on the encoder row (`length`) and the decoder row (one width T for the
+  batch). T is searched: from the longest target up, over the targets' share of the encoder's room and beyond, the
+  T whose first-fit rows cost the fewest positions, rows x (length + the decoder width they need)."""
+  round_up = lambda x, m: -(-int(x) // m) * m
+  longest = round_up(dec.max(), TILE)
+  share = round_up(length * dec.sum() / max(enc.sum(), 1), TILE)
+  widths = {longest, max(longest, share)} | {max(longest, int(w) // TILE * TILE)
+                                             for w in np.linspace(longest, max(length, 2 * share), 16)}
+  best = None
+  for width in sorted(widths):
+    rows = first_fit(np.stack([enc, dec], 1), [length, width])
+    cost = round_up(len(rows), row_multiple) * (length + round_up(max(dec[r].sum() for r in rows), TILE))
+    if best is None or cost < best[0]:
+      best = (cost, rows)
+  return best[1]
 
 
 def global_rows(host_batch: dict, *, query_tokens: int, length: int, row_multiple: int) -> dict:
