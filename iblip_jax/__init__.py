@@ -25,7 +25,8 @@ The package, by layer, bottom to top: a module imports only from its own layer a
   sampling, decoding, ranking   the decoding loop (greedy, sampling, streaming), beam search and the Decoding
                                 settings, candidate ranking
   data/                         images (the one image path), preprocessing, tokenisation, templates, LAVIS cleaning,
-                                conversations, readers, sources, mixture, the training input pipeline
+                                conversations, readers, sources, mixture, the training input pipeline,
+                                sequence packing
   attention_maps                the Q-Former's attention and answer-relevance maps
   engine, slots                 the inference engine: items in, answers or scores out, on a device, mesh or pod;
                                 continuous batching (decode slots that requests join and leave between steps)

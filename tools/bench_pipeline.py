@@ -71,10 +71,9 @@ TOKENS_PER_WORD = 1.3
 QUERY_TOKENS = 32   # the released models' visual tokens per image: packed rows hold them with the example's text
 
 
-def padding_report(batch: int, windows: int, buckets: int, packing_lengths=(), batches: int = 128,
-                   seed: int = 0) -> None:
-  """Padded share of tokens for the modelled mixture under three batchings (see the module docstring)."""
-  import grain
+def modelled_mixture(batch: int, batches: int, seed: int = 0):
+  """The modelled mixture's texts (MIXTURE) in global batches: (word-level tokenizers, mixing probabilities,
+  pipeline.indexed_batches of `batch` records, members -> (N, 3) token lengths)."""
   words = [f"w{i}" for i in range(400)]
   with tempfile.TemporaryDirectory() as d:
     from iblip_jax.demo import word_tokenizers
@@ -86,10 +85,16 @@ def padding_report(batch: int, windows: int, buckets: int, packing_lengths=(), b
   datasets = {name: mixture.source([{"text_input": draw(*ins), "text_output": draw(*out)} for _ in range(n_each)])
               for name, _, ins, out in MIXTURE}
   probs = mixture.weights({name: size for name, size, _, _ in MIXTURE})
-  stream = mixture.mix(datasets, probs, seed=seed)
-  render = pipeline.record_texts
-  groups = pipeline.indexed_batches(stream, batch, per_step=False)
-  keys = lambda members: pipeline.length_keys(members, tok, render, seed)
+  groups = pipeline.indexed_batches(mixture.mix(datasets, probs, seed=seed), batch, per_step=False)
+  keys = lambda members: pipeline.length_keys(members, tok, pipeline.record_texts, seed)
+  return tok, probs, groups, keys
+
+
+def padding_report(batch: int, windows: int, buckets: int, packing_lengths=(), batches: int = 128,
+                   seed: int = 0) -> None:
+  """Padded share of tokens for the modelled mixture under three batchings (see the module docstring)."""
+  import grain
+  tok, probs, groups, keys = modelled_mixture(batch, batches, seed)
   fitted = pipeline.fit_tokenizer_buckets(tok, groups, keys, windows=2 * windows, max_buckets=buckets)
   grouped = lambda t: pipeline.length_grouped(groups, windows, keys, seed, (t.buckets, t.out_buckets))
   plans = {"stream order, power-of-two buckets": (groups, tok),

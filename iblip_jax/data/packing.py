@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from iblip_jax import sharding
+from iblip_jax.errors import UserError
 from iblip_jax.losses import IGNORE
 from iblip_jax.models.instructblip import PACKED_PREFIX
 
@@ -46,19 +47,18 @@ def first_fit(sizes: np.ndarray, capacity: Sequence[int]) -> list[list[int]]:
   too_long = np.flatnonzero((sizes > capacity).any(axis=1))
   if too_long.size:
     i = int(too_long[0])
-    raise ValueError(f"example {i} needs {sizes[i].tolist()} tokens; packed rows hold {capacity.tolist()}: "
-                     "config.data.packing must be at least the longest example")
+    raise UserError(f"a training example needs {sizes[i].tolist()} LLM tokens; packed rows hold "
+                    f"{capacity.tolist()}: raise config.data.packing to at least the longest example")
   order = sorted(range(len(sizes)), key=lambda i: (-float(sizes[i] @ (1 / capacity)), i))
-  rows, room = [], []
+  rows, room = [], np.empty((0, len(capacity)), np.int64)   # room: what each row has left, per column
   for i in order:
-    for r, left in enumerate(room):
-      if (sizes[i] <= left).all():
-        rows[r].append(i)
-        room[r] = left - sizes[i]
-        break
+    fits = np.flatnonzero((room >= sizes[i]).all(axis=1))
+    if fits.size:
+      rows[fits[0]].append(i)
+      room[fits[0]] -= sizes[i]
     else:
       rows.append([i])
-      room.append(capacity - sizes[i])
+      room = np.concatenate([room, (capacity - sizes[i])[None]])
   return [sorted(r) for r in rows]
 
 

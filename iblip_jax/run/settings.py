@@ -527,8 +527,8 @@ def packing_problems(packing: int, model: InstructBlipConfig) -> list[str]:
   (model_init's config.json) is known."""
   if not packing:
     return []
-  parts = [(model.num_query_tokens, "query tokens"), (128, "a prompt")]
-  parts += [(256, "a target")] if model.decoder_only else []
+  parts = [(model.num_query_tokens, "query tokens"), (128, "prompt tokens")]
+  parts += [(256, "target tokens")] if model.decoder_only else []
   longest = sum(k for k, _ in parts)
   if packing < longest:
     return [f"config.data.packing={packing}: a packed row must hold the longest example, {longest} LLM tokens "

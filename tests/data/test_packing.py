@@ -11,6 +11,7 @@ from iblip_jax import trainable as trainable_lib
 from iblip_jax import train_step
 from iblip_jax.data import packing, tokenize
 from iblip_jax.demo import word_tokenizers
+from iblip_jax.errors import UserError
 from iblip_jax.losses import IGNORE
 from iblip_jax.models import configs as model_configs
 from iblip_jax.models import layers
@@ -46,7 +47,7 @@ def test_first_fit_is_deterministic_and_respects_every_capacity():
   for r in rows:
     assert (sizes[r].sum(0) <= 6).all()
   assert rows == packing.first_fit(sizes, [6, 6])
-  with pytest.raises(ValueError, match=r"example 0 needs \[5, 1\]"):
+  with pytest.raises(UserError, match=r"needs \[5, 1\] LLM tokens; packed rows hold \[4, 6\]: raise config.data.packing"):
     packing.first_fit(sizes, [4, 6])
 
 
@@ -173,3 +174,28 @@ def test_no_attention_probability_crosses_a_segment(tmp_path_factory, monkeypatc
     crossing = (qs[:, None, :, None] != ks[:, None, None, :]) & (qs[:, None, :, None] > 0)
     assert crossing.any()
     assert (p[np.broadcast_to(crossing, p.shape)] == 0).all()
+
+
+def test_global_rows_keep_the_examples_and_replace_the_llm_fields(tmp_path_factory):
+  """One host: the whole batch's rows, rounded up to the devices sharing it; the per-example fields untouched."""
+  tok = _tok(tmp_path_factory, decoder_only=False)
+  host = dict(pixel_values=np.zeros((len(PROMPTS), 4, 4, 3), np.float32), **tokenize.encode_training(tok, PROMPTS,
+                                                                                                      ANSWERS))
+  out = packing.global_rows(host, query_tokens=3, length=24, row_multiple=8)
+  assert not set(packing.LLM_FIELDS) & set(out)
+  for k in ("pixel_values", "qformer_input_ids", "qformer_attention_mask"):
+    assert out[k] is host[k]
+  assert out["packed_segment_ids"].shape[0] == 8 and out["packed_segment_ids"][-1].max() == 0   # an empty row
+  video = dict(host, pixel_values=np.zeros((len(PROMPTS), 2, 4, 4, 3), np.float32))   # 2 frames: 2 x 3 slots each
+  slots = packing.global_rows(video, query_tokens=3, length=32, row_multiple=1)["packed_visual_slots"]
+  assert sorted(slots[slots >= 0].tolist()) == list(range(len(PROMPTS) * 6))
+
+
+def test_a_row_shorter_than_the_longest_example_is_a_config_error():
+  from iblip_jax.run.settings import packing_problems
+  t5, vicuna = _model("tiny").config, _model("tiny_vicuna").config
+  assert packing_problems(0, t5) == [] and packing_problems(138, t5) == []
+  (problem,) = packing_problems(137, t5)
+  assert problem.startswith("config.data.packing=137:") and "138 LLM tokens (10 query tokens + 128 prompt tokens)" in problem
+  (problem,) = packing_problems(138, vicuna)
+  assert "394 LLM tokens" in problem and "256 target tokens)" in problem
