@@ -95,11 +95,12 @@ class Timeline:
     self.productive_at[step] = self.productive
     self._write()
 
-  def window(self, model_flops: float | None = None, devices: int = 1, peak_flops: float | None = None,
-             tokens: int = 0) -> dict:
+  def window(self, model_flops: float | None = None, frozen_flops: float | None = None, devices: int = 1,
+             peak_flops: float | None = None, tokens: int = 0) -> dict:
     """The window since the last call as metrics (and a new window starts): each part's seconds, the window's wall
     time, goodput so far; with `model_flops` (of the window's `step` steps, whole job) model TFLOP/s per device over
-    the step time and MFU against `peak_flops` (per device); with `tokens` (real tokens in the window's batches)
+    the step time and MFU against `peak_flops` (per device); with `frozen_flops` (the frozen towers' forward FLOPs
+    within those) the same rate for them and their share of the model FLOPs; with `tokens` (real tokens in the window's batches)
     tokens/s over the window's wall time."""
     now = time.perf_counter()
     if self._open is not None:   # a window ends inside a part (the logging that reports it): split the part there
@@ -113,6 +114,9 @@ class Timeline:
       out["perf/model_tflops_per_device"] = per_device / 1e12
       if peak_flops:
         out["perf/mfu"] = per_device / peak_flops
+      if frozen_flops:
+        out["perf/frozen_forward_tflops_per_device"] = frozen_flops / self._window["step"] / devices / 1e12
+        out["perf/frozen_forward_share"] = frozen_flops / model_flops
     if tokens and wall > 0:
       out["perf/tokens_per_sec"] = tokens / wall
     self._window_start, self._window, self._steps = now, dict.fromkeys(PARTS, 0.0), 0

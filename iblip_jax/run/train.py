@@ -216,8 +216,9 @@ def _train(s: Settings, start_up_signals: list) -> dict:
             values = {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
                       "steps_per_sec": rate, "data/padding": 1 - window_tokens / max(window_slots, 1),
                       **{f"skipped/{k}": v for k, v in skipped.items()},
-                      **timeline.window(flops.total(window_flops, wait=step == s.total_steps) if flops else None,
-                                        jax.device_count(), peak, window_tokens)}
+                      **timeline.window(*(flops.total(window_flops, wait=step == s.total_steps) if flops else
+                                          (None, None)), devices=jax.device_count(), peak_flops=peak,
+                                        tokens=window_tokens)}
             window_flops = []
             log.metrics(step, values)
             if sum(skipped.values()) != reported_skips:   # bad input is shown as it happens, not only in metrics.jsonl
@@ -291,18 +292,23 @@ class _FlopCounter:
     key = tuple(sorted((k, v.shape) for k, v in batch.items()))
     if key not in self.counted:   # shapes taken here: the arrays themselves are donated to the next step
       shapes = step_flops.shapes
-      self.counted[key] = self.pool.submit(step_flops.train_step_flops, self.cfg, self.tx, shapes(trainable),
-                                           shapes(opt_state), shapes(frozen), shapes(batch), dropout=self.s.dropout)
+      self.counted[key] = self.pool.submit(self._count, shapes(trainable), shapes(opt_state), shapes(frozen),
+                                           shapes(batch))
     return self.counted[key]
 
-  def total(self, futures: list, wait: bool = False) -> float | None:
-    """The FLOPs of a window's steps, or None while a shape in it is still being counted (or its count failed);
-    `wait`: wait for the counts (the last window of a run)."""
+  def _count(self, trainable, opt_state, frozen, batch) -> tuple[float, float]:
+    """(the step's model FLOPs, the frozen towers' forward FLOPs within them)."""
+    step = step_flops.train_step_flops(self.cfg, self.tx, trainable, opt_state, frozen, batch, dropout=self.s.dropout)
+    return step, step_flops.frozen_forward_flops(self.cfg, trainable_lib.merge(trainable, frozen), batch)
+
+  def total(self, futures: list, wait: bool = False) -> tuple[float | None, float | None]:
+    """(model FLOPs, frozen forward FLOPs) of a window's steps, or Nones while a shape in it is still being counted
+    (or its count failed); `wait`: wait for the counts (the last window of a run)."""
     if wait:
       concurrent.futures.wait(futures, timeout=300)
     if not futures or not all(f.done() and f.exception() is None for f in futures):
-      return None
-    return sum(f.result() for f in futures)
+      return None, None
+    return sum(f.result()[0] for f in futures), sum(f.result()[1] for f in futures)
 
 
 def _skipped(pipe) -> dict:

@@ -60,6 +60,7 @@ def test_sigkill_then_rerun_ends_bit_identical_then_resumes_on_another_mesh(asse
     assert parts == pytest.approx(r["time/window"], rel=0.05, abs=0.02), r
     assert 0 < r["goodput"] < 1 and r["perf/tokens_per_sec"] > 0
   assert rows[-1]["perf/model_tflops_per_device"] > 0 and "perf/mfu" not in rows[-1]   # no peak known for a CPU
+  assert 0 < rows[-1]["perf/frozen_forward_share"] < 1 and rows[-1]["perf/frozen_forward_tflops_per_device"] > 0
   assert json.loads((tmp_path / "killed" / "goodput.json").read_text())["restarts"] == 1
   assert "(1 restart)" in out.stdout and "goodput" in out.stdout
 

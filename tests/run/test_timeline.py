@@ -40,12 +40,14 @@ def test_parts_add_up_and_a_window_may_end_inside_a_part(tmp_path, clock):
   clock.sleep(0.25)   # outside any part: counted in the window's wall time only
   with t.part("other"):
     clock.sleep(0.1)
-    w = t.window(model_flops=8e12, devices=2, peak_flops=4e12, tokens=300)
+    w = t.window(model_flops=8e12, frozen_flops=2e12, devices=2, peak_flops=4e12, tokens=300)
     clock.sleep(0.3)   # the rest of this part belongs to the next window
   assert w["time/data"] == 0.5 and w["time/step"] == 2.0 and w["time/other"] == pytest.approx(0.1)
   assert w["time/window"] == pytest.approx(2.85) and w["time/compile"] == w["time/eval"] == 0.0
   assert w["perf/model_tflops_per_device"] == pytest.approx(8e12 / 2.0 / 2 / 1e12)   # 2 TFLOP/s per device
   assert w["perf/mfu"] == pytest.approx(0.5)
+  assert w["perf/frozen_forward_tflops_per_device"] == pytest.approx(2e12 / 2.0 / 2 / 1e12)
+  assert w["perf/frozen_forward_share"] == pytest.approx(0.25)
   assert w["perf/tokens_per_sec"] == pytest.approx(300 / 2.85)
   assert w["goodput"] == pytest.approx(2.0 / 2.85)
   with t.part("checkpoint"):
