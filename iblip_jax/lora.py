@@ -44,13 +44,15 @@ def problems(lora: LoraConfig, params_shape: dict) -> list[str]:
     out.append(f"{where}.alpha={lora.alpha}: expected a positive number (the update is scaled by alpha / rank)")
   if not 0 <= lora.dropout < 1:
     out.append(f"{where}.dropout={lora.dropout}: expected a number in [0, 1)")
-  # Dense kernels are (in, out), or (layers, in, out) in a scanned stack; the ViT's patch embedding is a 4-D
-  # convolution, which gets no adapter, so a target matching only it matches nothing.
+  # Dense kernels are (in, out) (a frozen tower's float weights (out, in)), or (layers, in, out) in a scanned
+  # stack; the ViT's patch embedding is a 4-D convolution, which gets no adapter, so a target matching only it
+  # matches nothing.
   kernels = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params_shape)[0]:
     name = trainable_lib.param_path(path)
-    if name.endswith("/kernel") and len(leaf.shape) in (2, 3):
-      kernels[name.removesuffix("/kernel")] = leaf.shape[-2:]
+    module, _, leaf_name = name.rpartition("/")
+    if leaf_name in ("kernel", "weight") and len(leaf.shape) in (2, 3):
+      kernels[module] = leaf.shape[-2:]
   for target in lora.targets:
     try:
       pattern = re.compile(target)
@@ -79,6 +81,9 @@ def merged(params: dict, lora: LoraConfig) -> dict:
     out = {k: walk(v) if isinstance(v, dict) else v for k, v in node.items() if k not in ("lora_a", "lora_b")}
     if "lora_a" in node:
       delta = jnp.einsum("...ir,...ro->...io", node["lora_a"], node["lora_b"]) * scale
-      out["kernel"] = (node["kernel"].astype(jnp.float32) + delta).astype(node["kernel"].dtype)
+      name = "kernel" if "kernel" in node else "weight"   # weight: (out, in)
+      if name == "weight":
+        delta = jnp.swapaxes(delta, -1, -2)
+      out[name] = (node[name].astype(jnp.float32) + delta).astype(node[name].dtype)
     return out
   return walk(params)

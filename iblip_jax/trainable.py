@@ -59,4 +59,4 @@ def check(params_shape_tree: dict, patterns: Sequence[str]) -> None:
   for pattern in patterns:
     if not split(params_shape_tree, [pattern])[0]:
       raise ValueError(f"config.trainable pattern {pattern!r} matches no parameter; parameter paths look like "
-                       "'qformer/layer_0/attention/query/kernel' or 'vision/layers/fc1/kernel'")
+                       "'qformer/layer_0/attention/query/kernel' or 'vision/layers/fc1/weight'")

@@ -46,8 +46,8 @@ def test_round_trip_through_transformers(tmp_path, untie):
                                 oracle.hf_forward(hf, batch).logits.numpy())
   # and the exported directory loads back into iblip_jax with identical params
   _, params2 = iblip_jax.from_pretrained(str(tmp_path / "b"))
-  for a, b in zip(np.asarray(params["vision"]["layers"]["qkv"]["kernel"]),
-                  np.asarray(params2["vision"]["layers"]["qkv"]["kernel"])):
+  for a, b in zip(np.asarray(params["vision"]["layers"]["qkv"]["weight"]),
+                  np.asarray(params2["vision"]["layers"]["qkv"]["weight"])):
     np.testing.assert_array_equal(a, b)
 
 

@@ -62,8 +62,11 @@ def _folded(params):
     out = {k: walk(v) if isinstance(v, dict) else v for k, v in node.items() if k not in ("lora_a", "lora_b")}
     if "lora_a" in node:
       a, b = np.asarray(node["lora_a"], np.float64), np.asarray(node["lora_b"], np.float64)
-      out["kernel"] = jnp.asarray(np.asarray(node["kernel"], np.float64) + a @ b * (LORA.alpha / LORA.rank),
-                                  jnp.float32)
+      delta = a @ b * (LORA.alpha / LORA.rank)   # (in, out), as the adapters are stored
+      if "kernel" in node:
+        out["kernel"] = jnp.asarray(np.asarray(node["kernel"], np.float64) + delta, jnp.float32)
+      else:   # a frozen tower's weight is (out, in)
+        out["weight"] = jnp.asarray(np.asarray(node["weight"], np.float64) + np.swapaxes(delta, -1, -2), jnp.float32)
     return out
   return walk(params)
 

@@ -39,9 +39,12 @@ def test_mesh_load_equals_one_device_and_each_device_holds_its_shard(sharded_dir
       assert shard.data.shape == b.sharding.shard_shape(b.shape)
       np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(a)[shard.index])
     split += not b.sharding.is_fully_replicated
+    if b.sharding.is_fully_replicated:   # a block several devices hold is never one buffer they share
+      pointers = {s.data.unsafe_buffer_pointer() for s in b.addressable_shards}
+      assert len(pointers) == len(b.addressable_shards), jax.tree_util.keystr(path)
   assert split > 20   # the big matrices really are split (the logical rules apply)
-  kernel = meshed["language_model"]["encoder"]["layers"]["mlp"]["wi_0"]["kernel"]
-  assert kernel.sharding.shard_shape(kernel.shape) == (2, 32 // 4, 37)   # layers, embed / fsdp, mlp (37: odd)
+  weight = meshed["language_model"]["encoder"]["layers"]["mlp"]["wi_0"]["weight"]   # (layers, out, in)
+  assert weight.sharding.shard_shape(weight.shape) == (2, 37, 32 // 4)   # layers, mlp (37: odd), embed / fsdp
 
 
 def test_every_tensor_byte_is_read_once(sharded_dir, monkeypatch):
@@ -64,8 +67,11 @@ def test_bfloat16_checkpoint_is_cast_while_loading(tmp_path, sharded_dir):
   hf = oracle.tiny_hf_model(untie_head=True, tie=False)
   hf.to(dtype=__import__("torch").bfloat16).save_pretrained(tmp_path / "bf16")
   model, params = iblip_jax.from_pretrained(str(tmp_path / "bf16"), dtype=jnp.bfloat16)
-  assert params["vision"]["layers"]["fc1"]["kernel"].dtype == jnp.bfloat16
+  assert params["vision"]["layers"]["fc1"]["weight"].dtype == jnp.bfloat16
   assert params["language_model"]["shared"]["embedding"].dtype == jnp.bfloat16
+  # a frozen tower's weight is kept (out, in), as the checkpoint holds it
+  np.testing.assert_array_equal(np.asarray(params["vision"]["layers"]["fc1"]["weight"][1], np.float32),
+                                hf.state_dict()["vision_model.encoder.layers.1.mlp.fc1.weight"].float().numpy())
   q = params["qformer"]["layer_0"]["attention"]["query"]["kernel"]
   assert q.dtype == jnp.float32
   want = hf.state_dict()["qformer.encoder.layer.0.attention.attention.query.weight"].float().numpy().T
@@ -92,6 +98,47 @@ def test_region_reads_equal_numpy_slices(tmp_path):
     hf_safetensors.CHUNK_BYTES = old
   np.testing.assert_array_equal(got, tensors["b"][1:4, 2:5])
   np.testing.assert_array_equal(f.read("s")[0], tensors["s"])
+
+
+def _grid(shape, splits):
+  """The blocks of a tensor cut into splits[d] equal parts along each dimension d (a device mesh's blocks)."""
+  import itertools
+  cuts = [[slice(i * n // k, (i + 1) * n // k) for i in range(k)] for n, k in zip(shape, splits)]
+  return list(itertools.product(*cuts))
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["libc_preadv", "os_preadv"])
+def test_scattered_reads_fill_each_block_once(tmp_path, monkeypatch, direct):
+  """File.read_into against numpy slicing: blocks of every kind of split (rows, columns, both, inner dimensions)
+  land in their own arrays, each byte of the file is read once, and a short read is resumed where it stopped."""
+  if not direct:
+    monkeypatch.setattr(hf_safetensors, "_PREADV", None)
+  rng = np.random.default_rng(1)
+  tensors = {"a": rng.standard_normal((6, 8, 5)).astype(np.float32),
+             "b": rng.standard_normal((9, 12)).astype(ml_dtypes.bfloat16), "s": np.array(7, np.int64)}
+  hf_safetensors.write(tmp_path / "x.safetensors", list(tensors.items()))
+  f = hf_safetensors.File(str(tmp_path / "x.safetensors"))
+  for name, splits in [("a", (2, 1, 1)), ("a", (1, 4, 1)), ("a", (3, 2, 5)), ("a", (1, 1, 5)), ("b", (1, 4)),
+                       ("b", (3, 3)), ("b", (1, 1)), ("s", ())]:
+    blocks = [(r, np.empty(tuple(s.stop - s.start for s in r), tensors[name].dtype))
+              for r in _grid(tensors[name].shape, splits)]
+    n = f.read_into(name, blocks)
+    assert n == tensors[name].nbytes, (name, splits)
+    for region, dest in blocks:
+      np.testing.assert_array_equal(dest, tensors[name][region], err_msg=f"{name} {splits} {region}")
+  with pytest.raises(ValueError, match="overlapping"):
+    f.read_into("b", [((slice(0, 5), slice(0, 12)), np.empty((5, 12), ml_dtypes.bfloat16)),
+                      ((slice(4, 9), slice(0, 12)), np.empty((5, 12), ml_dtypes.bfloat16))])
+  if direct:   # a read that stops short (as Linux's do past 2 GiB) is resumed in the middle of a destination
+    real = hf_safetensors._PREADV
+
+    def short(fd, iov, count, offset):
+      return min(real(fd, iov, 1, offset), 7)   # fills (some of) the first destination, says 7 bytes came
+    monkeypatch.setattr(hf_safetensors, "_PREADV", short)
+    blocks = [(r, np.empty(tuple(s.stop - s.start for s in r), np.float32)) for r in _grid((6, 8, 5), (1, 2, 1))]
+    assert f.read_into("a", blocks) == tensors["a"].nbytes
+    for region, dest in blocks:
+      np.testing.assert_array_equal(dest, tensors["a"][region])
 
 
 def test_a_truncated_shard_names_the_file(tmp_path, sharded_dir):

@@ -61,7 +61,7 @@ def test_decoder_only_mesh_matches_one_device():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=atol)
   for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(_host(frozen_after)), strict=True):
     np.testing.assert_array_equal(a, b)
-  q_proj = sh.frozen["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].spec
+  q_proj = sh.frozen["language_model"]["layers"]["self_attn"]["q_proj"]["weight"].spec
   assert "tensor" in tuple(q_proj)   # heads are tensor-parallel
 
 

@@ -214,6 +214,19 @@ class Blip2Reader:
       return s.value() if region is None else s.value()[region]
     return s[0].get(s[1], region)
 
+  def advise(self, key: str, rows=None) -> None:
+    s = self._source(key)
+    if not isinstance(s, _Drawn):
+      s[0].advise(s[1], rows)
+
+  def read_into(self, key: str, blocks) -> None:
+    s = self._source(key)
+    if isinstance(s, _Drawn):
+      for region, dest in blocks:
+        dest[...] = s.value() if region is None else s.value()[tuple(region)]
+    else:
+      s[0].read_into(s[1], blocks)
+
   @property
   def bytes_read(self) -> int:
     """Bytes read from the checkpoint files (the fallback's drawn tensors read nothing)."""

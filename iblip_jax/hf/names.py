@@ -1,7 +1,8 @@
 """The name table between iblip_jax's parameter paths and transformers' state-dict names, written once and used in
 both directions. Scanned layers (ViT blocks, T5 and LLaMA blocks) are one stacked parameter here and one tensor per
-layer there ("{i}"); linear weights are transposed ((out, in) -> (in, out)), conv kernels go OIHW -> HWIO,
-embeddings and raw parameters are copied.
+layer there ("{i}"); a linear "kernel" (the Q-Former side's, the LM heads', a quantised tower's) is the weight
+transposed ((out, in) -> (in, out)), a frozen tower's float "weight" is the weight as it is (layers.Dense.out_in),
+conv kernels go OIHW -> HWIO, embeddings and raw parameters are copied.
 """
 import dataclasses
 import re
@@ -59,7 +60,7 @@ _MODULE_MAP: list[tuple[str, str]] = [
     (rf"{_LM}/layers/(input_layernorm|post_attention_layernorm)", rf"{_LM}.model.layers.{{i}}.\1"),
     (rf"{_LM}/layers/(self_attn|mlp)/(\w+)", rf"{_LM}.model.layers.{{i}}.\1.\2"),
 ]
-_LEAF_MAP = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_LEAF_MAP = {"kernel": "weight", "weight": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 # Keys that may sit in a checkpoint without mapping to a parameter: non-persistent buffers written by old
 # transformers versions, and T5's copies of the shared embedding.

@@ -2,8 +2,10 @@
 only the regions its devices hold, once), after checking every name and shape; and a tree written back as
 safetensors shards that transformers loads.
 """
+import dataclasses
 import functools
 import json
+import math
 import os
 
 import jax
@@ -70,32 +72,109 @@ def _converter(perm: tuple[int, ...] | None, dtype: np.dtype, sharding):
   return jax.jit(lambda x: (x if perm is None else x.transpose(perm)).astype(dtype), out_shardings=sharding)
 
 
-def _load_leaf(reader: SafetensorsReader, path: tuple[str, ...], leaf, sharding) -> jax.Array:
-  """One parameter as a global array in `sharding`. This process reads, in the HF layout and stored dtype, the
-  smallest box that covers its devices' blocks (each HF tensor's bytes once), hands each device its block, and the
-  devices transpose and cast their own blocks (see _converter)."""
+PREFETCH_BYTES = 512 * 2**20   # the disk is asked for this much ahead of the leaf being read
+ALIGN = 64                      # a CPU device takes a host buffer this aligned as it is, without a copy
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  """An uninitialised C-contiguous array on an ALIGN-byte boundary: jax.device_put onto a CPU device then adopts the
+  buffer instead of copying it (on an accelerator it is copied to the device either way)."""
+  nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+  raw = np.empty(nbytes + ALIGN, np.uint8)
+  start = -raw.ctypes.data % ALIGN
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+@dataclasses.dataclass
+class _Plan:
+  """Where one parameter comes from and goes: its HF tensors and layout, and the distinct blocks (HF layout) this
+  process's devices hold, each with the devices that hold it."""
+  names: list[str]
+  stacked: bool
+  perm: tuple[int, ...] | None
+  hf_shape: tuple[int, ...]
+  hf_sharding: jax.sharding.Sharding
+  sharding: jax.sharding.Sharding                  # ours
+  blocks: dict[tuple[tuple[int, int], ...], list]   # ((start, stop) per HF dimension) -> devices
+  nbytes: int
+
+
+def _plan(reader, path: tuple[str, ...], leaf, sharding) -> _Plan:
   m = leaf_mapping(path, len(leaf.shape))
   names = hf_names(m, leaf.shape)
   stacked = "{i}" in m.hf_name
   perm = None if m.perm is None else ((0,) + tuple(p + 1 for p in m.perm) if stacked else m.perm)
   hf_shape = leaf.shape if perm is None else tuple(leaf.shape[perm.index(a)] for a in range(len(perm)))
   hf_sharding = _hf_sharding(sharding, perm)
-  slices = [_bounds(idx, hf_shape) for idx in hf_sharding.addressable_devices_indices_map(hf_shape).values()]
-  box = tuple(slice(min(s[d].start for s in slices), max(s[d].stop for s in slices)) for d in range(len(hf_shape)))
-  if stacked:  # one HF tensor per layer; the layer axis comes first
-    host = np.empty(tuple(s.stop - s.start for s in box), reader.dtype(names[0]))
-    for j, i in enumerate(range(box[0].start, box[0].stop)):
-      host[j] = reader.get(names[i], box[1:])
-  else:
-    host = reader.get(names[0], box or None)
+  blocks: dict = {}
+  for device, index in hf_sharding.addressable_devices_indices_map(hf_shape).items():
+    key = tuple((s.start, s.stop) for s in _bounds(index, hf_shape))
+    blocks.setdefault(key, []).append(device)
+  item = np.dtype(reader.dtype(names[0])).itemsize
+  nbytes = sum(math.prod(b - a for a, b in key) * item for key in blocks)
+  return _Plan(names, stacked, perm, hf_shape, hf_sharding, sharding, blocks, nbytes)
 
-  def local(index):
-    index = _bounds(index, hf_shape)
-    return host[tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(index, box))]
-  array = jax.make_array_from_callback(hf_shape, hf_sharding, local)
-  if perm is None and array.dtype == leaf.dtype:
+
+def _buffers(reader, plan: _Plan) -> dict:
+  """{block: empty host array} for this process's distinct blocks of one parameter (HF layout, stored dtype)."""
+  dtype = reader.dtype(plan.names[0])
+  return {key: _aligned_empty(tuple(b - a for a, b in key), dtype) for key in plan.blocks}
+
+
+def _read(reader, plan: _Plan, out: dict) -> dict:
+  """Fills `out` ({block: host array}, from _buffers) with this process's distinct blocks of one parameter, each
+  read straight into its own buffer (a stacked parameter: layer by layer, each layer's tensor once)."""
+  if not plan.stacked:
+    _read_into(reader, plan.names[0], [(tuple(slice(a, b) for a, b in key), host) for key, host in out.items()])
+    return out
+  for i, name in enumerate(plan.names):   # the layer axis comes first; one HF tensor per layer
+    here = [(tuple(slice(a, b) for a, b in key[1:]), host[i - key[0][0]])
+            for key, host in out.items() if key[0][0] <= i < key[0][1]]
+    if here:
+      _read_into(reader, name, here)
+  return out
+
+
+def _advise(reader, plan: _Plan) -> None:
+  """The rows of each of the parameter's HF tensors that this process will read, asked of the disk now."""
+  if not hasattr(reader, "advise"):
+    return
+  for i, name in enumerate(plan.names):
+    keys = [key[1:] if plan.stacked else key for key in plan.blocks if not plan.stacked or key[0][0] <= i < key[0][1]]
+    if keys:
+      rows = (min(k[0][0] for k in keys), max(k[0][1] for k in keys)) if keys[0] else None
+      reader.advise(name, rows)
+
+
+def _read_into(reader, name: str, blocks) -> None:
+  if hasattr(reader, "read_into"):
+    reader.read_into(name, blocks)
+    return
+  for region, dest in blocks:   # a reader without scattered reads (e.g. a drawn fallback tensor)
+    dest[...] = reader.get(name, region)
+
+
+def _place(plan: _Plan, hosts: dict, dtype) -> jax.Array:
+  """The parameter as a global array: each device gets its block (a CPU device adopts the aligned buffer), then
+  the devices transpose and cast their own blocks (see _converter)."""
+  convert = plan.perm is not None or np.dtype(dtype) != hosts[next(iter(hosts))].dtype
+  arrays = []
+  for key, devices in plan.blocks.items():
+    for n, device in enumerate(devices):
+      # A block several devices hold is shared only when a conversion copies it next: a kept, shared buffer
+      # would let a donated update on one device write into another's parameter.
+      host = hosts[key] if n == 0 or convert else _copy(hosts[key])
+      arrays.append(jax.device_put(host, device))
+  array = jax.make_array_from_single_device_arrays(plan.hf_shape, plan.hf_sharding, arrays)
+  if not convert:
     return array
-  return _converter(perm, np.dtype(leaf.dtype), sharding)(array)
+  return _converter(plan.perm, np.dtype(dtype), plan.sharding)(array)
+
+
+def _copy(host: np.ndarray) -> np.ndarray:
+  out = _aligned_empty(host.shape, host.dtype)
+  out[...] = host
+  return out
 
 
 def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, instruction_aware: bool = True,
@@ -116,16 +195,26 @@ def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, inst
     flat_sh = {path: one for path in flat_shape}
   else:
     flat_sh = flat(shardings)
-  total = sum(reader.nbytes(k) for k in reader.keys())
+  plans = [(path, leaf, _plan(reader, path, leaf, flat_sh[path])) for path, leaf in flat_shape.items()]
+  total = sum(plan.nbytes for _, _, plan in plans)   # what this process reads
   out = {}
   # A real-size checkpoint takes minutes: show bytes read and an ETA (process 0, on a terminal or a log).
-  with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {os.path.basename(reader.directory)}",
-            disable=not progress or jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0) as bar:
-    for path, leaf in flat_shape.items():
-      before = reader.bytes_read
-      value = _load_leaf(reader, path, leaf, flat_sh[path])
+  bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {os.path.basename(reader.directory)}",
+             disable=not progress or jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
+  # The disk is asked for up to PREFETCH_BYTES ahead of the leaf being read (in the background: page cache, not this
+  # process's memory), so that it reads while this thread places leaves on the devices and converts them.
+  advised = ahead = 0   # plans[n + 1:advised] have been asked for: `ahead` bytes
+  with bar:
+    for n, (path, leaf, plan) in enumerate(plans):
+      if advised > n:
+        ahead -= plan.nbytes
+      while advised < len(plans) and (advised <= n or ahead + plans[advised][2].nbytes <= PREFETCH_BYTES):
+        _advise(reader, plans[advised][2])
+        ahead += plans[advised][2].nbytes if advised > n else 0
+        advised += 1
+      value = _place(plan, _read(reader, plan, _buffers(reader, plan)), leaf.dtype)
       out.update(on_leaf(path, value) if on_leaf is not None else {path: value})
-      bar.update(reader.bytes_read - before)
+      bar.update(plan.nbytes)
   return unflat(out)
 
 

@@ -4,7 +4,8 @@ named after transformers' modules ("base_model.model.<module>.lora_A.weight", (r
 `PeftModel.save_pretrained` writes.
 
 Ours are the same numbers in the other layout: lora_a (in, r) = lora_A.T and lora_b (r, out) = lora_B.T beside the
-kernel (in, out) = weight.T, stacked over the layers of a scanned tower. A PEFT adapter that covers only some layers
+kernel (in, out) = weight.T (a frozen tower's float weight is kept (out, in), as "weight"), stacked over the layers
+of a scanned tower. A PEFT adapter that covers only some layers
 of a stack is zero (no change) on the others.
 """
 import json
@@ -38,13 +39,13 @@ def _modules(model: InstructBlip) -> dict[str, tuple[tuple[str, ...], int | None
   out = {}
   base = InstructBlip(model_configs.with_lora(model.config, None))
   for path, leaf in flat(params_shape(base)).items():
-    if path[-1] != "kernel" or len(leaf.shape) < 2:
+    if path[-1] not in ("kernel", "weight") or len(leaf.shape) < 2:
       continue
     m = leaf_mapping(path, len(leaf.shape))
-    if m.perm != (1, 0):   # a convolution (the patch embedding): no adapter
+    if path[-1] == "kernel" and m.perm != (1, 0):   # a convolution (the patch embedding): no adapter
       continue
     name = m.hf_name.removesuffix(".weight")
-    sizes = tuple(leaf.shape[-2:])
+    sizes = tuple(leaf.shape[-2:]) if path[-1] == "kernel" else tuple(leaf.shape[-2:])[::-1]   # weight: (out, in)
     if "{i}" in name:
       out.update({name.format(i=i): (path[:-1], i, sizes) for i in range(leaf.shape[0])})
     else:

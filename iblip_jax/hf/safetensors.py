@@ -10,11 +10,18 @@ mapped, so an 8 GB checkpoint read through mmap shows as 8 GB more), and must co
 tools/bench_load.py check that every byte is read once). Reads are plain positioned reads into numpy buffers.
 
 Only tensors are ever read: nothing in the format can run code (unlike pickle).
+
+`read_into` puts regions of a tensor straight into their destination arrays with scattered positioned reads
+(preadv: one system call fills up to 1024 destinations from one contiguous stretch of the file), so that a device's
+block of a weight split by columns lands in its own buffer with no copy in user space and the file is read in
+ascending order, each byte once.
 """
+import ctypes
 import json
 import math
 import os
 import struct
+import sys
 from typing import Iterable, Sequence
 
 import ml_dtypes
@@ -31,6 +38,25 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dt
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 CHUNK_BYTES = 64 * 2**20   # column slices of row-major tensors are read in whole rows, this many bytes at a time
 MAX_HEADER = 100 * 2**20   # the format's own limit on the JSON header
+IOV_MAX = 1024             # destinations per preadv call (Linux's limit)
+MAX_RW = 0x7ffff000        # the most bytes Linux moves in one read call
+
+
+def _libc_preadv():
+  """libc's preadv through ctypes (the call releases the GIL, so a reader thread reads while Python runs), or None
+  where it is not reachable; os.preadv is the slower fallback (it needs a memoryview per destination)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    fn = ctypes.CDLL(None, use_errno=True).preadv
+  except (OSError, AttributeError):
+    return None
+  fn.restype = ctypes.c_ssize_t
+  fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+  return fn
+
+
+_PREADV = _libc_preadv()
 
 
 class FormatError(ValueError):
@@ -121,8 +147,103 @@ class File:
       out[r - rows.start:r - rows.start + n] = chunk[:n][(slice(None),) + region[1:]]
     return out, read
 
+  def read_into(self, name: str, blocks: Sequence[tuple[Sequence[slice] | None, np.ndarray]]) -> int:
+    """Reads regions of tensor `name` into their destinations: `blocks` is [(region, dest)], a region one slice
+    with explicit start/stop per dimension (None: the whole tensor), dest a C-contiguous array of the region's
+    shape and the tensor's dtype. The regions must not overlap. Returns the bytes read (each once)."""
+    info = self.tensors[name]
+    runs = [_runs(info, region, dest) for region, dest in blocks]
+    if not runs:
+      return 0
+    offsets, lengths, pointers = (np.concatenate(parts) for parts in zip(*runs))
+    order = np.argsort(offsets, kind="stable")
+    offsets, lengths, pointers = offsets[order], lengths[order], pointers[order]
+    ends = offsets + lengths
+    if np.any(ends[:-1] > offsets[1:]):
+      raise ValueError(f"{self.path}: {name}: overlapping regions requested")
+    # The whole stretch asked of the disk at once: the scattered calls below move a megabyte or so each, and on a
+    # cold cache each would otherwise wait for its own small read.
+    if hasattr(os, "posix_fadvise"):
+      first, last = int(offsets[0]), int(ends[-1])
+      os.posix_fadvise(self._f.fileno(), self.data_start + info.begin + first, last - first, os.POSIX_FADV_WILLNEED)
+    # One call per stretch of adjacent runs (at most IOV_MAX of them), in file order.
+    breaks = np.flatnonzero(ends[:-1] != offsets[1:]) + 1
+    iov = np.stack([pointers, lengths], axis=1).astype(np.uint64)
+    done = 0
+    for begin, end in zip(np.r_[0, breaks], np.r_[breaks, len(offsets)]):
+      for b in range(begin, end, IOV_MAX):
+        done += self._preadv(iov[b:min(b + IOV_MAX, end)], info.begin + int(offsets[b]))
+    return done
+
+  def advise(self, name: str, rows: tuple[int, int] | None = None) -> None:
+    """Asks the kernel to start reading rows [start, stop) of tensor `name` (all of it: None) into the page cache
+    now, in the background (posix_fadvise WILLNEED), so that the disk works while the caller does something else."""
+    info = self.tensors[name]
+    if not hasattr(os, "posix_fadvise") or info.end == info.begin:
+      return
+    begin, end = info.begin, info.end
+    if rows is not None and info.shape:
+      row_bytes = (end - begin) // max(info.shape[0], 1)
+      begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+    os.posix_fadvise(self._f.fileno(), self.data_start + begin, end - begin, os.POSIX_FADV_WILLNEED)
+
+  def _preadv(self, iov: np.ndarray, offset: int) -> int:
+    """Fills the (pointer, length) rows of `iov` from the file's bytes at data offset `offset`, however many calls
+    it takes (a read may stop short, e.g. at MAX_RW)."""
+    iov = np.array(iov)   # adjusted in place after a short read
+    want = int(iov[:, 1].sum())
+    done = 0
+    while done < want:
+      position = self.data_start + offset + done
+      if _PREADV is not None:
+        n = _PREADV(self._f.fileno(), iov.ctypes.data, len(iov), position)
+        if n < 0:
+          e = ctypes.get_errno()
+          raise OSError(e, f"{self.path}: {os.strerror(e)}")
+      else:
+        n = os.preadv(self._f.fileno(), [(ctypes.c_char * int(ln)).from_address(int(p)) for p, ln in iov], position)
+      if n == 0:
+        raise FormatError(f"{self.path}: unexpected end of file at byte {position}")
+      done += n
+      # drop the filled destinations, shorten the one filled in part
+      filled = np.cumsum(iov[:, 1].astype(np.int64))
+      k = int(np.searchsorted(filled, n, side="right"))
+      if k < len(iov):
+        part = n - (int(filled[k - 1]) if k else 0)
+        iov[k, 0] += np.uint64(part)
+        iov[k, 1] -= np.uint64(part)
+      iov = iov[k:]
+    return done
+
   def close(self) -> None:
     self._f.close()
+
+
+def _runs(info: TensorInfo, region: Sequence[slice] | None, dest: np.ndarray):
+  """(file offsets, lengths, destination addresses) of the contiguous stretches of a region of a row-major tensor,
+  in the region's row-major order (which is dest's): the region's innermost partial dimension and everything inside
+  it make one stretch, repeated over the outer dimensions' indices."""
+  shape, item = info.shape, info.dtype.itemsize
+  if region is None:
+    region = tuple(slice(0, d) for d in shape)
+  region = tuple(region)
+  out_shape = tuple(s.stop - s.start for s in region)
+  if (dest.shape != out_shape or dest.dtype != info.dtype or not dest.flags.c_contiguous
+      or not dest.flags.writeable):
+    raise ValueError(f"destination {dest.dtype}{list(dest.shape)} (contiguous: {dest.flags.c_contiguous}) for a "
+                     f"{info.dtype}{list(out_shape)} region")
+  if dest.size == 0:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+  partial = [k for k, (s, d) in enumerate(zip(region, shape)) if (s.start, s.stop) != (0, d)]
+  k = partial[-1] if partial else 0
+  strides = [math.prod(shape[d + 1:]) for d in range(len(shape))] or [1]
+  length = (math.prod(out_shape[k:]) if shape else 1) * item
+  offsets = np.zeros(1, np.int64)
+  for d in range(k):   # every index of the outer dimensions, row-major
+    offsets = np.add.outer(offsets, np.arange(region[d].start, region[d].stop, dtype=np.int64) * strides[d]).ravel()
+  offsets = (offsets + (region[k].start * strides[k] if shape else 0)) * item
+  pointers = dest.ctypes.data + np.arange(len(offsets), dtype=np.int64) * length
+  return offsets, np.full(len(offsets), length, np.int64), pointers
 
 
 def write(path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> int:
@@ -202,6 +323,18 @@ class SafetensorsReader:
   def nbytes(self, key: str) -> int:
     info = self._files[self._where[key]].tensors[key]
     return info.end - info.begin
+
+  def read_into(self, key: str, blocks) -> None:
+    """Regions of tensor `key` straight into their destination arrays (File.read_into)."""
+    try:
+      n = self._files[self._where[key]].read_into(key, blocks)
+    except (FormatError, OSError) as e:
+      raise CheckpointError(f"{os.path.join(self.directory, self._where[key])}: cannot read {key!r} ({e})") from None
+    self.bytes_read += n
+
+  def advise(self, key: str, rows: tuple[int, int] | None = None) -> None:
+    """Rows [start, stop) of tensor `key` (None: all) read into the page cache in the background (File.advise)."""
+    self._files[self._where[key]].advise(key, rows)
 
   def get(self, key: str, region: tuple[slice, ...] | None = None) -> np.ndarray:
     """The tensor `key` (or its region: one slice with explicit bounds per dimension), in its stored dtype."""

@@ -47,18 +47,29 @@ class Dense(nn.Module):
   lora: Any = None   # models.configs.LoraConfig or None
   quantize: str = ""  # "" (float kernel), "int8" or "int4": a frozen weight stored as integers (quantize.py)
   quantize_group: int = 128
+  # A float weight stored (out, in) as "weight", the layout of torch and of the released checkpoints, instead of
+  # "kernel" (in, out): the frozen towers' weights then load as they lie on disk, with no transpose (a real-size
+  # tower's transposes cost more than reading it), and the matmul contracts the weight's second axis, which XLA
+  # does as cheaply as the first.
+  out_in: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    contract = 0                                                              # the kernel's `in` axis
     if self.quantize:
       kernel = self._quantized_kernel(x.shape[-1])
+    elif self.out_in:
+      kernel = self.param("weight", nn.with_logical_partitioning(self.kernel_init, self.axes[::-1]),
+                          (self.features, x.shape[-1]), self.param_dtype)
+      contract = 1
     else:
       kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                           (x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
                       (self.features,), self.param_dtype) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))   # (..., in) x (in, out)
+    # (..., in) x (in, out), or (..., in) x (out, in) contracting `in`
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (contract,)), ((), ())))
     if bias is not None:
       y = y + bias
     if self.lora is not None and self.lora.targets_path("/".join(self.path)):
@@ -92,17 +103,18 @@ class Dense(nn.Module):
 
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype: Any, param_dtype: Any,
           name: str | None = None, kernel_init=default_kernel_init, lora=None, quantize: str = "",
-          quantize_group: int = 128) -> Dense:
-  """A Dense layer whose kernel (in, out) and bias (out,) carry logical axis names; `lora` (a LoraConfig) adds an
-  adapter when its targets match the layer's path; `quantize` stores a frozen kernel as int8 / int4."""
+          quantize_group: int = 128, out_in: bool = False) -> Dense:
+  """A Dense layer whose kernel (in, out) (or weight (out, in), `out_in`) and bias (out,) carry logical axis names;
+  `lora` (a LoraConfig) adds an adapter when its targets match the layer's path; `quantize` stores a frozen kernel
+  as int8 / int4."""
   return Dense(features, axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-               lora=lora, quantize=quantize, quantize_group=quantize_group, name=name)
+               lora=lora, quantize=quantize, quantize_group=quantize_group, out_in=out_in, name=name)
 
 
 def tower_options(cfg) -> dict:
-  """The Dense options a tower's config sets: its LoRA adapters and, for a frozen tower (ViT, LLM; not their LM
-  head), weight quantisation."""
-  return dict(lora=cfg.lora, quantize=cfg.quantize, quantize_group=cfg.quantize_group)
+  """The Dense options of a frozen tower's layers (ViT, LLM; not their LM head): its LoRA adapters, weight
+  quantisation, and float weights stored (out, in) as the checkpoints hold them (Dense.out_in)."""
+  return dict(lora=cfg.lora, quantize=cfg.quantize, quantize_group=cfg.quantize_group, out_in=True)
 
 
 def embed(num: int, features: int, axes: tuple[str, str], *, dtype: Any, param_dtype: Any,

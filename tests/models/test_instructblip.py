@@ -68,7 +68,7 @@ def test_bfloat16_towers_stay_close(tmp_path):
   hf = oracle.tiny_hf_model()
   hf.save_pretrained(tmp_path / "hf")
   model, params = iblip_jax.from_pretrained(str(tmp_path / "hf"), dtype=jnp.bfloat16)
-  assert params["vision"]["layers"]["fc1"]["kernel"].dtype == jnp.bfloat16
+  assert params["vision"]["layers"]["fc1"]["weight"].dtype == jnp.bfloat16
   assert params["language_model"]["shared"]["embedding"].dtype == jnp.bfloat16
   assert params["qformer"]["embed_ln"]["scale"].dtype == jnp.float32
   batch = oracle.tiny_batch()

@@ -72,12 +72,13 @@ def test_a_quantised_model_is_the_float_model_with_rounded_weights(base, mode, b
   # the oracle: the float model with each such kernel rounded in numpy
   rounded = dict(flat_f)
   for p in quantised:
-    w = np.asarray(flat_f[p])
+    pw = p[:-1] + ("weight",)   # the float model keeps a tower's weight (out, in); quantised, it is a kernel (in, out)
+    w = np.swapaxes(np.asarray(flat_f[pw]), -1, -2)
     q, scale = zip(*(_numpy_quantize(x, mode, GROUP) for x in (w if w.ndim == 3 else w[None])))
     deq = np.stack([qi.reshape(scale_i.shape[0], -1, qi.shape[1]) * scale_i[:, None] for qi, scale_i in zip(q, scale)])
-    rounded[p] = jnp.asarray(deq.reshape(w.shape), jnp.float32)
+    rounded[pw] = jnp.asarray(np.swapaxes(deq.reshape(w.shape), -1, -2), jnp.float32)
     # quantised while loading = quantising the loaded model
-    got_q, got_s = quantize.quantize(flat_f[p], mode, GROUP)
+    got_q, got_s = quantize.quantize(jnp.swapaxes(flat_f[pw], -1, -2), mode, GROUP)
     np.testing.assert_array_equal(np.asarray(flat_q[p], np.int32), np.asarray(got_q, np.int32))
     np.testing.assert_array_equal(flat_q[p[:-1] + ("kernel_scale",)], got_s)
   got = np.asarray(qmodel.apply({"params": qparams}, **batch))
