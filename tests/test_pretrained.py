@@ -126,6 +126,7 @@ def test_scattered_reads_fill_each_block_once(tmp_path, monkeypatch, direct):
     assert n == tensors[name].nbytes, (name, splits)
     for region, dest in blocks:
       np.testing.assert_array_equal(dest, tensors[name][region], err_msg=f"{name} {splits} {region}")
+  assert f.read_into("a", [((slice(2, 2), slice(0, 8), slice(0, 5)), np.empty((0, 8, 5), np.float32))]) == 0
   with pytest.raises(ValueError, match="overlapping"):
     f.read_into("b", [((slice(0, 5), slice(0, 12)), np.empty((5, 12), ml_dtypes.bfloat16)),
                       ((slice(4, 9), slice(0, 12)), np.empty((5, 12), ml_dtypes.bfloat16))])

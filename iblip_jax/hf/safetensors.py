@@ -156,6 +156,8 @@ class File:
     if not runs:
       return 0
     offsets, lengths, pointers = (np.concatenate(parts) for parts in zip(*runs))
+    if not len(offsets):   # empty regions only
+      return 0
     order = np.argsort(offsets, kind="stable")
     offsets, lengths, pointers = offsets[order], lengths[order], pointers[order]
     ends = offsets + lengths
