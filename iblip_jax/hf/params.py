@@ -125,33 +125,23 @@ def _read(reader, plan: _Plan, out: dict) -> dict:
   """Fills `out` ({block: host array}, from _buffers) with this process's distinct blocks of one parameter, each
   read straight into its own buffer (a stacked parameter: layer by layer, each layer's tensor once)."""
   if not plan.stacked:
-    _read_into(reader, plan.names[0], [(tuple(slice(a, b) for a, b in key), host) for key, host in out.items()])
+    reader.read_into(plan.names[0], [(tuple(slice(a, b) for a, b in key), host) for key, host in out.items()])
     return out
   for i, name in enumerate(plan.names):   # the layer axis comes first; one HF tensor per layer
     here = [(tuple(slice(a, b) for a, b in key[1:]), host[i - key[0][0]])
             for key, host in out.items() if key[0][0] <= i < key[0][1]]
     if here:
-      _read_into(reader, name, here)
+      reader.read_into(name, here)
   return out
 
 
 def _advise(reader, plan: _Plan) -> None:
   """The rows of each of the parameter's HF tensors that this process will read, asked of the disk now."""
-  if not hasattr(reader, "advise"):
-    return
   for i, name in enumerate(plan.names):
     keys = [key[1:] if plan.stacked else key for key in plan.blocks if not plan.stacked or key[0][0] <= i < key[0][1]]
     if keys:
       rows = (min(k[0][0] for k in keys), max(k[0][1] for k in keys)) if keys[0] else None
       reader.advise(name, rows)
-
-
-def _read_into(reader, name: str, blocks) -> None:
-  if hasattr(reader, "read_into"):
-    reader.read_into(name, blocks)
-    return
-  for region, dest in blocks:   # a reader without scattered reads (e.g. a drawn fallback tensor)
-    dest[...] = reader.get(name, region)
 
 
 def _place(plan: _Plan, hosts: dict, dtype) -> jax.Array:

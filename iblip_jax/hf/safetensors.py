@@ -39,12 +39,11 @@ NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 CHUNK_BYTES = 64 * 2**20   # column slices of row-major tensors are read in whole rows, this many bytes at a time
 MAX_HEADER = 100 * 2**20   # the format's own limit on the JSON header
 IOV_MAX = 1024             # destinations per preadv call (Linux's limit)
-MAX_RW = 0x7ffff000        # the most bytes Linux moves in one read call
 
 
 def _libc_preadv():
-  """libc's preadv through ctypes (the call releases the GIL, so a reader thread reads while Python runs), or None
-  where it is not reachable; os.preadv is the slower fallback (it needs a memoryview per destination)."""
+  """libc's preadv through ctypes (one call per up to IOV_MAX destinations, built as one numpy array), or None where
+  it is not reachable; os.preadv is the slower fallback (it needs a Python buffer object per destination)."""
   if not sys.platform.startswith("linux"):
     return None
   try:
@@ -191,7 +190,7 @@ class File:
 
   def _preadv(self, iov: np.ndarray, offset: int) -> int:
     """Fills the (pointer, length) rows of `iov` from the file's bytes at data offset `offset`, however many calls
-    it takes (a read may stop short, e.g. at MAX_RW)."""
+    it takes (a read may stop short: Linux moves at most 0x7ffff000 bytes per call)."""
     iov = np.array(iov)   # adjusted in place after a short read
     want = int(iov[:, 1].sum())
     done = 0
