@@ -214,11 +214,6 @@ class Blip2Reader:
       return s.value() if region is None else s.value()[region]
     return s[0].get(s[1], region)
 
-  def advise(self, key: str, rows=None) -> None:
-    s = self._source(key)
-    if not isinstance(s, _Drawn):
-      s[0].advise(s[1], rows)
-
   def read_into(self, key: str, blocks) -> None:
     s = self._source(key)
     if isinstance(s, _Drawn):

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import math
+import mmap
 import os
 
 import jax
@@ -72,17 +73,22 @@ def _converter(perm: tuple[int, ...] | None, dtype: np.dtype, sharding):
   return jax.jit(lambda x: (x if perm is None else x.transpose(perm)).astype(dtype), out_shardings=sharding)
 
 
-PREFETCH_BYTES = 512 * 2**20   # the disk is asked for this much ahead of the leaf being read
 ALIGN = 64                      # a CPU device takes a host buffer this aligned as it is, without a copy
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-  """An uninitialised C-contiguous array on an ALIGN-byte boundary: jax.device_put onto a CPU device then adopts the
-  buffer instead of copying it (on an accelerator it is copied to the device either way)."""
+  """An uninitialised C-contiguous array on a page boundary (so on an ALIGN-byte one: jax.device_put onto a CPU
+  device then adopts the buffer instead of copying it; on an accelerator it is copied to the device either way).
+  Its own anonymous mapping, without the transparent-huge-page advice numpy gives its large arrays: where the kernel
+  compacts memory for advised regions (THP "madvise", the common default) that advice made the first touch of
+  fresh memory 1.5-4x slower on the benchmark VM (BENCHMARKS.md), and a load touches every byte once."""
   nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-  raw = np.empty(nbytes + ALIGN, np.uint8)
-  start = -raw.ctypes.data % ALIGN
-  return raw[start:start + nbytes].view(dtype).reshape(shape)
+  if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+  pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+  return np.frombuffer(pages, dtype).reshape(shape)
 
 
 @dataclasses.dataclass
@@ -135,15 +141,6 @@ def _read(reader, plan: _Plan, out: dict) -> dict:
   return out
 
 
-def _advise(reader, plan: _Plan) -> None:
-  """The rows of each of the parameter's HF tensors that this process will read, asked of the disk now."""
-  for i, name in enumerate(plan.names):
-    keys = [key[1:] if plan.stacked else key for key in plan.blocks if not plan.stacked or key[0][0] <= i < key[0][1]]
-    if keys:
-      rows = (min(k[0][0] for k in keys), max(k[0][1] for k in keys)) if keys[0] else None
-      reader.advise(name, rows)
-
-
 def _place(plan: _Plan, hosts: dict, dtype) -> jax.Array:
   """The parameter as a global array: each device gets its block (a CPU device adopts the aligned buffer), then
   the devices transpose and cast their own blocks (see _converter)."""
@@ -191,17 +188,11 @@ def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, inst
   # A real-size checkpoint takes minutes: show bytes read and an ETA (process 0, on a terminal or a log).
   bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {os.path.basename(reader.directory)}",
              disable=not progress or jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
-  # The disk is asked for up to PREFETCH_BYTES ahead of the leaf being read (in the background: page cache, not this
-  # process's memory), so that it reads while this thread places leaves on the devices and converts them.
-  advised = ahead = 0   # plans[n + 1:advised] have been asked for: `ahead` bytes
+  # No read-ahead hints: posix_fadvise(WILLNEED) waits while it queues the reads, and with it (512 MiB ahead, and per
+  # tensor) the load took 18 s against 15 s without (BENCHMARKS.md); each scattered preadv below reads in file order,
+  # which the kernel's own read-ahead follows.
   with bar:
-    for n, (path, leaf, plan) in enumerate(plans):
-      if advised > n:
-        ahead -= plan.nbytes
-      while advised < len(plans) and (advised <= n or ahead + plans[advised][2].nbytes <= PREFETCH_BYTES):
-        _advise(reader, plans[advised][2])
-        ahead += plans[advised][2].nbytes if advised > n else 0
-        advised += 1
+    for path, leaf, plan in plans:
       value = _place(plan, _read(reader, plan, _buffers(reader, plan)), leaf.dtype)
       out.update(on_leaf(path, value) if on_leaf is not None else {path: value})
       bar.update(plan.nbytes)

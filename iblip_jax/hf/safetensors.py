@@ -162,11 +162,6 @@ class File:
     ends = offsets + lengths
     if np.any(ends[:-1] > offsets[1:]):
       raise ValueError(f"{self.path}: {name}: overlapping regions requested")
-    # The whole stretch asked of the disk at once: the scattered calls below move a megabyte or so each, and on a
-    # cold cache each would otherwise wait for its own small read.
-    if hasattr(os, "posix_fadvise"):
-      first, last = int(offsets[0]), int(ends[-1])
-      os.posix_fadvise(self._f.fileno(), self.data_start + info.begin + first, last - first, os.POSIX_FADV_WILLNEED)
     # One call per stretch of adjacent runs (at most IOV_MAX of them), in file order.
     breaks = np.flatnonzero(ends[:-1] != offsets[1:]) + 1
     iov = np.stack([pointers, lengths], axis=1).astype(np.uint64)
@@ -175,18 +170,6 @@ class File:
       for b in range(begin, end, IOV_MAX):
         done += self._preadv(iov[b:min(b + IOV_MAX, end)], info.begin + int(offsets[b]))
     return done
-
-  def advise(self, name: str, rows: tuple[int, int] | None = None) -> None:
-    """Asks the kernel to start reading rows [start, stop) of tensor `name` (all of it: None) into the page cache
-    now, in the background (posix_fadvise WILLNEED), so that the disk works while the caller does something else."""
-    info = self.tensors[name]
-    if not hasattr(os, "posix_fadvise") or info.end == info.begin:
-      return
-    begin, end = info.begin, info.end
-    if rows is not None and info.shape:
-      row_bytes = (end - begin) // max(info.shape[0], 1)
-      begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
-    os.posix_fadvise(self._f.fileno(), self.data_start + begin, end - begin, os.POSIX_FADV_WILLNEED)
 
   def _preadv(self, iov: np.ndarray, offset: int) -> int:
     """Fills the (pointer, length) rows of `iov` from the file's bytes at data offset `offset`, however many calls
@@ -332,10 +315,6 @@ class SafetensorsReader:
     except (FormatError, OSError) as e:
       raise CheckpointError(f"{os.path.join(self.directory, self._where[key])}: cannot read {key!r} ({e})") from None
     self.bytes_read += n
-
-  def advise(self, key: str, rows: tuple[int, int] | None = None) -> None:
-    """Rows [start, stop) of tensor `key` (None: all) read into the page cache in the background (File.advise)."""
-    self._files[self._where[key]].advise(key, rows)
 
   def get(self, key: str, region: tuple[slice, ...] | None = None) -> np.ndarray:
     """The tensor `key` (or its region: one slice with explicit bounds per dimension), in its stored dtype."""
