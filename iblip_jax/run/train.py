@@ -173,7 +173,7 @@ def _train(s: Settings, start_up_signals: list) -> dict:
   bar = tqdm(total=s.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   t0, done_in_window, reported_skips, tokens, window_flops = time.perf_counter(), 0, 0, (0, 0), []
-  step = start
+  step, shapes_seen = start, set()
   try:
     with sharding.context(mesh, rules):
       while step < s.total_steps:
@@ -188,11 +188,16 @@ def _train(s: Settings, start_up_signals: list) -> dict:
             rng = jax.random.fold_in(jax.random.key(s.seed, impl=s.rng_impl), step)
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng)
         step += 1
-        tokens = tuple(a + b for a, b in zip(tokens, _llm_tokens(host_batch)))
         timeline.step_done()
-        if flops is not None:
-          window_flops.append(flops.submit(trainable, opt_state, frozen, batch))
         with timeline.part("other"):
+          tokens = tuple(a + b for a, b in zip(tokens, _llm_tokens(host_batch)))
+          shape = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+          if shape not in shapes_seen:   # each new shape compiles the step again: say why this step was slow
+            shapes_seen.add(shape)
+            log.text(f"step {step}: train step compiled for batch shape "
+                     + " ".join(f"{k}[{','.join(map(str, v))}]" for k, v in shape))
+          if flops is not None:
+            window_flops.append(flops.submit(trainable, opt_state, frozen, batch))
           traced = profiler.step_done(step, metrics)
           if traced:
             log.text(f"step {step}: profiler trace written to {traced}")

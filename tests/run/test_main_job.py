@@ -63,6 +63,10 @@ def test_sigkill_then_rerun_ends_bit_identical_then_resumes_on_another_mesh(asse
   assert 0 < rows[-1]["perf/frozen_forward_share"] < 1 and rows[-1]["perf/frozen_forward_tflops_per_device"] > 0
   assert json.loads((tmp_path / "killed" / "goodput.json").read_text())["restarts"] == 1
   assert "(1 restart)" in out.stdout and "goodput" in out.stdout
+  # each batch shape the step compiles for is named once, at the first step that has it (the run's first, here 5)
+  shapes = re.findall(r"^step (\d+): train step compiled for batch shape (.+)$", out.stdout, re.M)
+  assert shapes and shapes[0][0] == "5" and "input_ids[" in shapes[0][1], out.stdout
+  assert len({shape for _, shape in shapes}) == len(shapes)
 
   # the same workdir on another mesh with its newest checkpoint corrupted: reported, moved aside, the one before used
   w = tmp_path / "killed"
