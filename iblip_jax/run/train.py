@@ -191,13 +191,13 @@ def _train(s: Settings, start_up_signals: list) -> dict:
         timeline.step_done()
         with timeline.part("other"):
           tokens = tuple(a + b for a, b in zip(tokens, _llm_tokens(host_batch)))
-          shape = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+          shape = _batch_shape(batch)
           if shape not in shapes_seen:   # each new shape compiles the step again: say why this step was slow
             shapes_seen.add(shape)
             log.text(f"step {step}: train step compiled for batch shape "
                      + " ".join(f"{k}[{','.join(map(str, v))}]" for k, v in shape))
           if flops is not None:
-            window_flops.append(flops.submit(trainable, opt_state, frozen, batch))
+            window_flops.append(flops.submit(trainable, opt_state, frozen, batch, shape))
           traced = profiler.step_done(step, metrics)
           if traced:
             log.text(f"step {step}: profiler trace written to {traced}")
@@ -293,8 +293,8 @@ class _FlopCounter:
     self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flops")
     self.counted: dict = {}
 
-  def submit(self, trainable, opt_state, frozen, batch) -> concurrent.futures.Future:
-    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+  def submit(self, trainable, opt_state, frozen, batch, key: tuple) -> concurrent.futures.Future:
+    """`key`: the batch's shape (_batch_shape)."""
     if key not in self.counted:   # shapes taken here: the arrays themselves are donated to the next step
       shapes = step_flops.shapes
       self.counted[key] = self.pool.submit(self._count, shapes(trainable), shapes(opt_state), shapes(frozen),
@@ -314,6 +314,11 @@ class _FlopCounter:
     if not futures or not all(f.done() and f.exception() is None for f in futures):
       return None, None
     return sum(f.result()[0] for f in futures), sum(f.result()[1] for f in futures)
+
+
+def _batch_shape(batch) -> tuple:
+  """((field, shape), ...) sorted: one train step program per value."""
+  return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
 
 
 def _skipped(pipe) -> dict:
