@@ -9,7 +9,8 @@ Parts of a window (seconds, host wall clock; they add up to the window's wall ti
               device's time shows up where the host waits: the loss read at a logged step, the hosts' stop check)
   checkpoint  the new state's finiteness check and the checkpoint save
   eval        evaluations run during training
-  other       logging, the progress bar, the profiler's bookkeeping
+  other       everything outside the other parts: logging, the progress bar, the profiler's bookkeeping, the loop's
+              own Python, garbage collection (time is always booked to some part, so the parts add up by design)
 Goodput (ml-goodput-measurement's vocabulary): productive time (the `step` time of steps whose results were kept)
 over the wall time since the job first started, restarts and the time between them included. Steps after the last
 checkpoint of a run that was killed are redone by the next run: their time is badput. What the next run needs
@@ -51,7 +52,8 @@ class Timeline:
     self._window_start = time.perf_counter()
     self._window = dict.fromkeys(PARTS, 0.0)
     self._steps = 0
-    self._open: list | None = None   # [part, start] of the part being timed
+    self._open = ["other", self._window_start]   # [part, start] of the part being timed: "other" outside part()
+    self._in_part = False
     self._compiling = 0.0            # compile seconds JAX reported inside the open part
     self._owner = threading.get_ident()
     self._closed = False
@@ -61,20 +63,23 @@ class Timeline:
     """JAX's compile-phase durations (tracing, lowering, XLA): moved out of whichever part they happened in."""
     if self._closed or event not in COMPILE_EVENTS or threading.get_ident() != self._owner:
       return
-    if self._open is None:
-      self._window["compile"] += seconds
-    else:
-      self._compiling += seconds
+    self._compiling += seconds
 
   @contextlib.contextmanager
   def part(self, name: str):
-    assert self._open is None, f"time part {name!r} inside {self._open[0]!r}"
-    self._open = [name, time.perf_counter()]
+    assert not self._in_part, f"time part {name!r} inside {self._open[0]!r}"
+    self._switch(name)
+    self._in_part = True
     try:
       yield
     finally:
-      self._close_open(time.perf_counter())
-      self._open = None
+      self._switch("other")
+      self._in_part = False
+
+  def _switch(self, name: str) -> None:
+    """Books the open part up to now and opens `name` at the same instant: no time falls between parts."""
+    self._close_open(time.perf_counter())
+    self._open[0] = name
 
   def _close_open(self, now: float) -> None:
     """Books the open part's time up to `now` (its compilation as compile) and restarts it there."""
@@ -103,8 +108,7 @@ class Timeline:
     within those) the same rate for them and their share of the model FLOPs; with `tokens` (real tokens in the window's batches)
     tokens/s over the window's wall time."""
     now = time.perf_counter()
-    if self._open is not None:   # a window ends inside a part (the logging that reports it): split the part there
-      self._close_open(now)
+    self._close_open(now)   # a window ends inside a part (the logging that reports it): split the part there
     wall = now - self._window_start
     out = {f"time/{k}": v for k, v in self._window.items()}
     out["time/window"] = wall
