@@ -25,8 +25,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 install: $(STAMP)
 
 # --dist loadgroup: tests that share an expensive session fixture (@pytest.mark.xdist_group) run on one worker.
+# --durations: the slowest tests in CI's log, where the suite's time goes.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25 tests
 
 # The inner loop: everything but the tests marked slow or integration (those launch the main job or take long).
 test-fast: $(STAMP)

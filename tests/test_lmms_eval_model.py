@@ -15,7 +15,8 @@ from iblip_jax.data import tokenize
 from iblip_jax.demo import shapes
 from iblip_jax.evaluation import evaluator, tasks
 
-pytestmark = pytest.mark.integration   # launches lmms-eval's command line
+pytestmark = [pytest.mark.integration,   # launches lmms-eval's command line
+              pytest.mark.xdist_group("lmms_eval")]   # the tests sharing `runs` on one worker: it is built once
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DEMO = os.path.join(ROOT, "demo_assets", "instructblip-demo")

@@ -22,6 +22,9 @@ LONG = ["please tell me about the cat and the dog in this picture and describe t
 WIDTH = 12
 PENALTY = 1.3
 
+# one worker runs every test here, so that each model's `served` (its compile takes a minute) is built once
+pytestmark = pytest.mark.xdist_group("slots")
+
 
 @pytest.fixture(scope="module", params=["t5", "vicuna"])
 def served(request, tmp_path_factory):
