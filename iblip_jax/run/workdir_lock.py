@@ -44,8 +44,12 @@ def _create(path: epath.Path, text: str) -> bool:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       return False
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    try:
+      with os.fdopen(fd, "w") as f:
+        f.write(text)
+    except BaseException:   # interrupted before the file says whose it is (a start-up SIGTERM's exception): ours
+      os.unlink(path)
+      raise
     return True
   from google.api_core import exceptions
   try:
@@ -142,35 +146,36 @@ class WorkdirLock:
     return f"could not take the lock {self.path} (another run keeps creating it)"
 
   def __enter__(self):
-    error = self._acquire_here() if distributed.is_primary() else None
+    # A start-up SIGTERM raises (Preempted, train._start_up_handler) wherever Python happens to be. If that is in
+    # here, after the lock was taken, `with` never calls __exit__: release it here (__exit__ deletes only our lock).
     try:
+      error = self._acquire_here() if distributed.is_primary() else None
       error = distributed.broadcast_json(error)
-    except BaseException:   # a start-up SIGTERM (Preempted) right after the lock was taken: __exit__ never runs
-      if error is None:
-        self.__exit__()
+      if error:
+        raise WorkdirLocked(error)
+      if distributed.is_primary():
+        self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
+        self._thread.start()
+    except BaseException:
+      self.__exit__()
       raise
-    if error:
-      raise WorkdirLocked(error)
-    if distributed.is_primary():
-      self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
-      self._thread.start()
     return self
 
   def _beat(self) -> None:
     while not self._stop.wait(HEARTBEAT):
       try:
-        info = _read(self.path)
-        if info is not None and info.get("pid") == self.info["pid"] and info.get("host") == self.info["host"]:
+        if self._ours(_read(self.path)):
           self.path.write_text(self._text())
       except Exception:  # noqa: BLE001 - a failed refresh must not kill training; the next one may work
         pass
 
+  def _ours(self, info: dict | None) -> bool:
+    return info is not None and all(info.get(k) == self.info[k] for k in ("host", "pid", "started"))
+
   def __exit__(self, *exc):
     self._stop.set()
-    if self._thread is not None:
+    if self._thread is not None and self._thread.is_alive():
       self._thread.join()   # a refresh between its read and its write would re-create the lock once deleted
-    if distributed.is_primary():
-      info = _read(self.path)
-      if info is not None and info.get("pid") == self.info["pid"] and info.get("host") == self.info["host"]:
-        self.path.unlink(missing_ok=True)
+    if distributed.is_primary() and self._ours(_read(self.path)):
+      self.path.unlink(missing_ok=True)
     return False
