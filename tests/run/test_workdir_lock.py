@@ -122,8 +122,6 @@ def test_a_refresh_in_flight_at_exit_does_not_leave_the_lock_behind(tmp_path, mo
   assert not (tmp_path / workdir_lock.NAME).exists()
 
 
-# ---- gs:// : conditional create and conditional take-over --------------------------------------------------------
-
 class Interrupted(BaseException):
   """What a start-up SIGTERM's handler raises wherever Python is (train.Preempted); a BaseException here so that
   nothing in between may catch it."""
@@ -160,6 +158,8 @@ def test_a_refused_run_does_not_delete_the_holders_lock(tmp_path):
         pass
     assert json.loads((tmp_path / "LOCK").read_text())["started"] == holder.info["started"]
 
+
+# ---- gs:// : conditional create and conditional take-over --------------------------------------------------------
 
 def test_gcs_a_second_run_is_refused_naming_the_holder(gcs):
   workdir = f"gs://{BUCKET}/busy"
