@@ -48,14 +48,21 @@ def flags(assets_root, workdir, **overrides) -> list[str]:
       "data.datasets.qgen.path": str(data / "qgen.jsonl"),
       "evals.held_in_vqa.path": str(data / "val_vqa.jsonl"),
       "evals.held_out_mc.path": str(data / "val_mc.jsonl"), "mesh.data": 1, "mesh.fsdp": 1,
-      "mesh.tensor": 1, "optim.lr": 1e-3, "optim.warmup_steps": 1, "dropout": True, **overrides}
+      "mesh.tensor": 1, "optim.lr": 1e-3, "optim.warmup_steps": 1, "dropout": True,
+      "log_mfu": False,   # counting a step's FLOPs compiles it again, in the background; one test turns it on
+      **overrides}
   return ["--config", os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(workdir)] + [
       f"--config.{k}={v}" for k, v in settings.items()]
 
 
 def env(devices: int = 1, **extra) -> dict:
   return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+          "XLA_FLAGS": xla_flags(devices), **extra}
+
+
+def xla_flags(devices: int) -> str:
+  """`devices` CPU devices, compiled at LLVM -O0 like the in-process tests (conftest.py's FAST_COMPILE)."""
+  return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
 
 
 def launch(args, devices: int = 1, **popen) -> subprocess.Popen:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import iblip_jax
+import main_job
 import oracle
 import train_helper
 from iblip_jax import optim, sharding, train_state
@@ -233,7 +234,7 @@ def _free_port() -> int:
 def test_two_processes_match_one_process(tmp_path, one_device):
   """Two processes on localhost, 4 CPU devices each, one 2x2x2 mesh over both: same losses and params."""
   port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": main_job.xla_flags(4), "JAX_PLATFORMS": "cpu"}
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(i), str(port),
                              str(tmp_path / f"out{i}.npz")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import main_job
 import oracle
 from iblip_jax import checkpoints
 from iblip_jax.data.sources import Source
@@ -17,7 +18,7 @@ from iblip_jax.demo import shapes, word_tokenizers
 from iblip_jax.run import best
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": main_job.xla_flags(1)}
 
 
 def _state(value: float) -> dict:

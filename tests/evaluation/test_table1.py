@@ -10,6 +10,7 @@ import jax
 import pytest
 from PIL import Image
 
+import main_job
 import oracle
 from evaluation import heldout_files   # tests/ is on sys.path (conftest.py)
 from iblip_jax import config_lib, hf, sharding, train_state
@@ -20,7 +21,7 @@ from iblip_jax.models import configs as model_configs
 from iblip_jax.run import best, settings
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": main_job.xla_flags(1)}
 
 
 def test_the_table_and_chart_from_results():

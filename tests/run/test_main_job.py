@@ -33,7 +33,7 @@ def assets(job_assets):
 def test_sigkill_then_rerun_ends_bit_identical_then_resumes_on_another_mesh(assets, tmp_path):
   """With sequence packing on (config.data.packing: the batch's 8 examples share LLM rows of 160 tokens), so that
   packing is shown deterministic across a kill and on another mesh (unpacked runs resume in the other tests)."""
-  packed = {"data.packing": 160}
+  packed = {"data.packing": 160, "log_mfu": True}   # the MFU line too (off in the other launches: it compiles)
   _run(_flags(assets, tmp_path / "straight", **packed))
   args = _flags(assets, tmp_path / "killed", **packed)
   proc = subprocess.Popen([sys.executable, "-m", "iblip_jax.main", *args], cwd=ROOT, env=_env(),

@@ -35,7 +35,13 @@ def _flags(assets, workdir, **overrides):
       "predict.images": str(data / "pairs.jsonl"), "predict.batch_size": 4, "predict.max_new_tokens": 4,
       "predict.num_beams": 2, "export_dir": str(workdir) + "_export",
       # packed training (each host packs its share of the batch into rows; hosts agree on the row count and width)
-      "data.packing": 160, **overrides})
+      "data.packing": 160,
+      # QLoRA beside the trained Q-Former side: adapters on the frozen T5, whose weights and the ViT's are int8
+      "lora.targets": '("language_model/.*/(q|v)$",)', "lora.rank": 2, "lora.alpha": 4.0,
+      "model.vision.quantize": "int8", "model.text.quantize": "int8", **overrides})
+
+
+FLOAT_TOWERS = {"model.vision.quantize": "", "model.text.quantize": ""}
 
 
 _launch, _logs = main_job.launch_hosts, main_job.host_logs
@@ -100,8 +106,12 @@ def test_hosts_see_different_token_buckets(assets):
 
 
 def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp_path):
-  """Trained packed (config.data.packing): the 1-process run packs each global batch of 8 into rows, each of the 2
-  processes its own 4 examples, so rows differ and the maths must not."""
+  """Trained packed (config.data.packing: the 1-process run packs each global batch of 8 into rows, each of the 2
+  processes its own 4 examples, so rows differ and the maths must not), with the Q-Former side trained in full and
+  rank-2 LoRA adapters on the T5's attention over the ViT and T5 quantised to int8 as each process loads its shards
+  (QLoRA). One job stands for the float, LoRA and QLoRA runs (once three pod jobs, most of CI's time): the trained
+  tree, its shardings, optimizer state and checkpoints are the same code for all, quantising changes the frozen
+  weights' storage only, and export loads the towers float in 2 processes (export writes float weights)."""
   # --- 1 process x 4 devices: the reference -------------------------------------------------------------------
   one = tmp_path / "one"
   _run(_flags(assets, one), 1, 4, tmp_path, "one_train")
@@ -131,6 +141,18 @@ def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp
   assert sorted(want) == sorted(got) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-5)
   assert want[1] != want[6]
+  # the checkpoints hold the same trained tree: the Q-Former side and the adapters, no frozen weight
+  trained = {w: _flatten(_restore_on_one_device(w / "checkpoints" / "6" / "state")["trainable"]) for w in (one, two)}
+  adapters = [p for p in trained[one] if p.endswith(("/lora_a", "/lora_b"))]
+  assert adapters and all(p.startswith("language_model/") for p in adapters), sorted(trained[one])[:5]
+  assert "query_tokens" in trained[one] and not any(p.startswith("vision_model/") for p in trained[one])
+  assert sorted(trained[one]) == sorted(trained[two])
+  for p in trained[one]:
+    # a key bias's gradient is zero up to rounding (softmax ignores a shift shared by every key), and Adam scales
+    # that rounding up to a step of about lr: there the two runs agree to the step size only
+    atol = 1e-4 if p.endswith("/key/bias") else 1e-6
+    np.testing.assert_allclose(np.asarray(trained[two][p]), np.asarray(trained[one][p]), rtol=1e-4, atol=atol,
+                               err_msg=p)
   # the in-training evaluation at the end, computed once and identical
   assert len(_evals(two)) == len(_evals(one)) == 1
   assert _evals(two)[0] == pytest.approx(_evals(one)[0], abs=1e-9)
@@ -146,57 +168,26 @@ def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp
        "two_predict")
   answers = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
   assert len(answers) == 6 and answers == [json.loads(line) for line in open(tmp_path / "one.jsonl")]
-  _run(_flags(assets, two, mode="export"), 2, 2, tmp_path, "two_export")
-  hf = InstructBlipForConditionalGeneration.from_pretrained(str(two) + "_export")
-  trained = _restore_on_one_device(two / "checkpoints" / "6" / "state")["trainable"]
-  np.testing.assert_array_equal(hf.query_tokens.detach().numpy(), np.asarray(trained["query_tokens"]))
+  _run(_flags(assets, two, mode="export", **FLOAT_TOWERS), 2, 2, tmp_path, "two_export")
+  export = str(two) + "_export"
   assert (two.parent / "two_export" / "qformer_tokenizer").is_dir()
-
-
-def test_two_processes_qlora_train_resume_export_like_one(assets, tmp_path):
-  """QLoRA (rank-2 adapters on the Q-Former's and the T5's attention, over the ViT and T5 quantised to int8 as each
-  process loads its shards) as 2 processes x 2 devices, process 1 killed after the step-2 checkpoint and the job
-  rerun: the losses of every step equal the 1-process x 4-device run's, the checkpoints hold the same adapters and
-  nothing else, and the 2-process export (towers float: export writes float weights) is the adapters folded in,
-  as peft folds its own export of them. One QLoRA job stands for LoRA too: float towers change the frozen weights'
-  storage only; the adapters, their shardings, optimizer state and checkpoints are the same code."""
-  qlora = {"trainable": "()", "lora.targets": '("qformer/.*/(query|value)$", "language_model/.*/(q|v)$")',
-           "lora.rank": 2, "lora.alpha": 4.0, "model.vision.quantize": "int8", "model.text.quantize": "int8",
-           "mesh.fsdp": -1}
-  one, two = tmp_path / "one", tmp_path / "two"
-  _run(main_job.flags(assets, one, **qlora), 1, 4, tmp_path, "q_one")
-  procs = _launch(main_job.flags(assets, two, **qlora), 2, 2, tmp_path, "q_two")
-  marker = two / "checkpoints" / "2" / "_CHECKPOINT_METADATA"
-  _kill_process_1_once(marker, procs, tmp_path, "q_two")
-  assert procs[0].returncode == 75, _logs(tmp_path, "q_two", 2)
-  assert marker.exists() and not (two / "checkpoints" / "6").exists()
-  out = _run(main_job.flags(assets, two, **qlora), 2, 2, tmp_path, "q_resume")
-  assert "resumed from" in out and "at step 2" in out
-
-  want, got = _losses(one), _losses(two)
-  assert sorted(want) == sorted(got) == list(range(1, 7))
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-5)
-  assert want[1] != want[6]
-  adapters = {w: _restore_on_one_device(w / "checkpoints" / "6" / "state")["trainable"] for w in (one, two)}
-  flat = {w: _flatten(a) for w, a in adapters.items()}
-  assert flat[one] and all(p.endswith(("/lora_a", "/lora_b")) for p in flat[one]), sorted(flat[one])[:5]
-  assert sorted(flat[one]) == sorted(flat[two])
-  for p in flat[one]:
-    np.testing.assert_allclose(np.asarray(flat[two][p]), np.asarray(flat[one][p]), rtol=1e-4, atol=1e-6, err_msg=p)
-
-  floats = {"model.vision.quantize": "", "model.text.quantize": ""}
-  _run(main_job.flags(assets, two, **{**qlora, **floats}, mode="export", export_dir=str(tmp_path / "hf")), 2, 2,
-       tmp_path, "q_export")
+  # the adapters folded into the T5 as peft folds its own export of them; the Q-Former side as trained
   import peft
-  by_peft = peft.PeftModel.from_pretrained(InstructBlipForConditionalGeneration.from_pretrained(assets / "ckpt"),
-                                           str(tmp_path / "hf" / "peft_adapter")).merge_and_unload().state_dict()
-  ours = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf").state_dict()
+  base = InstructBlipForConditionalGeneration.from_pretrained(assets / "ckpt")
+  by_peft = peft.PeftModel.from_pretrained(base, export + "/peft_adapter").merge_and_unload().state_dict()
   base = InstructBlipForConditionalGeneration.from_pretrained(assets / "ckpt").state_dict()
+  hf = InstructBlipForConditionalGeneration.from_pretrained(export)
+  ours = hf.state_dict()
+  np.testing.assert_array_equal(hf.query_tokens.detach().numpy(), np.asarray(trained[two]["query_tokens"]))
   assert sorted(ours) == sorted(by_peft)
+  changed = {k for k in ours if not np.array_equal(ours[k].numpy(), base[k].numpy())}
+  assert {k for k in changed if k.startswith("language_model.")} and all(
+      k.endswith(("q.weight", "v.weight")) for k in changed if k.startswith("language_model.")), sorted(changed)
+  # the frozen ViT unchanged (its post_layernorm is LAVIS's trained ln_vision)
+  assert all(k.startswith("vision_model.post_layernorm.") for k in changed if k.startswith("vision_model.")), changed
   for name in ours:
-    np.testing.assert_allclose(ours[name].numpy(), by_peft[name].numpy(), atol=1e-6, err_msg=name)
-  changed = [k for k in ours if not np.array_equal(ours[k].numpy(), base[k].numpy())]
-  assert changed and all(k.endswith(("q.weight", "v.weight", "query.weight", "value.weight")) for k in changed), changed
+    if name.startswith("language_model."):
+      np.testing.assert_allclose(ours[name].numpy(), by_peft[name].numpy(), atol=1e-6, err_msg=name)
 
 
 def _flatten(tree, prefix=""):
