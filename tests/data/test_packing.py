@@ -1,5 +1,7 @@
 """Sequence packing: rows laid out from the texts, and packed batches computing exactly what the same examples compute
 unpacked (per-example losses, the step's loss and gradients, T5 and LLaMA); attention never crosses a segment."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -108,8 +110,9 @@ def test_packed_and_unpacked_batches_give_equal_losses_and_gradients(tmp_path_fa
   def loss(t, batch):
     return train_step.loss_fn(model, trainable_lib.merge(t, frozen), batch, None)
 
-  (l_plain, aux_plain), g_plain = jax.value_and_grad(loss, has_aux=True)(trainable, plain)
-  (l_packed, aux_packed), g_packed = jax.value_and_grad(loss, has_aux=True)(trainable, packed)
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True))   # one compile per layout, not one per operation
+  (l_plain, aux_plain), g_plain = grad(trainable, plain)
+  (l_packed, aux_packed), g_packed = grad(trainable, packed)
   assert int(aux_plain["tokens"]) == int(aux_packed["tokens"])
   np.testing.assert_allclose(l_packed, l_plain, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_packed), jax.tree.leaves(g_plain), strict=True):
@@ -118,15 +121,15 @@ def test_packed_and_unpacked_batches_give_equal_losses_and_gradients(tmp_path_fa
 
   # per example: each segment's summed loss equals its example's row alone
   p_fields = packed_fields(packed)
-  logits = model.apply({"params": params}, pixels, packed["qformer_input_ids"], packed["qformer_attention_mask"],
-                       p_fields, method="packed_target_logits")
+  logits = jax.jit(functools.partial(model.apply, method="packed_target_logits"))(
+      {"params": params}, pixels, packed["qformer_input_ids"], packed["qformer_attention_mask"], p_fields)
   segments = p_fields["segment_ids"] if decoder_only else p_fields["decoder_segment_ids"]
   if decoder_only:   # a label sits one position before its token: the segment of the token it predicts
     segments = np.where(p_fields["labels"] != IGNORE, np.roll(segments, -1, axis=1), 0)
   per_segment = _per_example_loss(logits, p_fields["labels"], segments)
-  plain_logits = model.apply({"params": params}, pixels, plain["qformer_input_ids"],
-                             plain["qformer_attention_mask"], plain["input_ids"], plain["attention_mask"],
-                             plain["labels"], plain.get("decoder_attention_mask"), method="target_logits")
+  plain_logits = jax.jit(functools.partial(model.apply, method="target_logits"))(
+      {"params": params}, pixels, plain["qformer_input_ids"], plain["qformer_attention_mask"], plain["input_ids"],
+      plain["attention_mask"], plain["labels"], plain.get("decoder_attention_mask"))
   per_row = _per_example_loss(plain_logits, plain["labels"])
   slots = p_fields["visual_slots"]
   for (r, s), got in per_segment.items():
