@@ -80,6 +80,7 @@ def test_ranking_equals_a_forward_pass_per_candidate(models):
   for i in range(3):
     for j, n in enumerate((2, 4, 3)):
       cands[i, j, :n] = np.append(rng.integers(2, 98, n - 1), 1)
+  forward = jax.jit(lambda one, dec: model.apply({"params": params}, **one, decoder_input_ids=dec))
   for normalize in (False, True):
     scores, order = iblip_jax.rank(model, params, **inputs, candidate_labels=cands, normalize=normalize)
     for i in range(3):
@@ -87,7 +88,7 @@ def test_ranking_equals_a_forward_pass_per_candidate(models):
         labels = cands[i, j][cands[i, j] != -100]
         dec = np.concatenate([[0], labels[:-1]])[None]
         one = {k: v[i:i + 1] for k, v in inputs.items()}
-        logits = model.apply({"params": params}, **one, decoder_input_ids=dec)[0]
+        logits = forward(one, dec)[0]
         logp = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(labels)), labels]
         want = float(logp.sum() / (len(labels) if normalize else 1))
         assert float(scores[i, j]) == pytest.approx(want, rel=1e-5, abs=1e-5)

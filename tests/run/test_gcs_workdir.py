@@ -1,5 +1,6 @@
 """The main job with a gs:// workdir and export directory, against a local GCS emulator (tests/gcs_emulator.py):
-train, resume, eval and export all read and write the bucket, and nothing lands in a local `gs:` folder."""
+train, resume, eval (in training and --config.mode=eval) and export all read and write the bucket, and nothing
+lands in a local `gs:` folder."""
 import gzip
 import gzip
 import json

@@ -160,10 +160,7 @@ def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp
   assert len(lines) == 5   # the padded tail is not in the predictions
   assert lines == (one / "eval" / "step_6" / "held_in_vqa_predictions.jsonl").read_text().splitlines()
 
-  # --- eval, predict and export as 2 processes ------------------------------------------------------------------
-  out = _run(_flags(assets, two, mode="eval"), 2, 2, tmp_path, "two_eval")
-  metrics = json.loads((two / "eval" / "step_6" / "held_out_mc_metrics.json").read_text())
-  assert metrics["accuracy"] == pytest.approx(_evals(one)[0]["eval/held_out_mc/accuracy"])
+  # --- predict and export as 2 processes (mode=eval restores as they do, then evaluates as the step above did) --
   _run(_flags(assets, two, mode="predict", **{"predict.output": str(tmp_path / "two.jsonl")}), 2, 2, tmp_path,
        "two_predict")
   answers = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
