@@ -109,7 +109,7 @@ def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp
   """Trained packed (config.data.packing: the 1-process run packs each global batch of 8 into rows, each of the 2
   processes its own 4 examples, so rows differ and the maths must not), with the Q-Former side trained in full and
   rank-2 LoRA adapters on the T5's attention over the ViT and T5 quantised to int8 as each process loads its shards
-  (QLoRA). One job stands for the float, LoRA and QLoRA runs (once three pod jobs, most of CI's time): the trained
+  (QLoRA). One job stands for the float and the QLoRA runs (once two pod jobs, a fifth of CI's time): the trained
   tree, its shardings, optimizer state and checkpoints are the same code for all, quantising changes the frozen
   weights' storage only, and export loads the towers float in 2 processes (export writes float weights)."""
   # --- 1 process x 4 devices: the reference -------------------------------------------------------------------
