@@ -2,7 +2,6 @@
 train, resume, eval (in training and --config.mode=eval) and export all read and write the bucket, and nothing
 lands in a local `gs:` folder."""
 import gzip
-import gzip
 import json
 import os
 

@@ -115,8 +115,8 @@ def test_two_processes_train_resume_evaluate_predict_export_like_one(assets, tmp
   # --- 1 process x 4 devices: the reference -------------------------------------------------------------------
   one = tmp_path / "one"
   _run(_flags(assets, one), 1, 4, tmp_path, "one_train")
-  out = _run(_flags(assets, one, mode="predict", **{"predict.output": str(tmp_path / "one.jsonl")}), 1, 4, tmp_path,
-             "one_predict")
+  _run(_flags(assets, one, mode="predict", **{"predict.output": str(tmp_path / "one.jsonl")}), 1, 4, tmp_path,
+       "one_predict")
 
   # --- 2 processes x 2 devices: train, killed after the step-4 checkpoint, resumed --------------------------------
   two = tmp_path / "two"
