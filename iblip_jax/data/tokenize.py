@@ -12,6 +12,7 @@ and the Q-Former's in `qformer_tokenizer/`.
 """
 import copy
 import dataclasses
+import json
 import logging
 import os
 from typing import Any, Sequence
@@ -54,14 +55,26 @@ def load_tokenizers(path: str, *, qformer_path: str | None = None, max_input_len
     if not os.path.isdir(p):
       raise FileNotFoundError(f"{p}: no tokenizer directory (a Hugging Face InstructBLIP directory has the LLM "
                               "tokenizer at its top level and the Q-Former's in qformer_tokenizer/)")
-  # imported here: transformers' tokenizer machinery takes seconds to import, and `import iblip_jax` should not
-  from transformers import AutoTokenizer
-  qformer = AutoTokenizer.from_pretrained(qformer_path, truncation_side="left")
-  llm = AutoTokenizer.from_pretrained(path, truncation_side="left")
+  qformer = _tokenizer_class(qformer_path).from_pretrained(qformer_path, truncation_side="left")
+  llm = _tokenizer_class(path).from_pretrained(path, truncation_side="left")
   targets = copy.deepcopy(llm)
   targets.truncation_side = "right"
   return Tokenizers(qformer, llm, targets, max_input_len, max_output_len, tuple(sorted(buckets)), decoder_only,
                     qformer_max_len)
+
+
+def _tokenizer_class(path: str):
+  """The class tokenizer_config.json names, else AutoTokenizer. transformers' AutoTokenizer imports torch wherever it
+  is installed (1.7 s and ~200 MB of host memory in every job); the tokenizer classes themselves do not."""
+  # imported here: transformers' tokenizer machinery takes a second to import, and `import iblip_jax` should not
+  import transformers
+  try:
+    with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+      name = json.load(f).get("tokenizer_class")
+  except (OSError, ValueError, AttributeError):
+    name = None   # AutoTokenizer finds the class its own way, or says what is wrong
+  cls = getattr(transformers, name, None) if isinstance(name, str) else None
+  return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else transformers.AutoTokenizer
 
 
 def for_model(path: str, model: InstructBlip) -> tuple[InstructBlip, Tokenizers]:
