@@ -31,9 +31,10 @@ def base(model: dict) -> ml_collections.ConfigDict:
   # Precision and remat of the frozen towers are settings every config has, so that the command line can set them
   # (--config.model.vision.dtype=bfloat16 --config.model.text.dtype=bfloat16 --config.model.text.remat=True, the
   # TPU setup). A frozen tower stores its weights in its compute dtype, or quantised ("int8", "int4": weight-only,
-  # --config.model.text.quantize=int8; models/quantize.py).
-  model["vision"] = {"dtype": "float32", "quantize": "", **model.get("vision", {})}
-  model["text"] = {"dtype": "float32", "remat": False, "remat_policy": "full", "quantize": "", **model.get("text", {})}
+  # --config.model.text.quantize=int8, int4 in groups of quantize_group inputs; models/quantize.py).
+  quantize = {"quantize": "", "quantize_group": 128}
+  model["vision"] = {"dtype": "float32", **quantize, **model.get("vision", {})}
+  model["text"] = {"dtype": "float32", "remat": False, "remat_policy": "full", **quantize, **model.get("text", {})}
   config.model = ml_collections.ConfigDict(model)
   return config
 

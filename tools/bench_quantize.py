@@ -1,10 +1,11 @@
 """Quantised towers on a trained checkpoint: the answers and scores of int8 and int4 next to the float model's.
 
-  python tools/bench_quantize.py --config configs/demo.py:lora --workdir runs/demo_lora
+  python tools/bench_quantize.py --config configs/demo.py:lora --workdir runs/demo_lora [--int4-groups 128 16]
 
-Evaluates the workdir's latest checkpoint three times through the main job's eval mode (float, then both frozen
-towers int8, then int4), each on a copy of the workdir so the original's evaluations stay as they are, and prints,
-per evaluation, the score and the share of questions whose answer equals the float model's.
+Evaluates the workdir's latest checkpoint through the main job's eval mode (float, then both frozen towers int8,
+then int4 once per group size of --int4-groups, default the config's), each on a copy of the workdir so the
+original's evaluations stay as they are, and prints, per evaluation, the score and the share of questions whose
+answer equals the float model's.
 """
 import argparse
 import json
@@ -14,18 +15,22 @@ import subprocess
 import sys
 import tempfile
 
-MODES = ("", "int8", "int4")
+def _label(mode: str, group: int | None) -> str:
+  return (mode or "float") + (f"/{group}" if group else "")
 
 
-def _eval(config: str, workdir: str, mode: str, scratch: str) -> tuple[dict, dict]:
-  """({eval name: metric value}, {eval name: {id: prediction}}) of the latest checkpoint with towers in `mode`."""
-  copy = os.path.join(scratch, mode or "float")
+def _eval(config: str, workdir: str, mode: str, group: int | None, scratch: str) -> tuple[dict, dict]:
+  """({eval name: metric value}, {eval name: {id: prediction}}) of the latest checkpoint with towers in `mode`
+  (int4: in groups of `group` inputs; None: the config's model.<tower>.quantize_group)."""
+  copy = os.path.join(scratch, _label(mode, group).replace("/", "_"))
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval", "LOCK", "tensorboard"))
   args = [sys.executable, "-m", "iblip_jax.main", "--config", config, "--workdir", copy, "--config.mode=eval",
           f"--config.model.vision.quantize={mode}", f"--config.model.text.quantize={mode}"]
+  if group:
+    args += [f"--config.model.vision.quantize_group={group}", f"--config.model.text.quantize_group={group}"]
   out = subprocess.run(args, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
   if out.returncode:
-    sys.exit(f"eval with quantize={mode!r} failed:\n{out.stderr[-3000:]}")
+    sys.exit(f"eval with quantize={_label(mode, group)!r} failed:\n{out.stderr[-3000:]}")
   (step_dir,) = [os.path.join(copy, "eval", d) for d in os.listdir(os.path.join(copy, "eval"))]
   scores, answers = {}, {}
   for name in sorted(os.listdir(step_dir)):
@@ -42,19 +47,24 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True)
   parser.add_argument("--workdir", required=True)
+  parser.add_argument("--int4-groups", type=int, nargs="+", default=[None],
+                      help="int4 group sizes to evaluate (inputs per scale); default: the config's quantize_group")
   a = parser.parse_args()
+  if any(g is not None and g < 1 for g in a.int4_groups):
+    parser.error(f"--int4-groups {a.int4_groups}: group sizes must be >= 1")
+  settings = [("", None), ("int8", None)] + [("int4", g) for g in a.int4_groups]
   with tempfile.TemporaryDirectory() as scratch:
-    results = {mode: _eval(a.config, a.workdir, mode, scratch) for mode in MODES}
-  float_scores, float_answers = results[""]
-  print(f"{'evaluation':<16} {'towers':<7} {'metric':<10} {'score':>7} {'vs float':>9} {'same answer':>12}")
+    results = {_label(*s): _eval(a.config, a.workdir, *s, scratch) for s in settings}
+  float_scores, float_answers = results["float"]
+  print(f"{'evaluation':<16} {'towers':<9} {'metric':<10} {'score':>7} {'vs float':>9} {'same answer':>12}")
   for name in sorted(float_answers):
-    for mode in MODES:
-      scores, answers = results[mode]
+    for label in results:
+      scores, answers = results[label]
       metric, value = next((k, v) for k, v in scores[name].items()   # the task's own metric, not the counts
                            if isinstance(v, (int, float)) and k not in ("num_examples", "unreadable"))
       same = sum(answers[name][i] == p for i, p in float_answers[name].items()) / len(float_answers[name])
       delta = value - float_scores[name][metric]
-      print(f"{name:<16} {mode or 'float':<7} {metric:<10} {value:>7.2f} {delta:>+9.2f} {100 * same:>11.1f}%")
+      print(f"{name:<16} {label:<9} {metric:<10} {value:>7.2f} {delta:>+9.2f} {100 * same:>11.1f}%")
 
 
 if __name__ == "__main__":

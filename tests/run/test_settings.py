@@ -114,3 +114,16 @@ def test_a_peft_adapter_brings_its_own_lora_settings_and_trains_on(tmp_path):
                                                  r"this model \(2\): base_model.model.qformer.encoder.layer.1."
                                                  r"crossattention.attention.query.lora_A.weight"):
     settings.resolve(config, None)
+
+
+def test_every_tower_setting_is_on_the_command_line(tmp_path):
+  """The frozen towers' storage settings exist in every config (so `--config.model.text.quantize_group=32` works
+  without the config file naming them) and reach the model; a bad group size is a config error naming it."""
+  config = train_helper.load_config("tiny")
+  assert config.model.vision.quantize_group == config.model.text.quantize_group == 128
+  config.model.text.quantize, config.model.text.quantize_group = "int4", 32
+  s = settings.resolve(config, None, "summary")
+  assert (s.model.text.quantize, s.model.text.quantize_group, s.model.vision.quantize_group) == ("int4", 32, 128)
+  config.model.vision.quantize_group = 0
+  with pytest.raises(settings.ConfigError, match=re.escape("model.vision.quantize_group=0 must be >= 1")):
+    settings.resolve(config, None, "summary")
