@@ -1,6 +1,7 @@
 """Quantised towers on a trained checkpoint: the answers and scores of int8 and int4 next to the float model's.
 
   python tools/bench_quantize.py --config configs/demo.py:lora --workdir runs/demo_lora [--int4-groups 128 16]
+                                 [--config.KEY=VALUE ...]   (e.g. other evaluation files, for every evaluation)
 
 Evaluates the workdir's latest checkpoint through the main job's eval mode (float, then both frozen towers int8,
 then int4 once per group size of --int4-groups, default the config's), each on a copy of the workdir so the
@@ -19,7 +20,8 @@ def _label(mode: str, group: int | None) -> str:
   return (mode or "float") + (f"/{group}" if group else "")
 
 
-def _eval(config: str, workdir: str, mode: str, group: int | None, scratch: str) -> tuple[dict, dict]:
+def _eval(config: str, workdir: str, mode: str, group: int | None, scratch: str,
+          overrides: list[str]) -> tuple[dict, dict]:
   """({eval name: metric value}, {eval name: {id: prediction}}) of the latest checkpoint with towers in `mode`
   (int4: in groups of `group` inputs; None: the config's model.<tower>.quantize_group)."""
   copy = os.path.join(scratch, _label(mode, group).replace("/", "_"))
@@ -28,6 +30,7 @@ def _eval(config: str, workdir: str, mode: str, group: int | None, scratch: str)
           f"--config.model.vision.quantize={mode}", f"--config.model.text.quantize={mode}"]
   if group:
     args += [f"--config.model.vision.quantize_group={group}", f"--config.model.text.quantize_group={group}"]
+  args += overrides
   out = subprocess.run(args, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
   if out.returncode:
     sys.exit(f"eval with quantize={_label(mode, group)!r} failed:\n{out.stderr[-3000:]}")
@@ -49,12 +52,14 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--int4-groups", type=int, nargs="+", default=[None],
                       help="int4 group sizes to evaluate (inputs per scale); default: the config's quantize_group")
-  a = parser.parse_args()
+  a, overrides = parser.parse_known_args()
+  if any(not o.startswith("--config.") for o in overrides):
+    parser.error(f"unrecognized arguments: {' '.join(o for o in overrides if not o.startswith('--config.'))}")
   if any(g is not None and g < 1 for g in a.int4_groups):
     parser.error(f"--int4-groups {a.int4_groups}: group sizes must be >= 1")
   settings = [("", None), ("int8", None)] + [("int4", g) for g in a.int4_groups]
   with tempfile.TemporaryDirectory() as scratch:
-    results = {_label(*s): _eval(a.config, a.workdir, *s, scratch) for s in settings}
+    results = {_label(*s): _eval(a.config, a.workdir, *s, scratch, overrides) for s in settings}
   float_scores, float_answers = results["float"]
   print(f"{'evaluation':<16} {'towers':<9} {'metric':<10} {'score':>7} {'vs float':>9} {'same answer':>12}")
   for name in sorted(float_answers):
