@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 
+
 def _label(mode: str, group: int | None) -> str:
   return (mode or "float") + (f"/{group}" if group else "")
 

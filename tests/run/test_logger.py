@@ -2,6 +2,9 @@
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 
 import matplotlib.figure
 import pytest
@@ -115,15 +118,13 @@ def test_plot_adds_the_time_panel_when_rows_carry_a_timeline(tmp_path):
 def test_a_job_logs_and_tokenizes_without_importing_torch(tmp_path):
   """tensorboardX and transformers' AutoTokenizer import torch wherever it is installed (here it is: the oracle);
   the job needs neither's torch side, and importing it cost every launch 1.7 s and ~200 MB of host memory."""
-  import subprocess
-  import sys
   from iblip_jax.demo import word_tokenizers
   word_tokenizers.build(["red", "square"], str(tmp_path / "tok"))
   code = ("import sys; from iblip_jax.data import tokenize; from iblip_jax.run import logger; "
           f"tok = tokenize.load_tokenizers({str(tmp_path / 'tok')!r}); logger.Logger({str(tmp_path / 'w')!r}); "
           "assert tok.llm('red square').input_ids; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip() == "[]"
   assert list((tmp_path / "w" / "tensorboard").iterdir())   # the writer made its events file
