@@ -234,8 +234,11 @@ def test_null_is_accepted_where_transformers_gives_it_a_meaning(hf_dir):
 
 def test_unknown_fields_are_reported_but_not_transformers_own(tmp_path, hf_dir, hf_llama_dir, caplog):
   caplog.set_level("WARNING")
+  hf_config._transformers_fields.cache_clear()
   for d in (hf_dir, hf_llama_dir):  # config.json as transformers writes it (T5 and LLaMA)
     hf_config.read_config(str(d))
+  # ... checked against iblip_jax's own lists alone: transformers' config classes take seconds to import
+  assert hf_config._transformers_fields.cache_info().currsize == 0
   cfg = hf_config.config_from_hf(hf_config.read_config(str(hf_dir)), tied_head=False)
   out = tmp_path / "ours"
   out.mkdir()

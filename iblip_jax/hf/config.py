@@ -147,9 +147,13 @@ _LEGACY_FIELDS = frozenset((
     "position_embedding_type"))
 # Keys transformers 5 writes into these configs that iblip_jax has no use for: with them known here, a config.json
 # saved by transformers is checked without importing transformers' config classes (2.4 s of every job's start-up).
-_UNUSED_FIELDS = frozenset((
-    "architectures", "dtype", "transformers_version", "initializer_range", "initializer_factor",
-    "use_decoder_only_language_model", "attention_dropout", "classifier_dropout", "is_gated_act"))
+_UNUSED_FIELDS = {
+    "": frozenset(("architectures", "dtype", "transformers_version", "initializer_range", "initializer_factor",
+                   "use_decoder_only_language_model")),
+    "vision_config": frozenset(("attention_dropout", "initializer_range")),
+    "qformer_config": frozenset(("initializer_range",)),
+    "t5": frozenset(("classifier_dropout", "initializer_factor", "is_gated_act")),
+    "llama": frozenset(("attention_dropout", "initializer_range", "max_position_embeddings", "pretraining_tp"))}
 
 
 @functools.cache
@@ -193,7 +197,8 @@ def _unknown_fields_by(hf: dict, known: dict[str, frozenset[str]]) -> list[str]:
       continue  # a language model config_from_hf refuses
     if kind == "" and _is_video(hf):
       kind = VIDEO_MODEL_TYPE
-    allowed = known.get(kind, frozenset()) | set(ours) | _LEGACY_FIELDS | _UNUSED_FIELDS | {"model_type"}
+    allowed = (known.get(kind, frozenset()) | set(ours) | _LEGACY_FIELDS | _UNUSED_FIELDS.get(kind, frozenset())
+               | {"model_type"})
     unknown += [f"{section}.{k}" if section else k for k in sorted(d) if k not in allowed]
   return unknown
 
