@@ -160,14 +160,16 @@ def test_no_attention_probability_crosses_a_segment(tmp_path_factory, monkeypatc
       logits = logits + bias
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    jax.debug.callback(lambda p, lq, lk: recorded.append((np.asarray(p), lq, lk)), jax.nn.softmax(logits, -1),
-                       q.shape[1], k.shape[1])
+    lq, lk = q.shape[1], k.shape[1]
+    jax.debug.callback(lambda p: recorded.append((np.asarray(p), lq, lk)), jax.nn.softmax(logits, -1))
     return original(q, k, v_, bias=bias, mask=mask, scale=scale, **kw)
 
   monkeypatch.setattr(layers, "dot_product_attention", recording)
   f = packed_fields(batch)
-  jax.block_until_ready(model.apply({"params": params}, pixels, batch["qformer_input_ids"],
-                                    batch["qformer_attention_mask"], f, method="packed_target_logits"))
+  # jitted (the callbacks fire as the program runs, once per scanned layer): op by op it took ~45 s
+  apply = jax.jit(functools.partial(model.apply, method="packed_target_logits"))
+  jax.block_until_ready(apply({"params": params}, pixels, batch["qformer_input_ids"], batch["qformer_attention_mask"],
+                              f))
   enc, dec = f["segment_ids"], f.get("decoder_segment_ids", f["segment_ids"])
   llm = [(p, lq, lk) for p, lq, lk in recorded if p.shape[0] == enc.shape[0] and lq in (enc.shape[1], dec.shape[1])]
   assert len(llm) >= (2 if model.config.decoder_only else 6)   # every LLM layer's attention was seen
