@@ -247,8 +247,13 @@ def test_unknown_fields_are_reported_but_not_transformers_own(tmp_path, hf_dir, 
   assert not [r for r in caplog.records if r.levelname == "WARNING"]
   # keys only transformers' own lists know (what transformers 4.x wrote into every config, e.g. the released ones)
   # are not reported either; a typo is
-  d = _with_config(hf_dir, tmp_path / "d", lambda c: _set(_set(_set(_set(
-      c, "vision_config.patch_sise", 2), "flavour", "x"), "chunk_size_feed_forward", 0), "vision_config.do_sample", False))
+  added = {"vision_config.patch_sise": 2, "flavour": "x", "chunk_size_feed_forward": 0, "vision_config.do_sample": False}
+
+  def edit(c):
+    for dotted, value in added.items():
+      _set(c, dotted, value)
+    return c
+  d = _with_config(hf_dir, tmp_path / "d", edit)
   hf_config.read_config(str(d))
   [record] = [r for r in caplog.records if r.levelname == "WARNING"]
   assert str(d / "config.json") in record.getMessage()
