@@ -26,12 +26,15 @@ install: $(STAMP)
 
 # --dist loadgroup: tests that share an expensive session fixture (@pytest.mark.xdist_group) run on one worker.
 # --durations: the slowest tests in CI's log, where the suite's time goes.
+# --max-worker-restart=0: a worker that crashes (a segfault) fails the run at once; replacing it left pytest-xdist
+# 3.8 waiting forever under loadgroup (pytest-dev/pytest-xdist#1323), which CI would only end at its time limit.
+XDIST := -n 2 --dist loadgroup --max-worker-restart=0
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25 tests
+	$(PY) -m pytest -q $(XDIST) --durations=25 tests
 
 # The inner loop: everything but the tests marked slow or integration (those launch the main job or take long).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not integration" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not integration" tests
 
 # The main job on the embedded demo: procedural data generated here, tiny pretrained towers from demo_assets/.
 demo: $(STAMP)

@@ -177,11 +177,7 @@ class Engine:
     with self.lock, sharding.context(self.mesh, self.rules):
       if dec.sampling or on_token is not None:
         copies = (dec.best_of or k) if dec.sampling else 1
-        arrays = sampling.decode(
-            self.model, self.params, inputs, max_new_tokens=dec.max_new_tokens, min_new_tokens=dec.min_new_tokens,
-            temperature=dec.temperature or 1.0, top_k=dec.top_k, top_p=dec.top_p,
-            repetition_penalty=dec.repetition_penalty, num_return_sequences=copies, seed=dec.seed,
-            greedy=not dec.sampling, width=tokenize.bucket(dec.max_new_tokens, tokenize.BUCKETS), on_token=on_token)
+        arrays = sampling.decode(self.model, self.params, inputs, on_token=on_token, **self._loop_settings(dec))
         tokens, logprob, length = (distributed.gather(x) for x in arrays)
         s = sampling.Samples(tokens[:, :dec.max_new_tokens], logprob, length)
         if copies != k:
@@ -198,6 +194,14 @@ class Engine:
     answers = [Answer(t, tuple(int(x) for x in row[:n]), float(lp))
                for t, row, n, lp in zip(texts, tokens, length, logprob)]
     return [tuple(answers[i * k:(i + 1) * k]) for i in range(len(answers) // k)]
+
+  def _loop_settings(self, dec: Decoding) -> dict:
+    """sampling.decode's settings for `dec` (sampling, or greedy when streamed)."""
+    return dict(max_new_tokens=dec.max_new_tokens, min_new_tokens=dec.min_new_tokens,
+                temperature=dec.temperature or 1.0, top_k=dec.top_k, top_p=dec.top_p,
+                repetition_penalty=dec.repetition_penalty,
+                num_return_sequences=(dec.best_of or dec.num_return_sequences) if dec.sampling else 1, seed=dec.seed,
+                greedy=not dec.sampling, width=tokenize.bucket(dec.max_new_tokens, tokenize.BUCKETS))
 
   def _lengths(self, tokens: np.ndarray) -> np.ndarray:
     """Generated tokens of each row: up to and including the first EOS, else all of them."""
@@ -229,13 +233,15 @@ class Engine:
       last[0] = text
       return Chunk(tokens[-1], text, delta)
 
-    def run(on_token):
+    def steps():
+      # Here, on the consumer's thread: the image read and the program compiled (sampling.precompile says why);
+      # the stream's own thread only runs it.
       inputs, whys = self.inputs(chunk)
       if whys[0]:
         raise images.BadImage(whys[0])
-      return self._answers(inputs, dec, scores=False, on_token=on_token)
-
-    def steps():
+      with self.lock, sharding.context(self.mesh, self.rules):
+        sampling.precompile(self.model, self.params, inputs, streamed=True, **self._loop_settings(dec))
+      run = lambda on_token: self._answers(inputs, dec, scores=False, on_token=on_token)
       for step in sampling.stream(run):
         if isinstance(step, tuple):
           chunk_ = on_step(*step)

@@ -199,27 +199,42 @@ def check(*, max_new_tokens: int, min_new_tokens: int, temperature: float, top_k
     raise ValueError(f"num_return_sequences={num_return_sequences} must be >= 1")
 
 
-def decode(model: InstructBlip, params, inputs: dict, *, max_new_tokens: int = 30, min_new_tokens: int = 1,
-           temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,
-           num_return_sequences: int = 1, seed=0, greedy: bool = False, width: int | None = None,
-           on_token: Callable | None = None):
+def decode(model: InstructBlip, params, inputs: dict, *, on_token: Callable | None = None, **settings):
   """The decoding loop on `inputs` (the model's five input arrays; global arrays on a mesh work as they are) ->
-  (tokens (R, width), logprob (R,), length (R,)) as jax arrays, R = batch x num_return_sequences. See sample."""
+  (tokens (R, width), logprob (R,), length (R,)) as jax arrays, R = batch x num_return_sequences. See sample for
+  the settings and on_token."""
+  listener = _register(on_token)
+  try:
+    traced, static = _arguments(inputs, listener=listener, **settings)
+    return jax.block_until_ready(_decode(model, params, inputs, traced, **static, stream=on_token is not None))
+  finally:
+    _unregister(listener)
+
+
+def precompile(model: InstructBlip, params, inputs: dict, *, streamed: bool, **settings) -> None:
+  """Compiles, on this thread, the program that decode(model, params, inputs, **settings) runs (`streamed`: the one
+  with on_token's callback); jit's cache keeps it, so that decode compiles nothing. Call it under the same mesh and
+  axis-rule context as decode. Why: stream() runs decode on a thread of its own, and XLA's compiler crashed the
+  process on that short-lived thread twice in CI (a segfault in backend_compile_and_load, and one in serialising
+  the compiled program); compiling on the caller's thread leaves the stream's thread only the run."""
+  traced, static = _arguments(inputs, listener=0, **settings)
+  _decode.lower(model, params, inputs, traced, **static, stream=streamed).compile()
+
+
+def _arguments(inputs: dict, *, listener: int, max_new_tokens: int = 30, min_new_tokens: int = 1,
+               temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,
+               num_return_sequences: int = 1, seed=0, greedy: bool = False, width: int | None = None):
+  """The settings checked -> (_decode's traced settings, its static arguments but `stream`)."""
   check(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences)
   width = max_new_tokens if width is None else width
   if width < max_new_tokens:
     raise ValueError(f"width={width} is smaller than max_new_tokens={max_new_tokens}")
   n = num_return_sequences
-  listener = _register(on_token)
-  settings = knobs(inputs["input_ids"].shape[0], n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                   temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                   seed=seed, listener=listener)
-  try:
-    return jax.block_until_ready(_decode(model, params, inputs, settings, width=width, greedy=greedy, copies=n,
-                                         stream=on_token is not None))
-  finally:
-    _unregister(listener)
+  traced = knobs(inputs["input_ids"].shape[0], n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                 temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                 listener=listener)
+  return traced, dict(width=width, greedy=greedy, copies=n)
 
 
 def sample(model: InstructBlip, params, *, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
@@ -245,7 +260,8 @@ _DONE = object()
 
 def stream(fn: Callable[[Callable], Samples]) -> Iterator:
   """Runs fn(on_token) in a thread and yields (t, tokens, finished) for every step as it is made, then the final
-  Samples as the last item. An exception in fn is raised here, after the steps it made."""
+  Samples as the last item. An exception in fn is raised here, after the steps it made. Compile what fn runs
+  before (precompile), so that the thread only runs it."""
   steps: queue.Queue = queue.Queue()
   outcome = {}
 

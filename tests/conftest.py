@@ -37,8 +37,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 # ... except in the test processes themselves: serialising an executable for the cache segfaulted a test worker (in
-# jax's put_executable_and_time, twice in three full runs), and pytest-xdist 3.8 then hangs the run (--dist loadgroup
-# with a replaced worker: pytest-dev/pytest-xdist#1323, #1378) until CI's limit. A job the tests launch that crashes
+# jax's put_executable_and_time, twice in three full runs), and pytest-xdist 3.8 then hung the run (--dist loadgroup
+# with a replaced worker: pytest-dev/pytest-xdist#1323, #1378) until CI's limit (the Makefile now ends the run on a
+# crashed worker instead: --max-worker-restart=0). A job the tests launch that crashes
 # fails its test only. In-process tests gained little from the cache (three test files: 146 s with it, 152 s without).
 jax.config.update("jax_enable_compilation_cache", False)
 

@@ -5,6 +5,7 @@ get clear messages, compiled programs are reused, and a training workdir answers
 import io
 import json
 import os
+import threading
 
 import jax
 import numpy as np
@@ -82,13 +83,21 @@ def test_answers_equal_generate_on_hand_prepared_inputs(pipes, which):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["t5", "vicuna"])
-def test_stream_yields_the_tokens_of_the_plain_call(pipes, which):
+def test_stream_yields_the_tokens_of_the_plain_call(pipes, which, monkeypatch):
   pipe = pipes[which]
   image = _images()[2]
+  # XLA compiles on the consumer's thread, never on the stream's own (sampling.precompile says why)
+  from jax._src import compiler
+  compiled_on, compile_ = [], compiler.backend_compile_and_load
+  monkeypatch.setattr(compiler, "backend_compile_and_load",
+                      lambda *a, **k: compiled_on.append(threading.current_thread().name) or compile_(*a, **k))
   for settings in (GREEDY, dict(SAMPLE, seed=4)):
     plain = pipe(image, "describe this image", details=True, **settings)
+    jax.clear_caches()   # every program the stream needs is compiled in it
+    compiled_on.clear()
     stream = pipe.stream(image, "describe this image", **settings)
     chunks = list(stream)
+    assert compiled_on and set(compiled_on) == {threading.current_thread().name}, compiled_on
     assert tuple(c.token for c in chunks) == plain.tokens == stream.answer.tokens
     assert chunks[-1].text == plain.text == stream.answer.text
     assert "".join(c.delta for c in chunks) == plain.text

@@ -190,6 +190,7 @@ def test_stream_yields_the_steps_of_the_plain_call(t5):
   inputs = _inputs()
   settings = dict(max_new_tokens=9, temperature=1.1, top_p=0.9, seed=2)
   plain = sampling.sample(model, params, **inputs, **settings)
+  sampling.precompile(model, params, inputs, streamed=True, **settings)   # as the engine does: here, not in the thread
   steps = list(sampling.stream(lambda on_token: sampling.sample(model, params, **inputs, on_token=on_token,
                                                                 **settings)))
   final = steps.pop()
