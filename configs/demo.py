@@ -61,6 +61,10 @@ def get_config(variant: str = ""):
   config.log_every = 20
   config.checkpoint_every = 500
   config.baselines = dict(held_in_vqa=100 / 8, held_out_mc=100 / 3)  # chance: 8 colours; 3 options
+  # int4 towers (--config.model.<tower>.quantize=int4) in groups of 32 inputs: these towers are 64 and 128 wide, so
+  # the default group of 128 would be one scale per column (FlanT5-XL gets 16 per column at 128); with 2-4, int4
+  # answers stay within a point of float (1,000 questions of each kind, BENCHMARKS.md), with one they did not.
+  config.model.vision.quantize_group = config.model.text.quantize_group = 32
   if variant in ("lora", "qlora"):
     config.trainable = []
     config.lora.targets = [r"qformer/.*/(query|value)$", r"language_model/.*/(q|v)$"]

@@ -9,12 +9,26 @@ original's evaluations stay as they are, and prints, per evaluation, the score a
 answer equals the float model's.
 """
 import argparse
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+
+
+def _config_group(config: str, overrides: list[str]) -> int:
+  """The int4 group the job will use: the text tower's quantize_group in `config` (FILE.py or FILE.py:VARIANT, as
+  the main job's --config takes it), or its override."""
+  for o in overrides:
+    if o.startswith("--config.model.text.quantize_group="):
+      return int(o.split("=", 1)[1])
+  path, _, variant = config.partition(":")
+  spec = importlib.util.spec_from_file_location("_bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return (module.get_config(variant) if variant else module.get_config()).model.text.quantize_group
 
 
 def _label(mode: str, group: int | None) -> str:
@@ -58,7 +72,8 @@ def main():
     parser.error(f"unrecognized arguments: {' '.join(o for o in overrides if not o.startswith('--config.'))}")
   if any(g is not None and g < 1 for g in a.int4_groups):
     parser.error(f"--int4-groups {a.int4_groups}: group sizes must be >= 1")
-  settings = [("", None), ("int8", None)] + [("int4", g) for g in a.int4_groups]
+  default = _config_group(a.config, overrides)
+  settings = [("", None), ("int8", None)] + [("int4", g or default) for g in a.int4_groups]
   with tempfile.TemporaryDirectory() as scratch:
     results = {_label(*s): _eval(a.config, a.workdir, *s, scratch, overrides) for s in settings}
   float_scores, float_answers = results["float"]
