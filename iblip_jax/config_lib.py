@@ -67,11 +67,13 @@ HELD_OUT_FOLDERS = {
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """get_config() of another config file (the paper configs start from the model configs in configs/)."""
+  """get_config() of another config file (the paper configs start from the model configs in configs/), or
+  get_config(VARIANT) for FILE.py:VARIANT, as --config takes it."""
+  path, _, variant = path.partition(":")
   spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(variant) if variant else module.get_config()
 
 
 def held_in_datasets(root: str = PAPER_DATA) -> dict:

@@ -176,8 +176,9 @@ class Engine:
     k = dec.num_return_sequences
     with self.lock, sharding.context(self.mesh, self.rules):
       if dec.sampling or on_token is not None:
-        copies = (dec.best_of or k) if dec.sampling else 1
-        arrays = sampling.decode(self.model, self.params, inputs, on_token=on_token, **self._loop_settings(dec))
+        settings = self._loop_settings(dec)
+        copies = settings["num_return_sequences"]
+        arrays = sampling.decode(self.model, self.params, inputs, on_token=on_token, **settings)
         tokens, logprob, length = (distributed.gather(x) for x in arrays)
         s = sampling.Samples(tokens[:, :dec.max_new_tokens], logprob, length)
         if copies != k:

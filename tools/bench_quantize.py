@@ -9,13 +9,14 @@ original's evaluations stay as they are, and prints, per evaluation, the score a
 answer equals the float model's.
 """
 import argparse
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+
+from iblip_jax import config_lib
 
 
 def _config_group(config: str, overrides: list[str]) -> int:
@@ -24,11 +25,7 @@ def _config_group(config: str, overrides: list[str]) -> int:
   for o in overrides:
     if o.startswith("--config.model.text.quantize_group="):
       return int(o.split("=", 1)[1])
-  path, _, variant = config.partition(":")
-  spec = importlib.util.spec_from_file_location("_bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return (module.get_config(variant) if variant else module.get_config()).model.text.quantize_group
+  return config_lib.load_config_file(config).model.text.quantize_group
 
 
 def _label(mode: str, group: int | None) -> str:
