@@ -1,5 +1,6 @@
 """Loading released-format weights straight into a device mesh, and the config that comes with them."""
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import iblip_jax
 import oracle
 import train_helper
 from iblip_jax import hf, sharding
-from iblip_jax.hf import names as hf_names, params as hf_params, safetensors as hf_safetensors
+from iblip_jax.hf import direct_io, names as hf_names, params as hf_params, safetensors as hf_safetensors
+from iblip_jax.models.instructblip import params_shape
 
 RULES = [tuple(r) for r in train_helper.load_config("tiny").sharding_rules]
 
@@ -140,6 +142,108 @@ def test_scattered_reads_fill_each_block_once(tmp_path, monkeypatch, direct):
     assert f.read_into("a", blocks) == tensors["a"].nbytes
     for region, dest in blocks:
       np.testing.assert_array_equal(dest, tensors["a"][region])
+
+
+def _direct_file(path, monkeypatch, capacity: int):
+  """File(path) reading around the page cache through a small bounce buffer, its direct reads counted."""
+  f = hf_safetensors.File(str(path), direct=True, bounce=direct_io.Bounce(capacity))
+  if f._direct is None:
+    pytest.skip(f"{path.parent}: this filesystem does not take O_DIRECT reads")
+  reads = []
+  real = direct_io.DirectFile.read
+  monkeypatch.setattr(direct_io.DirectFile, "read", lambda self, o, n: reads.append(n) or real(self, o, n))
+  return f, reads
+
+
+def test_direct_reads_equal_numpy_slices(tmp_path, monkeypatch):
+  """Reads around the page cache (O_DIRECT: whole pages into a bounce buffer, each block's bytes copied out) give
+  the blocks numpy slicing gives, with the data at offsets that are not page- or even 64-byte-aligned (the header's
+  length shifts it), a bounce buffer smaller than the tensor (several reads), and each block's bytes counted once."""
+  rng = np.random.default_rng(2)
+  tensors = {"pad": np.arange(5, dtype=np.uint8),   # the data that follows starts 5 bytes off any alignment
+             "a": rng.standard_normal((6, 8, 5)).astype(np.float32),
+             "b": rng.standard_normal((90, 12)).astype(ml_dtypes.bfloat16), "v": rng.standard_normal(13).astype(
+                 np.float32), "s": np.array(7, np.int64)}
+  hf_safetensors.write(tmp_path / "x.safetensors", list(tensors.items()))
+  f, reads = _direct_file(tmp_path / "x.safetensors", monkeypatch, capacity=1024)
+  assert f.data_start % 64 != 0 or f.tensors["a"].begin % 64 != 0
+  for name, splits in [("a", (2, 1, 1)), ("a", (1, 4, 1)), ("a", (3, 2, 1)), ("b", (1, 4)), ("b", (3, 3)),
+                       ("b", (1, 1)), ("v", (2,)), ("s", ())]:
+    blocks = [(r, np.empty(tuple(s.stop - s.start for s in r), tensors[name].dtype))
+              for r in _grid(tensors[name].shape, splits)]
+    reads.clear()
+    assert f.read_into(name, blocks) == tensors[name].nbytes, (name, splits)
+    assert reads, (name, splits)   # it did go around the page cache
+    for region, dest in blocks:
+      np.testing.assert_array_equal(dest, tensors[name][region], err_msg=f"{name} {splits} {region}")
+  assert len(reads) == 1
+  reads.clear()
+  whole = np.empty((90, 12), ml_dtypes.bfloat16)
+  f.read_into("b", [(None, whole)])
+  np.testing.assert_array_equal(whole, tensors["b"])
+  assert len(reads) == 3 and max(reads) <= 1024   # 2160 bytes through a 1 KiB buffer, whole rows at a time
+
+
+def test_direct_reads_fall_back_where_they_do_not_pay_or_are_refused(tmp_path, monkeypatch):
+  rng = np.random.default_rng(3)
+  tensors = {"a": rng.standard_normal((6, 8, 5)).astype(np.float32),
+             "b": rng.standard_normal((40, 12)).astype(np.float32)}
+  hf_safetensors.write(tmp_path / "x.safetensors", list(tensors.items()))
+  f, reads = _direct_file(tmp_path / "x.safetensors", monkeypatch, capacity=4096)
+  cases = [("b", [(slice(0, 40), slice(0, 3))]),                  # a quarter of the rows' bytes: another host's rest
+           ("a", [(slice(0, 6), slice(0, 8), slice(0, 2))]),     # cut below the second axis
+           ("b", [(slice(0, 40), slice(0, 12))])]                # fine, but the filesystem refuses (below)
+  for k, (name, regions) in enumerate(cases):
+    if k == 2:
+      monkeypatch.setattr(direct_io.DirectFile, "read", lambda *a: (_ for _ in ()).throw(OSError(22, "EINVAL")))
+    blocks = [(tuple(r), np.empty(tuple(s.stop - s.start for s in r), tensors[name].dtype)) for r in regions]
+    f.read_into(name, blocks)
+    for region, dest in blocks:
+      np.testing.assert_array_equal(dest, tensors[name][region])
+  assert reads == []
+  assert f._direct is None   # refused once: buffered reads from then on
+
+
+def test_loading_around_the_page_cache_equals_the_buffered_load(sharded_dir):
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  model = iblip_jax.InstructBlip(hf.load_config(str(sharded_dir)))
+  shardings = sharding.logical_shardings(params_shape(model, boxed=True), mesh, RULES)
+  loaded = {}
+  for direct in (True, False):
+    reader = hf_safetensors.SafetensorsReader(str(sharded_dir), direct=direct)
+    if direct and all(f._direct is None for f in reader._files.values()):
+      pytest.skip("this filesystem does not take O_DIRECT reads")
+    loaded[direct] = hf_params.load_params(params_shape(model), reader, shardings=shardings)
+    assert reader.bytes_read == sum(reader.nbytes(k) for k in reader.keys())
+    reader.close()
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(loaded[True]),
+                               jax.tree_util.tree_leaves_with_path(loaded[False]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_staging_arena_is_reused_only_once_its_conversion_is_done():
+  """Parameters the devices transpose or cast are read into two arenas taken in turn; an arena is handed out again
+  only after the conversion that reads it has finished (else the next read would overwrite its input)."""
+  class Pending:
+    waited = False
+
+    def block_until_ready(self):
+      self.waited = True
+      return self
+  plan = types.SimpleNamespace(blocks={((0, 3), (0, 5)): [], ((3, 6), (0, 5)): []}, stored=np.dtype(np.float32))
+  staging = hf_params._Staging()
+  first, second = Pending(), Pending()
+  turn0, hosts0 = staging.buffers(plan)
+  staging.reading(turn0, first)
+  turn1, hosts1 = staging.buffers(plan)
+  staging.reading(turn1, second)
+  assert turn0 != turn1 and not first.waited
+  assert all(h.ctypes.data % hf_params.ALIGN == 0 for h in [*hosts0.values(), *hosts1.values()])
+  turn2, hosts2 = staging.buffers(plan)
+  assert turn2 == turn0 and first.waited and not second.waited
+  assert [h.ctypes.data for h in hosts2.values()] == [h.ctypes.data for h in hosts0.values()]   # the same memory
+  staging.close()
+  assert second.waited
 
 
 def test_a_truncated_shard_names_the_file(tmp_path, sharded_dir):

@@ -22,10 +22,8 @@ after the full report. The checkpoint directory is deleted at the end unless --k
 this run did not write is never deleted). Default directory: /tmp/bench_load (real), a temporary one (tiny).
 """
 import argparse
-import ctypes
 import json
 import math
-import mmap
 import os
 import re
 import shutil
@@ -193,36 +191,13 @@ def drop_from_cache(paths) -> None:
 
 
 def cached_fraction(paths) -> float | None:
-  """The share of the files' pages in the page cache (mincore over a mapping that is never touched), so that the
-  report shows the reads were cold; None where libc's mincore is not reachable."""
-  try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-  except (OSError, AttributeError):
+  """The share of the files' bytes in the page cache (the loader's own check, per file), so that the report shows
+  the reads were cold; None where libc's mincore is not reachable."""
+  from iblip_jax.hf import direct_io
+  parts = [(direct_io.cached_fraction(path), os.path.getsize(path)) for path in paths]
+  if any(f is None for f, _ in parts):
     return None
-  page = mmap.PAGESIZE
-  resident = pages = 0
-  for path in paths:
-    size = os.path.getsize(path)
-    n = (size + page - 1) // page
-    fd = os.open(path, os.O_RDONLY)
-    try:
-      addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-      if addr in (None, ctypes.c_void_p(-1).value):
-        return None
-      vec = ctypes.create_string_buffer(n)
-      ok = libc.mincore(addr, size, vec) == 0
-      libc.munmap(addr, size)
-    finally:
-      os.close(fd)
-    if not ok:
-      return None
-    resident += sum(b & 1 for b in vec.raw)
-    pages += n
-  return resident / max(pages, 1)
+  return sum(f * n for f, n in parts) / max(sum(n for _, n in parts), 1)
 
 
 def sequential_read(paths, chunk: int = 64 * 2**20) -> tuple[int, float]:

@@ -17,6 +17,7 @@ block of a weight split by columns lands in its own buffer with no copy in user 
 ascending order, each byte once.
 """
 import ctypes
+import errno
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import numpy as np
 from etils import epath
 
 from iblip_jax.errors import CheckpointError
+from iblip_jax.hf import direct_io
 from iblip_jax.hf.names import INDEX_NAME, PICKLE_NAMES, WEIGHTS_NAME
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -70,9 +72,12 @@ class TensorInfo:
 
 
 class File:
-  """One safetensors file: its header parsed on open, tensors read on demand with positioned reads."""
+  """One safetensors file: its header parsed on open, tensors read on demand with positioned reads.
 
-  def __init__(self, path: str):
+  `direct`: read_into's reads go around the page cache (hf/direct_io.py) where the file is not cached already and
+  the filesystem allows it (None), always where the filesystem allows it (True: the tests), or never (False)."""
+
+  def __init__(self, path: str, direct: bool | None = None, bounce: direct_io.Bounce | None = None):
     self.path = str(path)
     self._f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open for the reader's lifetime
     size = os.fstat(self._f.fileno()).st_size
@@ -94,6 +99,8 @@ class File:
     self.tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
       self.tensors[name] = self._info(name, entry, size - self.data_start)
+    self._direct = None if direct is False else direct_io.DirectFile.open(self.path, bounce or direct_io.Bounce(),
+                                                                          force=bool(direct))
 
   def _info(self, name: str, entry, data_size: int) -> TensorInfo:
     try:
@@ -154,6 +161,17 @@ class File:
     runs = [_runs(info, region, dest) for region, dest in blocks]
     if not runs:
       return 0
+    if self._direct is not None:
+      try:
+        done = self._read_direct(info, blocks)
+      except OSError as e:
+        if e.errno != errno.EINVAL:
+          raise
+        done = None   # the filesystem opened the file for direct reads but refuses them: buffered from now on
+        self._direct.close()
+        self._direct = None
+      if done is not None:
+        return done
     offsets, lengths, pointers = (np.concatenate(parts) for parts in zip(*runs))
     if not len(offsets):   # empty regions only
       return 0
@@ -170,6 +188,39 @@ class File:
       for b in range(begin, end, IOV_MAX):
         done += self._preadv(iov[b:min(b + IOV_MAX, end)], info.begin + int(offsets[b]))
     return done
+
+  def _read_direct(self, info: TensorInfo, blocks) -> int | None:
+    """read_into through the direct reader, a stretch of whole rows (the tensor's first axis) at a time, each
+    block's part copied out of the bounce buffer; None where that does not pay: the blocks take under half of the
+    rows they span (another process holds the rest: a direct read cannot skip them), a row is larger than the
+    bounce buffer, or a block cuts a tensor of 3+ dimensions below its second axis."""
+    shape, item = info.shape or (1,), info.dtype.itemsize
+    inner = math.prod(shape[2:]) * item
+    row = shape[1] * inner if len(shape) > 1 else item
+    spans = []   # (first row, end row, first byte in a row, end byte, destination bytes as rows)
+    for region, dest in blocks:
+      region = tuple(slice(0, d) for d in shape) if region is None or not info.shape else tuple(region)
+      if any((s.start, s.stop) != (0, d) for s, d in zip(region[2:], shape[2:])):
+        return None
+      r0, r1 = region[0].start, region[0].stop
+      c0, c1 = (region[1].start * inner, region[1].stop * inner) if len(shape) > 1 else (0, item)
+      spans.append((r0, r1, c0, c1, dest.reshape(-1).view(np.uint8).reshape(r1 - r0, c1 - c0)))
+    spans = [s for s in spans if s[1] > s[0] and s[3] > s[2]]
+    if not spans:
+      return 0
+    first, end = min(s[0] for s in spans), max(s[1] for s in spans)
+    wanted = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1, _ in spans)
+    if 2 * wanted < (end - first) * row or row > self._direct.bounce.capacity:
+      return None
+    per_read = self._direct.bounce.capacity // row
+    for q0 in range(first, end, per_read):
+      q1 = min(end, q0 + per_read)
+      rows = self._direct.read(self.data_start + info.begin + q0 * row, (q1 - q0) * row).reshape(q1 - q0, row)
+      for r0, r1, c0, c1, dest in spans:
+        a, b = max(r0, q0), min(r1, q1)
+        if a < b:
+          dest[a - r0:b - r0] = rows[a - q0:b - q0, c0:c1]
+    return wanted
 
   def _preadv(self, iov: np.ndarray, offset: int) -> int:
     """Fills the (pointer, length) rows of `iov` from the file's bytes at data offset `offset`, however many calls
@@ -201,6 +252,9 @@ class File:
 
   def close(self) -> None:
     self._f.close()
+    if self._direct is not None:
+      self._direct.close()
+      self._direct = None
 
 
 def _runs(info: TensorInfo, region: Sequence[slice] | None, dest: np.ndarray):
@@ -252,10 +306,10 @@ def write(path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, s
   return 8 + len(blob) + offset
 
 
-def open_checked(path: str) -> File:
-  """File(path), or a CheckpointError saying the file cannot be read as safetensors."""
+def open_checked(path: str, direct: bool | None = None, bounce: direct_io.Bounce | None = None) -> File:
+  """File(path, ...), or a CheckpointError saying the file cannot be read as safetensors."""
   try:
-    return File(path)
+    return File(path, direct, bounce)
   except (FormatError, OSError) as e:
     raise CheckpointError(f"not a readable safetensors file: {e}; is it truncated or corrupt?") from None
 
@@ -263,10 +317,12 @@ def open_checked(path: str) -> File:
 class SafetensorsReader:
   """Name-addressed, region-addressed reads over one safetensors file or a sharded set (index.json).
 
-  `bytes_read` counts the tensor bytes read so far (tools/bench_load.py and the tests check it)."""
+  `bytes_read` counts the tensor bytes read so far (tools/bench_load.py and the tests check it). `direct`: see
+  File; the files share one bounce buffer."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, direct: bool | None = None):
     self.directory = directory
+    self._bounce = direct_io.Bounce()
     index_path = os.path.join(directory, INDEX_NAME)
     single = os.path.join(directory, WEIGHTS_NAME)
     if os.path.exists(index_path):
@@ -288,7 +344,7 @@ class SafetensorsReader:
       path = os.path.join(directory, name)
       if not os.path.exists(path):
         raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
-      handle = open_checked(path)
+      handle = open_checked(path, direct, self._bounce)
       for key in handle.tensors:
         if key in self._where:
           raise CheckpointError(f"{path}: tensor {key!r} is also in {self._where[key]}")
@@ -328,6 +384,7 @@ class SafetensorsReader:
   def close(self) -> None:
     for handle in self._files.values():
       handle.close()
+    self._bounce.release()
 
 
 def _index_files(index_path: str) -> list[str]:
