@@ -1,6 +1,5 @@
 """Loading released-format weights straight into a device mesh, and the config that comes with them."""
 import math
-import types
 
 import jax
 import jax.numpy as jnp
@@ -219,31 +218,6 @@ def test_loading_around_the_page_cache_equals_the_buffered_load(sharded_dir):
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(loaded[True]),
                                jax.tree_util.tree_leaves_with_path(loaded[False]), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
-
-
-def test_a_staging_arena_is_reused_only_once_its_conversion_is_done():
-  """Parameters the devices transpose or cast are read into two arenas taken in turn; an arena is handed out again
-  only after the conversion that reads it has finished (else the next read would overwrite its input)."""
-  class Pending:
-    waited = False
-
-    def block_until_ready(self):
-      self.waited = True
-      return self
-  plan = types.SimpleNamespace(blocks={((0, 3), (0, 5)): [], ((3, 6), (0, 5)): []}, stored=np.dtype(np.float32))
-  staging = hf_params._Staging()
-  first, second = Pending(), Pending()
-  turn0, hosts0 = staging.buffers(plan)
-  staging.reading(turn0, first)
-  turn1, hosts1 = staging.buffers(plan)
-  staging.reading(turn1, second)
-  assert turn0 != turn1 and not first.waited
-  assert all(h.ctypes.data % hf_params.ALIGN == 0 for h in [*hosts0.values(), *hosts1.values()])
-  turn2, hosts2 = staging.buffers(plan)
-  assert turn2 == turn0 and first.waited and not second.waited
-  assert [h.ctypes.data for h in hosts2.values()] == [h.ctypes.data for h in hosts0.values()]   # the same memory
-  staging.close()
-  assert second.waited
 
 
 def test_a_truncated_shard_names_the_file(tmp_path, sharded_dir):

@@ -103,7 +103,6 @@ class _Plan:
   sharding: jax.sharding.Sharding                  # ours
   blocks: dict[tuple[tuple[int, int], ...], list]   # ((start, stop) per HF dimension) -> devices
   nbytes: int
-  stored: np.dtype                                  # the checkpoint's dtype
 
 
 def _plan(reader, path: tuple[str, ...], leaf, sharding) -> _Plan:
@@ -117,14 +116,15 @@ def _plan(reader, path: tuple[str, ...], leaf, sharding) -> _Plan:
   for device, index in hf_sharding.addressable_devices_indices_map(hf_shape).items():
     key = tuple((s.start, s.stop) for s in _bounds(index, hf_shape))
     blocks.setdefault(key, []).append(device)
-  stored = np.dtype(reader.dtype(names[0]))
-  nbytes = sum(math.prod(b - a for a, b in key) * stored.itemsize for key in blocks)
-  return _Plan(names, stacked, perm, hf_shape, hf_sharding, sharding, blocks, nbytes, stored)
+  item = np.dtype(reader.dtype(names[0])).itemsize
+  nbytes = sum(math.prod(b - a for a, b in key) * item for key in blocks)
+  return _Plan(names, stacked, perm, hf_shape, hf_sharding, sharding, blocks, nbytes)
 
 
-def _buffers(plan: _Plan) -> dict:
+def _buffers(reader, plan: _Plan) -> dict:
   """{block: empty host array} for this process's distinct blocks of one parameter (HF layout, stored dtype)."""
-  return {key: _aligned_empty(tuple(b - a for a, b in key), plan.stored) for key in plan.blocks}
+  dtype = reader.dtype(plan.names[0])
+  return {key: _aligned_empty(tuple(b - a for a, b in key), dtype) for key in plan.blocks}
 
 
 def _read(reader, plan: _Plan, out: dict) -> dict:
@@ -141,15 +141,10 @@ def _read(reader, plan: _Plan, out: dict) -> dict:
   return out
 
 
-def _converts(plan: _Plan, dtype) -> bool:
-  """Whether the devices turn the parameter's blocks into new arrays (a transpose or a cast) once placed."""
-  return plan.perm is not None or np.dtype(dtype) != plan.stored
-
-
 def _place(plan: _Plan, hosts: dict, dtype) -> jax.Array:
   """The parameter as a global array: each device gets its block (a CPU device adopts the aligned buffer), then
   the devices transpose and cast their own blocks (see _converter)."""
-  convert = _converts(plan, dtype)
+  convert = plan.perm is not None or np.dtype(dtype) != hosts[next(iter(hosts))].dtype
   arrays = []
   for key, devices in plan.blocks.items():
     for n, device in enumerate(devices):
@@ -161,47 +156,6 @@ def _place(plan: _Plan, hosts: dict, dtype) -> jax.Array:
   if not convert:
     return array
   return _converter(plan.perm, np.dtype(dtype), plan.sharding)(array)
-
-
-class _Staging:
-  """Two host arenas, reused in turn, that parameters converted on the devices are read into.
-
-  Such a parameter's read form lives only until the devices have transposed or cast it into new arrays, so its
-  blocks need not be fresh memory: reading into pages the process has already touched runs at 2-3x the rate of
-  reading into new ones on the benchmark VM (BENCHMARKS.md), and the converted arrays are the only new memory the
-  load touches. Two arenas, so that the next parameter is read while the devices convert the last one; an arena is
-  reused only after the conversion that read it has finished."""
-
-  def __init__(self):
-    self._arenas: list[np.ndarray | None] = [None, None]
-    self._pending: list = [None, None]
-    self._turn = 0
-
-  def buffers(self, plan: _Plan) -> tuple[int, dict]:
-    """(arena number, {block: host array}) for one parameter's blocks, carved from the next free arena."""
-    turn, self._turn = self._turn, 1 - self._turn
-    jax.block_until_ready(self._pending[turn])
-    self._pending[turn] = None
-    shapes = {key: tuple(b - a for a, b in key) for key in plan.blocks}
-    sizes = [-(-math.prod(shape) * plan.stored.itemsize // ALIGN) * ALIGN for shape in shapes.values()]
-    arena = self._arenas[turn]
-    if arena is None or arena.nbytes < sum(sizes):
-      self._arenas[turn] = None   # freed before its larger successor is touched
-      arena = self._arenas[turn] = _aligned_empty((sum(sizes),), np.uint8)
-    hosts, offset = {}, 0
-    for (key, shape), size in zip(shapes.items(), sizes):
-      hosts[key] = arena[offset:offset + math.prod(shape) * plan.stored.itemsize].view(plan.stored).reshape(shape)
-      offset += size
-    return turn, hosts
-
-  def reading(self, turn: int, converted: jax.Array) -> None:
-    """`converted` reads arena `turn` until it is ready."""
-    self._pending[turn] = converted
-
-  def close(self) -> None:
-    jax.block_until_ready(self._pending)
-    self._arenas = [None, None]
-    self._pending = [None, None]
 
 
 def _copy(host: np.ndarray) -> np.ndarray:
@@ -237,18 +191,11 @@ def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, inst
   # No read-ahead hints: posix_fadvise(WILLNEED) waits while it queues the reads, and with it (512 MiB ahead, and per
   # tensor) the load took 18 s against 15 s without (BENCHMARKS.md); each scattered preadv below reads in file order,
   # which the kernel's own read-ahead follows.
-  staging = _Staging()
   with bar:
     for path, leaf, plan in plans:
-      if _converts(plan, leaf.dtype):
-        turn, hosts = staging.buffers(plan)
-        value = _place(plan, _read(reader, plan, hosts), leaf.dtype)
-        staging.reading(turn, value)
-      else:   # the devices keep the read buffers themselves
-        value = _place(plan, _read(reader, plan, _buffers(plan)), leaf.dtype)
+      value = _place(plan, _read(reader, plan, _buffers(reader, plan)), leaf.dtype)
       out.update(on_leaf(path, value) if on_leaf is not None else {path: value})
       bar.update(plan.nbytes)
-    staging.close()
   return unflat(out)
 
 

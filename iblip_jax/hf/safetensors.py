@@ -7,7 +7,8 @@ A file is an 8-byte little-endian header length N, N bytes of JSON ({name: {"dty
 Why not `safe_open`: loading a real-size checkpoint into a device mesh must read each process's part of each tensor
 once, into one buffer, without mapping the files into memory (mapped pages count as resident memory while they are
 mapped, so an 8 GB checkpoint read through mmap shows as 8 GB more), and must count what it read (the tests and
-tools/bench_load.py check that every byte is read once). Reads are plain positioned reads into numpy buffers.
+tools/bench_load.py check that every byte is read once). Reads are plain positioned reads into numpy buffers, or,
+for a file that is not in the page cache, direct reads around it (hf/direct_io.py).
 
 Only tensors are ever read: nothing in the format can run code (unlike pickle).
 
