@@ -11,7 +11,8 @@ import iblip_jax
 import oracle
 import train_helper
 from iblip_jax import hf, sharding
-from iblip_jax.hf import direct_io, names as hf_names, params as hf_params, safetensors as hf_safetensors
+from iblip_jax.hf import (direct_io, names as hf_names, params as hf_params, prefault,
+                          safetensors as hf_safetensors)
 from iblip_jax.models.instructblip import params_shape
 
 RULES = [tuple(r) for r in train_helper.load_config("tiny").sharding_rules]
@@ -218,6 +219,35 @@ def test_loading_around_the_page_cache_equals_the_buffered_load(sharded_dir):
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(loaded[True]),
                                jax.tree_util.tree_leaves_with_path(loaded[False]), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def _resident_pages(array: np.ndarray) -> np.ndarray:
+  """Which of the array's pages are in memory (the kernel's mincore, on an anonymous mapping)."""
+  import ctypes
+  import mmap
+  libc = ctypes.CDLL(None, use_errno=True)
+  libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+  pages = -(-array.nbytes // mmap.PAGESIZE)
+  vec = ctypes.create_string_buffer(pages)
+  assert libc.mincore(array.ctypes.data, array.nbytes, vec) == 0
+  return np.frombuffer(vec.raw, np.uint8) & 1
+
+
+def test_prefault_faults_in_the_requested_bytes_and_no_more():
+  import mmap
+  madvise = prefault._madvise()
+  probe = hf_params._aligned_empty((mmap.PAGESIZE,), np.uint8)
+  if madvise is None or madvise(probe.ctypes.data, probe.nbytes, prefault.MADV_POPULATE_WRITE) != 0:
+    pytest.skip("no MADV_POPULATE_WRITE here (Linux >= 5.14)")
+  buffers = [hf_params._aligned_empty((4 * 2**20,), np.uint8), hf_params._aligned_empty((6 * 2**20,), np.uint8)]
+  assert all(_resident_pages(b).sum() == 0 for b in buffers)   # fresh mappings: nothing touched yet
+  faults = prefault.Prefault()
+  faults.ahead(buffers, 5 * 2**20)   # all of the first, 1 MiB of the second
+  faults.close()
+  assert _resident_pages(buffers[0]).all()
+  second, mib = _resident_pages(buffers[1]), 2**20 // mmap.PAGESIZE
+  assert second[:mib].all() and not second[mib:].any()
+  assert not buffers[0].any()   # faulting in writes nothing
 
 
 def test_a_truncated_shard_names_the_file(tmp_path, sharded_dir):

@@ -214,13 +214,17 @@ class Blip2Reader:
       return s.value() if region is None else s.value()[region]
     return s[0].get(s[1], region)
 
-  def read_into(self, key: str, blocks) -> None:
+  def read_into(self, key: str, blocks, *, wait: bool = True) -> None:
     s = self._source(key)
     if isinstance(s, _Drawn):
       for region, dest in blocks:
         dest[...] = s.value() if region is None else s.value()[tuple(region)]
     else:
-      s[0].read_into(s[1], blocks)
+      s[0].read_into(s[1], blocks, wait=wait)
+
+  def flush(self) -> None:
+    for r in self._readers:
+      r.flush()
 
   @property
   def bytes_read(self) -> int:

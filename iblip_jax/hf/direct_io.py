@@ -12,6 +12,7 @@ and the caller copies its bytes out of the bounce buffer. A file already in the 
 way (a direct read would go back to the disk for it), as is any file the filesystem does not read directly
 (tmpfs, many FUSE and network filesystems refuse O_DIRECT).
 """
+import concurrent.futures
 import ctypes
 import errno
 import mmap
@@ -21,6 +22,7 @@ import numpy as np
 
 PAGE = 4096                      # offsets, lengths and addresses are rounded to this (>= any block size here)
 BOUNCE_BYTES = 64 * 2**20        # one direct read moves at most this much
+SMALL_COPY = 2**20               # copies below this are done on the reading thread
 
 
 def cached_fraction(path: str) -> float | None:
@@ -52,21 +54,61 @@ def cached_fraction(path: str) -> float | None:
 
 
 class Bounce:
-  """The page-aligned buffer direct reads land in: its own mapping, made on first use and reused, so that its pages
-  are touched once; one per checkpoint (SafetensorsReader), however many files it has."""
+  """Where direct reads land: two page-aligned halves of `capacity` bytes each, taken in turn, and the threads that
+  copy the bytes out of them into their destinations while the next read is under way (the copies were 2/3 of the
+  loading thread's time, the reads 1/5: BENCHMARKS.md). A half is handed out again only once the copies out of it
+  are done; `wait()` waits for all of them. Each half is its own mapping, made on first use and reused, so touched
+  once; one Bounce per checkpoint (SafetensorsReader), however many files it has."""
 
-  def __init__(self, capacity: int = BOUNCE_BYTES):
+  def __init__(self, capacity: int = BOUNCE_BYTES, copiers: int = 2):
     self.capacity = capacity   # the most bytes one read may ask for
-    self._pages: np.ndarray | None = None
+    self._copiers = copiers
+    self._halves: list[np.ndarray | None] = [None, None]
+    self._pending: list[list] = [[], []]
+    self._turn = 0
+    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-  def pages(self) -> np.ndarray:
-    if self._pages is None:
+  def take(self) -> np.ndarray:
+    """The next half, free: the copies out of it are done."""
+    turn = self._turn
+    self._turn = 1 - turn
+    self._wait(turn)
+    if self._halves[turn] is None:
       raw = mmap.mmap(-1, self.capacity + 2 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-      self._pages = np.frombuffer(raw, np.uint8)
-    return self._pages
+      self._halves[turn] = np.frombuffer(raw, np.uint8)
+    return self._halves[turn]
+
+  def copy(self, dest: np.ndarray, source: np.ndarray) -> None:
+    """dest[...] = source, `source` a view of the half taken last; done on the copy threads, a share of the rows
+    each (on this thread for a small copy: a thread's hand-off costs more), finished by the time that half is
+    taken again or wait() returns."""
+    if dest.nbytes < SMALL_COPY or self._copiers < 1:
+      np.copyto(dest, source)
+      return
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(self._copiers, thread_name_prefix="iblip-copy")
+    rows = len(dest)
+    for k in range(self._copiers):   # numpy lets go of the GIL while it copies
+      a, b = k * rows // self._copiers, (k + 1) * rows // self._copiers
+      if a < b:
+        self._pending[1 - self._turn].append(self._pool.submit(np.copyto, dest[a:b], source[a:b]))
+
+  def wait(self) -> None:
+    """Every copy handed out so far is done (and any error in one raised here)."""
+    self._wait(0)
+    self._wait(1)
+
+  def _wait(self, turn: int) -> None:
+    pending, self._pending[turn] = self._pending[turn], []
+    for future in pending:
+      future.result()
 
   def release(self) -> None:
-    self._pages = None
+    self.wait()
+    if self._pool is not None:
+      self._pool.shutdown()
+      self._pool = None
+    self._halves = [None, None]
 
 
 class DirectFile:
@@ -92,10 +134,10 @@ class DirectFile:
 
   def read(self, offset: int, length: int) -> np.ndarray:
     """bytes [offset, offset + length) of the file (length <= the bounce buffer's capacity), as a uint8 view of the
-    bounce buffer that the next read overwrites. OSError(EINVAL) where the filesystem turns out to refuse them."""
+    bounce buffer's next half (see Bounce). OSError(EINVAL) where the filesystem turns out to refuse them."""
     start = offset - offset % PAGE
     stop = -(-(offset + length) // PAGE) * PAGE
-    pages = self.bounce.pages()
+    pages = self.bounce.take()
     view, done = memoryview(pages)[:stop - start], 0
     while done < offset + length - start:
       n = os.preadv(self._fd, [view[done:]], start + done)

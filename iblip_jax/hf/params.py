@@ -19,6 +19,7 @@ from iblip_jax.errors import CheckpointError
 from iblip_jax.hf.config import config_to_hf
 from iblip_jax.hf.names import (CONFIG_NAME, IGNORED, INDEX_NAME, QFORMER_TEXT, WEIGHTS_NAME, flat, hf_names,
                                 hf_tensors, leaf_mapping, unflat)
+from iblip_jax.hf.prefault import Prefault
 from iblip_jax.hf.safetensors import SafetensorsReader, write
 from iblip_jax.models.configs import InstructBlipConfig
 
@@ -73,6 +74,7 @@ def _converter(perm: tuple[int, ...] | None, dtype: np.dtype, sharding):
   return jax.jit(lambda x: (x if perm is None else x.transpose(perm)).astype(dtype), out_shardings=sharding)
 
 
+PREFAULT_AHEAD = 64 * 2**20     # bytes of the next parameter's buffers faulted in while one is read (0 did as well)
 ALIGN = 64                      # a CPU device takes a host buffer this aligned as it is, without a copy
 
 
@@ -136,8 +138,9 @@ def _read(reader, plan: _Plan, out: dict) -> dict:
   for i, name in enumerate(plan.names):   # the layer axis comes first; one HF tensor per layer
     here = [(tuple(slice(a, b) for a, b in key[1:]), host[i - key[0][0]])
             for key, host in out.items() if key[0][0] <= i < key[0][1]]
-    if here:
-      reader.read_into(name, here)
+    if here:   # a layer's copies out of a direct read overlap the next layer's read
+      reader.read_into(name, here, wait=False)
+  reader.flush()
   return out
 
 
@@ -191,11 +194,24 @@ def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, inst
   # No read-ahead hints: posix_fadvise(WILLNEED) waits while it queues the reads, and with it (512 MiB ahead, and per
   # tensor) the load took 18 s against 15 s without (BENCHMARKS.md); each scattered preadv below reads in file order,
   # which the kernel's own read-ahead follows.
-  with bar:
-    for path, leaf, plan in plans:
-      value = _place(plan, _read(reader, plan, _buffers(reader, plan)), leaf.dtype)
-      out.update(on_leaf(path, value) if on_leaf is not None else {path: value})
-      bar.update(plan.nbytes)
+  # The buffers are faulted in on a second thread (hf/prefault.py): each parameter's while it is read, and the first
+  # PREFAULT_AHEAD bytes of the next one's, which bounds what this adds to the load's memory.
+  prefault = Prefault()
+  upcoming = _buffers(reader, plans[0][2]) if plans else {}
+  try:
+    with bar:
+      for k, (path, leaf, plan) in enumerate(plans):
+        hosts = upcoming
+        prefault.ahead(list(hosts.values()))   # what was faulted in ahead already costs nothing here
+        if k + 1 < len(plans):
+          upcoming = _buffers(reader, plans[k + 1][2])
+          prefault.ahead(list(upcoming.values()), PREFAULT_AHEAD)
+        value = _place(plan, _read(reader, plan, hosts), leaf.dtype)
+        del hosts
+        out.update(on_leaf(path, value) if on_leaf is not None else {path: value})
+        bar.update(plan.nbytes)
+  finally:
+    prefault.close()
   return unflat(out)
 
 

@@ -154,10 +154,13 @@ class File:
       out[r - rows.start:r - rows.start + n] = chunk[:n][(slice(None),) + region[1:]]
     return out, read
 
-  def read_into(self, name: str, blocks: Sequence[tuple[Sequence[slice] | None, np.ndarray]]) -> int:
+  def read_into(self, name: str, blocks: Sequence[tuple[Sequence[slice] | None, np.ndarray]], *,
+                wait: bool = True) -> int:
     """Reads regions of tensor `name` into their destinations: `blocks` is [(region, dest)], a region one slice
     with explicit start/stop per dimension (None: the whole tensor), dest a C-contiguous array of the region's
-    shape and the tensor's dtype. The regions must not overlap. Returns the bytes read (each once)."""
+    shape and the tensor's dtype. The regions must not overlap. Returns the bytes read (each once).
+    `wait=False`: a direct read may return while its bytes are still being copied into the destinations, so that
+    the next read overlaps the copies; they are all there once `flush()` returns."""
     info = self.tensors[name]
     runs = [_runs(info, region, dest) for region, dest in blocks]
     if not runs:
@@ -169,9 +172,12 @@ class File:
         if e.errno != errno.EINVAL:
           raise
         done = None   # the filesystem opened the file for direct reads but refuses them: buffered from now on
+        self.flush()
         self._direct.close()
         self._direct = None
       if done is not None:
+        if wait:
+          self.flush()
         return done
     offsets, lengths, pointers = (np.concatenate(parts) for parts in zip(*runs))
     if not len(offsets):   # empty regions only
@@ -189,6 +195,11 @@ class File:
       for b in range(begin, end, IOV_MAX):
         done += self._preadv(iov[b:min(b + IOV_MAX, end)], info.begin + int(offsets[b]))
     return done
+
+  def flush(self) -> None:
+    """Every destination of an earlier read_into(..., wait=False) is filled."""
+    if self._direct is not None:
+      self._direct.bounce.wait()
 
   def _read_direct(self, info: TensorInfo, blocks) -> int | None:
     """read_into through the direct reader, a stretch of whole rows (the tensor's first axis) at a time, each
@@ -220,7 +231,7 @@ class File:
       for r0, r1, c0, c1, dest in spans:
         a, b = max(r0, q0), min(r1, q1)
         if a < b:
-          dest[a - r0:b - r0] = rows[a - q0:b - q0, c0:c1]
+          self._direct.bounce.copy(dest[a - r0:b - r0], rows[a - q0:b - q0, c0:c1])
     return wanted
 
   def _preadv(self, iov: np.ndarray, offset: int) -> int:
@@ -365,13 +376,18 @@ class SafetensorsReader:
     info = self._files[self._where[key]].tensors[key]
     return info.end - info.begin
 
-  def read_into(self, key: str, blocks) -> None:
-    """Regions of tensor `key` straight into their destination arrays (File.read_into)."""
+  def read_into(self, key: str, blocks, *, wait: bool = True) -> None:
+    """Regions of tensor `key` straight into their destination arrays (File.read_into; with wait=False they are
+    filled once flush() returns)."""
     try:
-      n = self._files[self._where[key]].read_into(key, blocks)
+      n = self._files[self._where[key]].read_into(key, blocks, wait=wait)
     except (FormatError, OSError) as e:
       raise CheckpointError(f"{os.path.join(self.directory, self._where[key])}: cannot read {key!r} ({e})") from None
     self.bytes_read += n
+
+  def flush(self) -> None:
+    """The destinations of every read_into(..., wait=False) so far are filled (the files share one Bounce)."""
+    self._bounce.wait()
 
   def get(self, key: str, region: tuple[slice, ...] | None = None) -> np.ndarray:
     """The tensor `key` (or its region: one slice with explicit bounds per dimension), in its stored dtype."""

@@ -86,10 +86,14 @@ def test_tiny_end_to_end(tmp_path):
   assert out.returncode in (0, bench.TARGET_MISSED), out.stdout + out.stderr
   text = out.stdout
   assert re.search(r"^checkpoint: [\d.]+ MB in \d+ safetensors files$", text, re.M), text
-  assert re.search(r"^plain sequential read: .* GB/s\), 0% of the pages cached before$", text, re.M), text
+  for when in ("before", "after"):
+    assert re.search(rf"^plain sequential read {when} the job: .* GB/s\), 0% of the pages cached before$", text,
+                     re.M), text
   load = re.search(r"^job load: (\d+) tensors, [\d.]+ GB in [\d.]+ s \([\d.]+ GB/s\), 0% of the pages cached", text,
                    re.M)
   assert load and int(load.group(1)) == len(bench.tensor_specs(bench.hf_config("tiny"))), text
+  assert re.search(r"^load rate: \d+% of the faster plain read \([\d.]+ GB/s\); target >= 80%: (met|missed)$", text,
+                   re.M), text
   assert re.search(r"^answer: '.*' \(exit status 0\)$", text, re.M), text
   assert re.search(r"^job wall time: [\d.]+ s$", text, re.M), text
   assert re.search(r"^  RSS compile and answer: ", text, re.M), text
