@@ -1,5 +1,6 @@
 """Loading released-format weights straight into a device mesh, and the config that comes with them."""
 import math
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -145,20 +146,20 @@ def test_scattered_reads_fill_each_block_once(tmp_path, monkeypatch, direct):
 
 
 def _direct_file(path, monkeypatch, capacity: int):
-  """File(path) reading around the page cache through a small bounce buffer, its direct reads counted."""
-  f = hf_safetensors.File(str(path), direct=True, bounce=direct_io.Bounce(capacity))
+  """File(path) reading around the page cache through a ring of small slots, its direct reads counted."""
+  f = hf_safetensors.File(str(path), direct=True, ring=direct_io.Ring(capacity))
   if f._direct is None:
     pytest.skip(f"{path.parent}: this filesystem does not take O_DIRECT reads")
   reads = []
-  real = direct_io.DirectFile.read
-  monkeypatch.setattr(direct_io.DirectFile, "read", lambda self, o, n: reads.append(n) or real(self, o, n))
+  real = direct_io.DirectFile.read_at
+  monkeypatch.setattr(direct_io.DirectFile, "read_at", lambda self, b, o, n: reads.append(n) or real(self, b, o, n))
   return f, reads
 
 
 def test_direct_reads_equal_numpy_slices(tmp_path, monkeypatch):
-  """Reads around the page cache (O_DIRECT: whole pages into a bounce buffer, each block's bytes copied out) give
+  """Reads around the page cache (O_DIRECT: whole pages into a ring's slot, each block's bytes copied out) give
   the blocks numpy slicing gives, with the data at offsets that are not page- or even 64-byte-aligned (the header's
-  length shifts it), a bounce buffer smaller than the tensor (several reads), and each block's bytes counted once."""
+  length shifts it), slots smaller than the tensor (several reads), and each block's bytes counted once."""
   rng = np.random.default_rng(2)
   tensors = {"pad": np.arange(5, dtype=np.uint8),   # the data that follows starts 5 bytes off any alignment
              "a": rng.standard_normal((6, 8, 5)).astype(np.float32),
@@ -195,7 +196,7 @@ def test_direct_reads_fall_back_where_they_do_not_pay_or_are_refused(tmp_path, m
            ("b", [(slice(0, 40), slice(0, 12))])]                # fine, but the filesystem refuses (below)
   for k, (name, regions) in enumerate(cases):
     if k == 2:
-      monkeypatch.setattr(direct_io.DirectFile, "read", lambda *a: (_ for _ in ()).throw(OSError(22, "EINVAL")))
+      monkeypatch.setattr(direct_io.DirectFile, "read_at", lambda *a: (_ for _ in ()).throw(OSError(22, "EINVAL")))
     blocks = [(tuple(r), np.empty(tuple(s.stop - s.start for s in r), tensors[name].dtype)) for r in regions]
     f.read_into(name, blocks)
     for region, dest in blocks:
@@ -204,7 +205,48 @@ def test_direct_reads_fall_back_where_they_do_not_pay_or_are_refused(tmp_path, m
   assert f._direct is None   # refused once: buffered reads from then on
 
 
-def test_loading_around_the_page_cache_equals_the_buffered_load(sharded_dir):
+def test_ring_reads_ahead_in_order_and_recovers_from_a_broken_order(tmp_path, monkeypatch):
+  """The ring's reader thread does the scheduled reads ahead; each take() gets exactly the bytes it asks for, also
+  out of the schedule's order (done there and then, the rest of the schedule dropped without a hang); copies out of
+  a slot through the copy threads land before wait() returns."""
+  data = np.random.default_rng(4).integers(0, 256, 300_000, dtype=np.uint8)
+  (tmp_path / "f").write_bytes(data.tobytes())
+  direct = direct_io.DirectFile.open(str(tmp_path / "f"), force=True)
+  if direct is None:
+    pytest.skip("this filesystem does not take O_DIRECT reads")
+  threads = []
+  real = direct_io.DirectFile.read_at
+  monkeypatch.setattr(direct_io.DirectFile, "read_at",
+                      lambda self, *a: threads.append(threading.current_thread().name) or real(self, *a))
+  monkeypatch.setattr(direct_io, "SMALL_COPY", 0)   # every copy through the copy threads
+  ring = direct_io.Ring(64 * 1024, slots=2)
+  requests = [(direct, 5 + 40_000 * k, 30_000 + 7 * k) for k in range(6)]
+  ring.schedule(requests)
+  dests = []
+  for k in [0, 1, 2, 5, 3]:   # 5 out of order: read there and then, and 3, 4 no longer ahead
+    _, offset, length = requests[k]
+    view, slot = ring.take(direct, offset, length)
+    dests.append((np.empty(length, np.uint8), offset))
+    ring.copy(slot, dests[-1][0], view)
+    ring.release(slot)
+  ring.wait()
+  for dest, offset in dests:
+    np.testing.assert_array_equal(dest, data[offset:offset + len(dest)])
+  assert threads[:3] == ["iblip-read-ahead"] * 3 and threads[-2:] == ["MainThread"] * 2
+  ring.release_all()
+  direct.close()
+
+
+def test_loading_around_the_page_cache_equals_the_buffered_load(sharded_dir, monkeypatch):
+  """The direct path as a real load runs it: read ahead on the ring's thread, through slots smaller than some
+  tensors, the copies on the copy threads; the same parameters as buffered reads."""
+  monkeypatch.setattr(direct_io, "SMALL_COPY", 0)
+  monkeypatch.setattr(direct_io, "SLOT_BYTES", 8192)
+  ahead = []
+  real = direct_io.DirectFile.read_at
+  monkeypatch.setattr(direct_io.DirectFile, "read_at",
+                      lambda self, *a: ahead.append(threading.current_thread().name == "iblip-read-ahead") or real(
+                          self, *a))
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   model = iblip_jax.InstructBlip(hf.load_config(str(sharded_dir)))
   shardings = sharding.logical_shardings(params_shape(model, boxed=True), mesh, RULES)
@@ -219,6 +261,7 @@ def test_loading_around_the_page_cache_equals_the_buffered_load(sharded_dir):
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(loaded[True]),
                                jax.tree_util.tree_leaves_with_path(loaded[False]), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+  assert len(ahead) > 100 and all(ahead)   # every direct read was done ahead, on the ring's thread
 
 
 def _resident_pages(array: np.ndarray) -> np.ndarray:

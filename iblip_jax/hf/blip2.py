@@ -226,6 +226,12 @@ class Blip2Reader:
     for r in self._readers:
       r.flush()
 
+  def read_ahead(self, reads) -> None:
+    """SafetensorsReader.read_ahead, each directory's reads to its own reader (drawn tensors read nothing)."""
+    sources = [(self._source(key), regions) for key, regions in reads]
+    for r in self._readers:
+      r.read_ahead([(s[1], regions) for s, regions in sources if not isinstance(s, _Drawn) and s[0] is r])
+
   @property
   def bytes_read(self) -> int:
     """Bytes read from the checkpoint files (the fallback's drawn tensors read nothing)."""

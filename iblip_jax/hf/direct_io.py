@@ -4,24 +4,28 @@ A buffered read of a file nobody has read lately puts every byte in the page cac
 a second copy into the reader's memory. A load keeps none of those pages, and on a VM that hands freed memory back
 to its host (free page reporting, as on the benchmark VM) each fresh page costs the host a fault, so a load that
 also fills 8 GB of parameters touched 16 GB of fresh memory and ran at half the disk's rate (BENCHMARKS.md). A
-direct read moves the disk's bytes straight into one reused, page-aligned bounce buffer.
+direct read moves the disk's bytes straight into a few reused, page-aligned buffers (Ring).
 
 O_DIRECT wants the file offset, the length and the memory address on the device's block boundaries; a tensor
 starts anywhere (safetensors aligns its data to 8 bytes), so whole 4 KiB pages around the wanted bytes are read
-and the caller copies its bytes out of the bounce buffer. A file already in the page cache is read the buffered
+and the caller copies its bytes out of the ring's buffer. A file already in the page cache is read the buffered
 way (a direct read would go back to the disk for it), as is any file the filesystem does not read directly
 (tmpfs, many FUSE and network filesystems refuse O_DIRECT).
 """
+import collections
 import concurrent.futures
 import ctypes
 import errno
 import mmap
 import os
+import queue
+import threading
 
 import numpy as np
 
 PAGE = 4096                      # offsets, lengths and addresses are rounded to this (>= any block size here)
-BOUNCE_BYTES = 64 * 2**20        # one direct read moves at most this much
+SLOT_BYTES = 32 * 2**20          # one direct read moves at most this much
+SLOTS = 4                        # reads the reader thread may be ahead by
 SMALL_COPY = 2**20               # copies below this are done on the reading thread
 
 
@@ -53,35 +57,83 @@ def cached_fraction(path: str) -> float | None:
   return sum(b & 1 for b in vec.raw) / pages if ok else None
 
 
-class Bounce:
-  """Where direct reads land: two page-aligned halves of `capacity` bytes each, taken in turn, and the threads that
-  copy the bytes out of them into their destinations while the next read is under way (the copies were 2/3 of the
-  loading thread's time, the reads 1/5: BENCHMARKS.md). A half is handed out again only once the copies out of it
-  are done; `wait()` waits for all of them. Each half is its own mapping, made on first use and reused, so touched
-  once; one Bounce per checkpoint (SafetensorsReader), however many files it has."""
+class Ring:
+  """Where direct reads land, and the threads around them.
 
-  def __init__(self, capacity: int = BOUNCE_BYTES, copiers: int = 2):
-    self.capacity = capacity   # the most bytes one read may ask for
+  `slots` page-aligned buffers of `capacity` bytes. Reads scheduled in advance (`schedule`: a load knows its order)
+  are done by a reader thread that runs ahead of the loading thread into whichever slots are free, so that the disk
+  is never idle while the loader places parameters (one thread's back-to-back direct reads ran at the disk's full
+  rate here, 2.1 GB/s; parallel ones did not run faster). `take` hands the loading thread the slot of the read it
+  asks for (a read nobody scheduled, or out of the schedule's order, is done there and then, and what was
+  scheduled is dropped); `copy` moves bytes out of a slot into their destination on the copy threads; `release`
+  gives the slot back to the reader once its copies are done; `wait` waits for every copy. One Ring per checkpoint
+  (SafetensorsReader), however many files it has; each slot its own mapping, made on first use, touched once."""
+
+  def __init__(self, capacity: int | None = None, slots: int = SLOTS, copiers: int = 2):
+    self.capacity = capacity or SLOT_BYTES   # the most bytes one read may ask for
     self._copiers = copiers
-    self._halves: list[np.ndarray | None] = [None, None]
-    self._pending: list[list] = [[], []]
-    self._turn = 0
+    self._buffers: list[np.ndarray | None] = [None] * (slots + 1)   # the last: reads nobody scheduled
+    self._free: queue.Queue = queue.Queue()
+    for slot in range(slots):
+      self._free.put(slot)
+    self._scheduled: collections.deque = collections.deque()   # (request, future of its slot), in order
+    self._reader: threading.Thread | None = None
+    self._stop = threading.Event()
+    self._copies: dict[int, list] = {slot: [] for slot in range(slots + 1)}
     self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-  def take(self) -> np.ndarray:
-    """The next half, free: the copies out of it are done."""
-    turn = self._turn
-    self._turn = 1 - turn
-    self._wait(turn)
-    if self._halves[turn] is None:
+  def _buffer(self, slot: int) -> np.ndarray:
+    if self._buffers[slot] is None:
       raw = mmap.mmap(-1, self.capacity + 2 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-      self._halves[turn] = np.frombuffer(raw, np.uint8)
-    return self._halves[turn]
+      self._buffers[slot] = np.frombuffer(raw, np.uint8)
+    return self._buffers[slot]
 
-  def copy(self, dest: np.ndarray, source: np.ndarray) -> None:
-    """dest[...] = source, `source` a view of the half taken last; done on the copy threads, a share of the rows
-    each (on this thread for a small copy: a thread's hand-off costs more), finished by the time that half is
-    taken again or wait() returns."""
+  def schedule(self, requests: list[tuple["DirectFile", int, int]]) -> None:
+    """(file, offset, length) reads to do ahead, in the order `take` will ask for them (after anything scheduled
+    before)."""
+    work = [(request, concurrent.futures.Future()) for request in requests]
+    self._scheduled.extend(work)
+    if work:
+      self._stop.clear()
+      previous = self._reader
+      self._reader = threading.Thread(target=self._read_ahead, args=(previous, work), name="iblip-read-ahead",
+                                      daemon=True)
+      self._reader.start()
+
+  def _read_ahead(self, previous: threading.Thread | None, work) -> None:
+    if previous is not None:
+      previous.join()
+    for (direct, offset, length), future in work:
+      slot = None if self._stop.is_set() else self._free.get()
+      if slot is None or self._stop.is_set():
+        if slot is not None:
+          self._free.put(slot)
+        future.cancel()
+        continue
+      try:
+        direct.read_at(self._buffer(slot), offset, length)
+      except OSError as e:
+        self._free.put(slot)
+        future.set_exception(e)
+      else:
+        future.set_result(slot)
+
+  def take(self, direct: "DirectFile", offset: int, length: int) -> tuple[np.ndarray, int]:
+    """(the bytes [offset, offset + length) of `direct`'s file as a uint8 view, the slot that holds them)."""
+    if self._scheduled and self._scheduled[0][0] == (direct, offset, length):
+      _, future = self._scheduled.popleft()
+      slot = future.result()
+    else:
+      self.cancel()
+      slot = len(self._buffers) - 1
+      self._wait(slot)
+      direct.read_at(self._buffer(slot), offset, length)
+    start = offset % PAGE
+    return self._buffer(slot)[start:start + length], slot
+
+  def copy(self, slot: int, dest: np.ndarray, source: np.ndarray) -> None:
+    """dest[...] = source, `source` a view of `slot`; on the copy threads, a share of the rows each (on this thread
+    for a small copy: a hand-off costs more), done before the slot is filled again or wait() returns."""
     if dest.nbytes < SMALL_COPY or self._copiers < 1:
       np.copyto(dest, source)
       return
@@ -91,34 +143,74 @@ class Bounce:
     for k in range(self._copiers):   # numpy lets go of the GIL while it copies
       a, b = k * rows // self._copiers, (k + 1) * rows // self._copiers
       if a < b:
-        self._pending[1 - self._turn].append(self._pool.submit(np.copyto, dest[a:b], source[a:b]))
+        self._copies[slot].append(self._pool.submit(np.copyto, dest[a:b], source[a:b]))
+
+  def release(self, slot: int) -> None:
+    """The loading thread is done with `slot`: the reader may fill it again once its copies are done."""
+    if slot == len(self._buffers) - 1:
+      return
+    copies = list(self._copies[slot])
+    if not copies:
+      self._free.put(slot)
+      return
+    left = [len(copies)]
+    lock = threading.Lock()
+
+    def done(_):
+      with lock:
+        left[0] -= 1
+        last = left[0] == 0
+      if last:
+        self._free.put(slot)
+    for future in copies:
+      future.add_done_callback(done)
 
   def wait(self) -> None:
     """Every copy handed out so far is done (and any error in one raised here)."""
-    self._wait(0)
-    self._wait(1)
+    for slot in self._copies:
+      self._wait(slot)
 
-  def _wait(self, turn: int) -> None:
-    pending, self._pending[turn] = self._pending[turn], []
-    for future in pending:
+  def _wait(self, slot: int) -> None:
+    copies, self._copies[slot] = self._copies[slot], []
+    for future in copies:
       future.result()
 
-  def release(self) -> None:
+  def cancel(self) -> None:
+    """Drops what is scheduled and not yet taken (its slots come back as their reads finish)."""
+    if not self._scheduled:
+      return
+    self._stop.set()
+    self._free.put(None)   # wakes the reader if it waits for a slot
+    for _, future in self._scheduled:
+      future.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._free.put(f.result()))
+    self._scheduled.clear()
+    if self._reader is not None:
+      self._reader.join()
+      self._reader = None
+    free = []
+    while not self._free.empty():   # the wake-up out, if the reader did not take it
+      free.append(self._free.get_nowait())
+    for slot in free:
+      if slot is not None:
+        self._free.put(slot)
+
+  def release_all(self) -> None:
+    self.cancel()
     self.wait()
     if self._pool is not None:
       self._pool.shutdown()
       self._pool = None
-    self._halves = [None, None]
+    self._buffers = [None] * len(self._buffers)
 
 
 class DirectFile:
-  """One file opened with O_DIRECT; `read(offset, length)` returns a view of the bytes in the bounce buffer."""
+  """One file opened with O_DIRECT; `read_at(buffer, offset, length)` reads the pages around the bytes."""
 
-  def __init__(self, path: str, fd: int, bounce: Bounce):
-    self.path, self._fd, self.bounce = path, fd, bounce
+  def __init__(self, path: str, fd: int):
+    self.path, self._fd = path, fd
 
   @classmethod
-  def open(cls, path: str, bounce: Bounce, *, force: bool = False) -> "DirectFile | None":
+  def open(cls, path: str, *, force: bool = False) -> "DirectFile | None":
     """A DirectFile, or None where direct reads do not pay (the file is mostly in the page cache, unless `force`)
     or are not possible (no O_DIRECT here, or the filesystem refuses it)."""
     if not hasattr(os, "O_DIRECT"):
@@ -128,23 +220,21 @@ class DirectFile:
       if cached is None or cached >= 0.5:
         return None
     try:
-      return cls(path, os.open(path, os.O_RDONLY | os.O_DIRECT), bounce)
+      return cls(path, os.open(path, os.O_RDONLY | os.O_DIRECT))
     except OSError:
       return None
 
-  def read(self, offset: int, length: int) -> np.ndarray:
-    """bytes [offset, offset + length) of the file (length <= the bounce buffer's capacity), as a uint8 view of the
-    bounce buffer's next half (see Bounce). OSError(EINVAL) where the filesystem turns out to refuse them."""
+  def read_at(self, buffer: np.ndarray, offset: int, length: int) -> None:
+    """The pages around bytes [offset, offset + length) of the file into the page-aligned `buffer` (the bytes then
+    start at offset % PAGE). OSError(EINVAL) where the filesystem turns out to refuse direct reads."""
     start = offset - offset % PAGE
     stop = -(-(offset + length) // PAGE) * PAGE
-    pages = self.bounce.take()
-    view, done = memoryview(pages)[:stop - start], 0
+    view, done = memoryview(buffer)[:stop - start], 0
     while done < offset + length - start:
       n = os.preadv(self._fd, [view[done:]], start + done)
       if n == 0:
         raise OSError(errno.EIO, f"{self.path}: unexpected end of file at byte {start + done}")
       done += n
-    return pages[offset - start:offset - start + length]
 
   def close(self) -> None:
     os.close(self._fd)

@@ -129,17 +129,27 @@ def _buffers(reader, plan: _Plan) -> dict:
   return {key: _aligned_empty(tuple(b - a for a, b in key), dtype) for key in plan.blocks}
 
 
+def _reads(plan: _Plan) -> list[tuple[str, list[tuple[tuple[slice, ...], tuple, int | None]]]]:
+  """The reads of one parameter, in order: (HF tensor, [(its region, the block it goes to, the layer within that
+  block, None if not stacked)]); a stacked parameter's one tensor per layer, each read once."""
+  if not plan.stacked:
+    return [(plan.names[0], [(tuple(slice(a, b) for a, b in key), key, None) for key in plan.blocks])]
+  reads = []
+  for i, name in enumerate(plan.names):   # the layer axis comes first
+    here = [(tuple(slice(a, b) for a, b in key[1:]), key, i - key[0][0])
+            for key in plan.blocks if key[0][0] <= i < key[0][1]]
+    if here:
+      reads.append((name, here))
+  return reads
+
+
 def _read(reader, plan: _Plan, out: dict) -> dict:
   """Fills `out` ({block: host array}, from _buffers) with this process's distinct blocks of one parameter, each
-  read straight into its own buffer (a stacked parameter: layer by layer, each layer's tensor once)."""
-  if not plan.stacked:
-    reader.read_into(plan.names[0], [(tuple(slice(a, b) for a, b in key), host) for key, host in out.items()])
-    return out
-  for i, name in enumerate(plan.names):   # the layer axis comes first; one HF tensor per layer
-    here = [(tuple(slice(a, b) for a, b in key[1:]), host[i - key[0][0]])
-            for key, host in out.items() if key[0][0] <= i < key[0][1]]
-    if here:   # a layer's copies out of a direct read overlap the next layer's read
-      reader.read_into(name, here, wait=False)
+  read straight into its own buffer (a stacked parameter: layer by layer); a tensor's copies out of a direct read
+  overlap the next tensor's read."""
+  for name, parts in _reads(plan):
+    reader.read_into(name, [(region, out[key] if layer is None else out[key][layer]) for region, key, layer in parts],
+                     wait=False)
   reader.flush()
   return out
 
@@ -159,6 +169,30 @@ def _place(plan: _Plan, hosts: dict, dtype) -> jax.Array:
   if not convert:
     return array
   return _converter(plan.perm, np.dtype(dtype), plan.sharding)(array)
+
+
+def _load_leaf_by_leaf(reader, plans, prefault: Prefault, bar, on_leaf) -> dict:
+  """One parameter after another, each turned by on_leaf (if any) as soon as it is placed: one parameter's read
+  form held at a time (its buffers, and the first PREFAULT_AHEAD bytes of the next one's, faulted in ahead).
+
+  Reading the files in their own order instead (every buffer made first, each parameter placed once its last layer
+  is in) was tried: the direct reads alone take 4.8-5.3 s in this order against 3.8 s for 16 MiB reads straight
+  through the files, but the load did not gain, as its reads slow beside the copies either way (6.1-7.9 s against
+  5.7-7.1 s; BENCHMARKS.md); and it would hold every quantised tower whole."""
+  reader.read_ahead([(name, [region for region, _, _ in parts]) for _, _, plan in plans for name, parts in _reads(plan)])
+  out = {}
+  upcoming = _buffers(reader, plans[0][2]) if plans else {}
+  for k, (path, leaf, plan) in enumerate(plans):
+    hosts = upcoming
+    prefault.ahead(list(hosts.values()))   # what was faulted in ahead already costs nothing here
+    if k + 1 < len(plans):
+      upcoming = _buffers(reader, plans[k + 1][2])
+      prefault.ahead(list(upcoming.values()), PREFAULT_AHEAD)
+    value = _place(plan, _read(reader, plan, hosts), leaf.dtype)
+    del hosts
+    out.update(on_leaf(path, value) if on_leaf is not None else {path: value})
+    bar.update(plan.nbytes)
+  return out
 
 
 def _copy(host: np.ndarray) -> np.ndarray:
@@ -187,29 +221,17 @@ def load_params(params_shape, reader: SafetensorsReader, *, shardings=None, inst
     flat_sh = flat(shardings)
   plans = [(path, leaf, _plan(reader, path, leaf, flat_sh[path])) for path, leaf in flat_shape.items()]
   total = sum(plan.nbytes for _, _, plan in plans)   # what this process reads
-  out = {}
   # A real-size checkpoint takes minutes: show bytes read and an ETA (process 0, on a terminal or a log).
   bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {os.path.basename(reader.directory)}",
              disable=not progress or jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
-  # No read-ahead hints: posix_fadvise(WILLNEED) waits while it queues the reads, and with it (512 MiB ahead, and per
-  # tensor) the load took 18 s against 15 s without (BENCHMARKS.md); each scattered preadv below reads in file order,
-  # which the kernel's own read-ahead follows.
-  # The buffers are faulted in on a second thread (hf/prefault.py): each parameter's while it is read, and the first
-  # PREFAULT_AHEAD bytes of the next one's, which bounds what this adds to the load's memory.
+  # The disk's reads run ahead of the loop, in its order, on the reader's own thread (hf/direct_io.py); the buffers
+  # they land in are faulted in on another (hf/prefault.py). No read-ahead hints for buffered reads:
+  # posix_fadvise(WILLNEED) waits while it queues the reads, and with it the load took 18 s against 15 s without
+  # (BENCHMARKS.md); each scattered preadv reads in file order, which the kernel's own read-ahead follows.
   prefault = Prefault()
-  upcoming = _buffers(reader, plans[0][2]) if plans else {}
   try:
     with bar:
-      for k, (path, leaf, plan) in enumerate(plans):
-        hosts = upcoming
-        prefault.ahead(list(hosts.values()))   # what was faulted in ahead already costs nothing here
-        if k + 1 < len(plans):
-          upcoming = _buffers(reader, plans[k + 1][2])
-          prefault.ahead(list(upcoming.values()), PREFAULT_AHEAD)
-        value = _place(plan, _read(reader, plan, hosts), leaf.dtype)
-        del hosts
-        out.update(on_leaf(path, value) if on_leaf is not None else {path: value})
-        bar.update(plan.nbytes)
+      out = _load_leaf_by_leaf(reader, plans, prefault, bar, on_leaf)
   finally:
     prefault.close()
   return unflat(out)

@@ -11,6 +11,7 @@ touches the pages itself, as before.
 """
 import concurrent.futures
 import ctypes
+import mmap
 import sys
 
 import numpy as np
@@ -32,8 +33,8 @@ def _madvise():
 
 
 class Prefault:
-  """`ahead(arrays, limit)` queues the first `limit` bytes of each array (page-aligned, as the loader's buffers
-  are) to be faulted in on the helper thread, in order; `close()` waits for the queue and stops the thread."""
+  """`ahead(arrays, limit)` queues the first `limit` bytes of the arrays (C-contiguous; the pages they touch) to be
+  faulted in on the helper thread, in order; `close()` waits for the queue and stops the thread."""
 
   def __init__(self):
     self._madvise = _madvise()
@@ -51,10 +52,12 @@ class Prefault:
       left -= n
 
   def _fault(self, array: np.ndarray, nbytes: int) -> None:
-    for start in range(0, nbytes, STEP):
+    first = array.ctypes.data - array.ctypes.data % mmap.PAGESIZE   # madvise wants a page boundary: the array may
+    end = array.ctypes.data + nbytes                               # be one layer of a parameter's buffer
+    for start in range(first, end, STEP):
       if self._madvise is None:
         return
-      if self._madvise(array.ctypes.data + start, min(STEP, nbytes - start), MADV_POPULATE_WRITE) != 0:
+      if self._madvise(start, min(STEP, end - start), MADV_POPULATE_WRITE) != 0:
         self._madvise = None   # not on this kernel (EINVAL), or no memory to spare: the reader touches the pages
 
   def close(self) -> None:

@@ -78,7 +78,7 @@ class File:
   `direct`: read_into's reads go around the page cache (hf/direct_io.py) where the file is not cached already and
   the filesystem allows it (None), always where the filesystem allows it (True: the tests), or never (False)."""
 
-  def __init__(self, path: str, direct: bool | None = None, bounce: direct_io.Bounce | None = None):
+  def __init__(self, path: str, direct: bool | None = None, ring: direct_io.Ring | None = None):
     self.path = str(path)
     self._f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open for the reader's lifetime
     size = os.fstat(self._f.fileno()).st_size
@@ -100,8 +100,9 @@ class File:
     self.tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
       self.tensors[name] = self._info(name, entry, size - self.data_start)
-    self._direct = None if direct is False else direct_io.DirectFile.open(self.path, bounce or direct_io.Bounce(),
-                                                                          force=bool(direct))
+    self._own_ring = ring is None
+    self._ring = ring or direct_io.Ring()
+    self._direct = None if direct is False else direct_io.DirectFile.open(self.path, force=bool(direct))
 
   def _info(self, name: str, entry, data_size: int) -> TensorInfo:
     try:
@@ -198,41 +199,62 @@ class File:
 
   def flush(self) -> None:
     """Every destination of an earlier read_into(..., wait=False) is filled."""
-    if self._direct is not None:
-      self._direct.bounce.wait()
+    self._ring.wait()
 
-  def _read_direct(self, info: TensorInfo, blocks) -> int | None:
-    """read_into through the direct reader, a stretch of whole rows (the tensor's first axis) at a time, each
-    block's part copied out of the bounce buffer; None where that does not pay: the blocks take under half of the
-    rows they span (another process holds the rest: a direct read cannot skip them), a row is larger than the
-    bounce buffer, or a block cuts a tensor of 3+ dimensions below its second axis."""
+  def _direct_plan(self, info: TensorInfo, regions) -> tuple[list, list] | None:
+    """How a direct read takes these regions of a tensor: ([(file offset, length, first row, end row)] reads of
+    whole rows (the tensor's first axis), at most a ring slot each; [(first row, end row, first byte in a row, end
+    byte)] per region), or None where it does not pay: the regions take under half of the rows they span (another
+    process holds the rest: a direct read cannot skip them), a row is larger than a slot, or a region cuts a
+    tensor of 3+ dimensions below its second axis."""
     shape, item = info.shape or (1,), info.dtype.itemsize
     inner = math.prod(shape[2:]) * item
     row = shape[1] * inner if len(shape) > 1 else item
-    spans = []   # (first row, end row, first byte in a row, end byte, destination bytes as rows)
-    for region, dest in blocks:
+    spans = []
+    for region in regions:
       region = tuple(slice(0, d) for d in shape) if region is None or not info.shape else tuple(region)
       if any((s.start, s.stop) != (0, d) for s, d in zip(region[2:], shape[2:])):
         return None
-      r0, r1 = region[0].start, region[0].stop
       c0, c1 = (region[1].start * inner, region[1].stop * inner) if len(shape) > 1 else (0, item)
-      spans.append((r0, r1, c0, c1, dest.reshape(-1).view(np.uint8).reshape(r1 - r0, c1 - c0)))
-    spans = [s for s in spans if s[1] > s[0] and s[3] > s[2]]
-    if not spans:
-      return 0
-    first, end = min(s[0] for s in spans), max(s[1] for s in spans)
-    wanted = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1, _ in spans)
-    if 2 * wanted < (end - first) * row or row > self._direct.bounce.capacity:
+      spans.append((region[0].start, region[0].stop, c0, c1))
+    used = [s for s in spans if s[1] > s[0] and s[3] > s[2]]
+    if not used:
+      return [], spans
+    first, end = min(s[0] for s in used), max(s[1] for s in used)
+    wanted = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in used)
+    if 2 * wanted < (end - first) * row or row > self._ring.capacity:
       return None
-    per_read = self._direct.bounce.capacity // row
-    for q0 in range(first, end, per_read):
-      q1 = min(end, q0 + per_read)
-      rows = self._direct.read(self.data_start + info.begin + q0 * row, (q1 - q0) * row).reshape(q1 - q0, row)
-      for r0, r1, c0, c1, dest in spans:
+    per_read = self._ring.capacity // row
+    reads = [(self.data_start + info.begin + q0 * row, (min(end, q0 + per_read) - q0) * row, q0,
+              min(end, q0 + per_read)) for q0 in range(first, end, per_read)]
+    return reads, spans
+
+  def direct_reads(self, name: str, regions) -> list[tuple[direct_io.DirectFile, int, int]]:
+    """The direct reads read_into will do for these regions of `name` (none where it reads the buffered way), to
+    schedule on the ring ahead of it."""
+    if self._direct is None:
+      return []
+    plan = self._direct_plan(self.tensors[name], regions)
+    return [] if plan is None else [(self._direct, offset, length) for offset, length, _, _ in plan[0]]
+
+  def _read_direct(self, info: TensorInfo, blocks) -> int | None:
+    """read_into through the ring (see _direct_plan), each block's part copied out of the read's slot."""
+    plan = self._direct_plan(info, [region for region, _ in blocks])
+    if plan is None:
+      return None
+    reads, spans = plan
+    dests = [dest.reshape(-1).view(np.uint8).reshape(r1 - r0, c1 - c0) if r1 > r0 and c1 > c0 else None
+             for (r0, r1, c0, c1), (_, dest) in zip(spans, blocks)]
+    row = reads[0][1] // (reads[0][3] - reads[0][2]) if reads else 0
+    for offset, length, q0, q1 in reads:
+      view, slot = self._ring.take(self._direct, offset, length)
+      rows = view.reshape(q1 - q0, row)
+      for (r0, r1, c0, c1), dest in zip(spans, dests):
         a, b = max(r0, q0), min(r1, q1)
-        if a < b:
-          self._direct.bounce.copy(dest[a - r0:b - r0], rows[a - q0:b - q0, c0:c1])
-    return wanted
+        if dest is not None and a < b:
+          self._ring.copy(slot, dest[a - r0:b - r0], rows[a - q0:b - q0, c0:c1])
+      self._ring.release(slot)
+    return sum(d.nbytes for d in dests if d is not None)
 
   def _preadv(self, iov: np.ndarray, offset: int) -> int:
     """Fills the (pointer, length) rows of `iov` from the file's bytes at data offset `offset`, however many calls
@@ -263,6 +285,8 @@ class File:
     return done
 
   def close(self) -> None:
+    if self._own_ring:
+      self._ring.release_all()
     self._f.close()
     if self._direct is not None:
       self._direct.close()
@@ -318,10 +342,10 @@ def write(path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, s
   return 8 + len(blob) + offset
 
 
-def open_checked(path: str, direct: bool | None = None, bounce: direct_io.Bounce | None = None) -> File:
+def open_checked(path: str, direct: bool | None = None, ring: direct_io.Ring | None = None) -> File:
   """File(path, ...), or a CheckpointError saying the file cannot be read as safetensors."""
   try:
-    return File(path, direct, bounce)
+    return File(path, direct, ring)
   except (FormatError, OSError) as e:
     raise CheckpointError(f"not a readable safetensors file: {e}; is it truncated or corrupt?") from None
 
@@ -330,11 +354,11 @@ class SafetensorsReader:
   """Name-addressed, region-addressed reads over one safetensors file or a sharded set (index.json).
 
   `bytes_read` counts the tensor bytes read so far (tools/bench_load.py and the tests check it). `direct`: see
-  File; the files share one bounce buffer."""
+  File; the files share one Ring (hf/direct_io.py)."""
 
   def __init__(self, directory: str, direct: bool | None = None):
     self.directory = directory
-    self._bounce = direct_io.Bounce()
+    self._ring = direct_io.Ring()
     index_path = os.path.join(directory, INDEX_NAME)
     single = os.path.join(directory, WEIGHTS_NAME)
     if os.path.exists(index_path):
@@ -356,7 +380,7 @@ class SafetensorsReader:
       path = os.path.join(directory, name)
       if not os.path.exists(path):
         raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
-      handle = open_checked(path, direct, self._bounce)
+      handle = open_checked(path, direct, self._ring)
       for key in handle.tensors:
         if key in self._where:
           raise CheckpointError(f"{path}: tensor {key!r} is also in {self._where[key]}")
@@ -386,8 +410,16 @@ class SafetensorsReader:
     self.bytes_read += n
 
   def flush(self) -> None:
-    """The destinations of every read_into(..., wait=False) so far are filled (the files share one Bounce)."""
-    self._bounce.wait()
+    """The destinations of every read_into(..., wait=False) so far are filled (the files share one Ring)."""
+    self._ring.wait()
+
+  def read_ahead(self, reads) -> None:
+    """[(key, [region, ...])] that read_into will be asked for in this order: their direct reads start now on the
+    ring's reader thread (hf/direct_io.py). A read_into out of this order is still right, only not read ahead."""
+    requests = []
+    for key, regions in reads:
+      requests += self._files[self._where[key]].direct_reads(key, regions)
+    self._ring.schedule(requests)
 
   def get(self, key: str, region: tuple[slice, ...] | None = None) -> np.ndarray:
     """The tensor `key` (or its region: one slice with explicit bounds per dimension), in its stored dtype."""
@@ -399,9 +431,9 @@ class SafetensorsReader:
     return array
 
   def close(self) -> None:
+    self._ring.release_all()
     for handle in self._files.values():
       handle.close()
-    self._bounce.release()
 
 
 def _index_files(index_path: str) -> list[str]:
