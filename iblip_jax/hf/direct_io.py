@@ -10,7 +10,7 @@ O_DIRECT wants the file offset, the length and the memory address on the device'
 starts anywhere (safetensors aligns its data to 8 bytes), so whole 4 KiB pages around the wanted bytes are read
 and the caller copies its bytes out of the ring's buffer. A file already in the page cache is read the buffered
 way (a direct read would go back to the disk for it), as is any file the filesystem does not read directly
-(tmpfs, many FUSE and network filesystems refuse O_DIRECT).
+(tmpfs before Linux 6.6, many FUSE and network filesystems refuse O_DIRECT; a file on tmpfs is resident anyway).
 """
 import collections
 import concurrent.futures
