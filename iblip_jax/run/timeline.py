@@ -95,8 +95,10 @@ class Timeline:
   def step_done(self) -> None:
     self._steps += 1
 
-  def checkpoint_saved(self, step: int) -> None:
-    """The state of `step` is kept: so is the productive time that led to it."""
+  def checkpoint_saving(self, step: int) -> None:
+    """The state of `step` is about to be saved: so is the productive time that led to it, first, so that a run
+    killed once the checkpoint is on disk always finds it (a rerun resumed from an earlier step ignores the entry of
+    a checkpoint that never landed)."""
     self.productive_at[step] = self.productive
     self._write()
 

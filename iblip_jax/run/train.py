@@ -244,9 +244,9 @@ def _train(s: Settings, start_up_signals: list) -> dict:
             if not (finite and math.isfinite(probe)):
               raise NonFiniteLoss(f"step {step}: the update gave {'non-finite parameters' if not finite else 'parameters'}"
                                   f" whose loss on this batch is {probe}; this state is not saved. " + _intact(mngr))
+            timeline.checkpoint_saving(step)
             checkpoints.save(mngr, step, {"trainable": trainable, "opt_state": opt_state}, data_it, force=True,
                              meaning=s.checkpoint_meaning)
-          timeline.checkpoint_saved(step)
         if stopping:
           checkpoints.wait(mngr)
           log.text(f"stopped by a signal at step {step}; checkpoint saved. Exit status {PREEMPTED_EXIT} means: "

@@ -87,7 +87,7 @@ def test_goodput_counts_the_whole_job_and_steps_redone_after_a_restart_are_lost(
     with first.part("step"):
       clock.sleep(1.0)
     if step == 2:
-      first.checkpoint_saved(2)
+      first.checkpoint_saving(2)
   first.window()
   clock.sleep(10.0)    # killed after step 3; the job is down for a while, then rerun from the step-2 checkpoint
   state = json.loads((tmp_path / "goodput.json").read_text())
